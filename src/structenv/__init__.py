@@ -1,0 +1,37 @@
+"""structenv: structured-concurrency agent trajectories with sandboxed tool calls."""
+
+from ._exceptions import BackendError as BackendError
+from ._exceptions import ConfigError as ConfigError
+from ._exceptions import HostCrashedError as HostCrashedError
+from ._exceptions import PolicyError as PolicyError
+from ._exceptions import ProtocolError as ProtocolError
+from ._exceptions import SandboxUnavailableError as SandboxUnavailableError
+from ._exceptions import SlotAcquireTimeout as SlotAcquireTimeout
+from ._exceptions import SlotBrokenError as SlotBrokenError
+from ._exceptions import SlotError as SlotError
+from ._exceptions import StaleLeaseError as StaleLeaseError
+from ._exceptions import StructEnvError as StructEnvError
+from ._types import ExecRequest as ExecRequest
+from ._types import ExecResult as ExecResult
+from ._types import ToolCall as ToolCall
+from ._types import ToolResult as ToolResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "ConfigError",
+    "ExecRequest",
+    "ExecResult",
+    "HostCrashedError",
+    "PolicyError",
+    "ProtocolError",
+    "SandboxUnavailableError",
+    "SlotAcquireTimeout",
+    "SlotBrokenError",
+    "SlotError",
+    "StaleLeaseError",
+    "StructEnvError",
+    "ToolCall",
+    "ToolResult",
+]

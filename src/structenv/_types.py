@@ -1,0 +1,186 @@
+"""Plain data that crosses layers: exec requests/results and tool calls/results.
+
+These are frozen, slotted dataclasses rather than pydantic models because they sit on the hot
+path of every tool call (constructing one costs ~0.3 µs instead of ~3 µs). Validation of
+untrusted input happens at the edges: the sandbox server validates wire payloads, the tool
+registry validates model-produced arguments against JSON schema.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["ExecRequest", "ExecResult", "ToolCall", "ToolResult"]
+
+#: Default byte cap on each of stdout and stderr.
+DEFAULT_MAX_OUTPUT = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ExecRequest:
+    """One command to run inside a slot.
+
+    Attributes:
+        command: Shell command line, run as ``bash -c command`` in the slot's workspace.
+        cwd: Working directory relative to the workspace root (``None``: the root).
+        env: Extra environment variables. The sandbox starts from a scrubbed environment.
+        stdin: Bytes fed to the command's stdin (``None``: ``/dev/null``).
+        timeout: Deadline in seconds, enforced by the sandbox server, which kills the whole
+            process tree when it passes. This is data carried to the server, not an API timeout.
+        max_output: Byte cap for each of stdout and stderr; the rest is dropped and the result
+            says it was truncated.
+    """
+
+    command: str
+    cwd: str | None = None
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    stdin: bytes | None = None
+    timeout: float = 60.0
+    max_output: int = DEFAULT_MAX_OUTPUT
+
+    def to_wire(self) -> dict[str, Any]:
+        """JSON-ready dict (bytes as base64)."""
+        return {
+            "command": self.command,
+            "cwd": self.cwd,
+            "env": dict(self.env),
+            "stdin": None if self.stdin is None else base64.b64encode(self.stdin).decode(),
+            "timeout": self.timeout,
+            "max_output": self.max_output,
+        }
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> ExecRequest:
+        """Inverse of :meth:`to_wire`; raises ``ValueError``/``TypeError`` on bad input."""
+        stdin = data.get("stdin")
+        env = data.get("env") or {}
+        if not isinstance(data.get("command"), str):
+            raise TypeError("command must be a string")
+        if not isinstance(env, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise TypeError("env must map strings to strings")
+        cwd = data.get("cwd")
+        if cwd is not None and not isinstance(cwd, str):
+            raise TypeError("cwd must be a string or null")
+        timeout = float(data.get("timeout", 60.0))
+        max_output = int(data.get("max_output", DEFAULT_MAX_OUTPUT))
+        if not timeout > 0 or max_output < 0:
+            raise ValueError("timeout must be > 0 and max_output >= 0")
+        return cls(
+            command=data["command"],
+            cwd=cwd,
+            env=dict(env),
+            stdin=None if stdin is None else base64.b64decode(stdin),
+            timeout=timeout,
+            max_output=max_output,
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ExecResult:
+    """What happened to one :class:`ExecRequest`. A nonzero exit code is data.
+
+    Attributes:
+        exit_code: The command's exit status; ``None`` if it was killed by a signal or never ran.
+        signal: The signal that ended it, if any.
+        stdout: Captured stdout, binary-safe, at most ``max_output`` bytes.
+        stderr: Captured stderr, same rules.
+        stdout_truncated: ``True`` if stdout was cut at the cap.
+        stderr_truncated: ``True`` if stderr was cut at the cap.
+        duration: Wall-clock seconds the command ran.
+        timed_out: The deadline passed and the process tree was killed.
+        sandboxed: The command ran under isolation. Never silently ``False``: unsandboxed
+            execution must be asked for, and this flag says which one happened.
+        error: An infrastructure failure (host crashed, slot broken, protocol error). When set,
+            the command's own outcome is unknown or it never ran.
+    """
+
+    exit_code: int | None
+    stdout: bytes = b""
+    stderr: bytes = b""
+    signal: int | None = None
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    duration: float = 0.0
+    timed_out: bool = False
+    sandboxed: bool = False
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Ran to completion with exit code 0."""
+        return self.exit_code == 0 and self.error is None and not self.timed_out
+
+    @classmethod
+    def failure(cls, error: str, *, sandboxed: bool = False) -> ExecResult:
+        """An infrastructure failure result (the command's fate is unknown)."""
+        return cls(exit_code=None, error=error, sandboxed=sandboxed)
+
+    def to_wire(self) -> dict[str, Any]:
+        """JSON-ready dict (bytes as base64)."""
+        return {
+            "exit_code": self.exit_code,
+            "signal": self.signal,
+            "stdout": base64.b64encode(self.stdout).decode(),
+            "stderr": base64.b64encode(self.stderr).decode(),
+            "stdout_truncated": self.stdout_truncated,
+            "stderr_truncated": self.stderr_truncated,
+            "duration": self.duration,
+            "timed_out": self.timed_out,
+            "sandboxed": self.sandboxed,
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> ExecResult:
+        """Inverse of :meth:`to_wire`."""
+        return cls(
+            exit_code=data.get("exit_code"),
+            signal=data.get("signal"),
+            stdout=base64.b64decode(data.get("stdout") or ""),
+            stderr=base64.b64decode(data.get("stderr") or ""),
+            stdout_truncated=bool(data.get("stdout_truncated")),
+            stderr_truncated=bool(data.get("stderr_truncated")),
+            duration=float(data.get("duration") or 0.0),
+            timed_out=bool(data.get("timed_out")),
+            sandboxed=bool(data.get("sandboxed")),
+            error=data.get("error"),
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A tool call as the model produced it (already parsed from text or ``tool_calls``)."""
+
+    name: str
+    arguments: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    id: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ToolResult:
+    """The observation returned to the model for one :class:`ToolCall`.
+
+    Attributes:
+        call_id: The :attr:`ToolCall.id` this answers.
+        name: The tool's name.
+        content: Text shown to the model.
+        error: ``None`` on success, else a short kind: ``"timeout"``, ``"unknown_tool"``,
+            ``"invalid_arguments"``, ``"sandbox_error"``, ``"tool_error"``, ``"nonzero_exit"``.
+        exec: The underlying exec result for sandbox tools.
+    """
+
+    call_id: str
+    name: str
+    content: str
+    error: str | None = None
+    exec: ExecResult | None = None
+
+    @property
+    def ok(self) -> bool:
+        """No error of any kind."""
+        return self.error is None
