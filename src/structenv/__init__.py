@@ -1,5 +1,8 @@
 """structenv: structured-concurrency agent trajectories with sandboxed tool calls."""
 
+from ._batcher import Batcher as Batcher
+from ._batcher import BatcherStatistics as BatcherStatistics
+from ._config import ExecutorConfig as ExecutorConfig
 from ._exceptions import BackendError as BackendError
 from ._exceptions import ConfigError as ConfigError
 from ._exceptions import HostCrashedError as HostCrashedError
@@ -11,6 +14,11 @@ from ._exceptions import SlotBrokenError as SlotBrokenError
 from ._exceptions import SlotError as SlotError
 from ._exceptions import StaleLeaseError as StaleLeaseError
 from ._exceptions import StructEnvError as StructEnvError
+from ._executor import ExecutorStatistics as ExecutorStatistics
+from ._executor import ToolExecutor as ToolExecutor
+from ._executor import Trajectory as Trajectory
+from ._pool import PoolStatistics as PoolStatistics
+from ._pool import SlotPool as SlotPool
 from ._types import ExecRequest as ExecRequest
 from ._types import ExecResult as ExecResult
 from ._types import ToolCall as ToolCall
@@ -20,18 +28,26 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendError",
+    "Batcher",
+    "BatcherStatistics",
     "ConfigError",
     "ExecRequest",
     "ExecResult",
+    "ExecutorConfig",
+    "ExecutorStatistics",
     "HostCrashedError",
     "PolicyError",
+    "PoolStatistics",
     "ProtocolError",
     "SandboxUnavailableError",
     "SlotAcquireTimeout",
     "SlotBrokenError",
     "SlotError",
+    "SlotPool",
     "StaleLeaseError",
     "StructEnvError",
     "ToolCall",
+    "ToolExecutor",
     "ToolResult",
+    "Trajectory",
 ]

@@ -212,6 +212,11 @@ class SandboxBackend(ABC):
         """Whether this backend's slots run under isolation."""
         return True
 
+    @property
+    def allow_network(self) -> bool:
+        """Whether this backend's slots can reach the network."""
+        return False
+
     @abstractmethod
     async def acquire_slot(self) -> Slot:
         """Lease a clean slot, waiting for one if all are busy or hosts are starting.

@@ -1,0 +1,307 @@
+"""ToolExecutor and Trajectory: a slot per trajectory, tool calls routed through the batcher."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Self
+
+import anyio
+import anyio.abc
+
+from ._batcher import Batcher, BatcherStatistics
+from ._config import ExecutorConfig
+from ._exceptions import ConfigError, SandboxUnavailableError, SlotError, StaleLeaseError
+from ._pool import PoolStatistics, SlotPool
+from ._types import ExecRequest, ExecResult, ToolCall, ToolResult
+from .abc import SandboxBackend, Slot
+from .tools import ToolRegistry, ToolServerClient, default_registry
+
+__all__ = ["ExecutorStatistics", "ToolExecutor", "Trajectory"]
+
+_ids = itertools.count()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ExecutorStatistics:
+    """A snapshot of a :class:`ToolExecutor`.
+
+    Attributes:
+        active_trajectories: Trajectories inside their ``async with`` block.
+        tool_calls: Tool calls routed so far.
+        pool: The slot pool's statistics.
+        batcher: The batcher's statistics.
+    """
+
+    active_trajectories: int
+    tool_calls: int
+    pool: PoolStatistics
+    batcher: BatcherStatistics
+
+
+class ToolExecutor:
+    """Runs trajectories' tool calls against a backend. Use as an async context manager.
+
+    Entering checks the sandbox policy and starts the batcher in the executor's own task
+    group; leaving stops accepting calls, lets in-flight ones finish for at most
+    ``shutdown_grace`` seconds, then cancels them.
+
+    Args:
+        backend: A started backend.
+        config: Knobs and deadlines.
+        registry: The tools the model may call (default: the built-in ``default`` toolset).
+        tool_server: Client for tools that do not run in the sandbox.
+    """
+
+    def __init__(
+        self,
+        backend: SandboxBackend,
+        *,
+        config: ExecutorConfig | None = None,
+        registry: ToolRegistry | None = None,
+        tool_server: ToolServerClient | None = None,
+    ) -> None:
+        self.config = config = config or ExecutorConfig()
+        if config.max_tool_timeout < config.tool_timeout:
+            raise ConfigError("max_tool_timeout must be >= tool_timeout")
+        self._backend = backend
+        self.registry = (
+            registry
+            if registry is not None
+            else default_registry().select(enabled_toolsets=["default"])
+        )
+        self.tool_server = tool_server
+        self._pool: SlotPool | None = None
+        self._batcher: Batcher | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._active = 0
+        self._tool_calls = 0
+
+    @property
+    def pool(self) -> SlotPool:
+        """The slot pool (exists once the executor is entered)."""
+        if self._pool is None:
+            raise RuntimeError("the executor has not been entered")
+        return self._pool
+
+    def statistics(self) -> ExecutorStatistics:
+        """A snapshot of the executor's counters."""
+        pool = self.pool
+        assert self._batcher is not None
+        return ExecutorStatistics(
+            active_trajectories=self._active,
+            tool_calls=self._tool_calls,
+            pool=pool.statistics(),
+            batcher=self._batcher.statistics(),
+        )
+
+    async def __aenter__(self) -> Self:
+        config = self.config
+        if config.require_sandbox and not self._backend.sandboxed:
+            raise SandboxUnavailableError(
+                "require_sandbox is set but the backend does not isolate its slots"
+            )
+        if self._backend.allow_network and not config.allow_network:
+            raise ConfigError("the backend allows network access but allow_network is False")
+        self._pool = SlotPool(
+            self._backend,
+            size=config.pool_size,
+            acquire_timeout=config.acquire_timeout,
+            release_timeout=config.release_timeout,
+        )
+        self._batcher = Batcher(
+            self._backend,
+            window=config.batch_window_ms / 1000,
+            max_batch_size=config.max_batch_size,
+            max_pending=config.max_pending_calls,
+        )
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        try:
+            await tg.start(self._serve_batcher)
+        except BaseException as exc:
+            tg.cancel_scope.cancel()
+            with anyio.move_on_after(config.shutdown_grace, shield=True):
+                await tg.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    async def _serve_batcher(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        assert self._batcher is not None
+        await self._batcher.serve(task_status=task_status)
+        # The queue is drained: stop the shutdown watchdog, if one is waiting.
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+
+    async def _shutdown_watchdog(self) -> None:
+        await anyio.sleep(self.config.shutdown_grace)
+        assert self._tg is not None
+        self._tg.cancel_scope.cancel()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        tg = self._tg
+        assert tg is not None and self._batcher is not None
+        self._batcher.close()
+        if exc is None:
+            tg.start_soon(self._shutdown_watchdog)
+        else:
+            tg.cancel_scope.cancel()
+        return await tg.__aexit__(exc_type, exc, tb)
+
+    @asynccontextmanager
+    async def trajectory(self, trajectory_id: str | None = None) -> AsyncIterator[Trajectory]:
+        """Lease a slot for one trajectory, under the trajectory deadline.
+
+        The slot is acquired inside the trajectory's own scope (never lazily by the batcher)
+        and released and reset on exit whatever happened. With ``trajectory_timeout`` set, the
+        whole block (acquisition included) raises ``TimeoutError`` when it passes.
+
+        Cancellation: the slot is released (shielded, bounded) before the cancellation
+        propagates; a call that was executing leaves the slot marked not reusable, so it is
+        destroyed rather than reset.
+        """
+        if self._tg is None:
+            raise RuntimeError("the executor has not been entered")
+        tid = trajectory_id if trajectory_id is not None else f"traj-{next(_ids)}"
+        with anyio.fail_after(self.config.trajectory_timeout):
+            async with self.pool.slot() as slot:
+                traj = Trajectory(self, slot, tid)
+                self._active += 1
+                try:
+                    yield traj
+                finally:
+                    self._active -= 1
+                    traj._closed = True
+
+
+class Trajectory:
+    """One trajectory's view of the executor: its slot, exec and tool calls.
+
+    Implements :class:`~structenv.tools.ToolContext` for the tools it runs.
+    """
+
+    __slots__ = ("_closed", "_executor", "_slot", "id", "tool_calls")
+
+    def __init__(self, executor: ToolExecutor, slot: Slot, trajectory_id: str) -> None:
+        self._executor = executor
+        self._slot = slot
+        self._closed = False
+        self.id = trajectory_id
+        self.tool_calls = 0
+
+    @property
+    def slot(self) -> Slot:
+        """The leased slot."""
+        return self._slot
+
+    @property
+    def tool_timeout(self) -> float:
+        return self._executor.config.tool_timeout
+
+    @property
+    def max_tool_timeout(self) -> float:
+        return self._executor.config.max_tool_timeout
+
+    @property
+    def max_output(self) -> int:
+        return self._executor.config.max_output_bytes
+
+    @property
+    def tool_server(self) -> ToolServerClient | None:
+        return self._executor.tool_server
+
+    def specs(self) -> list[dict[str, object]]:
+        """OpenAI function specs of the tools this trajectory may call."""
+        return self._executor.registry.specs()
+
+    async def exec(self, request: ExecRequest) -> ExecResult:
+        """Run a command in the slot through the batcher.
+
+        The host enforces ``request.timeout``; if no answer arrives within that plus
+        ``tool_deadline_grace`` the result says ``timed_out`` and the slot is marked not
+        reusable. A broken slot or stale lease becomes an error result (the slot is not
+        reused).
+
+        Raises:
+            anyio.ClosedResourceError: The executor is shutting down.
+
+        Cancellation: before dispatch the command never runs; after dispatch it is killed by
+        the host and the slot is marked not reusable.
+        """
+        if self._closed:
+            raise anyio.ClosedResourceError("the trajectory has ended")
+        slot = self._slot
+        batcher = self._executor._batcher
+        assert batcher is not None
+        start = anyio.current_time()
+        with anyio.move_on_after(request.timeout + self._executor.config.tool_deadline_grace):
+            try:
+                return await batcher.exec(slot, request)
+            except (SlotError, StaleLeaseError) as exc:
+                slot.reusable = False
+                return ExecResult.failure(f"{type(exc).__name__}: {exc}", sandboxed=slot.sandboxed)
+        slot.reusable = False
+        return ExecResult(
+            exit_code=None,
+            timed_out=True,
+            duration=anyio.current_time() - start,
+            sandboxed=slot.sandboxed,
+            error="no answer from the sandbox host within the deadline",
+        )
+
+    async def call(self, call: ToolCall) -> ToolResult:
+        """Route one tool call; every failure of the call is a result.
+
+        Unknown tools and arguments that fail the tool's schema never reach the sandbox.
+
+        Cancellation: as :meth:`exec` for sandbox tools; external calls may have run.
+        """
+        registry = self._executor.registry
+        tool = registry.get(call.name)
+        if tool is None:
+            return ToolResult(
+                call.id,
+                call.name,
+                f"error: unknown tool {call.name!r}; available tools: "
+                + ", ".join(registry.names()),
+                error="unknown_tool",
+            )
+        problem = registry.validate(call)
+        if problem is not None:
+            return ToolResult(
+                call.id,
+                call.name,
+                f"error: invalid arguments for {call.name}: {problem}",
+                error="invalid_arguments",
+            )
+        self.tool_calls += 1
+        self._executor._tool_calls += 1
+        return await tool.run(self, call)
+
+    async def call_many(self, calls: Sequence[ToolCall]) -> list[ToolResult]:
+        """Run several calls of one step concurrently; results in the calls' order.
+
+        Cancellation: as :meth:`call`, for each call still running.
+        """
+        if len(calls) == 1:
+            return [await self.call(calls[0])]
+        results: list[ToolResult | None] = [None] * len(calls)
+
+        async def one(i: int, call: ToolCall) -> None:
+            results[i] = await self.call(call)
+
+        async with anyio.create_task_group() as tg:
+            for i, call in enumerate(calls):
+                tg.start_soon(one, i, call)
+        return [r for r in results if r is not None]

@@ -1,0 +1,29 @@
+"""Testing kit: a fake backend, the backend contract suite, leak checks, virtual time.
+
+Works under anyio's pytest plugin and under pytest-trio (the fixtures in
+``structenv.testing._plugin`` are registered automatically as a pytest plugin).
+"""
+
+from ._clock import VirtualTimeEventLoop as VirtualTimeEventLoop
+from ._clock import virtual_time_backend as virtual_time_backend
+from ._contract import BackendFactory as BackendFactory
+from ._contract import check_backend as check_backend
+from ._fake import ExecHandler as ExecHandler
+from ._fake import FakeBackend as FakeBackend
+from ._fake import FakeSlot as FakeSlot
+from ._leaks import LeakError as LeakError
+from ._leaks import assert_no_leaks as assert_no_leaks
+from ._leaks import child_processes as child_processes
+
+__all__ = [
+    "BackendFactory",
+    "ExecHandler",
+    "FakeBackend",
+    "FakeSlot",
+    "LeakError",
+    "VirtualTimeEventLoop",
+    "assert_no_leaks",
+    "check_backend",
+    "child_processes",
+    "virtual_time_backend",
+]

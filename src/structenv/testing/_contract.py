@@ -1,0 +1,236 @@
+"""The backend contract suite: ``await check_backend(factory)`` for any backend.
+
+Every backend (fake, local, docker, nomad, modal) must pass it; a new backend's first test is::
+
+    @pytest.mark.anyio
+    async def test_contract():
+        await check_backend(lambda: MyBackend(...))
+
+Each check gets a fresh backend from ``factory`` and a deadline, so a hang is a failure.
+Commands are limited to what both bash and the fake's mini-language understand.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable
+
+import anyio
+
+from .._exceptions import SlotBrokenError, StaleLeaseError
+from .._types import ExecRequest, ExecResult
+from ..abc import SandboxBackend, Slot
+
+__all__ = ["BackendFactory", "check_backend"]
+
+BackendFactory = Callable[[], SandboxBackend]
+_Check = Callable[[SandboxBackend], Awaitable[None]]
+
+
+def _expect(condition: bool, message: str) -> None:
+    if not condition:
+        raise AssertionError(message)
+
+
+def _balanced(backend: SandboxBackend) -> None:
+    stats = backend.statistics()
+    _expect(stats.leased == 0, f"slots still leased: {stats}")
+    _expect(stats.acquires == stats.releases, f"acquires != releases: {stats}")
+
+
+async def _lifecycle(backend: SandboxBackend) -> None:
+    stats = backend.statistics()
+    _expect(backend.capacity >= 1, "capacity must be >= 1 once started")
+    _expect(stats.hosts >= 1, f"no host running after start: {stats}")
+
+
+async def _pairing(backend: SandboxBackend) -> None:
+    slots = [await backend.acquire_slot() for _ in range(backend.capacity)]
+    _expect(len({s.id for s in slots}) == len(slots), "two leases share one slot")
+    _expect(backend.statistics().leased == len(slots), "leased count is wrong")
+    for slot in slots:
+        await backend.release_slot(slot, reusable=True)
+    _balanced(backend)
+
+
+async def _exec_is_data(backend: SandboxBackend) -> None:
+    slot = await backend.acquire_slot()
+    try:
+        ok = await slot.exec(ExecRequest("echo hello", timeout=10))
+        _expect(ok.exit_code == 0 and b"hello" in ok.stdout, f"echo failed: {ok}")
+        failed = await slot.exec(ExecRequest("exit 3", timeout=10))
+        _expect(failed.exit_code == 3 and failed.error is None, f"exit 3 not data: {failed}")
+        _expect(ok.sandboxed == slot.sandboxed, "result's sandboxed flag disagrees with slot")
+        batch = await slot.exec_batch([ExecRequest("exit 0"), ExecRequest("exit 4")])
+        _expect([r.exit_code for r in batch] == [0, 4], f"exec_batch order/result: {batch}")
+    finally:
+        await backend.release_slot(slot, reusable=True)
+    _balanced(backend)
+
+
+async def _files(backend: SandboxBackend) -> None:
+    slot = await backend.acquire_slot()
+    try:
+        payload = b"\x00\xff binary \xc3\x28 data\n"
+        await slot.write_file("dir/data.bin", payload)
+        _expect(await slot.read_file("dir/data.bin") == payload, "binary round trip failed")
+        names = [e.path for e in await slot.list_files(".")]
+        _expect(any(n.endswith("data.bin") for n in names), f"list_files misses it: {names}")
+        for bad in ("../escape", "/etc/passwd"):
+            try:
+                await slot.write_file(bad, b"x")
+            except PermissionError:
+                pass
+            else:
+                raise AssertionError(f"write to {bad!r} was not refused")
+        try:
+            await slot.read_file("missing-file")
+        except FileNotFoundError:
+            pass
+        else:
+            raise AssertionError("reading a missing file did not raise FileNotFoundError")
+    finally:
+        await backend.release_slot(slot, reusable=True)
+    _balanced(backend)
+
+
+async def _reset_and_stale_lease(backend: SandboxBackend) -> None:
+    slot = await backend.acquire_slot()
+    await slot.write_file("left-behind.txt", b"secret")
+    await slot.reset()
+    names = [e.path for e in await slot.list_files(".")]
+    _expect(names == [], f"reset left files behind: {names}")
+    old_lease = slot.lease
+    await backend.release_slot(slot, reusable=True)
+    # The handle is now stale: it must not reach whoever holds the slot next.
+    stale = slot
+    _expect(stale.lease == old_lease, "release must not rewrite the old handle's lease")
+    for op in ("exec", "reset"):
+        try:
+            if op == "exec":
+                await stale.exec(ExecRequest("echo stale", timeout=5))
+            else:
+                await stale.reset()
+        except (StaleLeaseError, SlotBrokenError):
+            pass
+        else:
+            raise AssertionError(f"stale {op} after release was not refused")
+    _balanced(backend)
+
+
+async def _deadline_is_data(backend: SandboxBackend) -> None:
+    slot = await backend.acquire_slot()
+    try:
+        start = anyio.current_time()
+        result = await slot.exec(ExecRequest("sleep 30", timeout=0.3))
+        took = anyio.current_time() - start
+        _expect(result.timed_out and result.exit_code is None, f"not timed out: {result}")
+        _expect(took < 10, f"deadline of 0.3 s took {took:.1f} s")
+    finally:
+        await backend.release_slot(slot, reusable=True)
+    _balanced(backend)
+
+
+async def _cancelled_exec(backend: SandboxBackend) -> None:
+    slot = await backend.acquire_slot()
+    try:
+        with anyio.move_on_after(0.2):
+            await slot.exec(ExecRequest("sleep 30", timeout=60))
+            raise AssertionError("sleep 30 finished inside 0.2 s")
+        slot.reusable = False
+    finally:
+        await backend.release_slot(slot, reusable=slot.reusable)
+    _balanced(backend)
+    # The backend must still serve: the destroyed slot's capacity comes back.
+    again = [await backend.acquire_slot() for _ in range(backend.capacity)]
+    result = await again[0].exec(ExecRequest("echo alive", timeout=10))
+    _expect(result.exit_code == 0, f"backend unusable after a cancelled exec: {result}")
+    for s in again:
+        await backend.release_slot(s, reusable=True)
+    _balanced(backend)
+
+
+async def _cancelled_acquire(backend: SandboxBackend) -> None:
+    held = [await backend.acquire_slot() for _ in range(backend.capacity)]
+    with anyio.move_on_after(0.2) as scope:
+        extra = await backend.acquire_slot()
+        raise AssertionError(f"acquired {extra!r} beyond capacity")
+    _expect(scope.cancelled_caught, "acquire beyond capacity did not wait")
+    _expect(backend.statistics().leased == len(held), "cancelled acquire leaked a slot")
+    for s in held:
+        await backend.release_slot(s, reusable=True)
+    _balanced(backend)
+
+
+async def _batch_streams(backend: SandboxBackend) -> None:
+    slots: list[Slot] = [await backend.acquire_slot() for _ in range(min(2, backend.capacity))]
+    order: list[int] = []
+    results: dict[int, ExecResult | Exception] = {}
+
+    def on_result(i: int, result: ExecResult | Exception) -> None:
+        order.append(i)
+        results[i] = result
+
+    try:
+        calls = [(slots[0], ExecRequest("sleep 1", timeout=10))]
+        calls += [(slots[-1], ExecRequest(f"exit {n}", timeout=10)) for n in (0, 5)]
+        await backend.exec_batch(calls, on_result)
+        _expect(order[-1] == 0, f"the slow call held back fast ones: order {order}")
+        codes = [
+            r.exit_code if isinstance(r, ExecResult) else r for _, r in sorted(results.items())
+        ]
+        _expect(codes == [0, 0, 5], f"wrong batch results: {codes}")
+    finally:
+        for s in slots:
+            await backend.release_slot(s, reusable=True)
+    _balanced(backend)
+
+
+async def _idempotent_close(backend: SandboxBackend) -> None:
+    await backend.aclose()
+    await backend.aclose()
+
+
+_CHECKS: dict[str, _Check] = {
+    "lifecycle": _lifecycle,
+    "pairing": _pairing,
+    "exec_is_data": _exec_is_data,
+    "files": _files,
+    "reset_and_stale_lease": _reset_and_stale_lease,
+    "deadline_is_data": _deadline_is_data,
+    "cancelled_exec": _cancelled_exec,
+    "cancelled_acquire": _cancelled_acquire,
+    "batch_streams": _batch_streams,
+    "idempotent_close": _idempotent_close,
+}
+
+
+async def check_backend(
+    factory: BackendFactory, *, only: set[str] | None = None, deadline: float = 60.0
+) -> list[str]:
+    """Run the contract suite; return the names of the checks that passed.
+
+    Args:
+        factory: Makes a fresh, unstarted backend for each check.
+        only: Run just these checks (default: all).
+        deadline: Seconds each check may take (a hang fails the check).
+
+    Raises:
+        AssertionError: A check failed; the message names it.
+
+    Cancellation: the backend under test is closed (its ``__aexit__`` is shielded).
+    """
+    passed: list[str] = []
+    for name, check in _CHECKS.items():
+        if only is not None and name not in only:
+            continue
+        try:
+            with anyio.fail_after(deadline if math.isfinite(deadline) else None):
+                async with factory() as backend:
+                    await check(backend)
+        except AssertionError as exc:
+            raise AssertionError(f"backend contract check {name!r} failed: {exc}") from exc
+        except TimeoutError as exc:
+            raise AssertionError(f"backend contract check {name!r} hung") from exc
+        passed.append(name)
+    return passed

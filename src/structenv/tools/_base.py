@@ -1,0 +1,181 @@
+"""Tool, ToolContext and ToolRegistry: what the model can call and how calls are checked."""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+import jsonschema
+
+from .._exceptions import ConfigError
+from .._types import ExecRequest, ExecResult, ToolCall, ToolResult
+
+if TYPE_CHECKING:
+    from ..abc import Slot
+    from ._client import ToolServerClient
+
+__all__ = ["Tool", "ToolContext", "ToolRegistry"]
+
+
+class ToolContext(Protocol):
+    """What a tool sees of the trajectory it runs for (implemented by the executor)."""
+
+    @property
+    def slot(self) -> Slot:
+        """The trajectory's leased slot (for file operations)."""
+        ...
+
+    @property
+    def tool_timeout(self) -> float:
+        """Default per-call deadline in seconds."""
+        ...
+
+    @property
+    def max_tool_timeout(self) -> float:
+        """Largest deadline a model may ask for."""
+        ...
+
+    @property
+    def max_output(self) -> int:
+        """Byte cap for each of stdout and stderr."""
+        ...
+
+    @property
+    def tool_server(self) -> ToolServerClient | None:
+        """The external tool server, if configured."""
+        ...
+
+    async def exec(self, request: ExecRequest) -> ExecResult:
+        """Run a command in the slot through the batcher (deadline becomes a result)."""
+        ...
+
+
+class Tool(ABC):
+    """A tool the model may call.
+
+    Subclasses set :attr:`name`, :attr:`description` and :attr:`parameters` (a JSON schema
+    for the arguments object) and implement :meth:`run`. The executor validates arguments
+    against the schema before :meth:`run` sees them.
+    """
+
+    name: str
+    description: str
+    parameters: Mapping[str, Any] = {"type": "object", "properties": {}}
+    #: ``True`` for tools that run in the trajectory's sandbox slot.
+    in_sandbox: bool = True
+
+    @abstractmethod
+    async def run(self, ctx: ToolContext, call: ToolCall) -> ToolResult:
+        """Execute the call. Failures of the tool are results (``error=...``), not exceptions.
+
+        Cancellation: propagates; any sandbox command it started is killed by the host and
+        the slot is marked not reusable.
+        """
+
+    def spec(self) -> dict[str, Any]:
+        """The OpenAI function spec of this tool."""
+        return {
+            "type": "function",
+            "function": {
+                "name": self.name,
+                "description": self.description,
+                "parameters": copy.deepcopy(dict(self.parameters)),
+            },
+        }
+
+
+class ToolRegistry:
+    """Tools by name, with toolsets and JSON-schema validation. Names never shadow.
+
+    Args:
+        tools: Tools to register.
+        toolsets: Named groups of tool names, e.g. ``{"default": ["terminal", ...]}``.
+    """
+
+    def __init__(
+        self,
+        tools: Iterable[Tool] = (),
+        *,
+        toolsets: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        self._tools: dict[str, Tool] = {}
+        self._validators: dict[str, jsonschema.protocols.Validator] = {}
+        self.toolsets: dict[str, list[str]] = {k: list(v) for k, v in (toolsets or {}).items()}
+        for tool in tools:
+            self.register(tool)
+
+    def register(self, tool: Tool) -> None:
+        """Add a tool. Raises :class:`~structenv.ConfigError` on a duplicate name or a bad
+        schema."""
+        if not getattr(tool, "name", "") or not tool.name.replace("_", "").isalnum():
+            raise ConfigError(f"invalid tool name {getattr(tool, 'name', None)!r}")
+        if tool.name in self._tools:
+            raise ConfigError(f"tool {tool.name!r} is already registered")
+        cls = jsonschema.validators.validator_for(tool.parameters)
+        try:
+            cls.check_schema(dict(tool.parameters))
+        except jsonschema.SchemaError as exc:
+            raise ConfigError(f"tool {tool.name!r} has an invalid schema: {exc.message}") from exc
+        self._validators[tool.name] = cls(tool.parameters)
+        self._tools[tool.name] = tool
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tools
+
+    def __len__(self) -> int:
+        return len(self._tools)
+
+    def names(self) -> list[str]:
+        """Registered tool names, in registration order."""
+        return list(self._tools)
+
+    def get(self, name: str) -> Tool | None:
+        """The tool called ``name``, or ``None``."""
+        return self._tools.get(name)
+
+    def specs(self) -> list[dict[str, Any]]:
+        """OpenAI function specs of every tool."""
+        return [tool.spec() for tool in self._tools.values()]
+
+    def validate(self, call: ToolCall) -> str | None:
+        """``None`` if the call's arguments match the tool's schema, else why not."""
+        validator = self._validators[call.name]
+        error = jsonschema.exceptions.best_match(validator.iter_errors(dict(call.arguments)))
+        if error is None:
+            return None
+        where = "/".join(str(p) for p in error.absolute_path)
+        return f"{where + ': ' if where else ''}{error.message}"
+
+    def select(
+        self,
+        *,
+        enabled_toolsets: Sequence[str] | None = None,
+        disabled_toolsets: Sequence[str] = (),
+        disabled_tools: Sequence[str] = (),
+    ) -> ToolRegistry:
+        """A registry restricted to the enabled toolsets minus the disabled ones.
+
+        ``enabled_toolsets=None`` keeps every tool. Unknown toolset or tool names are a
+        :class:`~structenv.ConfigError` (a typo must not silently disable tools).
+        """
+        for name in (*(enabled_toolsets or ()), *disabled_toolsets):
+            if name not in self.toolsets:
+                raise ConfigError(f"unknown toolset {name!r}; known: {sorted(self.toolsets)}")
+        for name in disabled_tools:
+            if name not in self._tools:
+                raise ConfigError(f"unknown tool {name!r}; known: {self.names()}")
+        if enabled_toolsets is None:
+            keep = list(self._tools)
+        else:
+            keep = [n for ts in enabled_toolsets for n in self.toolsets[ts]]
+        drop = {n for ts in disabled_toolsets for n in self.toolsets[ts]} | set(disabled_tools)
+        chosen: dict[str, Tool] = {}
+        for name in keep:
+            if name not in drop and name not in chosen:
+                chosen[name] = self._tools[name]
+        out = ToolRegistry(toolsets=self.toolsets)
+        for tool in chosen.values():
+            out.register(tool)
+        return out

@@ -1,0 +1,176 @@
+"""Built-in sandbox tools and the toolsets of the original design."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .._exceptions import StructEnvError
+from .._types import ExecRequest, ExecResult, ToolCall, ToolResult
+from ._base import Tool, ToolContext, ToolRegistry
+
+__all__ = [
+    "ListFilesTool",
+    "ReadFileTool",
+    "TerminalTool",
+    "WriteFileTool",
+    "default_registry",
+    "format_exec_result",
+]
+
+#: Largest file the read_file tool returns to the model.
+MAX_READ_BYTES = 256 * 1024
+
+
+def format_exec_result(result: ExecResult) -> str:
+    """Render an exec result as the observation text the model sees."""
+    parts: list[str] = []
+    if result.stdout:
+        parts.append(result.stdout.decode("utf-8", "replace"))
+        if result.stdout_truncated:
+            parts.append("\n[stdout truncated]")
+    if result.stderr:
+        parts.append("\n[stderr]\n" + result.stderr.decode("utf-8", "replace"))
+        if result.stderr_truncated:
+            parts.append("\n[stderr truncated]")
+    if result.error is not None:
+        parts.append(f"\n[sandbox error: {result.error}]")
+    elif result.timed_out:
+        parts.append(f"\n[timed out after {result.duration:.1f}s; the command was killed]")
+    elif result.exit_code is None:
+        parts.append(f"\n[killed by signal {result.signal}]")
+    else:
+        parts.append(f"\n[exit code: {result.exit_code}]")
+    return "".join(parts).lstrip("\n")
+
+
+def exec_tool_result(call: ToolCall, result: ExecResult) -> ToolResult:
+    """Map an exec result to a tool result: a nonzero exit is data, not an error."""
+    error = None
+    if result.error is not None:
+        error = "sandbox_error"
+    elif result.timed_out:
+        error = "timeout"
+    return ToolResult(
+        call_id=call.id,
+        name=call.name,
+        content=format_exec_result(result),
+        error=error,
+        exec=result,
+    )
+
+
+class TerminalTool(Tool):
+    """Run a shell command in the sandbox workspace (stateless: a fresh shell each call)."""
+
+    name = "terminal"
+    description = (
+        "Run a bash command in the sandboxed workspace and return its output and exit code. "
+        "Each call starts a fresh shell in the workspace root."
+    )
+    parameters: Mapping[str, Any] = {
+        "type": "object",
+        "properties": {
+            "command": {"type": "string", "minLength": 1, "description": "bash command line"},
+            "timeout": {
+                "type": "integer",
+                "minimum": 1,
+                "description": "seconds before the command is killed",
+            },
+        },
+        "required": ["command"],
+        "additionalProperties": False,
+    }
+
+    async def run(self, ctx: ToolContext, call: ToolCall) -> ToolResult:
+        """Run the command. Cancellation: the command's process tree is killed."""
+        timeout = min(float(call.arguments.get("timeout", ctx.tool_timeout)), ctx.max_tool_timeout)
+        request = ExecRequest(
+            command=str(call.arguments["command"]), timeout=timeout, max_output=ctx.max_output
+        )
+        return exec_tool_result(call, await ctx.exec(request))
+
+
+class ReadFileTool(Tool):
+    """Read a text file from the workspace."""
+
+    name = "read_file"
+    description = "Read a file from the workspace (path relative to the workspace root)."
+    parameters: Mapping[str, Any] = {
+        "type": "object",
+        "properties": {"path": {"type": "string", "minLength": 1}},
+        "required": ["path"],
+        "additionalProperties": False,
+    }
+
+    async def run(self, ctx: ToolContext, call: ToolCall) -> ToolResult:
+        """Read the file. Cancellation: nothing changes."""
+        path = str(call.arguments["path"])
+        try:
+            data = await ctx.slot.read_file(path, max_bytes=MAX_READ_BYTES)
+        except (OSError, ValueError, StructEnvError) as exc:
+            return ToolResult(call.id, call.name, f"error: {exc}", error="tool_error")
+        return ToolResult(call.id, call.name, data.decode("utf-8", "replace"))
+
+
+class WriteFileTool(Tool):
+    """Write a text file in the workspace."""
+
+    name = "write_file"
+    description = "Create or overwrite a file in the workspace with the given content."
+    parameters: Mapping[str, Any] = {
+        "type": "object",
+        "properties": {
+            "path": {"type": "string", "minLength": 1},
+            "content": {"type": "string"},
+        },
+        "required": ["path", "content"],
+        "additionalProperties": False,
+    }
+
+    async def run(self, ctx: ToolContext, call: ToolCall) -> ToolResult:
+        """Write the file. Cancellation: the file is old or complete (atomic write)."""
+        path = str(call.arguments["path"])
+        data = str(call.arguments["content"]).encode()
+        try:
+            await ctx.slot.write_file(path, data)
+        except (OSError, ValueError, StructEnvError) as exc:
+            return ToolResult(call.id, call.name, f"error: {exc}", error="tool_error")
+        return ToolResult(call.id, call.name, f"wrote {len(data)} bytes to {path}")
+
+
+class ListFilesTool(Tool):
+    """List the files of a workspace directory."""
+
+    name = "list_files"
+    description = "List files under a workspace directory, recursively, with sizes."
+    parameters: Mapping[str, Any] = {
+        "type": "object",
+        "properties": {"path": {"type": "string", "default": "."}},
+        "additionalProperties": False,
+    }
+
+    async def run(self, ctx: ToolContext, call: ToolCall) -> ToolResult:
+        """List the directory. Cancellation: nothing changes."""
+        try:
+            entries = await ctx.slot.list_files(str(call.arguments.get("path", ".")))
+        except (OSError, ValueError, StructEnvError) as exc:
+            return ToolResult(call.id, call.name, f"error: {exc}", error="tool_error")
+        lines = [f"{e.path}/" if e.is_dir else f"{e.path} ({e.size} bytes)" for e in entries]
+        return ToolResult(call.id, call.name, "\n".join(lines) or "(empty)")
+
+
+def default_registry() -> ToolRegistry:
+    """The built-in tools with the original design's toolsets.
+
+    ``default`` = terminal + read_file + write_file; ``filesystem`` = read_file + write_file +
+    list_files; ``terminal`` = terminal.
+    """
+    return ToolRegistry(
+        [TerminalTool(), ReadFileTool(), WriteFileTool(), ListFilesTool()],
+        toolsets={
+            "default": ["terminal", "read_file", "write_file"],
+            "filesystem": ["read_file", "write_file", "list_files"],
+            "terminal": ["terminal"],
+        },
+    )

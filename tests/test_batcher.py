@@ -1,0 +1,194 @@
+"""The channel batcher: windows, sizes, per-host grouping, no head-of-line blocking."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from structenv import Batcher, ConfigError, ExecRequest, SlotPool
+from structenv.testing import FakeBackend, assert_no_leaks, virtual_time_backend
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> object:
+    return virtual_time_backend(request.param)
+
+
+async def test_window_collects_calls_into_one_batch_per_host() -> None:
+    async with FakeBackend(hosts=2, slots_per_host=4) as backend:
+        pool = SlotPool(backend)
+        batcher = Batcher(backend, window=0.010)
+        async with anyio.create_task_group() as tg:
+            await tg.start(batcher.serve)
+
+            async def one() -> None:
+                async with pool.slot() as slot:
+                    result = await batcher.exec(slot, ExecRequest("true"))
+                    assert result.exit_code == 0
+
+            async with anyio.create_task_group() as callers:
+                for _ in range(8):
+                    callers.start_soon(one)
+            batcher.close()
+        stats = batcher.statistics()
+        # 8 calls over 2 hosts inside one window: exactly one batch per host.
+        assert stats.dispatched == 8 and stats.batches == 2 and stats.max_batch == 4
+        assert_no_leaks(pools=[pool], backends=[backend])
+
+
+async def test_max_batch_size_closes_the_batch_early() -> None:
+    async with FakeBackend(slots_per_host=8) as backend:
+        pool = SlotPool(backend)
+        batcher = Batcher(backend, window=10.0, max_batch_size=4)
+        done_at: list[float] = []
+        async with anyio.create_task_group() as tg:
+            await tg.start(batcher.serve)
+
+            async def one() -> None:
+                async with pool.slot() as slot:
+                    await batcher.exec(slot, ExecRequest("true"))
+                    done_at.append(anyio.current_time())
+
+            start = anyio.current_time()
+            async with anyio.create_task_group() as callers:
+                for _ in range(4):
+                    callers.start_soon(one)
+            batcher.close()
+        # Full at 4 calls: nobody waited for the 10 s window.
+        assert max(done_at) - start < 0.001
+        assert_no_leaks(pools=[pool], backends=[backend])
+
+
+async def test_slow_call_does_not_delay_fast_calls_on_the_same_host() -> None:
+    """One 2 s call while 49 trajectories make 20 fast calls: latency <= window + 5 ms."""
+    window = 0.010
+    async with FakeBackend(hosts=1, slots_per_host=50) as backend:
+        pool = SlotPool(backend)
+        batcher = Batcher(backend, window=window)
+        latencies: list[float] = []
+        async with anyio.create_task_group() as tg:
+            await tg.start(batcher.serve)
+
+            async def slow() -> None:
+                async with pool.slot() as slot:
+                    result = await batcher.exec(slot, ExecRequest("sleep 2", timeout=10))
+                    assert result.exit_code == 0
+
+            async def fast() -> None:
+                async with pool.slot() as slot:
+                    for _ in range(20):
+                        start = anyio.current_time()
+                        await batcher.exec(slot, ExecRequest("true"))
+                        latencies.append(anyio.current_time() - start)
+
+            async with anyio.create_task_group() as callers:
+                callers.start_soon(slow)
+                for _ in range(49):
+                    callers.start_soon(fast)
+            batcher.close()
+        assert len(latencies) == 49 * 20
+        assert max(latencies) <= window + 0.005
+        assert_no_leaks(pools=[pool], backends=[backend])
+
+
+async def test_call_cancelled_before_dispatch_is_dropped_not_executed() -> None:
+    async with FakeBackend(slots_per_host=1) as backend:
+        pool = SlotPool(backend)
+        batcher = Batcher(backend, window=1.0)
+        async with anyio.create_task_group() as tg:
+            await tg.start(batcher.serve)
+            async with pool.slot() as slot:
+                with anyio.move_on_after(0.5):
+                    await batcher.exec(slot, ExecRequest("echo never"))
+                assert slot.reusable, "a call that never ran must not taint the slot"
+            await anyio.sleep(2)
+            batcher.close()
+        assert backend.execs == 0
+        assert batcher.statistics().dropped == 1
+        assert_no_leaks(pools=[pool], backends=[backend])
+
+
+async def test_call_cancelled_after_dispatch_taints_the_slot() -> None:
+    async with FakeBackend(slots_per_host=1) as backend:
+        pool = SlotPool(backend)
+        batcher = Batcher(backend)
+        async with anyio.create_task_group() as tg:
+            await tg.start(batcher.serve)
+            async with pool.slot() as slot:
+                with anyio.move_on_after(0.5):
+                    await batcher.exec(slot, ExecRequest("sleep 5", timeout=10))
+                assert not slot.reusable
+            batcher.close()
+        # Not reusable: destroyed and replaced, never reset and handed out.
+        assert backend.destroyed == 1
+        assert_no_leaks(pools=[pool], backends=[backend])
+
+
+async def test_channel_is_bounded_back_pressure() -> None:
+    async with FakeBackend(slots_per_host=8) as backend:
+        pool = SlotPool(backend)
+        batcher = Batcher(backend, window=1.0, max_pending=2)
+        async with pool.slot() as slot:
+            async with anyio.create_task_group() as tg:
+                for _ in range(5):
+                    tg.start_soon(batcher.exec, slot, ExecRequest("true"))
+                await anyio.wait_all_tasks_blocked()
+                # Nobody consumes yet: exactly max_pending calls are buffered.
+                assert batcher.statistics().queued == 2
+                await tg.start(batcher.serve)
+                await anyio.sleep(3)
+                batcher.close()
+        assert batcher.statistics().dispatched == 5
+        assert_no_leaks(pools=[pool], backends=[backend])
+
+
+async def test_backend_errors_reach_only_their_callers() -> None:
+    async with FakeBackend(slots_per_host=2) as backend:
+        pool = SlotPool(backend)
+        batcher = Batcher(backend)
+        async with anyio.create_task_group() as tg:
+            await tg.start(batcher.serve)
+            async with pool.slot() as a, pool.slot() as b:
+                from structenv import SlotBrokenError
+
+                with pytest.raises(SlotBrokenError):
+                    await batcher.exec(a, ExecRequest("broken"))
+                ok = await batcher.exec(b, ExecRequest("echo fine"))
+                assert ok.stdout == b"fine\n"
+            batcher.close()
+        assert_no_leaks(pools=[pool], backends=[backend])
+
+
+async def test_stopped_batcher_answers_queued_callers() -> None:
+    async with FakeBackend(slots_per_host=4) as backend:
+        pool = SlotPool(backend)
+        batcher = Batcher(backend, window=5.0)
+        outcomes: list[str] = []
+
+        async def caller(slot_cm: object) -> None:
+            async with pool.slot() as slot:
+                try:
+                    await batcher.exec(slot, ExecRequest("sleep 1", timeout=10))
+                    outcomes.append("result")
+                except anyio.ClosedResourceError:
+                    outcomes.append("closed")
+
+        async with anyio.create_task_group() as callers:
+            async with anyio.create_task_group() as service:
+                await service.start(batcher.serve)
+                for _ in range(4):
+                    callers.start_soon(caller, None)
+                await anyio.sleep(1)
+                service.cancel_scope.cancel()
+        assert outcomes == ["closed"] * 4
+        assert_no_leaks(pools=[pool], backends=[backend])
+
+
+def test_invalid_settings_are_refused() -> None:
+    backend = FakeBackend()
+    with pytest.raises(ConfigError):
+        Batcher(backend, window=-1)
+    with pytest.raises(ConfigError):
+        Batcher(backend, max_batch_size=0)
