@@ -26,6 +26,7 @@ class PoolStatistics:
         size: Slots the pool may lease at once.
         in_use: Slots leased right now (between acquire and the end of release).
         waiting: Tasks queued for a slot.
+        available: Free permits (``size - in_use`` whenever no acquire is half-way).
         acquired: Total slots handed out.
         released: Total slots given back (every acquire is paired with one release).
         quarantined: Releases whose reset failed, timed out or was skipped because the slot
@@ -36,6 +37,7 @@ class PoolStatistics:
     size: int
     in_use: int
     waiting: int
+    available: int
     acquired: int
     released: int
     quarantined: int
@@ -101,6 +103,7 @@ class SlotPool:
             size=self._size,
             in_use=self._in_use,
             waiting=len(self._waiters),
+            available=self._free,
             acquired=self._acquired,
             released=self._released,
             quarantined=self._quarantined,
@@ -152,9 +155,12 @@ class SlotPool:
         return slot
 
     async def _take_permit(self) -> None:
+        # Cancellation is checked before the permit is taken and never after (trio's
+        # checkpoint idiom), so a cancelled acquire can never hold a permit.
+        await anyio.lowlevel.checkpoint_if_cancelled()
         if self._free and not self._waiters:
             self._free -= 1
-            await anyio.lowlevel.checkpoint()
+            await anyio.lowlevel.cancel_shielded_checkpoint()
             return
         waiter = _Waiter()
         self._waiters.append(waiter)

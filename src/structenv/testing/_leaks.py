@@ -68,6 +68,8 @@ def assert_no_leaks(
         ps = pool.statistics()
         if ps.in_use or ps.waiting or ps.acquired != ps.released:
             problems.append(f"pool leaked slots: {ps}")
+        elif ps.available != ps.size:
+            problems.append(f"pool lost permits: {ps}")
     for backend in backends:
         bs = backend.statistics()
         if bs.leased or bs.acquires != bs.releases:
