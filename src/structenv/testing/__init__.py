@@ -14,16 +14,32 @@ from ._fake import FakeSlot as FakeSlot
 from ._leaks import LeakError as LeakError
 from ._leaks import assert_no_leaks as assert_no_leaks
 from ._leaks import child_processes as child_processes
+from ._policy_server import Fault as Fault
+from ._policy_server import PolicyServer as PolicyServer
+from ._policy_server import PolicyServerStatistics as PolicyServerStatistics
+from ._policy_server import ReplayScript as ReplayScript
+from ._policy_server import ReplayStep as ReplayStep
+from ._policy_server import Script as Script
+from ._policy_server import serve_policy_server as serve_policy_server
+from ._policy_server import task_marker as task_marker
 
 __all__ = [
     "BackendFactory",
     "ExecHandler",
     "FakeBackend",
     "FakeSlot",
+    "Fault",
     "LeakError",
+    "PolicyServer",
+    "PolicyServerStatistics",
+    "ReplayScript",
+    "ReplayStep",
+    "Script",
     "VirtualTimeEventLoop",
     "assert_no_leaks",
     "check_backend",
     "child_processes",
+    "serve_policy_server",
+    "task_marker",
     "virtual_time_backend",
 ]
