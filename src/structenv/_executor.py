@@ -117,6 +117,7 @@ class ToolExecutor:
             window=config.batch_window_ms / 1000,
             max_batch_size=config.max_batch_size,
             max_pending=config.max_pending_calls,
+            deadline_grace=config.tool_deadline_grace,
         )
         tg = anyio.create_task_group()
         await tg.__aenter__()
@@ -244,21 +245,11 @@ class Trajectory:
         slot = self._slot
         batcher = self._executor._batcher
         assert batcher is not None
-        start = anyio.current_time()
-        with anyio.move_on_after(request.timeout + self._executor.config.tool_deadline_grace):
-            try:
-                return await batcher.exec(slot, request)
-            except (SlotError, StaleLeaseError) as exc:
-                slot.reusable = False
-                return ExecResult.failure(f"{type(exc).__name__}: {exc}", sandboxed=slot.sandboxed)
-        slot.reusable = False
-        return ExecResult(
-            exit_code=None,
-            timed_out=True,
-            duration=anyio.current_time() - start,
-            sandboxed=slot.sandboxed,
-            error="no answer from the sandbox host within the deadline",
-        )
+        try:
+            return await batcher.exec(slot, request)
+        except (SlotError, StaleLeaseError) as exc:
+            slot.reusable = False
+            return ExecResult.failure(f"{type(exc).__name__}: {exc}", sandboxed=slot.sandboxed)
 
     async def call(self, call: ToolCall) -> ToolResult:
         """Route one tool call; every failure of the call is a result.

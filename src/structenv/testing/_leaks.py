@@ -61,7 +61,12 @@ def assert_no_leaks(
     problems: list[str] = []
     for executor in executors:
         stats = executor.statistics()
-        if stats.active_trajectories or stats.batcher.in_flight or stats.batcher.queued:
+        if (
+            stats.active_trajectories
+            or stats.batcher.in_flight
+            or stats.batcher.queued
+            or stats.batcher.waiting
+        ):
             problems.append(f"executor not idle: {stats}")
         pools = [*pools, executor.pool]
     for pool in pools:

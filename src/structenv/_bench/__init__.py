@@ -1,0 +1,1 @@
+"""Benchmarks run by ``structenv bench ...`` (results land in ``benchmarks/results/``)."""
