@@ -21,17 +21,9 @@ def _forward(module: str, argv: Sequence[str]) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if args.which == "dispatch":
-        from ._bench import dispatch
-
-        dispatch.run(quick=args.quick)
-        return 0
-    if args.which == "exec":
-        from ._bench import exec as exec_bench
-
-        exec_bench.run(quick=args.quick)
-        return 0
-    raise SystemExit(f"unknown benchmark {args.which!r}")
+    module = importlib.import_module(f"structenv._bench.{args.which}")
+    module.run(quick=args.quick)
+    return 0
 
 
 def _doctor(args: argparse.Namespace) -> int:

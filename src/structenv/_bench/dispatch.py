@@ -185,18 +185,37 @@ def run(*, quick: bool = False, backends: tuple[str, ...] = ("asyncio", "trio"))
                 naive = {"us_per_call": math.nan}
             ratio = naive["us_per_call"] / structured["us_per_call"]
             results.append(
-                {"backend": backend, "trajectories": n, "structured": structured,
-                 "naive_reply_stream": naive, "speedup_vs_naive": ratio}
+                {
+                    "backend": backend,
+                    "trajectories": n,
+                    "structured": structured,
+                    "naive_reply_stream": naive,
+                    "speedup_vs_naive": ratio,
+                }
             )
-            rows.append([
-                backend, n, structured["us_per_call"], structured["calls_per_s"],
-                structured["p50_us"], structured["p99_us"], naive["us_per_call"], ratio,
-            ])
+            rows.append(
+                [
+                    backend,
+                    n,
+                    structured["us_per_call"],
+                    structured["calls_per_s"],
+                    structured["p50_us"],
+                    structured["p99_us"],
+                    naive["us_per_call"],
+                    ratio,
+                ]
+            )
     growth = {
-        b: next(r["structured"]["us_per_call"] for r in results
-                if r["backend"] == b and r["trajectories"] == sizes[-1])
-        / next(r["structured"]["us_per_call"] for r in results
-               if r["backend"] == b and r["trajectories"] == sizes[0])
+        b: next(
+            r["structured"]["us_per_call"]
+            for r in results
+            if r["backend"] == b and r["trajectories"] == sizes[-1]
+        )
+        / next(
+            r["structured"]["us_per_call"]
+            for r in results
+            if r["backend"] == b and r["trajectories"] == sizes[0]
+        )
         for b in backends
     }
     payload = {
@@ -213,8 +232,9 @@ def run(*, quick: bool = False, backends: tuple[str, ...] = ("asyncio", "trio"))
         ["backend", "N", "µs/call", "calls/s", "p50 µs", "p99 µs", "naive µs", "ratio"],
         rows,
     )
-    print("growth 10 -> 10,000 trajectories: "
-          + ", ".join(f"{b} {g:.2f}x" for b, g in growth.items()))
+    print(
+        "growth 10 -> 10,000 trajectories: " + ", ".join(f"{b} {g:.2f}x" for b, g in growth.items())
+    )
     path = write_results("dispatch", payload)
     print(f"wrote {path}")
     return payload
