@@ -1,0 +1,224 @@
+"""Exec round trip: the full stack vs the slot API vs raw bubblewrap spawn vs fork/exec.
+
+``structenv bench exec [--quick]`` runs it. Everything is measured in the same run, on the
+same machine state, running the external program ``/bin/true`` (not a shell builtin):
+
+- the full stack: ``Trajectory.exec`` -> batcher -> pool's slot -> sandbox server -> slot
+  worker -> sandboxed process, with 1, 2, 16 and 64 concurrent trajectories;
+- the slot API alone (client -> server -> worker), and the batched host path;
+- a fresh ``bwrap ... /bin/true`` per command (what a naive sandbox pays);
+- a plain ``fork/exec`` of ``/bin/true`` (the floor).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+
+from .._config import ExecutorConfig
+from .._executor import ToolExecutor
+from .._types import ExecRequest, ExecResult
+from ..backends import LocalBackend
+from ..sandbox._bwrap import Isolation, bwrap_argv
+from ._report import print_table, write_results
+
+__all__ = ["run", "run_exec_bench"]
+
+COMMAND = "/bin/true"
+TARGET_P50_MS = 1.0
+TARGET_THROUGHPUT = 1500.0
+
+
+def _summary(latencies: list[float], elapsed: float) -> dict[str, float]:
+    ordered = sorted(latencies)
+    n = len(ordered)
+    return {
+        "n": n,
+        "p50_ms": round(ordered[n // 2] * 1e3, 3),
+        "p99_ms": round(ordered[min(n - 1, int(n * 0.99))] * 1e3, 3),
+        "mean_ms": round(statistics.fmean(ordered) * 1e3, 3),
+        "throughput_per_s": round(n / elapsed, 1),
+    }
+
+
+async def _measure(
+    concurrency: int, per_worker: int, op: Callable[[int], Awaitable[None]]
+) -> dict[str, float]:
+    latencies: list[float] = []
+
+    async def worker(index: int) -> None:
+        for _ in range(per_worker):
+            start = time.perf_counter()
+            await op(index)
+            latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for i in range(concurrency):
+            tg.start_soon(worker, i)
+    return _summary(latencies, time.perf_counter() - start)
+
+
+async def _slot_api(quick: bool) -> dict[str, Any]:
+    levels = (1, 2, 16, 64)
+    total = 600 if quick else 4000
+    hosts = 2
+    results: dict[str, Any] = {}
+    async with LocalBackend(hosts=hosts, slots_per_host=max(levels) // hosts) as backend:
+        slots = [await backend.acquire_slot() for _ in range(max(levels))]
+        request = ExecRequest(COMMAND, timeout=30)
+
+        async def op(index: int) -> None:
+            result = await slots[index].exec(request)
+            if not result.ok:
+                raise RuntimeError(f"benchmark command failed: {result}")
+
+        await _measure(8, 20, op)  # warm up connections and page caches
+        for c in levels:
+            results[f"c{c}"] = await _measure(c, max(total // c, 20), op)
+        # The batcher's path: one streamed request per host carrying every pending call.
+        for c in levels[1:]:
+            results[f"batched_c{c}"] = await _batched(backend, slots[:c], max(total // c, 10))
+        for slot in slots:
+            await backend.release_slot(slot, reusable=True)
+    return results
+
+
+async def _full_stack(quick: bool) -> dict[str, Any]:
+    """Closed loop per trajectory through the executor, as an env's tool calls run."""
+    levels = (1, 2, 16, 64)
+    total = 600 if quick else 4000
+    hosts = 2
+    results: dict[str, Any] = {}
+    config = ExecutorConfig(tool_deadline_grace=5)
+    async with (
+        LocalBackend(hosts=hosts, slots_per_host=max(levels) // hosts) as backend,
+        ToolExecutor(backend, config=config) as executor,
+    ):
+        request = ExecRequest(COMMAND, timeout=30)
+        for c in levels:
+            latencies: list[float] = []
+
+            async def trajectory(rounds: int, latencies: list[float] = latencies) -> None:
+                async with executor.trajectory() as traj:
+                    for _ in range(rounds):
+                        start = time.perf_counter()
+                        result = await traj.exec(request)
+                        latencies.append(time.perf_counter() - start)
+                        if not result.ok:
+                            raise RuntimeError(f"benchmark command failed: {result}")
+
+            async with anyio.create_task_group() as tg:  # warm-up
+                for _ in range(c):
+                    tg.start_soon(trajectory, 5, [])
+            start = time.perf_counter()
+            async with anyio.create_task_group() as tg:
+                for _ in range(c):
+                    tg.start_soon(trajectory, max(total // c, 20))
+            results[f"c{c}"] = _summary(latencies, time.perf_counter() - start)
+    return results
+
+
+async def _batched(backend: LocalBackend, slots: list[Any], rounds: int) -> dict[str, float]:
+    """Closed loop: each round sends one call per slot via ``backend.exec_batch``."""
+    request = ExecRequest(COMMAND, timeout=30)
+    latencies: list[float] = []
+    start = time.perf_counter()
+    for _ in range(rounds):
+        sent = time.perf_counter()
+
+        def on_result(_: int, result: object, sent: float = sent) -> None:
+            if not (isinstance(result, ExecResult) and result.ok):
+                raise RuntimeError(f"benchmark command failed: {result}")
+            latencies.append(time.perf_counter() - sent)
+
+        await backend.exec_batch([(slot, request) for slot in slots], on_result)
+    return _summary(latencies, time.perf_counter() - start)
+
+
+async def _spawn(argv: list[str], quick: bool) -> dict[str, Any]:
+    async def op(_: int) -> None:
+        await anyio.run_process(argv, check=True)
+
+    out: dict[str, Any] = {"c1": await _measure(1, 100 if quick else 500, op)}
+    out["c16"] = await _measure(16, 10 if quick else 50, op)
+    return out
+
+
+async def run_exec_bench(quick: bool) -> dict[str, Any]:
+    """Run the benchmark on the current async backend and return the results.
+
+    Cancellation: the backend and any spawned process are torn down; nothing is returned.
+    """
+    load = os.getloadavg()  # other work on the machine skews every number below
+    with tempfile.TemporaryDirectory(prefix="structenv-bench-") as scratch:
+        bwrap = bwrap_argv(Isolation(), scratch, [COMMAND])
+        raw_bwrap = await _spawn(bwrap, quick)
+    fork_exec = await _spawn([COMMAND], quick)
+    full_stack = await _full_stack(quick)
+    slot_api = await _slot_api(quick)
+    best_p50 = full_stack["c1"]["p50_ms"]
+    best_throughput = max(v["throughput_per_s"] for v in full_stack.values())
+    return {
+        "benchmark": "exec",
+        "command": COMMAND,
+        "quick": quick,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "async_backend": _backend_name(),
+            "load_average_at_start": load,
+        },
+        "full_stack": full_stack,
+        "slot_api": slot_api,
+        "raw_bwrap_spawn": raw_bwrap,
+        "fork_exec": fork_exec,
+        "targets": {"p50_ms": TARGET_P50_MS, "throughput_per_s": TARGET_THROUGHPUT},
+        "meets_targets": {
+            "p50": best_p50 <= TARGET_P50_MS,
+            "throughput": best_throughput >= TARGET_THROUGHPUT,
+        },
+    }
+
+
+def run(*, quick: bool = False) -> dict[str, Any]:
+    """Run on asyncio (and trio unless ``quick``), print a table, write ``exec.json``."""
+    backends = ("asyncio",) if quick else ("asyncio", "trio")
+    runs = {b: anyio.run(run_exec_bench, quick, backend=b) for b in backends}
+    rows: list[list[Any]] = []
+    for backend, data in runs.items():
+        for path in ("full_stack", "slot_api", "raw_bwrap_spawn", "fork_exec"):
+            for level, stats in data[path].items():
+                rows.append(
+                    [
+                        backend,
+                        path,
+                        level,
+                        stats["p50_ms"],
+                        stats["p99_ms"],
+                        stats["throughput_per_s"],
+                    ]
+                )
+    print_table(
+        "exec round trip of /bin/true",
+        ["backend", "path", "concurrency", "p50 ms", "p99 ms", "cmds/s"],
+        rows,
+    )
+    payload = {"benchmark": "exec", "quick": quick, "runs": runs}
+    print(f"wrote {write_results('exec', payload)}")
+    return payload
+
+
+def _backend_name() -> str:
+    import sniffio
+
+    return sniffio.current_async_library()

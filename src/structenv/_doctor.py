@@ -1,0 +1,144 @@
+"""``structenv doctor``: which isolation features work on this machine.
+
+Every check runs the real thing (a bubblewrap sandbox, a cgroup, a tmux session, a request to
+the Docker socket) rather than looking for binaries, because the failure modes that matter here
+are permission and kernel configuration problems that only show up when you try.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import tempfile
+
+from .sandbox._bwrap import CGROUP_V1, Isolation, bwrap_argv
+
+__all__ = ["Check", "doctor", "format_report"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Check:
+    """The outcome of one check."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+def _run(argv: list[str], timeout: float = 20.0) -> tuple[int, str]:
+    try:
+        proc = subprocess.run(argv, capture_output=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return -1, str(exc)
+    out = (proc.stdout + proc.stderr).decode(errors="replace").strip()
+    return proc.returncode, out
+
+
+def _bwrap_checks(bwrap: str, scratch: str) -> list[Check]:
+    path = shutil.which(bwrap)
+    if path is None:
+        return [Check("bwrap", False, "not installed (apt-get install -y bubblewrap)")]
+    checks = [Check("bwrap", True, path)]
+    script = (
+        "grep CapEff /proc/self/status; echo pid=$$; cat /proc/net/dev | tail -n +3; "
+        "mount -o remount,rw / 2>/dev/null && echo REMOUNT_OK; "
+        "[ -e /run ] && echo RUN_VISIBLE; exit 0"
+    )
+    code, out = _run(bwrap_argv(Isolation(bwrap=bwrap), scratch, ["/bin/sh", "-c", script]))
+    if code != 0:
+        checks.append(Check("bwrap sandbox", False, out[-300:]))
+        return checks
+    caps = [ln for ln in out.splitlines() if ln.startswith("CapEff")]
+    ifaces = [ln.split(":")[0].strip() for ln in out.splitlines() if ln.strip().startswith("lo:")]
+    others = [
+        ln.split(":")[0].strip()
+        for ln in out.splitlines()
+        if ":" in ln[:20] and not ln.startswith(("CapEff", "pid")) and "lo:" not in ln
+    ]
+    checks += [
+        Check("unshare user+pid", "pid=1" in out, "sandbox command is PID 1 of its namespace"),
+        Check(
+            "unshare net",
+            bool(ifaces) and not others,
+            f"interfaces: lo{' + ' + str(others) if others else ''}",
+        ),
+        Check(
+            "cap-drop ALL",
+            bool(caps) and caps[0].split()[-1].strip("0") == "",
+            caps[0] if caps else "?",
+        ),
+        Check("no remount of /", "REMOUNT_OK" not in out, "escape 1 (remount rw) closed"),
+        Check("host /run hidden", "RUN_VISIBLE" not in out, "escape 2 (host sockets) closed"),
+    ]
+    return checks
+
+
+def _cgroup_check() -> Check:
+    base = os.path.join(CGROUP_V1, "pids")
+    if not os.path.isfile(os.path.join(base, "cgroup.procs")):
+        return Check("pids cgroup (v1)", False, f"{base} is not a v1 pids hierarchy")
+    probe = os.path.join(base, f"structenv-doctor-{os.getpid()}")
+    try:
+        os.makedirs(probe, exist_ok=True)
+        with open(os.path.join(probe, "pids.max"), "w") as f:
+            f.write("8")
+        os.rmdir(probe)
+    except OSError as exc:
+        return Check("pids cgroup (v1)", False, str(exc))
+    return Check("pids cgroup (v1)", True, "per-slot pids.max (fork-bomb containment)")
+
+
+def _tmux_check(scratch: str) -> Check:
+    if shutil.which("tmux") is None:
+        return Check("tmux", False, "not installed")
+    sock = os.path.join(scratch, "tmux.sock")
+    code, out = _run(["tmux", "-S", sock, "new-session", "-d", "-s", "doctor", "true"])
+    _run(["tmux", "-S", sock, "kill-server"])
+    version = _run(["tmux", "-V"])[1]
+    return Check("tmux", code == 0, version if code == 0 else out)
+
+
+def _docker_check() -> Check:
+    import socket
+
+    path = "/var/run/docker.sock"
+    if not os.path.exists(path):
+        return Check("docker engine", False, f"{path} not found")
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(path)
+            s.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            reply = s.recv(256)
+    except OSError as exc:
+        return Check("docker engine", False, str(exc))
+    ok = reply.startswith(b"HTTP/1.") and b" 200 " in reply.split(b"\r\n")[0]
+    return Check("docker engine", ok, "reachable" if ok else reply[:80].decode(errors="replace"))
+
+
+def doctor(*, bwrap: str = "bwrap") -> list[Check]:
+    """Run every isolation check (blocking; a few hundred milliseconds)."""
+    with tempfile.TemporaryDirectory(prefix="structenv-doctor-") as scratch:
+        checks = _bwrap_checks(bwrap, scratch)
+        checks.append(_cgroup_check())
+        checks.append(_tmux_check(scratch))
+    checks.append(_docker_check())
+    return checks
+
+
+def format_report(checks: list[Check]) -> str:
+    """A human-readable table of :func:`doctor` results."""
+    width = max(len(c.name) for c in checks)
+    lines = [f"{'ok ' if c.ok else 'NO '} {c.name:<{width}}  {c.detail}" for c in checks]
+    sandbox_ok = all(
+        c.ok for c in checks if c.name.startswith(("bwrap", "unshare", "cap-", "no re", "host"))
+    )
+    lines.append("")
+    lines.append(
+        "LocalBackend isolation: available"
+        if sandbox_ok
+        else "LocalBackend isolation: UNAVAILABLE (require_sandbox=True will refuse to start)"
+    )
+    return "\n".join(lines)

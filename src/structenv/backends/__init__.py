@@ -1,0 +1,5 @@
+"""Control planes: start, watch and stop sandbox hosts, and hand out their slots."""
+
+from ._local import LocalBackend as LocalBackend
+
+__all__ = ["LocalBackend"]

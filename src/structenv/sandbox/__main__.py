@@ -1,0 +1,128 @@
+"""``python -m structenv.sandbox``: run one sandbox server (a sandbox host).
+
+On start-up it prints exactly one JSON line on stdout: ``{"ready": true, ...}`` once it is
+listening, or ``{"error": ..., "message": ...}`` (exit status 3) if the isolation it was asked
+for is unusable. With ``--watch-stdin`` it exits as soon as its stdin reaches end of file, which
+is how a parent that dies (even by SIGKILL) takes its hosts with it: the kernel closes the
+parent's end of the pipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+import sys
+
+import anyio
+
+from .._exceptions import SandboxUnavailableError
+from ._bwrap import Isolation
+from ._runtime import Limits
+from ._server import SandboxServer, ServerConfig
+
+_DEFAULTS = Limits()
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m structenv.sandbox", description=__doc__)
+    p.add_argument("--socket", help="listen on this unix socket path")
+    p.add_argument("--host", default="127.0.0.1", help="TCP address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="TCP port (0: pick one)")
+    p.add_argument(
+        "--token-file", help="file holding the bearer token (or $STRUCTENV_SANDBOX_TOKEN)"
+    )
+    p.add_argument("--slots", type=int, default=4)
+    p.add_argument("--workdir", default="/var/tmp/structenv-sandbox")
+    p.add_argument("--name", help="host name (cgroup and tag prefix)")
+    p.add_argument("--isolation", choices=["bwrap", "none"], default="bwrap")
+    p.add_argument("--bwrap", default="bwrap", help="bubblewrap binary")
+    p.add_argument("--allow-network", action="store_true")
+    p.add_argument("--cgroup", choices=["auto", "required", "off"], default="auto")
+    p.add_argument("--memory", type=int, default=_DEFAULTS.memory, help="bytes per command/slot")
+    p.add_argument("--pids", type=int, default=_DEFAULTS.pids, help="processes per slot")
+    p.add_argument("--file-size", type=int, default=_DEFAULTS.file_size)
+    p.add_argument("--cpu-seconds", type=int, default=0)
+    p.add_argument("--max-output", type=int, default=_DEFAULTS.max_output)
+    p.add_argument("--max-body", type=int, default=64 << 20)
+    p.add_argument("--watch-stdin", action="store_true", help="exit when stdin closes")
+    return p.parse_args(argv)
+
+
+def _emit(value: dict[str, object]) -> None:
+    sys.stdout.write(json.dumps(value) + "\n")
+    sys.stdout.flush()
+
+
+async def _run(config: ServerConfig, watch_stdin: bool) -> None:
+    server = SandboxServer(config)
+    async with anyio.create_task_group() as tg:
+        info = await tg.start(server.serve)
+        _emit({"ready": True, **info})
+
+        async def on_signal() -> None:
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    tg.cancel_scope.cancel()
+
+        tg.start_soon(on_signal)
+        if watch_stdin:
+            while True:
+                await anyio.wait_readable(0)
+                if not os.read(0, 4096):
+                    break
+            tg.cancel_scope.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a sandbox server until SIGTERM/SIGINT (or stdin EOF with ``--watch-stdin``)."""
+    args = _parse(argv)
+    token = os.environ.pop("STRUCTENV_SANDBOX_TOKEN", None)
+    if args.token_file:
+        with open(args.token_file) as f:
+            token = f.read().strip()
+    if not args.socket and not token:
+        _emit({"error": "config", "message": "a TCP sandbox server requires a bearer token"})
+        return 2
+    config = ServerConfig(
+        slots=args.slots,
+        workdir=args.workdir,
+        socket_path=args.socket,
+        host=args.host,
+        port=args.port,
+        token=token or None,
+        isolation=Isolation(args.isolation, args.bwrap, args.allow_network),
+        limits=Limits(
+            memory=args.memory,
+            pids=args.pids,
+            file_size=args.file_size,
+            cpu_seconds=args.cpu_seconds,
+            max_output=args.max_output,
+        ),
+        cgroup=args.cgroup,
+        max_body=args.max_body,
+        **({"name": args.name} if args.name else {}),
+    )
+    # One connection per concurrent call: lift the soft descriptor limit to the hard one so
+    # a burst of callers cannot make accept() fail (the default soft limit is 1024).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 1 << 16 if hard == resource.RLIM_INFINITY else hard
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), hard))
+    except (ValueError, OSError):
+        pass  # keep the default; accept() errors then surface as connection failures
+    status = 0
+    try:
+        anyio.run(_run, config, args.watch_stdin)
+    except* SandboxUnavailableError as group:
+        _emit({"error": "sandbox_unavailable", "message": str(group.exceptions[0])})
+        status = 3
+    except* KeyboardInterrupt:
+        status = 130
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

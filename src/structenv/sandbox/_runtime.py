@@ -1,0 +1,489 @@
+"""One slot inside the sandbox server: its sandbox process, worker connection and reset logic.
+
+The worker speaks length-prefixed JSON frames over its stdin/stdout pipes; many requests may
+be in flight at once (a batch can run several commands in one slot), so replies are matched by
+id. Everything the worker says is untrusted (a command runs with the worker's uid): frames are
+size-bounded, results are re-validated and re-capped here, and a reset is verified from outside
+through the pids cgroup and a listing of the workspace.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import shutil
+import struct
+import sys
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from .._types import ExecRequest, ExecResult
+from . import _worker
+from ._bwrap import WORKSPACE, Isolation, SlotCgroup, bwrap_argv, descendants, kill_tree
+
+__all__ = ["Limits", "SlotBroken", "SlotRuntime"]
+
+_HEADER = struct.Struct(">I")
+#: Extra seconds past a command's own deadline before the server stops trusting the worker.
+BACKSTOP = 5.0
+#: Where the worker program is bound (read-only) inside the sandbox.
+WORKER_PATH = "/.structenv/worker.py"
+_WORKER_FILE = os.path.realpath(_worker.__file__)
+#: Bound on waiting for a worker to acknowledge a kill after a cancelled request.
+KILL_GRACE = 2.0
+
+
+class SlotBroken(Exception):
+    """The slot's worker is gone or misbehaved; only a hard reset can revive it."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limits:
+    """Resource limits applied to every command of a slot (0 = unlimited)."""
+
+    memory: int = 2 << 30
+    pids: int = 256
+    file_size: int = 1 << 30
+    cpu_seconds: int = 0
+    nofile: int = 4096
+    max_output: int = 16 << 20
+
+
+class _Reply:
+    __slots__ = ("event", "value")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.value: dict[str, Any] | None = None
+
+
+class _Pipe:
+    """The server's ends of a worker's stdin/stdout pipes, non-blocking, with framing."""
+
+    def __init__(self, write_fd: int, read_fd: int) -> None:
+        self.write_fd = write_fd
+        self.read_fd = read_fd
+        self._buf = bytearray()
+
+    def try_write(self, data: bytes) -> int:
+        """Write what fits without blocking; return the number of bytes written."""
+        if self.write_fd < 0:
+            raise OSError("pipe closed")
+        try:
+            return os.write(self.write_fd, data)
+        except BlockingIOError:
+            return 0
+
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self.write_fd < 0:
+                raise OSError("pipe closed")
+            try:
+                view = view[os.write(self.write_fd, view) :]
+            except BlockingIOError:
+                await anyio.wait_writable(self.write_fd)
+
+    async def _fill(self, need: int) -> None:
+        while len(self._buf) < need:
+            if self.read_fd < 0:
+                raise EOFError
+            try:
+                chunk = os.read(self.read_fd, 1 << 20)
+            except BlockingIOError:
+                await anyio.wait_readable(self.read_fd)
+                continue
+            if not chunk:
+                raise EOFError
+            self._buf += chunk
+
+    async def read_frame(self) -> dict[str, Any]:
+        await self._fill(4)
+        (size,) = _HEADER.unpack_from(self._buf)
+        if size > _worker.MAX_FRAME:
+            raise ValueError("worker frame too large")
+        await self._fill(4 + size)
+        value = json.loads(bytes(self._buf[4 : 4 + size]))
+        del self._buf[: 4 + size]
+        if not isinstance(value, dict):
+            raise ValueError("worker frame is not an object")
+        return value
+
+    def close_write(self) -> None:
+        if self.write_fd >= 0:
+            fd, self.write_fd = self.write_fd, -1
+            anyio.notify_closing(fd)
+            os.close(fd)
+
+    def close_read(self) -> None:
+        if self.read_fd >= 0:
+            fd, self.read_fd = self.read_fd, -1
+            os.close(fd)
+
+
+class SlotRuntime:
+    """A slot's sandbox: start, exec, reset (soft then verified, or hard), stop."""
+
+    def __init__(
+        self,
+        *,
+        index: int,
+        name: str,
+        workspace: str,
+        isolation: Isolation,
+        limits: Limits,
+        use_cgroup: bool,
+        task_group: anyio.abc.TaskGroup,
+        lease: int,
+        cgroup_name: str = "",
+    ) -> None:
+        self.index = index
+        self.name = name
+        self.cgroup_name = cgroup_name or name
+        self.workspace = workspace
+        self.iso = isolation
+        self.limits = limits
+        self.use_cgroup = use_cgroup
+        self._tg = task_group
+        self.lease = lease
+        self.state = "down"
+        self.terminal_state: dict[str, Any] = {}
+        self._proc: anyio.abc.Process | None = None
+        self._pipe: _Pipe | None = None
+        self._cgroup: SlotCgroup | None = None
+        self._baseline = 0
+        self._worker_pid = 0
+        self._pending: dict[int, _Reply] = {}
+        self._next_id = 1
+        self._send_lock = anyio.Lock()
+        self.reset_lock = anyio.Lock()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def _worker_argv(self) -> list[str]:
+        config = {
+            "pid1": self.iso.sandboxed,
+            "workspace": WORKSPACE if self.iso.sandboxed else self.workspace,
+            "wipe": ["/tmp", "/dev/shm"] if self.iso.sandboxed else [],
+            "tag": f"{self.name}",
+            "env": {
+                "PATH": "/usr/local/bin:/usr/bin:/bin",
+                "HOME": WORKSPACE if self.iso.sandboxed else self.workspace,
+                "LANG": "C.UTF-8",
+                "TERM": "xterm-256color",
+                "SHELL": "/bin/bash",
+                "USER": "root",
+            },
+            "limits": {
+                "as": self.limits.memory,
+                "fsize": self.limits.file_size,
+                "cpu": self.limits.cpu_seconds,
+                "nofile": self.limits.nofile,
+            },
+        }
+        program = WORKER_PATH if self.iso.sandboxed else _worker.__file__
+        return [os.path.realpath(sys.executable), "-I", "-S", program, json.dumps(config)]
+
+    async def start(self) -> None:
+        """Spawn the sandbox and wait for the worker's hello.
+
+        Cancellation: whatever was spawned is killed before the cancellation propagates.
+        """
+        await anyio.Path(self.workspace).mkdir(mode=0o755, parents=True, exist_ok=True)
+        argv = self._worker_argv()
+        if self.iso.sandboxed:
+            extra = [(_WORKER_FILE, WORKER_PATH)]
+            argv = bwrap_argv(self.iso, self.workspace, argv, extra_ro=extra)
+        if self.use_cgroup:
+            self._cgroup = SlotCgroup(
+                self.cgroup_name, pids_max=self.limits.pids, memory_max=self.limits.memory
+            )
+            argv = self._cgroup.wrap(argv)
+        # Raw non-blocking pipes, waited on with anyio.wait_readable/wait_writable: the
+        # subprocess stream wrappers cost a few hundred microseconds per round trip here.
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        for fd in (in_w, out_r):
+            os.set_blocking(fd, False)
+        self._pipe = _Pipe(in_w, out_r)
+        try:
+            env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+            try:
+                self._proc = await anyio.open_process(
+                    argv, env=env, stdin=in_r, stdout=out_w, stderr=None
+                )
+            finally:
+                os.close(in_r)
+                os.close(out_w)
+            with anyio.fail_after(30):
+                hello = await self._pipe.read_frame()
+            if not hello.get("hello"):
+                raise SlotBroken(f"unexpected worker greeting: {hello!r}")
+            self._worker_pid = self._proc.pid
+            self._baseline = len(self._cgroup.procs()) if self._cgroup else 0
+            self.state = "ready"
+            self._tg.start_soon(self._read_loop, self._pipe, self._proc)
+        except BaseException:
+            with anyio.move_on_after(KILL_GRACE, shield=True):
+                await self._kill_sandbox()
+            raise
+
+    async def _read_loop(self, pipe: _Pipe, proc: anyio.abc.Process) -> None:
+        try:
+            while True:
+                frame = await pipe.read_frame()
+                reply = self._pending.get(int(frame.get("id", -1)))
+                if reply is not None and reply.value is None:
+                    reply.value = frame
+                    reply.event.set()
+        except (EOFError, OSError, ValueError, TypeError, KeyError):
+            pass  # the worker exited, or sent garbage and can no longer be trusted
+        finally:
+            pipe.close_read()
+        if self._proc is proc:
+            self.state = "broken"
+            self._fail_pending()
+
+    def _fail_pending(self) -> None:
+        for reply in self._pending.values():
+            if reply.value is None:
+                reply.value = {"error": "worker gone"}
+                reply.event.set()
+
+    async def _kill_sandbox(self) -> None:
+        proc, self._proc = self._proc, None
+        self.state = "down"
+        self._fail_pending()
+        if self._pipe is not None:
+            self._pipe.close_write()
+        if proc is not None:
+            if not self.iso.sandboxed:
+                await anyio.to_thread.run_sync(kill_tree, proc.pid)
+            # SIGKILL of the outer bwrap makes the sandbox's PID 1 die (--die-with-parent),
+            # and the kernel then kills every process of the PID namespace.
+            if proc.returncode is None:
+                proc.kill()
+            if self._cgroup:
+                self._cgroup.kill_all()
+            await proc.wait()
+            await proc.aclose()
+        if self._cgroup:
+            delay = 0.001
+            while self._cgroup.procs():
+                self._cgroup.kill_all()
+                await anyio.sleep(delay)  # bounded by the caller's deadline
+                delay = min(delay * 2, 0.05)
+
+    async def stop(self) -> None:
+        """Kill the sandbox and remove its cgroup.
+
+        Cancellation: call under a shield; a half-stopped slot is left for the caller's
+        cgroup cleanup.
+        """
+        await self._kill_sandbox()
+        if self._cgroup:
+            delay = 0.005
+            while not self._cgroup.remove():
+                await anyio.sleep(delay)  # until the host's init reaps the sandbox's PID 1
+                delay = min(delay * 2, 0.1)
+            self._cgroup = None
+
+    # -- requests -------------------------------------------------------------------------
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        pipe = self._pipe
+        if pipe is None or self.state != "ready":
+            raise SlotBroken("slot is not running")
+        data = json.dumps(message, separators=(",", ":")).encode()
+        frame = _HEADER.pack(len(data)) + data
+        try:
+            if not self._send_lock.locked():
+                # Fast path: nobody is mid-frame, and a non-blocking write of a small frame
+                # completes at once. Only a partial write needs the lock (and awaits).
+                written = pipe.try_write(frame)
+                if written == len(frame):
+                    return
+                frame = frame[written:]
+                async with self._send_lock:
+                    await pipe.write(frame)
+                return
+            async with self._send_lock:
+                await pipe.write(frame)
+        except OSError as exc:
+            raise SlotBroken("worker pipe closed") from exc
+
+    def _new_reply(self) -> tuple[int, _Reply]:
+        mid = self._next_id
+        self._next_id += 1
+        reply = _Reply()
+        self._pending[mid] = reply
+        return mid, reply
+
+    async def exec_wire(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Run one command given as a validated wire dict; return the result's wire dict.
+
+        The hot path stays in wire form (base64 strings are checked and forwarded, not
+        decoded and re-encoded).
+
+        Cancellation: the worker is told to kill the command's whole process tree (bounded by
+        ``KILL_GRACE``) before the cancellation propagates.
+        """
+        cap = min(int(request["max_output"]), self.limits.max_output)
+        mid, reply = self._new_reply()
+        try:
+            await self._send({**request, "op": "exec", "id": mid, "max_output": cap})
+            with anyio.move_on_after(float(request["timeout"]) + BACKSTOP):
+                await reply.event.wait()
+            if reply.value is None:
+                # The worker missed its own deadline by seconds: it is stuck or subverted.
+                self.state = "broken"
+                with anyio.move_on_after(KILL_GRACE, shield=True):
+                    await self._kill_sandbox()
+                raise SlotBroken("worker did not enforce the deadline")
+        except BaseException:
+            if reply.value is None and self.state == "ready":
+                with anyio.move_on_after(KILL_GRACE, shield=True):
+                    await self._send({"op": "kill", "id": mid})
+                    await reply.event.wait()
+            raise
+        finally:
+            del self._pending[mid]
+        return _check_result(reply.value, cap, self.iso.sandboxed)
+
+    async def exec(self, request: ExecRequest) -> ExecResult:
+        """Run one command in the slot (object form of :meth:`exec_wire`).
+
+        Cancellation: as :meth:`exec_wire`.
+        """
+        return ExecResult.from_wire(await self.exec_wire(request.to_wire()))
+
+    async def terminal_call(self, command: str, *, env: dict[str, str], limit: float) -> ExecResult:
+        """Run a helper command (tmux client) in the slot; see :meth:`exec`.
+
+        Cancellation: as :meth:`exec`.
+        """
+        return await self.exec(ExecRequest(command=command, env=env, timeout=limit))
+
+    async def soft_reset(self) -> bool:
+        """Kill every process, wipe /tmp and the workspace, and verify from outside.
+
+        Returns ``False`` if anything could not be verified (the caller then hard-resets).
+
+        Cancellation: the slot is in an unknown state; the caller hard-resets it.
+        """
+        self.terminal_state.clear()
+        if self.state != "ready":
+            return False
+        mid, reply = self._new_reply()
+        try:
+            await self._send({"op": "reset", "id": mid})
+            with anyio.move_on_after(10):
+                await reply.event.wait()
+        except SlotBroken:
+            return False
+        finally:
+            del self._pending[mid]
+        value = reply.value
+        if value is None or value.get("ok") is not True:
+            return False
+        if not await anyio.to_thread.run_sync(_wipe, self.workspace):
+            return False
+        if self.iso.sandboxed and self._proc is not None:
+            # Do not take the (sandbox-resident, hence tamperable) worker's word for it: look
+            # at the sandbox's private directories from outside, through its PID 1's root.
+            outer = self._proc.pid
+            if not await anyio.to_thread.run_sync(_private_dirs_empty, outer):
+                return False
+        if self._cgroup is not None:
+            return len(self._cgroup.procs()) == self._baseline
+        if not self.iso.sandboxed:
+            return not await anyio.to_thread.run_sync(descendants, self._worker_pid)
+        return True
+
+    async def hard_reset(self) -> None:
+        """Destroy the sandbox, wipe the workspace from outside and start a fresh one.
+
+        Cancellation: the slot is left down (``state != "ready"``); a later reset retries.
+        """
+        self.terminal_state.clear()
+        await self._kill_sandbox()
+        if not await anyio.to_thread.run_sync(_wipe, self.workspace):
+            raise SlotBroken("cannot empty the workspace")
+        await self.start()
+
+
+def _capped(value: Any, cap: int) -> tuple[str, bool]:
+    """A base64 field of at most ``cap`` decoded bytes (re-cut only if the worker lied)."""
+    if not isinstance(value, str):
+        return "", False
+    if len(value) <= 4 * ((cap + 2) // 3):
+        return value, False
+    data = base64.b64decode(value)
+    return base64.b64encode(data[:cap]).decode(), len(data) > cap
+
+
+def _check_result(frame: dict[str, Any] | None, cap: int, sandboxed: bool) -> dict[str, Any]:
+    """Validate a worker reply into an ExecResult wire dict (never trust its sizes or types)."""
+    if frame is None or "result" not in frame:
+        error = "worker gone" if frame is None else str(frame.get("error", "no result"))[:500]
+        raise SlotBroken(error)
+    r = frame["result"]
+    if not isinstance(r, dict):
+        raise SlotBroken("malformed worker result")
+    stdout, out_cut = _capped(r.get("stdout"), cap)
+    stderr, err_cut = _capped(r.get("stderr"), cap)
+    exit_code, sig, duration = r.get("exit_code"), r.get("signal"), r.get("duration")
+    failure = r.get("error")
+    return {
+        "exit_code": exit_code if type(exit_code) is int else None,
+        "signal": sig if type(sig) is int else None,
+        "stdout": stdout,
+        "stderr": stderr,
+        "stdout_truncated": r.get("stdout_truncated") is True or out_cut,
+        "stderr_truncated": r.get("stderr_truncated") is True or err_cut,
+        "duration": float(duration) if isinstance(duration, (int, float)) else 0.0,
+        "timed_out": r.get("timed_out") is True,
+        "sandboxed": sandboxed,
+        "error": str(failure)[:500] if failure is not None else None,
+    }
+
+
+def _private_dirs_empty(bwrap_pid: int) -> bool:
+    """Whether /tmp and /dev/shm of the sandbox under ``bwrap_pid`` are empty (host view)."""
+    from ._bwrap import descendants
+
+    for pid in descendants(bwrap_pid)[:1]:  # the sandbox's PID 1 (the worker)
+        for path in ("tmp", "dev/shm"):
+            try:
+                if os.listdir(f"/proc/{pid}/root/{path}"):
+                    return False
+            except OSError:
+                return False
+        return True
+    return False
+
+
+def _wipe(root: str) -> bool:
+    """Empty ``root`` from the host side (fd-based, never follows symlinks). True if empty."""
+    try:
+        entries = list(os.scandir(root))
+    except FileNotFoundError:
+        os.makedirs(root, mode=0o755, exist_ok=True)
+        return True
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            pass
+    try:
+        os.chmod(root, 0o755)
+        return not os.listdir(root)
+    except OSError:
+        return False

@@ -1,0 +1,432 @@
+"""The sandbox server: one process per sandbox host, managing N isolated slots.
+
+Wire protocol (HTTP/1.1, JSON unless noted, ``Authorization: Bearer <token>`` on every request
+when the server has a token; TCP servers must have one)::
+
+    GET  /v1/health                               -> {name, pid, sandboxed,
+                                                      slots: [{index, lease, state}]}
+    POST /v1/exec        {slot, lease, request}   -> ExecResult wire dict
+    POST /v1/exec_batch  {calls: [{slot, lease, request}]}
+                                                  -> 200 NDJSON, one line per call as it
+                                                     finishes: {index, result} |
+                                                     {index, error: {status, kind, message}}
+    POST /v1/reset       {slot, lease, hard}      -> {lease, mode: "soft"|"hard"}
+                                                     (lease null + hard: control-plane
+                                                     destroy of an unleased slot)
+    POST /v1/files/read?slot&lease&path&max_bytes -> raw bytes
+    POST /v1/files/write?slot&lease&path&mode     (raw body) -> {size}
+    POST /v1/files/list  {slot, lease, path}      -> {entries: [{path, size, is_dir}]}
+    POST /v1/archive?slot&lease                   -> application/x-tar
+    POST /v1/terminal    {slot, lease, action, ...} -> {output, [exit_code, timed_out]}
+
+Errors are ``{error: kind, message}`` with 400 bad_request, 401 unauthorized, 403
+permission_denied, 404 not_found/no_slot, 409 stale_lease, 413 too_large, 503 slot_broken.
+A client that disconnects before an exec/batch/terminal answer cancels it: the command's whole
+process tree is killed.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import functools
+import json
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+from anyio.abc import TaskStatus
+
+from .._exceptions import SandboxUnavailableError
+from .._types import DEFAULT_MAX_OUTPUT
+from . import _files
+from ._bwrap import Isolation, SlotCgroup, probe, remove_cgroup_tree
+from ._http import _STREAM_ERRORS, HTTPError, Request, Responder, serve_connection
+from ._runtime import Limits, SlotBroken, SlotRuntime
+from ._terminal import terminal_action
+
+__all__ = ["ServerConfig", "SandboxServer"]
+
+logger = logging.getLogger("structenv.sandbox")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Configuration of one sandbox server.
+
+    Attributes:
+        slots: Number of slots.
+        workdir: Host directory holding the slots' workspaces (not visible to sandboxes).
+        socket_path: Listen on this unix socket (mode 0600) ...
+        host, port: ... or on TCP (``127.0.0.1`` by default; a token is then required).
+        token: Bearer token every request must carry (``None``: no auth, unix socket only).
+        isolation: How slots are isolated.
+        limits: Per-command limits.
+        cgroup: ``"auto"`` (use v1 pids/memory cgroups if present), ``"required"`` or ``"off"``.
+        name: Host name used for cgroup names and exec tags.
+        max_body: Largest accepted request body (bounds file writes).
+    """
+
+    slots: int = 4
+    workdir: str = "/var/tmp/structenv-sandbox"
+    socket_path: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    token: str | None = None
+    isolation: Isolation = dataclasses.field(default_factory=Isolation)
+    limits: Limits = dataclasses.field(default_factory=Limits)
+    cgroup: str = "auto"
+    name: str = dataclasses.field(default_factory=lambda: f"h{os.getpid()}-{secrets.token_hex(3)}")
+    max_body: int = 64 << 20
+
+
+_FILE_ERRORS: list[tuple[type[BaseException], int, str]] = [
+    (PermissionError, 403, "permission_denied"),
+    (IsADirectoryError, 400, "is_a_directory"),
+    (FileNotFoundError, 404, "not_found"),
+    (NotADirectoryError, 404, "not_found"),
+    (ValueError, 413, "too_large"),
+    (OSError, 500, "os_error"),
+]
+
+
+class SandboxServer:
+    """Serves the sandbox protocol for a set of slots (see the module docstring)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        if config.token is None and config.socket_path is None:
+            raise ValueError("a TCP sandbox server requires a bearer token")
+        self.config = config
+        self.slots: list[SlotRuntime] = []
+        self.port = config.port
+        self._fs_limiter = anyio.CapacityLimiter(4)
+        self._routes: dict[tuple[str, str], Callable[[Request, Responder], Awaitable[None]]] = {
+            ("GET", "/v1/health"): self._health,
+            ("POST", "/v1/exec"): self._exec,
+            ("POST", "/v1/exec_batch"): self._exec_batch,
+            ("POST", "/v1/reset"): self._reset,
+            ("POST", "/v1/files/read"): self._read,
+            ("POST", "/v1/files/write"): self._write,
+            ("POST", "/v1/files/list"): self._list,
+            ("POST", "/v1/archive"): self._archive,
+            ("POST", "/v1/terminal"): self._terminal,
+        }
+
+    async def serve(
+        self, *, task_status: TaskStatus[dict[str, Any]] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Probe isolation, start every slot, then serve until cancelled.
+
+        Raises:
+            SandboxUnavailableError: The configured isolation does not work here.
+
+        Cancellation: every slot's sandbox is killed, cgroups and the socket are removed
+        (shielded, bounded) before the cancellation propagates.
+        """
+        cfg = self.config
+        iso = cfg.isolation
+        if not iso.sandboxed and not iso.allow_network:
+            raise SandboxUnavailableError("allow_network=False needs network isolation (bwrap)")
+        os.makedirs(cfg.workdir, mode=0o700, exist_ok=True)
+        features = await probe(iso, os.path.join(cfg.workdir, ".probe"))
+        use_cgroup = cfg.cgroup != "off" and SlotCgroup.available()
+        if cfg.cgroup == "required" and not use_cgroup:
+            raise SandboxUnavailableError("a v1 pids cgroup is required but not available")
+        features["cgroup"] = use_cgroup
+        listener = await self._listen()
+        try:
+            async with anyio.create_task_group() as tg:
+                for i in range(cfg.slots):
+                    self.slots.append(
+                        SlotRuntime(
+                            index=i,
+                            name=f"{cfg.name}-{i}",
+                            workspace=os.path.join(cfg.workdir, f"slot-{i}"),
+                            isolation=iso,
+                            limits=cfg.limits,
+                            use_cgroup=use_cgroup,
+                            task_group=tg,
+                            lease=secrets.randbelow(1 << 30) + 1,
+                            cgroup_name=f"{cfg.name}/{i}",
+                        )
+                    )
+                async with anyio.create_task_group() as starters:
+                    for rt in self.slots:
+                        starters.start_soon(rt.start)
+                handler = functools.partial(
+                    serve_connection, handler=self._handle, max_body=cfg.max_body, token=cfg.token
+                )
+                tg.start_soon(listener.serve, handler)
+                task_status.started(
+                    {"name": cfg.name, "port": self.port, "pid": os.getpid(), **features}
+                )
+        finally:
+            with anyio.move_on_after(10, shield=True):
+                await listener.aclose()
+                async with anyio.create_task_group() as stoppers:
+                    for rt in self.slots:
+                        stoppers.start_soon(rt.stop)
+            with anyio.move_on_after(5, shield=True):
+                await anyio.to_thread.run_sync(
+                    functools.partial(remove_cgroup_tree, cfg.name, patience=4)
+                )
+            if cfg.socket_path:
+                try:
+                    os.unlink(cfg.socket_path)
+                except OSError:
+                    pass
+
+    async def _listen(self) -> anyio.abc.Listener[Any]:
+        cfg = self.config
+        if cfg.socket_path:
+            try:
+                os.unlink(cfg.socket_path)
+            except FileNotFoundError:
+                pass
+            listener = await anyio.create_unix_listener(cfg.socket_path, mode=0o600)
+            return listener
+        tcp = await anyio.create_tcp_listener(local_host=cfg.host, local_port=cfg.port)
+        sock = tcp.listeners[0].extra(anyio.abc.SocketAttribute.raw_socket)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.port = tcp.listeners[0].extra(anyio.abc.SocketAttribute.local_port)
+        return tcp
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    async def _handle(self, request: Request, respond: Responder) -> None:
+        route = self._routes.get((request.method, request.path))
+        if route is None:
+            raise HTTPError(404, "not_found", f"no route {request.method} {request.path}")
+        try:
+            await route(request, respond)
+        except SlotBroken as exc:
+            raise HTTPError(503, "slot_broken", str(exc)) from exc
+        except (HTTPError, *_STREAM_ERRORS):
+            raise
+        except Exception as exc:
+            # A bug in one request must not take down every slot of the host.
+            logger.exception("internal error serving %s", request.path)
+            raise HTTPError(500, "internal", repr(exc)) from exc
+
+    def _slot(self, slot: Any, lease: Any) -> SlotRuntime:
+        try:
+            rt = self.slots[int(slot)]
+        except (TypeError, ValueError, IndexError) as exc:
+            raise HTTPError(404, "no_slot", f"no slot {slot!r}") from exc
+        if lease is None or str(lease) != str(rt.lease):
+            raise HTTPError(409, "stale_lease", f"lease {lease} is not current for slot {slot}")
+        return rt
+
+    def _ready(self, rt: SlotRuntime) -> SlotRuntime:
+        if rt.state != "ready":
+            raise HTTPError(503, "slot_broken", f"slot {rt.index} is {rt.state}")
+        return rt
+
+    # -- routes ---------------------------------------------------------------------------
+
+    async def _health(self, request: Request, respond: Responder) -> None:
+        slots = [{"index": rt.index, "lease": rt.lease, "state": rt.state} for rt in self.slots]
+        await respond.send_json(
+            200,
+            {
+                "name": self.config.name,
+                "pid": os.getpid(),
+                "sandboxed": self.config.isolation.sandboxed,
+                "slots": slots,
+            },
+        )
+
+    async def _exec(self, request: Request, respond: Responder) -> None:
+        body = request.json()
+        rt = self._ready(self._slot(body.get("slot"), body.get("lease")))
+        req = _parse_exec(body.get("request"))
+        result: list[dict[str, Any]] = []
+
+        async def work() -> None:
+            result.append(await rt.exec_wire(req))
+
+        await respond.run_watched(work)
+        if result:
+            await respond.send_json(200, result[0])
+
+    async def _exec_batch(self, request: Request, respond: Responder) -> None:
+        calls = request.json().get("calls")
+        if not isinstance(calls, list) or len(calls) > 4096:
+            raise HTTPError(400, "bad_request", "calls must be a list of at most 4096 calls")
+        await respond.start_stream()
+        # Finished lines are queued and written by one flusher: a line goes out as soon as
+        # the flusher gets to it, and lines that finish together share one write (and one
+        # wake-up of the client) instead of queueing behind a lock one by one.
+        pending: list[bytes] = []
+        ready = anyio.Event()
+        remaining = len(calls)
+
+        async def one(i: int, call: Any) -> None:
+            nonlocal remaining
+            line: dict[str, Any]
+            try:
+                if not isinstance(call, dict):
+                    raise HTTPError(400, "bad_request", "call must be an object")
+                rt = self._ready(self._slot(call.get("slot"), call.get("lease")))
+                result = await rt.exec_wire(_parse_exec(call.get("request")))
+                line = {"index": i, "result": result}
+            except HTTPError as exc:
+                line = {"index": i, "error": _err(exc.status, exc.kind, exc.message)}
+            except SlotBroken as exc:
+                line = {"index": i, "error": _err(503, "slot_broken", str(exc))}
+            pending.append(json.dumps(line, separators=(",", ":")).encode() + b"\n")
+            remaining -= 1
+            ready.set()
+
+        async def flush(scope: anyio.CancelScope) -> None:
+            nonlocal ready
+            while remaining or pending:
+                await ready.wait()
+                ready = anyio.Event()
+                data = b"".join(pending)
+                pending.clear()
+                try:
+                    await respond.send_chunk(data)
+                except _STREAM_ERRORS:
+                    respond.disconnected = True
+                    scope.cancel()
+                    return
+
+        async def work() -> None:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(flush, tg.cancel_scope)
+                for i, call in enumerate(calls):
+                    tg.start_soon(one, i, call)
+
+        await respond.run_watched(work)
+        if not respond.disconnected:
+            await respond.end_stream()
+
+    async def _reset(self, request: Request, respond: Responder) -> None:
+        body = request.json()
+        hard = bool(body.get("hard"))
+        lease = body.get("lease")
+        if lease is None and hard:
+            try:
+                rt = self.slots[int(body.get("slot"))]  # type: ignore[arg-type]
+            except (TypeError, ValueError, IndexError) as exc:
+                raise HTTPError(404, "no_slot", "no such slot") from exc
+        else:
+            rt = self._slot(body.get("slot"), lease)
+        async with rt.reset_lock:
+            if lease is not None:
+                self._slot(rt.index, lease)  # re-check: a concurrent reset may have won
+            # Bump first: from here on, requests carrying the old lease are refused.
+            rt.lease += 1
+            mode = "soft"
+            ok = False
+            if not hard:
+                with anyio.move_on_after(15):
+                    ok = await rt.soft_reset()
+            if not ok:
+                mode = "hard"
+                try:
+                    with anyio.fail_after(60):
+                        await rt.hard_reset()
+                except (TimeoutError, OSError, SlotBroken) as exc:
+                    rt.state = "broken"
+                    raise HTTPError(503, "slot_broken", f"cannot rebuild slot: {exc}") from exc
+        await respond.send_json(200, {"lease": rt.lease, "mode": mode})
+
+    async def _fs(self, func: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return await anyio.to_thread.run_sync(
+                functools.partial(func, *args), limiter=self._fs_limiter
+            )
+        except OSError as exc:
+            for kind, status, name in _FILE_ERRORS:
+                if isinstance(exc, kind):
+                    raise HTTPError(status, name, str(exc)) from exc
+            raise
+        except ValueError as exc:
+            raise HTTPError(413, "too_large", str(exc)) from exc
+
+    async def _read(self, request: Request, respond: Responder) -> None:
+        q = request.query
+        rt = self._slot(q.get("slot"), q.get("lease"))
+        max_bytes = min(int(q.get("max_bytes", 1 << 20)), self.config.max_body)
+        data = await self._fs(_files.read_file, rt.workspace, q.get("path", ""), max_bytes)
+        await respond.send(200, data, "application/octet-stream")
+
+    async def _write(self, request: Request, respond: Responder) -> None:
+        q = request.query
+        rt = self._slot(q.get("slot"), q.get("lease"))
+        mode = int(q.get("mode", "420"))
+        await self._fs(_files.write_file, rt.workspace, q.get("path", ""), request.body, mode)
+        await respond.send_json(200, {"size": len(request.body)})
+
+    async def _list(self, request: Request, respond: Responder) -> None:
+        body = request.json()
+        rt = self._slot(body.get("slot"), body.get("lease"))
+        path = str(body.get("path") or ".")
+        entries = await self._fs(_files.list_files, rt.workspace, path, 100_000)
+        await respond.send_json(200, {"entries": entries})
+
+    async def _archive(self, request: Request, respond: Responder) -> None:
+        q = request.query
+        rt = self._slot(q.get("slot"), q.get("lease"))
+        data = await self._fs(_files.archive, rt.workspace, self.config.max_body)
+        await respond.send(200, data, "application/x-tar")
+
+    async def _terminal(self, request: Request, respond: Responder) -> None:
+        body = request.json()
+        rt = self._ready(self._slot(body.get("slot"), body.get("lease")))
+        answer: list[dict[str, Any]] = []
+
+        async def work() -> None:
+            answer.append(await terminal_action(rt, body))
+
+        await respond.run_watched(work)
+        if answer:
+            await respond.send_json(200, answer[0])
+
+
+def _err(status: int, kind: str, message: str) -> dict[str, Any]:
+    return {"status": status, "kind": kind, "message": message}
+
+
+def _parse_exec(data: Any) -> dict[str, Any]:
+    """Validate an exec request's wire dict (cheaply: it is on every call's path)."""
+    if not isinstance(data, dict):
+        raise HTTPError(400, "bad_request", "request must be an object")
+    command, cwd, env, stdin = (
+        data.get("command"),
+        data.get("cwd"),
+        data.get("env"),
+        data.get("stdin"),
+    )
+    try:
+        timeout = float(data.get("timeout", 60.0))
+        max_output = int(data.get("max_output", DEFAULT_MAX_OUTPUT))
+        if stdin is not None:
+            base64.b64decode(stdin, validate=True)
+    except (TypeError, ValueError) as exc:
+        raise HTTPError(400, "bad_request", f"invalid exec request: {exc}") from exc
+    if (
+        not isinstance(command, str)
+        or not (cwd is None or isinstance(cwd, str))
+        or not (env is None or isinstance(env, dict))
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in (env or {}).items())
+        or not timeout > 0
+        or max_output < 0
+        or "\0" in command
+    ):
+        raise HTTPError(400, "bad_request", "invalid exec request")
+    return {
+        "command": command,
+        "cwd": cwd,
+        "env": env or {},
+        "stdin": stdin,
+        "timeout": timeout,
+        "max_output": max_output,
+    }

@@ -1,0 +1,194 @@
+"""Command execution in real bwrap slots: data round trips, caps, deadlines, cancellation."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from structenv import ExecRequest, ExecResult, StaleLeaseError
+from structenv.backends import LocalBackend
+from test_sandbox_support import (
+    backend,
+    find_processes,
+    make_fifo,
+    open_pidfds,
+    wait_all_dead,
+    wait_fifo,
+)
+
+pytestmark = pytest.mark.anyio
+__all__ = ["backend"]
+
+#: Background children of every flavour: plain ``&``, ``setsid``, and a double fork.
+ESCAPERS = (
+    "sleep 1001 & setsid sleep 1002 & (setsid sh -c 'sleep 1003 &') ; "
+    "nohup sleep 1004 >/dev/null 2>&1 & sleep 1000 & "
+    # Signal readiness only once all five have exec'd (no race with the host-side scan).
+    "until [ $(pgrep -c -x sleep) -ge 5 ]; do :; done; echo go > ready; wait"
+)
+
+
+async def test_binary_round_trip(backend: LocalBackend) -> None:
+    slot = await backend.acquire_slot()
+    payload = bytes(range(256)) + b"\xc3\x28\x00\xff\xfe"
+    result = await slot.exec(ExecRequest("cat; cat >&2 <<< x; exit 7", stdin=payload))
+    assert result.exit_code == 7
+    assert result.stdout == payload
+    assert result.stderr == b"x\n"
+    assert result.sandboxed and result.error is None
+    await backend.release_slot(slot, reusable=True)
+
+
+async def test_env_is_scrubbed(backend: LocalBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    slot = await backend.acquire_slot()
+    result = await slot.exec(ExecRequest("env", env={"MINE": "yes"}))
+    names = {line.split(b"=", 1)[0] for line in result.stdout.splitlines()}
+    assert b"MINE" in names
+    # Nothing from the host's environment: only the sandbox's own minimal set.
+    allowed = {b"PATH", b"HOME", b"LANG", b"TERM", b"SHELL", b"USER", b"PWD", b"SHLVL", b"_"}
+    assert names - allowed - {b"MINE", b"STRUCTENV_EXEC_TAG"} == set()
+    await backend.release_slot(slot, reusable=True)
+
+
+async def test_output_cap_keeps_server_responsive(backend: LocalBackend) -> None:
+    big, small = await backend.acquire_slot(), await backend.acquire_slot()
+    fast: list[float] = []
+
+    async def poke() -> None:
+        # While 100 MB stream through the other slot, this one keeps answering.
+        for _ in range(5):
+            start = anyio.current_time()
+            assert (await small.exec(ExecRequest("echo hi"))).stdout == b"hi\n"
+            fast.append(anyio.current_time() - start)
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(poke)
+            result = await big.exec(
+                ExecRequest("head -c 100000000 /dev/zero; echo done >&2", max_output=1 << 20)
+            )
+    assert result.exit_code == 0
+    assert len(result.stdout) == 1 << 20 and result.stdout_truncated
+    assert result.stderr == b"done\n" and not result.stderr_truncated
+    assert max(fast) < 2.0
+    for s in (big, small):
+        await backend.release_slot(s, reusable=True)
+
+
+async def test_deadline_kills_whole_tree(backend: LocalBackend) -> None:
+    slot = await backend.acquire_slot()
+    fifo = make_fifo(backend, slot)
+    result: list[ExecResult] = []
+
+    async def run() -> None:
+        req = ExecRequest(ESCAPERS, timeout=3)
+        result.append(await slot.exec(req))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await wait_fifo(fifo)
+        pids = find_processes(r"^sleep 100[0-4]$")
+        assert len(pids) == 5, pids
+        pidfds = open_pidfds(pids)
+    assert result[0].timed_out and result[0].exit_code is None
+    await wait_all_dead(pidfds, within=1.0)  # dead before the result was sent
+    assert find_processes(r"^sleep 100[0-4]$") == []
+    # The slot remains usable after a deadline (the executor keeps it).
+    again = await slot.exec(ExecRequest("ps -e -o comm="))
+    assert sorted(again.stdout.split()) == [b"ps", b"python3.11"]
+    await backend.release_slot(slot, reusable=True)
+
+
+async def test_cancelled_exec_kills_whole_tree(backend: LocalBackend) -> None:
+    slot = await backend.acquire_slot()
+    fifo = make_fifo(backend, slot)
+    async with anyio.create_task_group() as tg:
+
+        async def run() -> None:
+            await slot.exec(ExecRequest(ESCAPERS, timeout=300))
+
+        tg.start_soon(run)
+        await wait_fifo(fifo)
+        pidfds = open_pidfds(find_processes(r"^sleep 10\d\d$"))
+        assert len(pidfds) == 5
+        tg.cancel_scope.cancel()
+    slot.reusable = False
+    # Client disconnect is the cancellation signal: the host kills the tree on its own.
+    await wait_all_dead(pidfds, within=5.0)
+    assert find_processes(r"^sleep 100[0-4]$") == []
+    await backend.release_slot(slot, reusable=False)
+    assert backend.statistics().leased == 0
+
+
+async def test_stale_lease_refused(backend: LocalBackend) -> None:
+    slot = await backend.acquire_slot()
+    await backend.release_slot(slot, reusable=True)
+    with pytest.raises(StaleLeaseError):
+        await slot.exec(ExecRequest("true"))
+    with pytest.raises(StaleLeaseError):
+        await slot.reset()
+    with pytest.raises(StaleLeaseError):
+        await slot.read_file("x")
+    # The new owner is untouched.
+    fresh = await backend.acquire_slot()
+    assert (await fresh.exec(ExecRequest("echo ok"))).stdout == b"ok\n"
+    await backend.release_slot(fresh, reusable=True)
+
+
+async def test_reset_leaves_nothing(backend: LocalBackend) -> None:
+    slot = await backend.acquire_slot()
+    await slot.exec(
+        ExecRequest(
+            "mkdir -p d/locked && touch d/locked/f && chmod 000 d/locked; "
+            "echo x > /tmp/t; echo y > /dev/shm/s; sleep 1000 & setsid sleep 1001 &"
+        )
+    )
+    await slot.terminal("start")
+    await slot.reset()
+    result = await slot.exec(ExecRequest("ls -A /workspace /tmp /dev/shm"))
+    assert result.stdout == b"/dev/shm:\n\n/tmp:\n\n/workspace:\n"
+    procs = await slot.exec(ExecRequest("ps -e -o comm="))
+    assert sorted(procs.stdout.split()) == [b"ps", b"python3.11"]
+    await backend.release_slot(slot, reusable=True)
+
+
+async def test_exec_batch_streams_results(backend: LocalBackend) -> None:
+    a, b = await backend.acquire_slot(), await backend.acquire_slot()
+    order: list[int] = []
+    fast_done = anyio.Event()
+
+    def on_result(i: int, value: ExecResult | Exception) -> None:
+        assert isinstance(value, ExecResult)
+        order.append(i)
+        if i == 1:
+            fast_done.set()
+
+    async with anyio.create_task_group() as tg:
+        calls = [(a, ExecRequest("sleep 2; echo slow")), (b, ExecRequest("echo fast"))]
+        calls.append((a, ExecRequest("exit 3")))
+        tg.start_soon(backend.exec_batch, calls, on_result)
+        with anyio.fail_after(1.5):
+            await fast_done.wait()  # arrived while the slow call still runs
+        assert 0 not in order
+    assert order[-1] == 0 and sorted(order) == [0, 1, 2]
+    for s in (a, b):
+        await backend.release_slot(s, reusable=True)
+
+
+async def test_unsimple_commands_use_bash(backend: LocalBackend) -> None:
+    slot = await backend.acquire_slot()
+    cases = {
+        "/bin/echo a   b": b"a b\n",
+        "echo $((1+2))": b"3\n",
+        "X=1 printenv X": b"1\n",
+        "no-such-command": b"",
+    }
+    for command, expected in cases.items():
+        result = await slot.exec(ExecRequest(command))
+        assert result.stdout == expected, command
+    missing = await slot.exec(ExecRequest("no-such-command"))
+    assert missing.exit_code == 127 and b"not found" in missing.stderr
+    assert (await slot.exec(ExecRequest("pwd", cwd="sub"))).error is not None
+    await slot.write_file("sub/x", b"")
+    assert (await slot.exec(ExecRequest("pwd", cwd="sub"))).stdout == b"/workspace/sub\n"
+    await backend.release_slot(slot, reusable=True)

@@ -1,0 +1,114 @@
+"""The sandbox server on its own: run in-process (under asyncio *and* trio) over TCP + token."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+import test_sandbox_support
+from structenv import ExecRequest, SandboxUnavailableError, SlotBrokenError
+from structenv.backends import LocalBackend
+from structenv.sandbox import HostClient, Isolation, RemoteSlot, SandboxServer, ServerConfig
+
+pytestmark = pytest.mark.anyio
+
+TOKEN = "test-token-" + "x" * 20
+
+
+@pytest.fixture
+async def tcp_server(tmp_path: object) -> AsyncIterator[SandboxServer]:
+    workdir = os.path.join(str(tmp_path), "host")
+    server = SandboxServer(ServerConfig(slots=1, workdir=workdir, token=TOKEN, port=0))
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.serve)
+        yield server
+        tg.cancel_scope.cancel()
+
+
+async def _raw(port: int, request: bytes) -> bytes:
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        await stream.send(request)
+        data = b""
+        with anyio.fail_after(10):
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive()
+        return data
+
+
+async def test_tcp_requires_token(tcp_server: SandboxServer) -> None:
+    port = tcp_server.port
+    assert port > 0
+    for auth in (
+        b"",
+        b"authorization: Bearer wrong\r\n",
+        b"authorization: " + TOKEN.encode() + b"\r\n",
+    ):
+        reply = await _raw(port, b"GET /v1/health HTTP/1.1\r\nhost: x\r\n" + auth + b"\r\n")
+        assert reply.startswith(b"HTTP/1.1 401 "), reply
+    good = b"authorization: Bearer " + TOKEN.encode() + b"\r\n"
+    reply = await _raw(port, b"GET /v1/health HTTP/1.1\r\nhost: x\r\n" + good + b"\r\n")
+    assert reply.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_client_over_tcp(tcp_server: SandboxServer) -> None:
+    client = HostClient(port=tcp_server.port, token=TOKEN)
+    try:
+        status, body = await client.request("GET", "/v1/health")
+        assert status == 200
+        lease = json.loads(body)["slots"][0]["lease"]
+        slot = RemoteSlot(
+            client=client, index=0, id="t/0", host_id="t", lease=lease, sandboxed=True
+        )
+        result = await slot.exec(ExecRequest("echo over tcp; hostname"))
+        assert result.stdout == b"over tcp\nsandbox\n" and result.sandboxed
+        results = await slot.exec_batch([ExecRequest("exit 1"), ExecRequest("echo b")])
+        assert [r.exit_code for r in results] == [1, 0]
+        with pytest.raises(SlotBrokenError):
+            bad = RemoteSlot(client=client, index=5, id="t/5", host_id="t", lease=1, sandboxed=True)
+            await bad.exec(ExecRequest("true"))
+    finally:
+        await client.aclose()
+
+
+async def test_tcp_server_needs_token() -> None:
+    with pytest.raises(ValueError, match="token"):
+        SandboxServer(ServerConfig(token=None, socket_path=None))
+
+
+async def test_missing_bwrap_fails_closed(tmp_path: object) -> None:
+    config = ServerConfig(
+        slots=1,
+        workdir=str(tmp_path),
+        socket_path=os.path.join(str(tmp_path), "s.sock"),
+        isolation=Isolation(bwrap="/nonexistent/bwrap"),
+    )
+    with pytest.raises(SandboxUnavailableError):
+        await SandboxServer(config).serve()
+
+
+async def test_local_backend_fails_closed() -> None:
+    with pytest.raises(SandboxUnavailableError):
+        async with LocalBackend(bwrap_path="/nonexistent/bwrap"):
+            pass
+    # Not requiring a sandbox is not enough while the network must stay isolated.
+    with pytest.raises(SandboxUnavailableError):
+        async with LocalBackend(bwrap_path="/nonexistent/bwrap", require_sandbox=False):
+            pass
+
+
+async def test_unsandboxed_only_when_asked() -> None:
+    async with LocalBackend(
+        bwrap_path="/nonexistent/bwrap", require_sandbox=False, allow_network=True
+    ) as backend:
+        assert not backend.sandboxed
+        slot = await backend.acquire_slot()
+        assert not slot.sandboxed
+        result = await slot.exec(ExecRequest("echo plain; sleep 1000 & setsid sleep 1001 &"))
+        assert result.stdout == b"plain\n" and result.sandboxed is False
+        await backend.release_slot(slot, reusable=True)
+        # Even unsandboxed, a reset kills what the slot started (subreaper + tree walk).
+        assert test_sandbox_support.find_processes(r"^sleep 100[01]$") == []
