@@ -1,0 +1,146 @@
+"""AgentEnvConfig and the report types of :class:`~structenv.adapters.atropos.AgentEnv`.
+
+Imports atroposlib (``BaseEnvConfig``): imported only through ``structenv.adapters.atropos``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from atroposlib.envs.base import BaseEnvConfig
+from pydantic import Field, model_validator
+
+from .._executor import ExecutorStatistics
+from ._backends import KNOWN_BACKENDS
+
+__all__ = ["AgentEnvConfig", "AgentEnvStatistics", "GroupReport"]
+
+
+class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]  # atroposlib is untyped
+    """Configuration of an :class:`AgentEnv`: BaseEnv's fields plus sandbox and agent knobs.
+
+    Every field is also a ``--env.<name>`` flag of the env's ``serve`` / ``process`` CLI.
+    """
+
+    backend: Literal["local", "docker", "nomad", "modal"] = Field(
+        default="local",
+        description="Sandbox backend. Only backends available in this installation start; "
+        "the others fail with 'backend X is not available'.",
+    )
+    allow_network: bool = Field(
+        default=False, description="Sandboxed commands may use the network."
+    )
+    require_sandbox: bool = Field(
+        default=True, description="Fail closed if the backend cannot isolate its slots."
+    )
+    require_stateful_sandbox: bool = Field(
+        default=False,
+        description="Fail closed if the isolated stateful terminal (tmux) is unavailable.",
+    )
+    tool_batch_window_ms: float = Field(
+        default=0.0, ge=0, description="Batcher window (0: dispatch whatever is queued at once)."
+    )
+    tool_max_batch_size: int = Field(default=256, ge=1, description="Calls per batch at most.")
+    slots_per_host: int = Field(default=4, ge=1, description="Slots per sandbox host.")
+    min_hosts: int = Field(default=1, ge=1, description="Sandbox hosts started up front.")
+    max_hosts: int = Field(default=1, ge=1, description="Sandbox hosts at most (scaling backends).")
+    acquire_timeout_s: float = Field(default=60.0, gt=0, description="Seconds to wait for a slot.")
+    trajectory_timeout_s: float | None = Field(
+        default=900.0,
+        gt=0,
+        description="Deadline of one trajectory (slot acquisition, workspace setup, agent and "
+        "verification); past it the member fails.",
+    )
+    tool_timeout_s: float = Field(
+        default=60.0, gt=0, description="Default deadline of a tool call."
+    )
+    agent_max_steps: int = Field(default=30, ge=1, description="Policy calls per trajectory.")
+    agent_temperature: float = Field(default=1.0, ge=0, description="Sampling temperature.")
+    agent_max_tokens: int | None = Field(
+        default=None, gt=0, description="Tokens per assistant turn (None: the server's default)."
+    )
+    agent_step_timeout_s: float | None = Field(
+        default=300.0, gt=0, description="Deadline of one policy call."
+    )
+    agent_max_parse_errors: int = Field(
+        default=3, ge=0, description="Consecutive malformed tool-call turns answered with an error."
+    )
+    enabled_toolsets: list[str] = Field(
+        default_factory=lambda: ["default"], description="Toolsets the model may use."
+    )
+    disabled_toolsets: list[str] = Field(
+        default_factory=list, description="Toolsets removed after enabled_toolsets."
+    )
+    tool_server_url: str | None = Field(
+        default=None, description="External ToolServer for tools that do not run in the sandbox."
+    )
+    tool_server_token: str | None = Field(
+        default=None, description="Bearer token of the ToolServer."
+    )
+    failure_policy: Literal["mask", "drop_group"] = Field(
+        default="mask",
+        description="A failed member becomes a masked item with failure_score ('mask') or "
+        "drops its group ('drop_group').",
+    )
+    failure_score: float = Field(default=0.0, description="Score of a failed member.")
+    max_consecutive_dropped_groups: int = Field(
+        default=50,
+        ge=1,
+        description="Abort after this many dropped groups in a row instead of looping forever.",
+    )
+    shutdown_grace_s: float = Field(
+        default=30.0, gt=0, description="Seconds the executor and backend may take to stop."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> AgentEnvConfig:
+        if self.max_hosts < self.min_hosts:
+            raise ValueError(f"max_hosts ({self.max_hosts}) < min_hosts ({self.min_hosts})")
+        if self.backend not in KNOWN_BACKENDS:  # pragma: no cover - Literal already checks
+            raise ValueError(f"unknown backend {self.backend!r}")
+        return self
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GroupReport:
+    """What one ``collect_trajectories`` call produced (passed to group listeners).
+
+    Attributes:
+        group: Sequence number of the group in this env (from 0).
+        scores: Member scores (failed members carry the failure score).
+        failed: Members that failed.
+        dropped: The group was dropped (``failure_policy="drop_group"``).
+        tool_calls: Tool calls the members' models made.
+        duration: Wall-clock seconds of the group.
+    """
+
+    group: int
+    scores: list[float]
+    failed: int
+    dropped: bool
+    tool_calls: int
+    duration: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AgentEnvStatistics:
+    """Counters of an :class:`AgentEnv`.
+
+    Attributes:
+        groups: Groups collected (including dropped ones).
+        dropped_groups: Groups returned as ``None``.
+        cancelled_groups: Groups whose worker was cancelled (by BaseEnv or a deadline).
+        running_groups: Groups running right now (their slots are leased or being released).
+        failed_members: Members that failed.
+        tool_calls: Tool calls made by the models.
+        executor: The executor's statistics, while it runs (else its last snapshot).
+    """
+
+    groups: int
+    dropped_groups: int
+    cancelled_groups: int
+    running_groups: int
+    failed_members: int
+    tool_calls: int
+    executor: ExecutorStatistics | None

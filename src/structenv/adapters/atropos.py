@@ -1,0 +1,539 @@
+"""AgentEnv: an Atropos ``BaseEnv`` whose trajectories call tools in sandboxes, structurally.
+
+This is the only structenv module importing atroposlib; it needs ``structenv[atropos]`` and
+runs on asyncio only (atroposlib uses aiohttp and ``asyncio.create_task``).
+
+Subclass :class:`AgentEnv`, implement ``get_next_item`` and :meth:`AgentEnv.build_task`, and
+score with :meth:`AgentEnv.score_trajectory` or, for checks that must run in the sandbox,
+:meth:`AgentEnv.verify_and_score_trajectory`. Per trajectory, in this order and inside one
+leased slot::
+
+    setup_trajectory_workspace(item, trajectory_id=..., exec_tool=...)
+    run_agent(...)                          # ReACT loop; tool calls through the executor
+    verify_and_score_trajectory(item, result, trajectory_id=..., exec_tool=...)
+    # the slot is released (reset or destroyed) only after this returns
+
+What the environment guarantees:
+
+* The backend and the :class:`~structenv.ToolExecutor` start before ``setup()`` and stop after
+  ``env_manager`` / ``process_manager`` return or are cancelled, with shielded, bounded
+  teardown.
+* ``collect_trajectories`` runs the group in one task group. A member that fails (trajectory
+  deadline, slot or sandbox failure, inference endpoint failure) becomes a fully masked item
+  with ``failure_score`` and its real tokens, or drops the group (``failure_policy``). Exactly
+  ``group_size`` sequences or ``None``; never an empty sequence; ``inference_logprobs`` only
+  when real; ``messages`` plain JSON dicts.
+* When BaseEnv cancels a worker (``worker_timeout``, evals, back-pressure), every slot of
+  that group is released before the cancellation finishes propagating.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import anyio
+from atroposlib.envs.base import APIServerConfig, BaseEnv
+
+from .._config import ExecutorConfig
+from .._exceptions import StructEnvError
+from .._executor import ExecutorStatistics, ToolExecutor
+from .._runner import run_group
+from ..abc import SandboxBackend
+from ..agent import AgentConfig, AgentResult, AgentTask, hermes_system_prompt, run_agent
+from ..tools import ToolRegistry, ToolServerClient, default_registry
+from ._atropos_config import AgentEnvConfig, AgentEnvStatistics, GroupReport
+from ._atropos_policy import AtroposPolicy, open_atropos_policy
+from ._backends import BackendSettings, check_backend, create_backend
+from ._sequence import MemberOutcome, TokenSequence, build_scored_group, retokenize_messages
+from ._workspace import ExecTool
+
+__all__ = [
+    "AgentEnv",
+    "AgentEnvConfig",
+    "AgentEnvStatistics",
+    "AtroposPolicy",
+    "GroupReport",
+    "open_atropos_policy",
+]
+
+log = logging.getLogger("structenv.adapters.atropos")
+
+#: Agent finish reasons that are failures of the harness or endpoint, not of the model.
+_FAILED_FINISHES = frozenset({"policy_error", "timeout"})
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Member:
+    trajectory_id: str
+    policy: AtroposPolicy | None = None
+    result: AgentResult | None = None
+    score: float = 0.0
+    failure: str | None = None
+
+
+class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
+    """An Atropos environment whose trajectories run agents with sandboxed tools.
+
+    Subclasses implement ``get_next_item`` (BaseEnv) and :meth:`build_task`, and override
+    :meth:`score_trajectory` or :meth:`verify_and_score_trajectory`.
+
+    Use it as any BaseEnv (``cls.cli()`` for ``serve`` / ``process``), or programmatically::
+
+        env = MyEnv(config, server_configs)
+        await env.process_manager()          # on asyncio
+
+    Args:
+        config: The environment configuration.
+        server_configs: A **list** of ``APIServerConfig`` (a single config silently routes to
+            default local ports in atroposlib). Use ``server_type="vllm"`` (or ``"sglang"``)
+            for real token and logprob tracking.
+        slurm: BaseEnv's slurm flag.
+        testing: BaseEnv's testing flag (its mock server is broken in atroposlib 0.4.0).
+
+    Raises:
+        ConfigError: Unknown or unavailable backend, unknown toolset.
+    """
+
+    name: str | None = "structenv_agent"
+    env_config_cls = AgentEnvConfig
+    config: AgentEnvConfig
+
+    def __init__(
+        self,
+        config: AgentEnvConfig,
+        server_configs: list[APIServerConfig],
+        slurm: bool = False,
+        testing: bool = False,
+    ) -> None:
+        # Validate before BaseEnv loads tokenizers or builds server clients.
+        check_backend(config.backend)
+        self.registry: ToolRegistry = self.build_tools(config)
+        super().__init__(config, server_configs, slurm=slurm, testing=testing)
+        self._executor: ToolExecutor | None = None
+        self._last_stats: ExecutorStatistics | None = None
+        self._group_listeners: list[Callable[[GroupReport], None]] = []
+        self._groups = itertools.count()
+        self._counts = dict(groups=0, dropped=0, cancelled=0, failed=0, tool_calls=0)
+        self._dropped_in_a_row = 0
+        self._live: set[asyncio.Task[Any]] = set()
+        self._live_changed: anyio.Event | None = None
+
+    @classmethod
+    def config_init(cls) -> tuple[AgentEnvConfig, list[APIServerConfig]]:
+        """Default configuration: override to point at your inference server."""
+        return cls.env_config_cls(), [APIServerConfig(server_type="vllm", health_check=False)]
+
+    # -- construction hooks ----------------------------------------------------------------
+
+    def build_tools(self, config: AgentEnvConfig) -> ToolRegistry:
+        """The tools the model may call (default: the built-in toolsets selected by config).
+
+        Raises:
+            ConfigError: An unknown toolset name.
+        """
+        return default_registry().select(
+            enabled_toolsets=config.enabled_toolsets,
+            disabled_toolsets=config.disabled_toolsets,
+        )
+
+    def create_backend(self) -> SandboxBackend:
+        """The (unstarted) sandbox backend, built from the config by the backend registry."""
+        c = self.config
+        settings = BackendSettings(
+            slots_per_host=c.slots_per_host,
+            min_hosts=c.min_hosts,
+            max_hosts=c.max_hosts,
+            allow_network=c.allow_network,
+            require_sandbox=c.require_sandbox,
+            require_stateful_sandbox=c.require_stateful_sandbox,
+        )
+        return create_backend(c.backend, settings)
+
+    def executor_config(self) -> ExecutorConfig:
+        """The executor's knobs, derived from the env config."""
+        c = self.config
+        return ExecutorConfig(
+            batch_window_ms=c.tool_batch_window_ms,
+            max_batch_size=c.tool_max_batch_size,
+            acquire_timeout=c.acquire_timeout_s,
+            trajectory_timeout=c.trajectory_timeout_s,
+            tool_timeout=c.tool_timeout_s,
+            max_tool_timeout=max(600.0, c.tool_timeout_s),
+            allow_network=c.allow_network,
+            require_sandbox=c.require_sandbox,
+            shutdown_grace=c.shutdown_grace_s,
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def executor(self) -> ToolExecutor:
+        """The running executor (between startup and shutdown of a manager)."""
+        if self._executor is None:
+            raise RuntimeError(
+                "the sandbox session is not running: use env_manager(), process_manager() "
+                "or `async with env.sandbox_session():`"
+            )
+        return self._executor
+
+    @asynccontextmanager
+    async def sandbox_session(self) -> AsyncIterator[ToolExecutor]:
+        """Start the backend, the tool server client and the executor for the block.
+
+        ``env_manager`` and ``process_manager`` run inside one; use it directly to call
+        ``collect_trajectories`` yourself.
+
+        Cancellation: everything started is stopped under a shielded, bounded scope
+        (``shutdown_grace_s``) before the cancellation propagates; no slot or host outlives
+        the block.
+        """
+        if self._executor is not None:
+            raise RuntimeError("the sandbox session is already running")
+        # Plain nesting, no extra cancel scopes around the exits: the backend and the
+        # executor enter task groups in __aenter__, and their own __aexit__ already tear
+        # down under shielded, bounded scopes (wrapping them in new scopes would break the
+        # nesting of those task groups).
+        try:
+            async with self.create_backend() as backend, AsyncExitStack() as stack:
+                tool_server = None
+                registry = self.registry
+                if self.config.tool_server_url:
+                    tool_server = await stack.enter_async_context(
+                        ToolServerClient(
+                            self.config.tool_server_url, token=self.config.tool_server_token
+                        )
+                    )
+                    registry = self.build_tools(self.config)
+                    for tool in await tool_server.list_tools():
+                        registry.register(tool)
+                async with ToolExecutor(
+                    backend,
+                    config=self.executor_config(),
+                    registry=registry,
+                    tool_server=tool_server,
+                ) as executor:
+                    self._executor = executor
+                    try:
+                        yield executor
+                    finally:
+                        self._last_stats = executor.statistics()
+                        self._executor = None
+        finally:
+            self._executor = None
+
+    async def env_manager(self) -> None:
+        """BaseEnv's ``serve`` loop inside a sandbox session.
+
+        Cancellation: the loop's workers are cancelled by the loop; the session is torn down
+        (shielded, bounded) before the cancellation propagates.
+        """
+        async with self.sandbox_session():
+            try:
+                await super().env_manager()
+            finally:
+                await self._stop_groups()
+                await self.aclose()
+
+    async def process_manager(self) -> None:
+        """BaseEnv's ``process`` mode inside a sandbox session.
+
+        Cancellation: as :meth:`env_manager`.
+        """
+        async with self.sandbox_session():
+            try:
+                await super().process_manager()
+            finally:
+                await self._stop_groups()
+                await self.aclose()
+
+    async def aclose(self) -> None:
+        """Release what atroposlib's inference servers leave open: their OpenAI HTTP clients
+        and health-check tasks. Called when a manager ends; call it yourself after using
+        :meth:`sandbox_session` directly. Idempotent.
+
+        Cancellation: shielded and bounded (5 s).
+        """
+        with anyio.move_on_after(5, shield=True):
+            for server in getattr(self.server, "servers", None) or []:
+                check = getattr(server, "check_task", None)
+                if isinstance(check, asyncio.Task) and not check.done():
+                    check.cancel()
+                client = getattr(server, "openai", None)
+                if client is not None and hasattr(client, "close"):
+                    await client.close()
+
+    async def _stop_groups(self) -> None:
+        """Cancel and wait for every group still running in a BaseEnv worker task.
+
+        BaseEnv's workers are bare asyncio tasks that outlive ``env_manager`` when it returns
+        or is cancelled (and a worker cancelled on ``worker_timeout`` is forgotten by BaseEnv
+        while it still releases its slots). Before the executor and backend stop, every
+        group still running is cancelled and awaited, shielded and bounded.
+        """
+        tasks = [t for t in self._live if not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            with anyio.move_on_after(self.config.shutdown_grace_s, shield=True):
+                await asyncio.wait(tasks)
+
+    async def setup(self) -> None:
+        """Called by BaseEnv once the sandbox session runs; calls :meth:`setup_agent_env`.
+
+        Cancellation: propagates; the session is torn down by the manager.
+        """
+        await self.setup_agent_env()
+
+    async def evaluate(self, *args: Any, **kwargs: Any) -> None:
+        """No evaluation by default; override to add one.
+
+        Cancellation: nothing to undo.
+        """
+
+    # -- user hooks ------------------------------------------------------------------------
+
+    async def setup_agent_env(self) -> None:
+        """Env-specific setup (load data, probe the sandbox); runs after the backend started.
+
+        Cancellation: propagates; the session is torn down by the manager.
+        """
+
+    def build_task(self, item: Any) -> AgentTask:
+        """The task the agent gets for ``item``."""
+        raise NotImplementedError("AgentEnv subclasses implement build_task(item)")
+
+    def build_agent_config(self, item: Any) -> AgentConfig:
+        """Limits of the agent loop for ``item`` (default: from the env config)."""
+        del item
+        c = self.config
+        return AgentConfig(
+            max_steps=c.agent_max_steps,
+            step_deadline=c.agent_step_timeout_s,
+            max_consecutive_parse_errors=c.agent_max_parse_errors,
+        )
+
+    async def setup_trajectory_workspace(
+        self, item: Any, *, trajectory_id: str, exec_tool: ExecTool
+    ) -> None:
+        """Prepare the slot's workspace before the agent starts (default: nothing).
+
+        Cancellation: the slot is released and not reused.
+        """
+
+    async def score_trajectory(self, item: Any, result: AgentResult) -> float:
+        """Score a finished trajectory without touching the sandbox.
+
+        Cancellation: nothing to undo.
+        """
+        raise NotImplementedError(
+            "AgentEnv subclasses override score_trajectory or verify_and_score_trajectory"
+        )
+
+    async def verify_and_score_trajectory(
+        self, item: Any, result: AgentResult, *, trajectory_id: str, exec_tool: ExecTool
+    ) -> float:
+        """Score a finished trajectory; runs in the same slot before it is released.
+
+        The default calls :meth:`score_trajectory`. Override to run checks in the sandbox
+        (tests, diffs of produced files).
+
+        Cancellation: the slot is released and not reused.
+        """
+        del trajectory_id, exec_tool
+        return await self.score_trajectory(item, result)
+
+    @asynccontextmanager
+    async def open_policy(self, item: Any) -> AsyncIterator[AtroposPolicy]:
+        """The policy of one trajectory (default: the atroposlib adapter over ``self.server``).
+
+        Cancellation: the policy's tracking state is dropped.
+        """
+        del item
+        async with open_atropos_policy(
+            self.server,
+            tokenizer=self.tokenizer,
+            temperature=self.config.agent_temperature,
+            max_tokens=self.config.agent_max_tokens,
+        ) as policy:
+            yield policy
+
+    # -- observation -----------------------------------------------------------------------
+
+    def add_group_listener(self, listener: Callable[[GroupReport], None]) -> None:
+        """Call ``listener`` (synchronously) after every collected group."""
+        self._group_listeners.append(listener)
+
+    async def wait_idle(self) -> None:
+        """Wait until no group is running (cancelled ones included: their slots are back).
+
+        The caller bounds it with a deadline.
+
+        Cancellation: nothing to undo.
+        """
+        while self._live:
+            if self._live_changed is None:
+                self._live_changed = anyio.Event()
+            await self._live_changed.wait()
+
+    def statistics(self) -> AgentEnvStatistics:
+        """A snapshot of the env's counters."""
+        c = self._counts
+        return AgentEnvStatistics(
+            groups=c["groups"],
+            dropped_groups=c["dropped"],
+            cancelled_groups=c["cancelled"],
+            running_groups=len(self._live),
+            failed_members=c["failed"],
+            tool_calls=c["tool_calls"],
+            executor=self._executor.statistics() if self._executor else self._last_stats,
+        )
+
+    # -- the group -------------------------------------------------------------------------
+
+    async def collect_trajectories(self, item: Any) -> tuple[dict[str, Any] | None, list[Any]]:
+        """Run ``group_size`` trajectories of ``item`` in one task group and score them.
+
+        Returns:
+            ``(group, [])``: a ScoredDataGroup dict with exactly ``group_size`` sequences, or
+            ``None`` when the group is dropped.
+
+        Raises:
+            ExceptionGroup: A harness failure (a bug in a hook, an unexpected error); the
+                members are cancelled and their slots released first. Each member's error is
+                logged, since BaseEnv's ``serve`` mode swallows it with a one-line log.
+            StructEnvError: ``max_consecutive_dropped_groups`` groups were dropped in a row.
+
+        Cancellation: every member is cancelled and every slot released (shielded) before
+        the cancellation propagates; nothing is returned.
+        """
+        executor = self.executor
+        number = next(self._groups)
+        size = int(self.config.group_size)
+        task = self.build_task(item)
+        agent_config = self.build_agent_config(item)
+        members = [_Member(f"g{number}-{i}") for i in range(size)]
+        start = time.monotonic()
+
+        async def member(i: int) -> None:
+            await self._run_member(executor, item, task, agent_config, members[i])
+
+        current = asyncio.current_task()
+        if current is not None:
+            self._live.add(current)
+        try:
+            outcomes = await run_group(member, size)
+        except anyio.get_cancelled_exc_class():
+            self._counts["cancelled"] += 1
+            raise
+        except BaseExceptionGroup as group:
+            for exc in group.exceptions:
+                log.error("group %d: harness failure", number, exc_info=exc)
+            raise
+        finally:
+            self._live.discard(current)
+            if self._live_changed is not None:
+                self._live_changed.set()
+                self._live_changed = None
+        for m, outcome in zip(members, outcomes, strict=True):
+            if outcome.error is not None and m.failure is None:
+                m.failure = f"{type(outcome.error).__name__}: {outcome.error}"
+        scored = self._assemble(task, members)
+        self._report(number, members, scored, time.monotonic() - start)
+        return scored, []
+
+    async def _run_member(
+        self,
+        executor: ToolExecutor,
+        item: Any,
+        task: AgentTask,
+        agent_config: AgentConfig,
+        member: _Member,
+    ) -> None:
+        tid = member.trajectory_id
+        async with executor.trajectory(tid) as traj:
+            exec_tool = ExecTool(traj)
+            await self.setup_trajectory_workspace(item, trajectory_id=tid, exec_tool=exec_tool)
+            async with self.open_policy(item) as policy:
+                member.policy = policy
+                result = await run_agent(policy, traj, task, config=agent_config)
+            member.result = result
+            if result.finish_reason in _FAILED_FINISHES:
+                member.failure = f"{result.finish_reason}: {result.error}"
+                return
+            member.score = float(
+                await self.verify_and_score_trajectory(
+                    item, result, trajectory_id=tid, exec_tool=exec_tool
+                )
+            )
+
+    def _initial_messages(self, task: AgentTask) -> list[dict[str, Any]]:
+        system = hermes_system_prompt(task.system, self.registry.specs())
+        messages = [{"role": "system", "content": system}] if system else []
+        return [*messages, {"role": "user", "content": task.prompt}]
+
+    def _assemble(self, task: AgentTask, members: list[_Member]) -> dict[str, Any] | None:
+        outcomes: list[MemberOutcome] = []
+        for m in members:
+            messages = m.result.messages if m.result is not None else self._initial_messages(task)
+            sequence: TokenSequence | None = m.policy.sequence() if m.policy else None
+            if sequence is None:
+                try:
+                    sequence = retokenize_messages(self.tokenizer, messages)
+                except ValueError as exc:
+                    log.error("%s: cannot tokenize the conversation (%s)", m.trajectory_id, exc)
+                    return None
+            if m.failure is not None:
+                log.info("%s failed: %s", m.trajectory_id, m.failure)
+            outcomes.append(
+                MemberOutcome(
+                    sequence=sequence,
+                    score=m.score,
+                    messages=messages,
+                    failed=m.failure is not None,
+                    error=m.failure,
+                )
+            )
+        return build_scored_group(
+            outcomes,
+            group_size=len(members),
+            failure_policy=self.config.failure_policy,
+            failure_score=self.config.failure_score,
+            include_messages=True,
+        )
+
+    def _report(
+        self, number: int, members: list[_Member], scored: dict[str, Any] | None, took: float
+    ) -> None:
+        failed = sum(m.failure is not None for m in members)
+        tool_calls = sum(m.result.tool_calls for m in members if m.result is not None)
+        c = self._counts
+        c["groups"] += 1
+        c["failed"] += failed
+        c["tool_calls"] += tool_calls
+        if scored is None:
+            c["dropped"] += 1
+            self._dropped_in_a_row += 1
+        else:
+            self._dropped_in_a_row = 0
+        report = GroupReport(
+            group=number,
+            scores=list(scored["scores"]) if scored else [],
+            failed=failed,
+            dropped=scored is None,
+            tool_calls=tool_calls,
+            duration=took,
+        )
+        for listener in self._group_listeners:
+            listener(report)
+        if self._dropped_in_a_row >= self.config.max_consecutive_dropped_groups:
+            raise StructEnvError(
+                f"{self._dropped_in_a_row} groups in a row were dropped; giving up "
+                "(raise max_consecutive_dropped_groups or fix the failures above)"
+            )

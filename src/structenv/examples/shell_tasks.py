@@ -1,0 +1,289 @@
+"""ShellTasksEnv: fix a small repo or produce a file, verified by running its tests in the slot.
+
+Each task (see ``_shell_data.py``) is a tiny workspace written into the trajectory's slot by
+:meth:`ShellTasksEnv.setup_trajectory_workspace`: source files, ``tests/test_*.py`` and a
+``run_tests.sh`` helper the agent may call. After the agent finishes,
+:meth:`ShellTasksEnv.verify_and_score_trajectory` runs in the same slot: it restores the test
+files (edits to them do not count), runs them and scores the fraction that pass (0.0-1.0).
+
+Running the tests inside the sandbox: the env probes the slot at startup for a Python with
+pytest. With :class:`~structenv.backends.LocalBackend` the interpreter running structenv is
+bound read-only into every sandbox, so ``sys.executable -m pytest`` works when pytest is
+installed (it is with ``structenv[dev]``). If no sandbox Python has pytest, the env falls back
+to a ~20-line built-in runner executed with the sandbox's ``python3`` that calls every
+``test_*`` function (plain-assert tests only) and says so in the log (``check="runner"``).
+Verification ignores ``conftest.py`` and ini files, so the model cannot reconfigure pytest;
+it is a training signal, not a defence against an adversarial model.
+
+Run it (any OpenAI-compatible / vLLM endpoint)::
+
+    python -m structenv.examples.shell_tasks process \\
+        --env.tokenizer_name <hf tokenizer> --env.total_steps 8 --env.group_size 4 \\
+        --env.use_wandb False --env.data_path_to_save_groups out/shell.jsonl \\
+        --openai.base_url http://HOST:8000/v1 --openai.model_name <model> \\
+        --openai.api_key <key or any string> --openai.tokenizer_name <hf tokenizer> \\
+        --openai.server_type vllm --openai.health_check False
+
+(``process`` forces ``use_wandb`` on unless ``--env.use_wandb False`` is given, and the
+OpenAI client refuses to start without some ``--openai.api_key``.) ``serve`` takes the same
+flags plus ``--env.rollout_server_url`` of atroposlib's ``run-api``.
+
+``structenv demo`` runs the same env offline against a scripted policy server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import shlex
+import sys
+import xml.etree.ElementTree as ET
+from typing import Any, Literal
+
+from atroposlib.envs.base import APIServerConfig
+from pydantic import Field
+
+from .._exceptions import ConfigError
+from ..adapters import ExecTool
+from ..adapters.atropos import AgentEnv, AgentEnvConfig
+from ..agent import AgentResult, AgentTask
+from ..testing._replay import task_marker
+from ._shell_data import SHELL_TASKS, ShellTask
+
+__all__ = ["ShellTasksEnv", "ShellTasksEnvConfig", "main"]
+
+log = logging.getLogger("structenv.examples.shell_tasks")
+
+SYSTEM_PROMPT = (
+    "You are working in a sandboxed Linux workspace with a small project. Use the tools to "
+    "inspect and change files and to run commands. Run the tests with `sh run_tests.sh`. "
+    "When you are done, reply with a short summary and no tool call."
+)
+
+_REPORT = ".structenv/report.xml"
+_RUNNER_PATH = ".structenv/runner.py"
+_RUNNER = """\
+import importlib.util, json, pathlib, sys, traceback
+sys.path.insert(0, ".")
+passed = total = 0
+for path in sorted(pathlib.Path("tests").glob("test_*.py")):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        traceback.print_exc()
+        total += 1
+        continue
+    for name in sorted(dir(module)):
+        test = getattr(module, name)
+        if name.startswith("test") and callable(test):
+            total += 1
+            try:
+                test()
+            except Exception:
+                print("FAILED", path.name, name)
+                traceback.print_exc()
+            else:
+                passed += 1
+                print("PASSED", path.name, name)
+print(json.dumps({"passed": passed, "total": total}))
+sys.exit(0 if total and passed == total else 1)
+"""
+_PYTEST_ENV = {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+class ShellTasksEnvConfig(AgentEnvConfig):
+    """:class:`AgentEnvConfig` plus the task selection and the test runner.
+
+    Attributes:
+        task_ids: Tasks to cycle through (``None``: all of them).
+        check: ``"pytest"``, ``"runner"`` (built-in plain-assert runner) or ``"auto"``
+            (pytest if a sandbox Python has it).
+        check_python: Interpreter to run tests with (``None``: probe ``sys.executable``,
+            then ``python3``).
+        check_timeout_s: Deadline of one test run.
+    """
+
+    task_ids: list[str] | None = Field(default=None, description="Tasks to use (None: all).")
+    check: Literal["auto", "pytest", "runner"] = Field(
+        default="auto", description="How tests run in the sandbox."
+    )
+    check_python: str | None = Field(default=None, description="Python used to run tests.")
+    check_timeout_s: float = Field(default=60.0, gt=0, description="Deadline of a test run.")
+
+
+class ShellTasksEnv(AgentEnv):
+    """Small deterministic shell/repo tasks scored by their tests, run inside the slot."""
+
+    name = "structenv_shell_tasks"
+    env_config_cls = ShellTasksEnvConfig
+    config: ShellTasksEnvConfig
+
+    def __init__(
+        self,
+        config: ShellTasksEnvConfig,
+        server_configs: list[APIServerConfig],
+        slurm: bool = False,
+        testing: bool = False,
+    ) -> None:
+        known = {t.id: t for t in SHELL_TASKS}
+        wanted = config.task_ids if config.task_ids is not None else list(known)
+        unknown = [t for t in wanted if t not in known]
+        if unknown or not wanted:
+            raise ConfigError(f"unknown task ids {unknown}; known: {sorted(known)}")
+        self.tasks: dict[str, ShellTask] = {t: known[t] for t in wanted}
+        super().__init__(config, server_configs, slurm=slurm, testing=testing)
+        self._items = itertools.cycle(list(self.tasks))
+        self.check_mode: Literal["pytest", "runner"] = "runner"
+        self.check_python = "python3"
+
+    @classmethod
+    def config_init(cls) -> tuple[ShellTasksEnvConfig, list[APIServerConfig]]:
+        """Defaults for the CLI: group of 4, a vLLM-style server on localhost:8000."""
+        config = ShellTasksEnvConfig(
+            group_size=4, max_token_length=8192, agent_max_steps=12, use_wandb=False
+        )
+        server = APIServerConfig(
+            server_type="vllm", base_url="http://127.0.0.1:8000/v1", health_check=False
+        )
+        return config, [server]
+
+    async def setup_agent_env(self) -> None:
+        """Probe the sandbox for a Python that can run the tests.
+
+        Raises:
+            ConfigError: ``check="pytest"`` but no sandbox Python has pytest, or no Python
+                at all.
+
+        Cancellation: the probe's slot is released; nothing else changes.
+        """
+        candidates = [self.config.check_python] if self.config.check_python else []
+        candidates += [sys.executable, "python3"]
+        async with self.executor.trajectory("probe-python") as traj:
+            probe = ExecTool(traj)
+            if self.config.check != "runner":
+                for python in candidates:
+                    result = await probe.run(f"{shlex.quote(python)} -c 'import pytest'")
+                    if result.ok:
+                        self.check_mode, self.check_python = "pytest", python
+                        log.info("tests run with pytest (%s)", python)
+                        return
+                if self.config.check == "pytest":
+                    raise ConfigError("check='pytest' but no sandbox Python can import pytest")
+            for python in candidates:
+                if (await probe.run(f"{shlex.quote(python)} -c pass")).ok:
+                    self.check_mode, self.check_python = "runner", python
+                    log.warning("pytest is not available in the sandbox: using the built-in runner")
+                    return
+        raise ConfigError("no Python interpreter is usable inside the sandbox")
+
+    async def get_next_item(self) -> str:
+        """The next task id (cycling through the tasks in order).
+
+        Cancellation: nothing to undo.
+        """
+        return next(self._items)
+
+    def build_task(self, item: Any) -> AgentTask:
+        task = self.tasks[str(item)]
+        prompt = f"{task.instruction}\n\n{task_marker(task.id)}"
+        return AgentTask(prompt=prompt, system=SYSTEM_PROMPT, id=task.id)
+
+    def _test_command(self, *, report: bool) -> str:
+        python = shlex.quote(self.check_python)
+        if self.check_mode == "runner":
+            return f"{python} {_RUNNER_PATH}"
+        extra = f" --junitxml={_REPORT}" if report else ""
+        return (
+            f"{python} -m pytest -q -p no:cacheprovider --noconftest -c /dev/null "
+            f"--rootdir=. tests{extra}"
+        )
+
+    async def setup_trajectory_workspace(
+        self, item: Any, *, trajectory_id: str, exec_tool: ExecTool
+    ) -> None:
+        """Write the task's files and ``run_tests.sh`` into the slot.
+
+        Cancellation: the slot is released and not reused.
+        """
+        task = self.tasks[str(item)]
+        for path, text in task.files.items():
+            await exec_tool.write_file(path, text)
+        env = "".join(f"{k}={v} " for k, v in _PYTEST_ENV.items())
+        await exec_tool.write_file(
+            "run_tests.sh", f"#!/bin/sh\n{env}exec {self._test_command(report=False)}\n", mode=0o755
+        )
+        if self.check_mode == "runner":
+            await exec_tool.write_file(_RUNNER_PATH, _RUNNER)
+
+    async def verify_and_score_trajectory(
+        self, item: Any, result: AgentResult, *, trajectory_id: str, exec_tool: ExecTool
+    ) -> float:
+        """Restore the tests, run them in the slot, return the fraction that pass.
+
+        Cancellation: the slot is released and not reused.
+        """
+        task = self.tasks[str(item)]
+        for path, text in task.test_files.items():
+            await exec_tool.write_file(path, text)
+        if self.check_mode == "runner":
+            await exec_tool.write_file(_RUNNER_PATH, _RUNNER)
+            run = await exec_tool.run(
+                self._test_command(report=False), time_limit=self.config.check_timeout_s
+            )
+            return _runner_score(run.stdout.decode(errors="replace"))
+        await exec_tool.run("rm -f " + _REPORT)
+        await exec_tool.run(
+            self._test_command(report=True), env=_PYTEST_ENV, time_limit=self.config.check_timeout_s
+        )
+        try:
+            report = await exec_tool.read_file(_REPORT)
+        except (OSError, ValueError) as exc:
+            log.info("%s: no test report (%s): score 0", trajectory_id, exc)
+            return 0.0
+        return _junit_score(report)
+
+
+def _junit_score(report: bytes) -> float:
+    """Fraction of passed tests in a pytest JUnit XML report (0.0 if unreadable)."""
+    try:
+        root = ET.fromstring(report)
+    except ET.ParseError:
+        return 0.0
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    if suite is None:
+        return 0.0
+    total = int(suite.get("tests", "0"))
+    bad = sum(int(suite.get(k, "0")) for k in ("failures", "errors", "skipped"))
+    return max(0.0, (total - bad) / total) if total else 0.0
+
+
+def _runner_score(stdout: str) -> float:
+    """Fraction of passed tests from the built-in runner's last JSON line."""
+    import json
+
+    for line in reversed(stdout.strip().splitlines()):
+        try:
+            data = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(data, dict) and data.get("total"):
+            return float(data.get("passed", 0)) / float(data["total"])
+        return 0.0
+    return 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Atropos CLI of this env (``serve`` / ``process`` / ``evaluate``), as BaseEnv.cli().
+
+    ``argv`` replaces ``sys.argv[1:]`` (atroposlib reads ``sys.argv`` itself).
+    """
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    ShellTasksEnv.cli()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The main job: ``structenv demo`` (``structenv._demo.main``) end to end, as the README runs it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import atroposlib  # noqa: F401  (the atropos extra is part of the dev install)
+import pytest
+
+from structenv._demo import main
+from structenv.testing import child_processes
+
+
+def test_demo_runs_offline_and_writes_groups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("STRUCTENV_CACHE_DIR", str(tmp_path / "cache"))  # fresh machine
+    out = tmp_path / "out"
+    code = main(["--groups", "3", "--group-size", "2", "--out", str(out), "--seed", "3"])
+    assert code == 0
+    jsonl = out / "shell-tasks.jsonl"
+    assert (out / "shell-tasks.html").is_file()
+    assert (tmp_path / "cache").is_dir()  # the tiny tokenizer was built on first use
+    groups = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert len(groups) == 3
+    for group in groups:
+        assert len(group["tokens"]) == 2
+        for t, m, lp in zip(
+            group["tokens"], group["masks"], group["inference_logprobs"], strict=True
+        ):
+            assert t and len(t) == len(m) == len(lp)
+    printed = capsys.readouterr().out
+    for line in ("groups", "mean score", "tool calls", "wall time", str(jsonl)):
+        assert line in printed
+    assert not child_processes()
+
+
+def test_demo_second_example_and_bad_arguments(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    code = main(["--example", "data-wrangling", "--groups", "1", "--group-size", "2",
+                 "--out", str(out), "--quiet"])  # fmt: skip
+    assert code == 0
+    assert len((out / "data-wrangling.jsonl").read_text().splitlines()) == 1
+    assert main(["--groups", "0"]) == 2
+    with pytest.raises(SystemExit):
+        main(["--example", "nope"])
