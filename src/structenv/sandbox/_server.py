@@ -46,7 +46,7 @@ from .._exceptions import SandboxUnavailableError
 from .._types import DEFAULT_MAX_OUTPUT
 from . import _files
 from ._bwrap import Isolation, SlotCgroup, probe, remove_cgroup_tree
-from ._http import _STREAM_ERRORS, HTTPError, Request, Responder, serve_connection
+from .._http import _STREAM_ERRORS, HTTPError, Request, Responder, serve_connection
 from ._runtime import Limits, SlotBroken, SlotRuntime
 from ._terminal import terminal_action
 

@@ -15,7 +15,7 @@ import re
 import secrets
 from typing import Any
 
-from ._http import HTTPError
+from .._http import HTTPError
 from ._runtime import SlotRuntime
 
 __all__ = ["ACTIONS", "terminal_action"]

@@ -12,18 +12,24 @@ from ._builtin import format_exec_result as format_exec_result
 from ._client import ExternalTool as ExternalTool
 from ._client import ToolServerClient as ToolServerClient
 from ._client import ToolServerError as ToolServerError
+from ._server import ServedTool as ServedTool
+from ._server import ToolServer as ToolServer
+from ._server import serve_tool_server as serve_tool_server
 
 __all__ = [
     "ExternalTool",
     "ListFilesTool",
     "ReadFileTool",
+    "ServedTool",
     "TerminalTool",
     "Tool",
     "ToolContext",
     "ToolRegistry",
+    "ToolServer",
     "ToolServerClient",
     "ToolServerError",
     "WriteFileTool",
     "default_registry",
     "format_exec_result",
+    "serve_tool_server",
 ]

@@ -1,4 +1,4 @@
-"""Minimal HTTP/1.1 on h11 and anyio streams, for the sandbox server and its client.
+"""Minimal HTTP/1.1 server on h11 and anyio streams (the sandbox server, the ToolServer).
 
 Both ends are deliberately small: the protocol has a dozen routes, JSON or raw-byte bodies and
 one streamed NDJSON response, and a full HTTP stack costs several hundred microseconds per
