@@ -247,8 +247,8 @@ def test_config_validation() -> None:
         AgentEnvConfig(backend="kubernetes")
     with pytest.raises(ValidationError):
         AgentEnvConfig(failure_policy="retry")
-    assert available_backends() == ["local"]
-    for name in ("docker", "nomad", "modal"):
+    assert available_backends() == ["docker", "local"]
+    for name in ("nomad", "modal"):
         with pytest.raises(ConfigError, match=f"backend '{name}' is not available"):
             create_backend(name, BackendSettings())
     with pytest.raises(ConfigError, match="max_hosts"):
@@ -260,8 +260,8 @@ def test_env_rejects_unavailable_backend_and_unknown_toolset(tokenizer_dir: Path
 
     api = [APIServerConfig(server_type="vllm", tokenizer_name=str(tokenizer_dir))]
     base = dict(tokenizer_name=str(tokenizer_dir), use_wandb=False)
-    with pytest.raises(ConfigError, match="backend 'docker' is not available"):
-        RecordingEnv(AgentEnvConfig(backend="docker", **base), api, FakeBackend())
+    with pytest.raises(ConfigError, match="backend 'nomad' is not available"):
+        RecordingEnv(AgentEnvConfig(backend="nomad", **base), api, FakeBackend())
     with pytest.raises(ConfigError, match="unknown toolset"):
         RecordingEnv(AgentEnvConfig(enabled_toolsets=["nope"], **base), api, FakeBackend())
 

@@ -41,6 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     forwarded = {
         "demo": "structenv._demo",
         "policy-server": "structenv.testing._policy_server",
+        "image": "structenv._image",
+        "reap": "structenv._reap",
     }
     if argv and argv[0] in forwarded:
         return _forward(forwarded[argv[0]], argv[1:])
@@ -52,10 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="run the shell-tasks example env end to end (offline)")
     sub.add_parser("policy-server", help="run the scripted policy server")
+    sub.add_parser("image", help="build the sandbox image locally (no registry needed)")
+    sub.add_parser("reap", help="remove containers left behind by dead runs")
     doctor = sub.add_parser("doctor", help="report which isolation features work here")
     doctor.set_defaults(func=_doctor)
     bench = sub.add_parser("bench", help="run a benchmark; results go to benchmarks/results/")
-    bench.add_argument("which", choices=["dispatch", "exec"])
+    bench.add_argument("which", choices=["dispatch", "exec", "docker"])
     bench.add_argument("--quick", action="store_true", help="a shorter run (under 30 s)")
     bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)

@@ -85,7 +85,22 @@ def _local(settings: BackendSettings) -> SandboxBackend:
     )
 
 
-_REGISTRY: dict[str, BackendFactory] = {"local": _local}
+def _docker(settings: BackendSettings) -> SandboxBackend:
+    from ..backends import DockerBackend
+
+    if settings.require_stateful_sandbox and not settings.require_sandbox:
+        raise ConfigError("require_stateful_sandbox needs require_sandbox")
+    return DockerBackend(
+        slots_per_container=settings.slots_per_host,
+        min_containers=settings.min_hosts,
+        max_containers=settings.max_hosts,
+        allow_network=settings.allow_network,
+        require_sandbox=settings.require_sandbox,
+        **dict(settings.options),
+    )
+
+
+_REGISTRY: dict[str, BackendFactory] = {"local": _local, "docker": _docker}
 
 
 def register_backend(name: str, factory: BackendFactory, *, replace: bool = False) -> None:

@@ -1,0 +1,1029 @@
+"""DockerBackend: sandbox hosts as Docker containers, each running the structenv sandbox server.
+
+Every container runs ``python -m structenv.sandbox`` (the same server LocalBackend starts as a
+process) serving S slots, and this backend talks to it with the same client
+(:class:`~structenv.sandbox.HostClient`, :class:`~structenv.sandbox.RemoteSlot`). The Docker
+SDK is only the control plane: create, inspect, kill, remove. Every SDK call is blocking, so it
+runs in ``anyio.to_thread.run_sync`` under one :class:`anyio.CapacityLimiter`.
+
+How the backend reaches the server:
+
+* ``allow_network=False`` (the default) gives the container ``network_mode="none"``: it has
+  only a loopback interface, so no TCP connection from this host can reach it. The server
+  listens instead on a unix socket in a private host directory bind-mounted at
+  ``/run/structenv`` (never visible to slots: bubblewrap only binds ``/usr``, ``/etc`` and
+  the slot's workspace).
+* ``allow_network=True`` puts the container on a Docker network (``bridge`` by default); the
+  server listens on TCP ``0.0.0.0:8765`` inside the container with a bearer token, and the
+  backend connects to the container's address on that network (no port is published).
+
+Isolation: inside the container each slot still runs under bubblewrap. bwrap needs a user
+namespace, which Docker's default seccomp profile forbids and its masked ``/proc`` paths make
+un-mountable; so bwrap containers run with ``seccomp=unconfined`` and ``systempaths=unconfined``
+but with every capability dropped except SETUID, SETGID and SETFCAP (needed to write the user
+namespace's uid map) and ``no-new-privileges``. The server's start-up probe verifies from inside
+each slot that capabilities are gone and the network is isolated; if it fails, the backend fails
+closed (``require_sandbox=True``) or, when allowed, runs the slots unsandboxed and says so:
+``sandboxed`` is ``True`` only when bwrap isolates every slot. The container boundary (its own
+namespaces, cgroup limits, no network) is a second layer in both cases, but with
+``sandboxed=False`` the slots of one container are not isolated from each other.
+
+Ownership and cleanup: containers carry labels naming this run and its owner process (host,
+boot id, pid, pid start time; see :mod:`structenv._reap`). Closing the backend removes every
+container of its run (found by label, so even one whose creation was interrupted). If this
+process dies without closing (SIGKILL, OOM), its containers *stop* at once: the backend holds
+each container's stdin open (attached before start), the kernel closes it with the process,
+and the server (``--watch-stdin``) exits, killing every sandbox. The stopped containers (and
+any left running when that switch could not work: a daemon restart, ``exit_with_owner=False``)
+are removed by the next backend that starts with ``reap_on_start`` or by ``structenv reap``;
+live runs' containers are never touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any, Literal, Self, TypeVar
+
+import anyio
+import anyio.abc
+import tenacity
+
+from .._exceptions import BackendError, ConfigError, SandboxUnavailableError, SlotBrokenError
+from .._image import DEFAULT_TAG
+from .._reap import DOCKER_MOUNT, LABEL_RUN, ReapReport, owner_labels, reap_docker
+from .._types import DEFAULT_MAX_OUTPUT, ExecRequest, ExecResult
+from ..abc import BackendStatistics, ResultCallback, SandboxBackend, Slot
+from ..sandbox._client import HostClient, RemoteSlot, error_from_response, stream_batch
+
+__all__ = ["DEFAULT_IMAGE", "DockerBackend", "reap_containers"]
+
+logger = logging.getLogger("structenv.backends.docker")
+
+#: The image ``structenv image build`` makes (``images/build.sh``).
+DEFAULT_IMAGE = DEFAULT_TAG
+_MOUNT = DOCKER_MOUNT
+_SOCKET = "sandbox.sock"
+_PORT = 8765
+_WORKDIR = "/var/tmp/structenv-sandbox"
+_BWRAP_SECURITY: dict[str, Any] = {
+    "cap_drop": ["ALL"],
+    "cap_add": ["SETUID", "SETGID", "SETFCAP"],
+    "security_opt": ["seccomp=unconfined", "systempaths=unconfined", "no-new-privileges"],
+}
+_PLAIN_SECURITY: dict[str, Any] = {
+    "cap_drop": ["NET_RAW", "MKNOD", "AUDIT_WRITE", "SETFCAP", "NET_BIND_SERVICE"],
+    "security_opt": ["no-new-privileges"],
+}
+_T = TypeVar("_T")
+
+
+def _docker() -> Any:
+    import docker  # the only import of the SDK in structenv
+
+    return docker
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """The explicit list of Docker errors worth retrying: the engine was unreachable or busy.
+
+    Never cancellation, never ``TimeoutError`` (a deadline the caller set), never a 4xx.
+    """
+    if not isinstance(exc, Exception) or isinstance(exc, TimeoutError):
+        return False
+    import requests
+
+    if isinstance(
+        exc, (requests.exceptions.ConnectionError, requests.exceptions.ChunkedEncodingError)
+    ):
+        return True
+    errors = _docker().errors
+    if isinstance(exc, errors.APIError) and exc.status_code in (502, 503, 504):
+        return True
+    # "removal already in progress" / "container is restarting": the engine is mid-operation.
+    return isinstance(exc, errors.APIError) and exc.status_code == 409 and "in progress" in str(exc)
+
+
+def _is_gone(exc: BaseException) -> bool:
+    errors = _docker().errors
+    return isinstance(exc, errors.NotFound) or (
+        isinstance(exc, errors.APIError) and exc.status_code == 409 and "in progress" in str(exc)
+    )
+
+
+class _Engine:
+    """The Docker SDK behind a thread limiter, with retries of transient errors only."""
+
+    def __init__(self, client: Any, *, concurrency: int, attempts: int) -> None:
+        self.client = client
+        self.limiter = anyio.CapacityLimiter(concurrency)
+        self._attempts = attempts
+
+    async def call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """Run a blocking SDK call in a worker thread, retrying transient errors.
+
+        Cancellation: the thread is not abandoned (a create's result is never lost); the
+        cancellation is delivered when the call returns.
+        """
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception(_is_transient),
+            stop=tenacity.stop_after_attempt(self._attempts),
+            wait=tenacity.wait_exponential(multiplier=0.1, max=2.0),
+            sleep=anyio.sleep,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await anyio.to_thread.run_sync(
+                    functools.partial(fn, *args, **kwargs), limiter=self.limiter
+                )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _SlotState:
+    index: int
+    lease: int
+    state: str = "free"  # free | leased | resetting | broken
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Container:
+    id: str  # our name for it (the container's name, the slots' host_id)
+    docker_id: str
+    hostdir: str
+    client: HostClient
+    sandboxed: bool
+    slots: list[_SlotState]
+    alive: bool = True
+    failures: int = 0
+    idle_since: float = 0.0
+    inflight: set[anyio.CancelScope] = dataclasses.field(default_factory=set)
+    stdin: Any = None  # our end of the container's stdin (owner-death switch), or None
+
+
+class DockerSlot(RemoteSlot):
+    """A slot in a container. Calls in flight fail with :class:`~structenv.SlotBrokenError`
+    as soon as the backend sees the container die (even if the connection hangs)."""
+
+    __slots__ = ("_box",)
+
+    def __init__(self, box: _Container, index: int, lease: int) -> None:
+        super().__init__(
+            client=box.client,
+            index=index,
+            id=f"{box.id}/{index}",
+            host_id=box.id,
+            lease=lease,
+            sandboxed=box.sandboxed,
+        )
+        self._box = box
+
+    async def _call(
+        self, method: str, target: str, body: bytes = b"", ctype: str = "application/json"
+    ) -> bytes:
+        box = self._box
+        if not box.alive:
+            raise SlotBrokenError(f"container {box.id} of slot {self.id} is gone")
+        with anyio.CancelScope() as scope:
+            box.inflight.add(scope)
+            try:
+                return await super()._call(method, target, body, ctype)
+            finally:
+                box.inflight.discard(scope)
+        raise SlotBrokenError(f"container {box.id} of slot {self.id} died")
+
+    async def exec_batch(self, requests: Sequence[ExecRequest]) -> list[ExecResult]:
+        """Run several commands in this slot concurrently, in one round trip.
+
+        Cancellation: as :meth:`exec`, for every request of the batch.
+        """
+        box = self._box
+        if not box.alive:
+            raise SlotBrokenError(f"container {box.id} of slot {self.id} is gone")
+        with anyio.CancelScope() as scope:
+            box.inflight.add(scope)
+            try:
+                return await super().exec_batch(requests)
+            finally:
+                box.inflight.discard(scope)
+        raise SlotBrokenError(f"container {box.id} of slot {self.id} died")
+
+
+class DockerBackend(SandboxBackend):
+    """Sandbox hosts as Docker containers (one sandbox server with S slots per container).
+
+    Use as ``async with DockerBackend(...) as backend:``. See the module docstring for the
+    transport, the isolation and what ``sandboxed`` means here.
+
+    Args:
+        image: An image whose entrypoint is ``python3 -m structenv.sandbox`` (build one with
+            ``structenv image build``; bring your own by keeping that entrypoint).
+        slots_per_container: Slots (isolated workspaces) per container.
+        min_containers: Containers kept running (started before ``__aenter__`` returns).
+        max_containers: Upper bound when scaling up on demand (default: ``min_containers``).
+            :attr:`capacity` is ``max_containers * slots_per_container``.
+        allow_network: Give containers a network (``network``); ``False`` means
+            ``network_mode="none"``.
+        network: The Docker network used when ``allow_network`` is true.
+        require_sandbox: Fail closed at start if bubblewrap cannot isolate slots in the
+            container. With ``False``, fall back to unsandboxed slots (``sandboxed=False``).
+        isolation: ``"auto"``, ``"bwrap"`` or ``"none"`` (slots share the container).
+        memory_limit: Bytes of memory per container (and of address space per command).
+        pids_limit: Processes per container (contains fork bombs).
+        cpus: CPUs per container (``None``: no quota).
+        workspace_size: Bytes of the tmpfs holding the slots' workspaces (counts as memory).
+        runtime: A Docker runtime, e.g. ``"runsc"`` for gVisor.
+        run_id: Label of this run (default: random). Closing removes every container with it.
+        pool: Label shared by runs of the same deployment (for ``purge_on_start``/reaping).
+        reap_on_start: At start, remove containers of runs whose owner process is dead.
+        purge_on_start: At start, remove *every* container of this ``pool``, even a live
+            run's (for a deployment that must own its pool name exclusively).
+        exit_with_owner: Hold each container's stdin open from this process; the server
+            exits when it closes, so if this process dies (even by SIGKILL) its containers
+            stop at once, sandboxes and all. Their stopped records are removed by the reaper.
+        creation_concurrency: Containers being created at once.
+        creation_rate: Container creations started per second at most.
+        idle_timeout: Seconds a container above ``min_containers`` may sit with every slot
+            free before it is removed.
+        health_interval: Seconds between health checks of each container.
+        health_timeout: Seconds a health check may take.
+        start_timeout: Seconds a container may take to become ready.
+        reset_timeout: Seconds a slot reset may take before the slot is rebuilt instead.
+        sdk_concurrency: Worker threads for Docker SDK calls (the limiter's size).
+        sdk_attempts: Attempts per SDK call on transient errors (retried with backoff).
+        api_timeout: HTTP timeout of each Docker API call (bounds every blocking SDK call).
+        docker_url: Engine URL (default: from ``DOCKER_HOST``/the local socket).
+        workdir: Host directory for the unix sockets (default: a 0700 dir under /var/tmp).
+        max_output: Host-side cap on captured stdout/stderr per command.
+    """
+
+    def __init__(
+        self,
+        *,
+        image: str = DEFAULT_IMAGE,
+        slots_per_container: int = 4,
+        min_containers: int = 1,
+        max_containers: int | None = None,
+        allow_network: bool = False,
+        network: str = "bridge",
+        require_sandbox: bool = True,
+        isolation: Literal["auto", "bwrap", "none"] = "auto",
+        memory_limit: int = 2 << 30,
+        pids_limit: int = 1024,
+        cpus: float | None = None,
+        workspace_size: int = 1 << 30,
+        runtime: str | None = None,
+        run_id: str | None = None,
+        pool: str = "default",
+        reap_on_start: bool = True,
+        purge_on_start: bool = False,
+        exit_with_owner: bool = True,
+        creation_concurrency: int = 4,
+        creation_rate: float = 10.0,
+        idle_timeout: float = 60.0,
+        health_interval: float = 1.0,
+        health_timeout: float = 5.0,
+        start_timeout: float = 60.0,
+        reset_timeout: float = 20.0,
+        sdk_concurrency: int = 8,
+        sdk_attempts: int = 4,
+        api_timeout: float = 30.0,
+        docker_url: str | None = None,
+        workdir: str | None = None,
+        max_output: int = max(DEFAULT_MAX_OUTPUT, 16 << 20),
+    ) -> None:
+        max_containers = min_containers if max_containers is None else max_containers
+        if slots_per_container < 1 or min_containers < 1 or max_containers < min_containers:
+            raise ConfigError(
+                "need slots_per_container >= 1, 1 <= min_containers <= max_containers"
+            )
+        if isolation not in ("auto", "bwrap", "none"):
+            raise ConfigError(f"unknown isolation {isolation!r}")
+        if isolation == "none" and require_sandbox:
+            raise ConfigError("isolation='none' needs require_sandbox=False")
+        if creation_concurrency < 1 or creation_rate <= 0 or sdk_concurrency < 1:
+            raise ConfigError("creation_concurrency, creation_rate, sdk_concurrency must be > 0")
+        self.image = image
+        self._slots_per = slots_per_container
+        self._min = min_containers
+        self._max = max_containers
+        self._allow_network = allow_network
+        self._network = network
+        self._require_sandbox = require_sandbox
+        self._isolation = isolation
+        self._mode = "none" if isolation == "none" else "bwrap"
+        self._limits = (memory_limit, pids_limit, cpus, workspace_size, max_output)
+        self._runtime = runtime
+        self.run_id = run_id or f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.pool_name = pool
+        self._reap_on_start = reap_on_start
+        self._purge_on_start = purge_on_start
+        self._exit_with_owner = exit_with_owner
+        self._create_limiter = anyio.CapacityLimiter(creation_concurrency)
+        self._create_interval = 1.0 / creation_rate
+        self._next_create = 0.0
+        self.idle_timeout = idle_timeout
+        self.health_interval = health_interval
+        self.health_timeout = health_timeout
+        self.start_timeout = start_timeout
+        self.reset_timeout = reset_timeout
+        self._sdk = (sdk_concurrency, sdk_attempts, api_timeout, docker_url)
+        self._workdir_opt = workdir
+        self._root = ""
+        self._token = secrets.token_urlsafe(32)
+        self._engine: _Engine | None = None
+        self._containers: dict[str, _Container] = {}
+        self._creating: set[anyio.CancelScope] = set()
+        self._spawning = 0  # background creations scheduled (counted before they start)
+        self._changed = anyio.Event()
+        self._check_now = anyio.Event()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._closed = False
+        self._failure: BaseException | None = None
+        self._backoff_until = 0.0
+        self._backoff = 0.0
+        self._waiters = 0
+        self._counter = 0
+        self._stats = {"acquires": 0, "releases": 0, "leased": 0, "resets_failed": 0}
+        self._stats.update(destroyed=0, hosts_replaced=0, created=0, removed=0, scaled_down=0)
+
+    # -- properties -----------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return self._max * self._slots_per
+
+    @property
+    def sandboxed(self) -> bool:
+        return self._mode == "bwrap"
+
+    @property
+    def allow_network(self) -> bool:
+        return self._allow_network
+
+    @property
+    def transport(self) -> Literal["unix", "tcp"]:
+        """How the backend reaches the servers: a bind-mounted unix socket or TCP + token."""
+        return "tcp" if self._allow_network else "unix"
+
+    def container_ids(self) -> dict[str, str]:
+        """Docker id of every running container of this backend, by host id."""
+        return {c.id: c.docker_id for c in self._containers.values() if c.alive}
+
+    def statistics(self) -> BackendStatistics:
+        usable = sum(
+            1 for c in self._containers.values() if c.alive for s in c.slots if s.state != "broken"
+        )
+        s = self._stats
+        return BackendStatistics(
+            hosts=sum(1 for c in self._containers.values() if c.alive),
+            capacity=usable,
+            leased=s["leased"],
+            acquires=s["acquires"],
+            releases=s["releases"],
+            resets_failed=s["resets_failed"],
+            destroyed=s["destroyed"],
+            hosts_replaced=s["hosts_replaced"],
+        )
+
+    def scaling_statistics(self) -> dict[str, int]:
+        """Containers created, removed, scaled down for idleness, being created now."""
+        s = self._stats
+        return {
+            "created": s["created"],
+            "removed": s["removed"],
+            "scaled_down": s["scaled_down"],
+            "creating": max(len(self._creating), self._spawning),
+        }
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        # The maintenance task group must enclose the ``async with`` body: entered here,
+        # exited in __aexit__ after the shielded aclose() has removed every container.
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        try:
+            return await super().__aenter__()
+        except BaseException:
+            self._tg = None
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
+            raise
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await super().__aexit__(exc_type, exc, tb)
+        finally:
+            tg, self._tg = self._tg, None
+            if tg is not None:
+                tg.cancel_scope.cancel()
+                await tg.__aexit__(None, None, None)
+
+    async def _start(self) -> None:
+        if self._tg is None:
+            raise RuntimeError("use DockerBackend as `async with DockerBackend(...) as b:`")
+        concurrency, attempts, api_timeout, url = self._sdk
+        docker = _docker()
+        make = (
+            functools.partial(docker.DockerClient, base_url=url, timeout=int(api_timeout))
+            if url
+            else functools.partial(docker.from_env, timeout=int(api_timeout))
+        )
+        try:
+            client = await anyio.to_thread.run_sync(make)
+        except docker.errors.DockerException as exc:
+            raise BackendError(f"cannot reach the Docker Engine: {exc}") from exc
+        self._engine = engine = _Engine(client, concurrency=concurrency, attempts=attempts)
+        try:
+            await engine.call(client.images.get, self.image)
+        except docker.errors.ImageNotFound as exc:
+            raise BackendError(
+                f"image {self.image!r} not found: build it with `structenv image build`"
+            ) from exc
+        except docker.errors.DockerException as exc:
+            raise BackendError(f"cannot reach the Docker Engine: {exc}") from exc
+        if self._reap_on_start:
+            report = await engine.call(reap_docker, client, pool=None)
+            if report.removed:
+                logger.warning("removed %d container(s) of dead runs", len(report.removed))
+        if self._purge_on_start:
+            report = await engine.call(reap_docker, client, pool=self.pool_name, purge=True)
+            if report.removed:
+                logger.warning(
+                    "purged %d container(s) of pool %s", len(report.removed), self.pool_name
+                )
+        self._root = await anyio.to_thread.run_sync(self._make_root)
+        try:
+            first = await self._create()
+        except SandboxUnavailableError as exc:
+            if self._isolation != "auto" or self._require_sandbox:
+                raise
+            # Allowed by require_sandbox=False: say so loudly, and in every result.
+            logger.warning("bubblewrap unusable in the container (%s): UNSANDBOXED slots", exc)
+            self._mode = "none"
+            first = await self._create()
+        if not first.sandboxed and self._require_sandbox:
+            raise SandboxUnavailableError("sandbox container started without isolation")
+        async with anyio.create_task_group() as starters:
+            for _ in range(self._min - 1):
+                starters.start_soon(self._create)
+        self._tg.start_soon(self._maintain)
+
+    def _make_root(self) -> str:
+        if self._workdir_opt:
+            os.makedirs(self._workdir_opt, mode=0o700, exist_ok=True)
+            return tempfile.mkdtemp(prefix="docker-", dir=self._workdir_opt)
+        base = "/var/tmp" if os.path.isdir("/var/tmp") else None
+        return tempfile.mkdtemp(prefix=f"structenv-docker-{os.getpid()}-", dir=base)
+
+    async def _create(self) -> _Container:
+        """Create one container through the creation limiter and wait until it serves.
+
+        Cancellation: a container that was created is removed (shielded, bounded); one whose
+        creation call was still running is removed by :meth:`aclose`'s sweep by label.
+        """
+        with anyio.CancelScope() as scope:
+            self._creating.add(scope)
+            try:
+                async with self._create_limiter:
+                    now = anyio.current_time()
+                    start_at = max(now, self._next_create)
+                    self._next_create = start_at + self._create_interval
+                    await anyio.sleep(start_at - now)
+                    return await self._create_now()
+            finally:
+                self._creating.discard(scope)
+                self._notify()
+        raise BackendError("backend closed while a container was being created")
+
+    async def _create_now(self) -> _Container:
+        if self._closed:
+            raise BackendError("backend is closed")
+        engine = self._engine
+        assert engine is not None
+        self._counter += 1
+        name = f"structenv-{self.run_id}-{self._counter}"
+        hostdir = os.path.join(self._root, name)
+        docker_id: str | None = None
+        stdin: Any = None
+        try:
+            await anyio.to_thread.run_sync(functools.partial(os.makedirs, hostdir, mode=0o700))
+            create, host_config = self._create_spec(name, hostdir)
+            created, stdin = await engine.call(
+                _create_and_start, engine.client.api, self.image, create, host_config
+            )
+            docker_id = created
+            self._stats["created"] += 1
+            with anyio.fail_after(self.start_timeout):
+                box = await self._wait_ready(created, name, hostdir)
+        except BaseException as exc:
+            _close_stdin(stdin)
+            with anyio.move_on_after(self.close_grace, shield=True):
+                if docker_id is not None:
+                    await self._remove(docker_id)
+                await anyio.to_thread.run_sync(shutil.rmtree, hostdir, True)
+            if isinstance(exc, Exception) and not isinstance(
+                exc, (BackendError, SandboxUnavailableError, TimeoutError)
+            ):
+                raise BackendError(f"sandbox container failed to start: {exc!r}") from exc
+            if isinstance(exc, TimeoutError):
+                raise BackendError(
+                    f"sandbox container {name} not ready within {self.start_timeout}s"
+                ) from exc
+            raise
+        box.stdin = stdin
+        self._containers[box.id] = box
+        self._backoff = 0.0
+        self._notify()
+        return box
+
+    def _create_spec(self, name: str, hostdir: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Arguments of ``create_container`` and of ``create_host_config``."""
+        memory, pids, cpus, workspace, max_output = self._limits
+        command = [
+            "--slots", str(self._slots_per), "--workdir", f"{_WORKDIR}/w", "--name", name[-40:],
+            "--isolation", self._mode, "--cgroup", "off", "--memory", str(memory),
+            "--max-output", str(max_output),
+        ]  # fmt: skip
+        if self._allow_network or self._mode == "none":
+            # With isolation "none" the container's own (absent) network is the isolation.
+            command.append("--allow-network")
+        if self._allow_network:
+            command += ["--host", "0.0.0.0", "--port", str(_PORT)]
+        else:
+            command += ["--socket", f"{_MOUNT}/{_SOCKET}"]
+        if self._exit_with_owner:
+            command.append("--watch-stdin")
+        create: dict[str, Any] = {
+            "stdin_open": self._exit_with_owner,
+            "command": command,
+            "name": name,
+            "labels": owner_labels(backend="docker", run_id=self.run_id, pool=self.pool_name),
+            "environment": {"STRUCTENV_SANDBOX_TOKEN": self._token},
+            "volumes": [_MOUNT],
+        }
+        host: dict[str, Any] = {
+            "binds": {hostdir: {"bind": _MOUNT, "mode": "rw"}},
+            "init": True,
+            "tmpfs": {_WORKDIR: f"rw,exec,size={workspace}"},
+            "mem_limit": memory,
+            "memswap_limit": memory,
+            "pids_limit": pids,
+            "network_mode": self._network if self._allow_network else "none",
+            **(_BWRAP_SECURITY if self._mode == "bwrap" else _PLAIN_SECURITY),
+        }
+        if cpus is not None:
+            host["nano_cpus"] = int(cpus * 1e9)
+        if self._runtime:
+            host["runtime"] = self._runtime
+        return create, host
+
+    async def _wait_ready(self, docker_id: str, name: str, hostdir: str) -> _Container:
+        engine = self._engine
+        assert engine is not None
+        if self._allow_network:
+            attrs = await engine.call(engine.client.api.inspect_container, docker_id)
+            networks = attrs["NetworkSettings"]["Networks"]
+            address = next(iter(networks.values()))["IPAddress"]
+            client = HostClient(host=address, port=_PORT, token=self._token)
+        else:
+            client = HostClient(uds=os.path.join(hostdir, _SOCKET), token=self._token)
+        delay, checked = 0.01, anyio.current_time()
+        try:
+            while True:
+                try:
+                    status, body = await client.request("GET", "/v1/health")
+                except anyio.BrokenResourceError:
+                    pass
+                else:
+                    if status != 200:
+                        raise error_from_response(status, body)
+                    health = json.loads(body)
+                    break
+                if anyio.current_time() - checked > 0.5:
+                    checked = anyio.current_time()
+                    await self._check_exited(docker_id)
+                await anyio.sleep(delay)
+                delay = min(delay * 1.5, 0.1)
+        except BaseException:
+            with anyio.move_on_after(1, shield=True):
+                await client.aclose()
+            raise
+        slots = [_SlotState(s["index"], int(s["lease"])) for s in health["slots"]]
+        return _Container(
+            id=name,
+            docker_id=docker_id,
+            hostdir=hostdir,
+            client=client,
+            sandboxed=bool(health.get("sandboxed")),
+            slots=slots,
+            idle_since=anyio.current_time(),
+        )
+
+    async def _check_exited(self, docker_id: str) -> None:
+        """Raise if the container exited during start-up (with what its server said)."""
+        engine = self._engine
+        assert engine is not None
+        attrs = await engine.call(engine.client.api.inspect_container, docker_id)
+        if attrs["State"]["Status"] not in ("exited", "dead"):
+            return
+        logs = await engine.call(
+            engine.client.api.logs, docker_id, stdout=True, stderr=True, tail=50
+        )
+        text = logs.decode(errors="replace")
+        for line in text.splitlines():
+            if line.startswith("{"):
+                try:
+                    info = json.loads(line)
+                except ValueError:
+                    continue
+                if info.get("error") == "sandbox_unavailable":
+                    raise SandboxUnavailableError(f"in the container: {info.get('message')}")
+        raise BackendError(f"sandbox container exited during start-up: {text[-2000:]}")
+
+    async def aclose(self) -> None:
+        """Remove every container of this run and the socket directory. Idempotent.
+
+        Cancellation: shielded and bounded by ``close_grace`` (each SDK call is also bounded
+        by ``api_timeout``); containers are found by their run label, so one whose creation
+        was interrupted is removed too.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._notify()
+        with anyio.move_on_after(self.close_grace, shield=True):
+            for scope in list(self._creating):
+                scope.cancel()
+            while self._creating:  # creation threads cannot be abandoned: let them return
+                await self._changed.wait()
+            boxes = list(self._containers.values())
+            for box in boxes:
+                self._retire(box)
+            async with anyio.create_task_group() as tg:
+                for box in boxes:
+                    tg.start_soon(self._discard, box)
+            if self._engine is not None:
+                await self._sweep()
+                await anyio.to_thread.run_sync(self._engine.client.close)
+            if self._root:
+                await anyio.to_thread.run_sync(shutil.rmtree, self._root, True)
+
+    async def _sweep(self) -> None:
+        engine = self._engine
+        assert engine is not None
+        try:
+            leftovers = await engine.call(
+                engine.client.containers.list,
+                all=True,
+                sparse=True,
+                filters={"label": f"{LABEL_RUN}={self.run_id}"},
+            )
+        except Exception as exc:
+            logger.error("cannot list containers of run %s: %r", self.run_id, exc)
+            return
+        async with anyio.create_task_group() as tg:
+            for container in leftovers:
+                tg.start_soon(self._remove, str(container.id))
+
+    async def _remove(self, docker_id: str) -> None:
+        engine = self._engine
+        assert engine is not None
+        try:
+            await engine.call(engine.client.api.remove_container, docker_id, force=True, v=True)
+            self._stats["removed"] += 1
+        except Exception as exc:
+            if not _is_gone(exc):
+                logger.error("cannot remove container %s: %r", docker_id[:12], exc)
+
+    async def _discard(self, box: _Container) -> None:
+        _close_stdin(box.stdin)
+        await box.client.aclose()
+        await self._remove(box.docker_id)
+        await anyio.to_thread.run_sync(shutil.rmtree, box.hostdir, True)
+
+    def _retire(self, box: _Container) -> None:
+        """Forget a container: none of its slots is handed out again; calls in flight on it
+        fail with SlotBrokenError at once (synchronous: cannot be interrupted half-way)."""
+        box.alive = False
+        for s in box.slots:
+            if s.state != "leased":
+                s.state = "broken"
+        for scope in list(box.inflight):
+            scope.cancel()
+        self._containers.pop(box.id, None)
+        self._notify()
+
+    # -- maintenance: health, replacement, scaling ----------------------------------------
+
+    async def _maintain(self) -> None:
+        while not self._closed:
+            with anyio.move_on_after(self.health_interval):
+                await self._check_now.wait()
+            self._check_now = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                for box in list(self._containers.values()):
+                    tg.start_soon(self._health_check, box)
+            self._scale_down()
+            self._scale_up()
+
+    async def _health_check(self, box: _Container) -> None:
+        ok = False
+        with anyio.move_on_after(self.health_timeout):
+            try:
+                status, _ = await box.client.request("GET", "/v1/health")
+                ok = status == 200
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                box.failures += 1  # refused / reset: the server is gone, count it twice
+        if ok:
+            box.failures = 0
+            return
+        box.failures += 1
+        if box.failures >= 2 and box.alive and not self._closed:
+            logger.error("sandbox container %s is dead; replacing it", box.id)
+            self._stats["hosts_replaced"] += 1
+            self._retire(box)
+            assert self._tg is not None
+            self._tg.start_soon(self._discard, box)
+
+    def _scale_down(self) -> None:
+        now = anyio.current_time()
+        boxes = [c for c in self._containers.values() if c.alive]
+        excess = len(boxes) - self._min
+        for box in sorted(boxes, key=lambda c: c.idle_since):
+            if excess <= 0 or self._waiters:
+                return
+            if all(s.state == "free" for s in box.slots) and now - box.idle_since > (
+                self.idle_timeout
+            ):
+                logger.info("removing idle sandbox container %s", box.id)
+                self._stats["scaled_down"] += 1
+                self._retire(box)
+                assert self._tg is not None
+                self._tg.start_soon(self._discard, box)
+                excess -= 1
+
+    def _scale_up(self) -> None:
+        """Start creations so running + starting containers cover demand (>= min, <= max)."""
+        if self._closed or self._tg is None or anyio.current_time() < self._backoff_until:
+            return
+        demand = self._stats["leased"] + self._waiters
+        live = [c for c in self._containers.values() if c.alive]
+        free = sum(1 for c in live for s in c.slots if s.state in ("free", "resetting"))
+        target = len(live)
+        if self._waiters > free:
+            target = max(target, math.ceil(demand / self._slots_per))
+        target = min(self._max, max(self._min, target))
+        for _ in range(target - len(live) - self._spawning):
+            self._spawning += 1
+            self._tg.start_soon(self._create_in_background)
+
+    async def _create_in_background(self) -> None:
+        try:
+            await self._create()
+        except (BackendError, SandboxUnavailableError) as exc:
+            logger.error("creating a sandbox container failed: %r", exc)
+            self._failure = exc
+            self._backoff = min(30.0, max(0.5, self._backoff * 2))
+            self._backoff_until = anyio.current_time() + self._backoff
+        finally:
+            self._spawning -= 1
+            self._notify()
+
+    # -- slots ----------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def _take_free(self) -> DockerSlot | None:
+        best: tuple[int, _Container, _SlotState] | None = None
+        for box in self._containers.values():
+            if not box.alive:
+                continue
+            free = [s for s in box.slots if s.state == "free"]
+            if free and (best is None or len(free) > best[0]):
+                best = (len(free), box, free[0])
+        if best is None:
+            return None
+        _, box, state = best
+        state.state = "leased"
+        self._stats["acquires"] += 1
+        self._stats["leased"] += 1
+        return DockerSlot(box, state.index, state.lease)
+
+    async def acquire_slot(self) -> Slot:
+        """Lease a clean slot; scale up (through the creation limiter) if all are busy.
+
+        Raises:
+            BackendError: The backend is closed, or no container runs and none can be made.
+
+        Cancellation: nothing is leased. A container whose creation this call triggered
+        keeps starting and joins the backend (removed on scale-down or close).
+        """
+        self._waiters += 1
+        try:
+            while True:
+                if self._closed:
+                    raise BackendError("backend is closed")
+                slot = self._take_free()
+                if slot is not None:
+                    return slot
+                starting = self._creating or self._spawning
+                if self._failure is not None and not self._containers and not starting:
+                    raise BackendError("no sandbox container is running") from self._failure
+                self._scale_up()
+                await self._changed.wait()
+        finally:
+            self._waiters -= 1
+
+    def _lookup(self, slot: Slot) -> tuple[_Container | None, _SlotState | None]:
+        box = self._containers.get(slot.host_id)
+        if box is None or not isinstance(slot, DockerSlot):
+            return None, None
+        return box, box.slots[slot.index]
+
+    async def release_slot(self, slot: Slot, *, reusable: bool) -> None:
+        """Reset the slot for the next owner, or destroy it (new sandbox, new lease).
+
+        Cancellation: the slot is quarantined and rebuilt in the background; it is never
+        handed out before that finishes.
+        """
+        self._stats["releases"] += 1
+        self._stats["leased"] -= 1
+        box, state = self._lookup(slot)
+        if box is None or state is None or not box.alive:
+            self._stats["destroyed"] += 1  # its container is gone, and the slot with it
+            self._notify()
+            return
+        state.state = "resetting"
+        hard = not reusable or not slot.reusable
+        body = json.dumps({"slot": state.index, "lease": slot.lease, "hard": hard}).encode()
+        try:
+            with anyio.fail_after(self.reset_timeout):
+                status, data = await box.client.request("POST", "/v1/reset", body)
+            if status != 200:
+                raise error_from_response(status, data)
+            state.lease = int(json.loads(data)["lease"])
+        except BaseException as exc:
+            if not hard:
+                self._stats["resets_failed"] += 1
+            self._stats["destroyed"] += 1
+            if self._tg is not None and not self._closed:
+                self._tg.start_soon(self._destroy, box, state)
+            if isinstance(exc, anyio.BrokenResourceError):
+                self._check_now.set()  # the container may be dead: check it now
+            if not isinstance(exc, Exception):
+                raise  # cancellation: never converted
+            logger.warning("reset of %s failed (%r); destroying it", slot.id, exc)
+            return
+        if hard:
+            self._stats["destroyed"] += 1
+        self._free(box, state)
+
+    def _free(self, box: _Container, state: _SlotState) -> None:
+        if box.alive:
+            state.state = "free"
+            if all(s.state == "free" for s in box.slots):
+                box.idle_since = anyio.current_time()
+        self._notify()
+
+    async def _destroy(self, box: _Container, state: _SlotState) -> None:
+        """Rebuild a quarantined slot from scratch (control-plane reset, no lease needed)."""
+        body = json.dumps({"slot": state.index, "lease": None, "hard": True}).encode()
+        try:
+            with anyio.fail_after(self.start_timeout):
+                status, data = await box.client.request("POST", "/v1/reset", body)
+            if status != 200:
+                raise error_from_response(status, data)
+            state.lease = int(json.loads(data)["lease"])
+        except Exception as exc:
+            logger.error("slot %s/%d cannot be rebuilt (%r); retired", box.id, state.index, exc)
+            state.state = "broken"
+            self._check_now.set()
+            self._notify()
+            return
+        self._free(box, state)
+
+    async def exec_batch(
+        self, calls: Sequence[tuple[Slot, ExecRequest]], on_result: ResultCallback
+    ) -> None:
+        """Run calls with one streamed request per container; results arrive as each ends.
+
+        Calls on a container that dies get :class:`~structenv.SlotBrokenError` as soon as
+        the backend notices (connection loss or a failed health check).
+
+        Cancellation: the servers kill every unfinished command; ``on_result`` is not called
+        for them.
+        """
+        groups: dict[str, list[tuple[int, int, int, ExecRequest]]] = {}
+        for i, (slot, request) in enumerate(calls):
+            box, _ = self._lookup(slot)
+            if box is None or not box.alive or not isinstance(slot, DockerSlot):
+                on_result(i, SlotBrokenError(f"slot {slot.id} has no running container"))
+                continue
+            groups.setdefault(box.id, []).append((i, slot.index, slot.lease, request))
+        async with anyio.create_task_group() as tg:
+            for box_id, group in groups.items():
+                tg.start_soon(self._guarded_batch, self._containers[box_id], group, on_result)
+
+    async def _guarded_batch(
+        self,
+        box: _Container,
+        group: list[tuple[int, int, int, ExecRequest]],
+        on_result: ResultCallback,
+    ) -> None:
+        pending = {i for i, *_ in group}
+
+        def deliver(i: int, value: ExecResult | Exception) -> None:
+            pending.discard(i)
+            if isinstance(value, SlotBrokenError):
+                self._check_now.set()
+            on_result(i, value)
+
+        with anyio.CancelScope() as scope:
+            box.inflight.add(scope)
+            try:
+                await stream_batch(box.client, group, deliver)
+            finally:
+                box.inflight.discard(scope)
+        if scope.cancelled_caught:
+            for i in sorted(pending):
+                on_result(i, SlotBrokenError(f"container {box.id} died"))
+
+
+def _close_stdin(stdin: Any) -> None:
+    """Close our end of a container's stdin (the SDK's SocketIO and the socket under it)."""
+    if stdin is not None:
+        raw = getattr(stdin, "_sock", None)
+        stdin.close()
+        if raw is not None:
+            raw.close()
+
+
+def _create_and_start(
+    api: Any, image: str, create: dict[str, Any], host: dict[str, Any]
+) -> tuple[str, Any]:
+    """Create and start a container (blocking); remove it again if it cannot start.
+
+    With ``stdin_open``, our end of its stdin is attached before it starts and returned:
+    the server (``--watch-stdin``) exits when this process closes it or dies.
+
+    ``systempaths=unconfined`` has no SDK keyword: it is the empty MaskedPaths/ReadonlyPaths
+    of the host config (what ``docker run --security-opt systempaths=unconfined`` sends).
+    """
+    host = dict(host)
+    unmask = "systempaths=unconfined" in host.get("security_opt", [])
+    if unmask:
+        host["security_opt"] = [o for o in host["security_opt"] if o != "systempaths=unconfined"]
+    config = api.create_host_config(**host)
+    if unmask:
+        config["MaskedPaths"] = []
+        config["ReadonlyPaths"] = []
+    docker_id = str(api.create_container(image, host_config=config, **create)["Id"])
+    stdin = None
+    try:
+        if create.get("stdin_open"):
+            stdin = api.attach_socket(docker_id, params={"stdin": 1, "stream": 1})
+        api.start(docker_id)
+    except BaseException:
+        _close_stdin(stdin)
+        api.remove_container(docker_id, force=True, v=True)
+        raise
+    return docker_id, stdin
+
+
+# -- reaping ---------------------------------------------------------------------------------
+
+
+def reap_containers(
+    *, docker_url: str | None = None, pool: str | None = None, dry_run: bool = False
+) -> ReapReport:
+    """Remove containers left by dead structenv runs (blocking; ``structenv reap``).
+
+    Only containers whose owner process is gone on this host are removed; live runs' and
+    other hosts' containers are reported and left alone.
+    """
+    docker = _docker()
+    client = docker.DockerClient(base_url=docker_url) if docker_url else docker.from_env()
+    try:
+        return reap_docker(client, pool=pool, dry_run=dry_run)
+    finally:
+        client.close()
