@@ -15,12 +15,17 @@ from ._client import ToolServerError as ToolServerError
 from ._server import ServedTool as ServedTool
 from ._server import ToolServer as ToolServer
 from ._server import serve_tool_server as serve_tool_server
+from ._stateful import StatefulTerminalTool as StatefulTerminalTool
+from ._stateful import TerminalSlot as TerminalSlot
+from ._stateful import TmuxTool as TmuxTool
 
 __all__ = [
     "ExternalTool",
     "ListFilesTool",
     "ReadFileTool",
     "ServedTool",
+    "StatefulTerminalTool",
+    "TerminalSlot",
     "TerminalTool",
     "Tool",
     "ToolContext",
@@ -28,6 +33,7 @@ __all__ = [
     "ToolServer",
     "ToolServerClient",
     "ToolServerError",
+    "TmuxTool",
     "WriteFileTool",
     "default_registry",
     "format_exec_result",

@@ -8,6 +8,7 @@ from typing import Any
 from .._exceptions import StructEnvError
 from .._types import ExecRequest, ExecResult, ToolCall, ToolResult
 from ._base import Tool, ToolContext, ToolRegistry
+from ._stateful import StatefulTerminalTool, TmuxTool
 
 __all__ = [
     "ListFilesTool",
@@ -164,13 +165,22 @@ def default_registry() -> ToolRegistry:
     """The built-in tools with the original design's toolsets.
 
     ``default`` = terminal + read_file + write_file; ``filesystem`` = read_file + write_file +
-    list_files; ``terminal`` = terminal.
+    list_files; ``terminal`` = terminal; ``terminal_stateful`` = stateful_terminal + tmux
+    (sandbox-server backends only).
     """
     return ToolRegistry(
-        [TerminalTool(), ReadFileTool(), WriteFileTool(), ListFilesTool()],
+        [
+            TerminalTool(),
+            ReadFileTool(),
+            WriteFileTool(),
+            ListFilesTool(),
+            StatefulTerminalTool(),
+            TmuxTool(),
+        ],
         toolsets={
             "default": ["terminal", "read_file", "write_file"],
             "filesystem": ["read_file", "write_file", "list_files"],
             "terminal": ["terminal"],
+            "terminal_stateful": ["stateful_terminal", "tmux"],
         },
     )
