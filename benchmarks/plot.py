@@ -39,25 +39,45 @@ def _dispatch(data: dict[str, Any], plt: Any) -> Path:
 
 
 def _exec(data: dict[str, Any], plt: Any) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4))
-    rows = data.get("structenv", data.get("results", []))
-    labels = [str(r.get("concurrency", r.get("label", "?"))) for r in rows]
-    ax.bar(labels, [r.get("p50_ms", 0) for r in rows], label="p50")
-    ax.bar(
-        labels,
-        [r.get("p99_ms", 0) - r.get("p50_ms", 0) for r in rows],
-        bottom=[r.get("p50_ms", 0) for r in rows],
-        alpha=0.4,
-        label="p99",
-    )
-    ax.set_xlabel("concurrent trajectories")
-    ax.set_ylabel("ms per exec of true")
-    ax.set_title("exec round trip through the full stack (bwrap sandbox)")
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for backend, run in data["runs"].items():
+        full = run["full_stack"]
+        levels = list(full)
+        xs = [int(k[1:]) for k in levels]
+        axes[0].plot(xs, [full[k]["p50_ms"] for k in levels], "o-", label=f"{backend} p50")
+        axes[0].plot(xs, [full[k]["p99_ms"] for k in levels], "x--", label=f"{backend} p99")
+        axes[1].plot(
+            xs,
+            [full[k]["throughput_per_s"] for k in levels],
+            "o-",
+            label=f"{backend} full stack",
+        )
+        for path, style in (("fork_exec", ":"), ("raw_bwrap_spawn", "-.")):
+            ref = run[path]
+            axes[1].plot(
+                [int(k[1:]) for k in ref],
+                [ref[k]["throughput_per_s"] for k in ref],
+                "s" + style,
+                label=f"{backend} {path}",
+            )
+    axes[0].set_ylabel("ms per exec of /bin/true")
+    axes[0].set_xlabel("concurrent trajectories")
+    axes[0].set_yscale("log")
+    axes[0].set_xscale("log", base=2)
+    axes[1].set_xscale("log", base=2)
+    axes[0].legend(fontsize=7)
+    axes[1].set_ylabel("commands per second")
+    axes[1].set_xlabel("concurrent callers")
+    axes[1].legend(fontsize=7)
+    fig.suptitle("exec round trip through the full stack into bwrap sandboxes")
     path = OUT / "exec.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
+
+
+def _docker(data: dict[str, Any], plt: Any) -> Path | None:
+    return None
 
 
 def main() -> int:
