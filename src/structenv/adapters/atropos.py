@@ -33,6 +33,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -127,8 +128,26 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
 
     @classmethod
     def config_init(cls) -> tuple[AgentEnvConfig, list[APIServerConfig]]:
-        """Default configuration: override to point at your inference server."""
-        return cls.env_config_cls(), [APIServerConfig(server_type="vllm", health_check=False)]
+        """Defaults for the CLI: groups of 4, a vLLM-style server on localhost:8000.
+
+        Override to point at your inference server; ``--openai.*`` flags override it too.
+        """
+        config = cls.env_config_cls(
+            group_size=4, max_token_length=8192, agent_max_steps=12, use_wandb=False
+        )
+        server = APIServerConfig(
+            server_type="vllm", base_url="http://127.0.0.1:8000/v1", health_check=False
+        )
+        return config, [server]
+
+    @classmethod
+    def cli_main(cls, argv: list[str] | None = None) -> int:
+        """atroposlib's ``serve | process | evaluate`` CLI; ``argv`` replaces ``sys.argv[1:]``
+        (atroposlib reads ``sys.argv`` itself)."""
+        if argv is not None:
+            sys.argv = [sys.argv[0], *argv]
+        cls.cli()
+        return 0
 
     # -- construction hooks ----------------------------------------------------------------
 

@@ -230,17 +230,6 @@ class DataWranglingEnv(AgentEnv):
         super().__init__(config, server_configs, slurm=slurm, testing=testing)
         self._items = itertools.cycle(list(self.tasks))
 
-    @classmethod
-    def config_init(cls) -> tuple[AgentEnvConfig, list[APIServerConfig]]:
-        """Defaults for the CLI: group of 4, a vLLM-style server on localhost:8000."""
-        config = AgentEnvConfig(
-            group_size=4, max_token_length=8192, agent_max_steps=12, use_wandb=False
-        )
-        server = APIServerConfig(
-            server_type="vllm", base_url="http://127.0.0.1:8000/v1", health_check=False
-        )
-        return config, [server]
-
     async def get_next_item(self) -> str:
         """The next task id (cycling in order).
 
@@ -280,10 +269,7 @@ class DataWranglingEnv(AgentEnv):
 
 def main(argv: list[str] | None = None) -> int:
     """Atropos CLI of this env (``serve`` / ``process`` / ``evaluate``)."""
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    DataWranglingEnv.cli()
-    return 0
+    return DataWranglingEnv.cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -138,17 +138,6 @@ class ShellTasksEnv(AgentEnv):
         self.check_mode: Literal["pytest", "runner"] = "runner"
         self.check_python = "python3"
 
-    @classmethod
-    def config_init(cls) -> tuple[ShellTasksEnvConfig, list[APIServerConfig]]:
-        """Defaults for the CLI: group of 4, a vLLM-style server on localhost:8000."""
-        config = ShellTasksEnvConfig(
-            group_size=4, max_token_length=8192, agent_max_steps=12, use_wandb=False
-        )
-        server = APIServerConfig(
-            server_type="vllm", base_url="http://127.0.0.1:8000/v1", health_check=False
-        )
-        return config, [server]
-
     async def setup_agent_env(self) -> None:
         """Probe the sandbox for a Python that can run the tests.
 
@@ -279,10 +268,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ``argv`` replaces ``sys.argv[1:]`` (atroposlib reads ``sys.argv`` itself).
     """
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
-    ShellTasksEnv.cli()
-    return 0
+    return ShellTasksEnv.cli_main(argv)
 
 
 if __name__ == "__main__":

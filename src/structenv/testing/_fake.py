@@ -310,17 +310,10 @@ class FakeBackend(SandboxBackend):
         if not slow:
             await anyio.lowlevel.checkpoint()
             return
-
-        async def run(i: int, slot: Slot, request: ExecRequest) -> None:
-            try:
-                result: ExecResult | Exception = await slot.exec(request)
-            except Exception as exc:
-                result = exc
-            on_result(i, result)
-
-        async with anyio.create_task_group() as tg:
-            for i, slot, request in slow:
-                tg.start_soon(run, i, slot, request)
+        await super().exec_batch(
+            [(slot, request) for _, slot, request in slow],
+            lambda j, result: on_result(slow[j][0], result),
+        )
 
     async def _run(self, slot: FakeSlot, request: ExecRequest) -> ExecResult:
         phys = slot._phys
