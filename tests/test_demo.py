@@ -47,3 +47,23 @@ def test_demo_second_example_and_bad_arguments(
     assert main(["--groups", "0"]) == 2
     with pytest.raises(SystemExit):
         main(["--example", "nope"])
+
+
+def test_readme_command_runs_as_a_console_script(tmp_path: Path) -> None:
+    """``structenv demo`` exactly as the README's first command ends, in a fresh process."""
+    import shutil
+    import subprocess
+
+    exe = shutil.which("structenv")
+    assert exe is not None, "the structenv console script is not installed"
+    proc = subprocess.run(
+        [exe, "demo", "--groups", "1", "--group-size", "2", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "mean score" in proc.stdout
+    assert len((tmp_path / "o" / "shell-tasks.jsonl").read_text().splitlines()) == 1
