@@ -43,10 +43,10 @@ import anyio.abc
 from anyio.abc import TaskStatus
 
 from .._exceptions import SandboxUnavailableError
+from .._http import _STREAM_ERRORS, HTTPError, Request, Responder, serve_connection
 from .._types import DEFAULT_MAX_OUTPUT
 from . import _files
 from ._bwrap import Isolation, SlotCgroup, probe, remove_cgroup_tree
-from .._http import _STREAM_ERRORS, HTTPError, Request, Responder, serve_connection
 from ._runtime import Limits, SlotBroken, SlotRuntime
 from ._terminal import terminal_action
 
