@@ -247,10 +247,13 @@ def test_config_validation() -> None:
         AgentEnvConfig(backend="kubernetes")
     with pytest.raises(ValidationError):
         AgentEnvConfig(failure_policy="retry")
-    assert available_backends() == ["docker", "local"]
-    for name in ("nomad", "modal"):
-        with pytest.raises(ConfigError, match=f"backend '{name}' is not available"):
-            create_backend(name, BackendSettings())
+    assert available_backends() == ["docker", "local", "nomad"]  # modal: SDK not installed
+    with pytest.raises(ConfigError, match=r"backend 'modal' is not available.*structenv\[modal\]"):
+        create_backend("modal", BackendSettings())
+    with pytest.raises(ConfigError, match="backend 'nope' is not available: unknown"):
+        create_backend("nope", BackendSettings())
+    nomad = create_backend("nomad", BackendSettings(slots_per_host=3, min_hosts=1, max_hosts=4))
+    assert nomad.capacity == 12
     with pytest.raises(ConfigError, match="max_hosts"):
         BackendSettings(min_hosts=2, max_hosts=1)
 
@@ -260,8 +263,8 @@ def test_env_rejects_unavailable_backend_and_unknown_toolset(tokenizer_dir: Path
 
     api = [APIServerConfig(server_type="vllm", tokenizer_name=str(tokenizer_dir))]
     base = dict(tokenizer_name=str(tokenizer_dir), use_wandb=False)
-    with pytest.raises(ConfigError, match="backend 'nomad' is not available"):
-        RecordingEnv(AgentEnvConfig(backend="nomad", **base), api, FakeBackend())
+    with pytest.raises(ConfigError, match="backend 'modal' is not available"):
+        RecordingEnv(AgentEnvConfig(backend="modal", **base), api, FakeBackend())
     with pytest.raises(ConfigError, match="unknown toolset"):
         RecordingEnv(AgentEnvConfig(enabled_toolsets=["nope"], **base), api, FakeBackend())
 

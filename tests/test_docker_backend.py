@@ -65,7 +65,7 @@ async def test_network_allowed_uses_tcp_with_token() -> None:
         try:
             r = await slot.exec(ExecRequest("echo over-tcp", timeout=10))
             assert r.exit_code == 0 and r.stdout == b"over-tcp\n" and r.sandboxed
-            box = next(iter(b._containers.values()))
+            box = next(iter(b._hosts.values()))
             # The same server without the token refuses everything.
             stranger = HostClient(host=box.client._host, port=box.client._port)
             status, body = await stranger.request("GET", "/v1/health")

@@ -216,20 +216,45 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--pool", help="only containers of this pool name")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--docker-url", help="Docker Engine URL (default: from the environment)")
+    p.add_argument(
+        "--nomad-url",
+        help="reap Nomad jobs on this cluster (e.g. http://127.0.0.1:4646) instead of containers",
+    )
+    p.add_argument("--nomad-token", help="Nomad ACL token (default: $NOMAD_TOKEN)")
     return p.parse_args(list(argv))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``structenv reap``: remove dead runs' containers; exit 1 if a removal failed."""
-    args = _parse(sys.argv[1:] if argv is None else argv)
-    from .backends._docker import reap_containers  # the docker SDK stays in the docker module
+async def _reap_nomad(args: argparse.Namespace) -> ReapReport:
+    import os
 
-    report = reap_containers(docker_url=args.docker_url, pool=args.pool, dry_run=args.dry_run)
+    import httpx
+
+    from .backends._nomad import _Nomad, reap_jobs
+
+    token = args.nomad_token or os.environ.get("NOMAD_TOKEN")
+    headers = {"X-Nomad-Token": token} if token else {}
+    async with httpx.AsyncClient(base_url=args.nomad_url, headers=headers, timeout=30) as http:
+        return await reap_jobs(_Nomad(http, attempts=4), pool=args.pool, dry_run=args.dry_run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``structenv reap``: remove dead runs' containers (or Nomad jobs); exit 1 if a removal
+    failed."""
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    what = "job(s)" if args.nomad_url else "container(s)"
+    if args.nomad_url:
+        import anyio
+
+        report = anyio.run(_reap_nomad, args)
+    else:
+        from .backends._docker import reap_containers  # the SDK stays in the docker module
+
+        report = reap_containers(docker_url=args.docker_url, pool=args.pool, dry_run=args.dry_run)
     if args.json:
         print(json.dumps(dataclasses.asdict(report), indent=2))
     else:
         verb = "would remove" if report.dry_run else "removed"
-        print(f"{verb} {len(report.removed)} container(s) of dead runs")
+        print(f"{verb} {len(report.removed)} {what} of dead runs")
         for cid in report.removed:
             print(f"  {cid}")
         print(f"left {len(report.alive)} of live runs, {len(report.foreign)} of other hosts")

@@ -1,14 +1,16 @@
 """Backend selection by name: a small registry of factories, failing closed on unknown names.
 
-``local`` is built in. ``docker``, ``nomad`` and ``modal`` are known names whose backends have
-not landed yet: asking for one is a :class:`~structenv.ConfigError` saying so, raised before
-anything starts (never a silent fallback to another backend). A backend package registers
-itself with :func:`register_backend`.
+``local``, ``docker`` and ``nomad`` are built in; ``modal`` is available when the ``modal`` SDK
+is installed (the ``modal`` extra). Asking for a backend that is not available here is a
+:class:`~structenv.ConfigError` saying so, raised before anything starts (never a silent
+fallback to another backend). A backend package registers itself with
+:func:`register_backend`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import shutil
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -100,7 +102,49 @@ def _docker(settings: BackendSettings) -> SandboxBackend:
     )
 
 
-_REGISTRY: dict[str, BackendFactory] = {"local": _local, "docker": _docker}
+def _nomad(settings: BackendSettings) -> SandboxBackend:
+    from ..backends import NomadBackend
+
+    if settings.require_stateful_sandbox and not settings.require_sandbox:
+        raise ConfigError("require_stateful_sandbox needs require_sandbox")
+    return NomadBackend(
+        slots_per_allocation=settings.slots_per_host,
+        min_allocations=settings.min_hosts,
+        max_allocations=settings.max_hosts,
+        allow_network=settings.allow_network,
+        require_sandbox=settings.require_sandbox,
+        **dict(settings.options),
+    )
+
+
+def _modal(settings: BackendSettings) -> SandboxBackend:
+    from ..backends import ModalBackend
+
+    if settings.require_stateful_sandbox and not settings.require_sandbox:
+        raise ConfigError("require_stateful_sandbox needs require_sandbox")
+    return ModalBackend(
+        slots_per_sandbox=settings.slots_per_host,
+        min_sandboxes=settings.min_hosts,
+        max_sandboxes=settings.max_hosts,
+        allow_network=settings.allow_network,
+        require_sandbox=settings.require_sandbox,
+        **dict(settings.options),
+    )
+
+
+_REGISTRY: dict[str, BackendFactory] = {
+    "local": _local,
+    "docker": _docker,
+    "nomad": _nomad,
+    "modal": _modal,
+}
+#: Backends that need an optional SDK (module name), and the extra that installs it.
+_REQUIRES: dict[str, tuple[str, str]] = {"modal": ("modal", "modal")}
+
+
+def _installed(name: str) -> bool:
+    module, _ = _REQUIRES.get(name, ("", ""))
+    return not module or importlib.util.find_spec(module) is not None
 
 
 def register_backend(name: str, factory: BackendFactory, *, replace: bool = False) -> None:
@@ -116,13 +160,18 @@ def register_backend(name: str, factory: BackendFactory, *, replace: bool = Fals
 
 def available_backends() -> list[str]:
     """Names :func:`create_backend` can build on this installation."""
-    return sorted(_REGISTRY)
+    return sorted(name for name in _REGISTRY if _installed(name))
 
 
 def check_backend(name: str) -> None:
     """Raise :class:`~structenv.ConfigError` unless backend ``name`` can be built here."""
-    if name in _REGISTRY:
+    if name in _REGISTRY and _installed(name):
         return
+    if name in _REGISTRY:
+        raise ConfigError(
+            f"backend {name!r} is not available: its SDK is not installed "
+            f"(pip install structenv[{_REQUIRES[name][1]}])"
+        )
     if name in KNOWN_BACKENDS:
         raise ConfigError(
             f"backend {name!r} is not available in this version of structenv "

@@ -45,25 +45,23 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
-from types import TracebackType
-from typing import Any, Literal, Self, TypeVar
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
 
 import anyio
 import anyio.abc
 import tenacity
 
-from .._exceptions import BackendError, ConfigError, SandboxUnavailableError, SlotBrokenError
+from .._exceptions import BackendError, ConfigError, SandboxUnavailableError
 from .._image import DEFAULT_TAG
 from .._reap import DOCKER_MOUNT, LABEL_RUN, ReapReport, owner_labels, reap_docker
-from .._types import DEFAULT_MAX_OUTPUT, ExecRequest, ExecResult
-from ..abc import BackendStatistics, ResultCallback, SandboxBackend, Slot
-from ..sandbox._client import HostClient, RemoteSlot, error_from_response, stream_batch
+from .._types import DEFAULT_MAX_OUTPUT
+from ..sandbox._client import HostClient
+from ._hosted import Host, HostedBackend
 
 __all__ = ["DEFAULT_IMAGE", "DockerBackend", "reap_containers"]
 
@@ -149,77 +147,14 @@ class _Engine:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-@dataclasses.dataclass(slots=True, eq=False)
-class _SlotState:
-    index: int
-    lease: int
-    state: str = "free"  # free | leased | resetting | broken
-
-
-@dataclasses.dataclass(slots=True, eq=False)
-class _Container:
-    id: str  # our name for it (the container's name, the slots' host_id)
+@dataclasses.dataclass(eq=False, kw_only=True)
+class _Container(Host):
     docker_id: str
     hostdir: str
-    client: HostClient
-    sandboxed: bool
-    slots: list[_SlotState]
-    alive: bool = True
-    failures: int = 0
-    idle_since: float = 0.0
-    inflight: set[anyio.CancelScope] = dataclasses.field(default_factory=set)
     stdin: Any = None  # our end of the container's stdin (owner-death switch), or None
 
 
-class DockerSlot(RemoteSlot):
-    """A slot in a container. Calls in flight fail with :class:`~structenv.SlotBrokenError`
-    as soon as the backend sees the container die (even if the connection hangs)."""
-
-    __slots__ = ("_box",)
-
-    def __init__(self, box: _Container, index: int, lease: int) -> None:
-        super().__init__(
-            client=box.client,
-            index=index,
-            id=f"{box.id}/{index}",
-            host_id=box.id,
-            lease=lease,
-            sandboxed=box.sandboxed,
-        )
-        self._box = box
-
-    async def _call(
-        self, method: str, target: str, body: bytes = b"", ctype: str = "application/json"
-    ) -> bytes:
-        box = self._box
-        if not box.alive:
-            raise SlotBrokenError(f"container {box.id} of slot {self.id} is gone")
-        with anyio.CancelScope() as scope:
-            box.inflight.add(scope)
-            try:
-                return await super()._call(method, target, body, ctype)
-            finally:
-                box.inflight.discard(scope)
-        raise SlotBrokenError(f"container {box.id} of slot {self.id} died")
-
-    async def exec_batch(self, requests: Sequence[ExecRequest]) -> list[ExecResult]:
-        """Run several commands in this slot concurrently, in one round trip.
-
-        Cancellation: as :meth:`exec`, for every request of the batch.
-        """
-        box = self._box
-        if not box.alive:
-            raise SlotBrokenError(f"container {box.id} of slot {self.id} is gone")
-        with anyio.CancelScope() as scope:
-            box.inflight.add(scope)
-            try:
-                return await super().exec_batch(requests)
-            finally:
-                box.inflight.discard(scope)
-        raise SlotBrokenError(f"container {box.id} of slot {self.id} died")
-
-
-class DockerBackend(SandboxBackend):
+class DockerBackend(HostedBackend):
     """Sandbox hosts as Docker containers (one sandbox server with S slots per container).
 
     Use as ``async with DockerBackend(...) as backend:``. See the module docstring for the
@@ -313,13 +248,22 @@ class DockerBackend(SandboxBackend):
             raise ConfigError("isolation='none' needs require_sandbox=False")
         if creation_concurrency < 1 or creation_rate <= 0 or sdk_concurrency < 1:
             raise ConfigError("creation_concurrency, creation_rate, sdk_concurrency must be > 0")
+        super().__init__(
+            slots_per_host=slots_per_container,
+            min_hosts=min_containers,
+            max_hosts=max_containers,
+            require_sandbox=require_sandbox,
+            creation_concurrency=creation_concurrency,
+            creation_rate=creation_rate,
+            idle_timeout=idle_timeout,
+            health_interval=health_interval,
+            health_timeout=health_timeout,
+            start_timeout=start_timeout,
+            reset_timeout=reset_timeout,
+        )
         self.image = image
-        self._slots_per = slots_per_container
-        self._min = min_containers
-        self._max = max_containers
         self._allow_network = allow_network
         self._network = network
-        self._require_sandbox = require_sandbox
         self._isolation = isolation
         self._mode = "none" if isolation == "none" else "bwrap"
         self._limits = (memory_limit, pids_limit, cpus, workspace_size, max_output)
@@ -329,39 +273,16 @@ class DockerBackend(SandboxBackend):
         self._reap_on_start = reap_on_start
         self._purge_on_start = purge_on_start
         self._exit_with_owner = exit_with_owner
-        self._create_limiter = anyio.CapacityLimiter(creation_concurrency)
-        self._create_interval = 1.0 / creation_rate
-        self._next_create = 0.0
-        self.idle_timeout = idle_timeout
-        self.health_interval = health_interval
-        self.health_timeout = health_timeout
-        self.start_timeout = start_timeout
-        self.reset_timeout = reset_timeout
         self._sdk = (sdk_concurrency, sdk_attempts, api_timeout, docker_url)
         self._workdir_opt = workdir
         self._root = ""
         self._token = secrets.token_urlsafe(32)
         self._engine: _Engine | None = None
-        self._containers: dict[str, _Container] = {}
-        self._creating: set[anyio.CancelScope] = set()
-        self._spawning = 0  # background creations scheduled (counted before they start)
-        self._changed = anyio.Event()
-        self._check_now = anyio.Event()
-        self._tg: anyio.abc.TaskGroup | None = None
-        self._closed = False
-        self._failure: BaseException | None = None
-        self._backoff_until = 0.0
-        self._backoff = 0.0
-        self._waiters = 0
         self._counter = 0
-        self._stats = {"acquires": 0, "releases": 0, "leased": 0, "resets_failed": 0}
-        self._stats.update(destroyed=0, hosts_replaced=0, created=0, removed=0, scaled_down=0)
+
+    host_noun = "container"
 
     # -- properties -----------------------------------------------------------------------
-
-    @property
-    def capacity(self) -> int:
-        return self._max * self._slots_per
 
     @property
     def sandboxed(self) -> bool:
@@ -378,67 +299,13 @@ class DockerBackend(SandboxBackend):
 
     def container_ids(self) -> dict[str, str]:
         """Docker id of every running container of this backend, by host id."""
-        return {c.id: c.docker_id for c in self._containers.values() if c.alive}
-
-    def statistics(self) -> BackendStatistics:
-        usable = sum(
-            1 for c in self._containers.values() if c.alive for s in c.slots if s.state != "broken"
-        )
-        s = self._stats
-        return BackendStatistics(
-            hosts=sum(1 for c in self._containers.values() if c.alive),
-            capacity=usable,
-            leased=s["leased"],
-            acquires=s["acquires"],
-            releases=s["releases"],
-            resets_failed=s["resets_failed"],
-            destroyed=s["destroyed"],
-            hosts_replaced=s["hosts_replaced"],
-        )
-
-    def scaling_statistics(self) -> dict[str, int]:
-        """Containers created, removed, scaled down for idleness, being created now."""
-        s = self._stats
         return {
-            "created": s["created"],
-            "removed": s["removed"],
-            "scaled_down": s["scaled_down"],
-            "creating": max(len(self._creating), self._spawning),
+            c.id: c.docker_id for c in self._hosts.values() if c.alive and isinstance(c, _Container)
         }
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def __aenter__(self) -> Self:
-        # The maintenance task group must enclose the ``async with`` body: entered here,
-        # exited in __aexit__ after the shielded aclose() has removed every container.
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        self._tg = tg
-        try:
-            return await super().__aenter__()
-        except BaseException:
-            self._tg = None
-            tg.cancel_scope.cancel()
-            await tg.__aexit__(None, None, None)
-            raise
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            await super().__aexit__(exc_type, exc, tb)
-        finally:
-            tg, self._tg = self._tg, None
-            if tg is not None:
-                tg.cancel_scope.cancel()
-                await tg.__aexit__(None, None, None)
-
-    async def _start(self) -> None:
-        if self._tg is None:
-            raise RuntimeError("use DockerBackend as `async with DockerBackend(...) as b:`")
+    async def _prepare(self) -> None:
         concurrency, attempts, api_timeout, url = self._sdk
         docker = _docker()
         make = (
@@ -470,21 +337,17 @@ class DockerBackend(SandboxBackend):
                     "purged %d container(s) of pool %s", len(report.removed), self.pool_name
                 )
         self._root = await anyio.to_thread.run_sync(self._make_root)
+
+    async def _launch_first(self) -> Host:
         try:
-            first = await self._create()
+            return await self._launch_host()
         except SandboxUnavailableError as exc:
             if self._isolation != "auto" or self._require_sandbox:
                 raise
             # Allowed by require_sandbox=False: say so loudly, and in every result.
             logger.warning("bubblewrap unusable in the container (%s): UNSANDBOXED slots", exc)
             self._mode = "none"
-            first = await self._create()
-        if not first.sandboxed and self._require_sandbox:
-            raise SandboxUnavailableError("sandbox container started without isolation")
-        async with anyio.create_task_group() as starters:
-            for _ in range(self._min - 1):
-                starters.start_soon(self._create)
-        self._tg.start_soon(self._maintain)
+            return await self._launch_host()
 
     def _make_root(self) -> str:
         if self._workdir_opt:
@@ -493,29 +356,12 @@ class DockerBackend(SandboxBackend):
         base = "/var/tmp" if os.path.isdir("/var/tmp") else None
         return tempfile.mkdtemp(prefix=f"structenv-docker-{os.getpid()}-", dir=base)
 
-    async def _create(self) -> _Container:
-        """Create one container through the creation limiter and wait until it serves.
+    async def _launch_host(self) -> Host:
+        """Create one container and wait until its server serves.
 
         Cancellation: a container that was created is removed (shielded, bounded); one whose
         creation call was still running is removed by :meth:`aclose`'s sweep by label.
         """
-        with anyio.CancelScope() as scope:
-            self._creating.add(scope)
-            try:
-                async with self._create_limiter:
-                    now = anyio.current_time()
-                    start_at = max(now, self._next_create)
-                    self._next_create = start_at + self._create_interval
-                    await anyio.sleep(start_at - now)
-                    return await self._create_now()
-            finally:
-                self._creating.discard(scope)
-                self._notify()
-        raise BackendError("backend closed while a container was being created")
-
-    async def _create_now(self) -> _Container:
-        if self._closed:
-            raise BackendError("backend is closed")
         engine = self._engine
         assert engine is not None
         self._counter += 1
@@ -530,7 +376,6 @@ class DockerBackend(SandboxBackend):
                 _create_and_start, engine.client.api, self.image, create, host_config
             )
             docker_id = created
-            self._stats["created"] += 1
             with anyio.fail_after(self.start_timeout):
                 box = await self._wait_ready(created, name, hostdir)
         except BaseException as exc:
@@ -549,9 +394,6 @@ class DockerBackend(SandboxBackend):
                 ) from exc
             raise
         box.stdin = stdin
-        self._containers[box.id] = box
-        self._backoff = 0.0
-        self._notify()
         return box
 
     def _create_spec(self, name: str, hostdir: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -605,36 +447,21 @@ class DockerBackend(SandboxBackend):
             client = HostClient(host=address, port=_PORT, token=self._token)
         else:
             client = HostClient(uds=os.path.join(hostdir, _SOCKET), token=self._token)
-        delay, checked = 0.01, anyio.current_time()
         try:
-            while True:
-                try:
-                    status, body = await client.request("GET", "/v1/health")
-                except anyio.BrokenResourceError:
-                    pass
-                else:
-                    if status != 200:
-                        raise error_from_response(status, body)
-                    health = json.loads(body)
-                    break
-                if anyio.current_time() - checked > 0.5:
-                    checked = anyio.current_time()
-                    await self._check_exited(docker_id)
-                await anyio.sleep(delay)
-                delay = min(delay * 1.5, 0.1)
+            sandboxed, slots = await self.probe_host(
+                client, check=functools.partial(self._check_exited, docker_id)
+            )
         except BaseException:
             with anyio.move_on_after(1, shield=True):
                 await client.aclose()
             raise
-        slots = [_SlotState(s["index"], int(s["lease"])) for s in health["slots"]]
         return _Container(
             id=name,
             docker_id=docker_id,
             hostdir=hostdir,
             client=client,
-            sandboxed=bool(health.get("sandboxed")),
+            sandboxed=sandboxed,
             slots=slots,
-            idle_since=anyio.current_time(),
         )
 
     async def _check_exited(self, docker_id: str) -> None:
@@ -658,33 +485,18 @@ class DockerBackend(SandboxBackend):
                     raise SandboxUnavailableError(f"in the container: {info.get('message')}")
         raise BackendError(f"sandbox container exited during start-up: {text[-2000:]}")
 
-    async def aclose(self) -> None:
-        """Remove every container of this run and the socket directory. Idempotent.
+    async def _stop_host(self, host: Host) -> None:
+        assert isinstance(host, _Container)
+        _close_stdin(host.stdin)
+        await self._remove(host.docker_id)
+        await anyio.to_thread.run_sync(shutil.rmtree, host.hostdir, True)
 
-        Cancellation: shielded and bounded by ``close_grace`` (each SDK call is also bounded
-        by ``api_timeout``); containers are found by their run label, so one whose creation
-        was interrupted is removed too.
-        """
-        if self._closed:
-            return
-        self._closed = True
-        self._notify()
-        with anyio.move_on_after(self.close_grace, shield=True):
-            for scope in list(self._creating):
-                scope.cancel()
-            while self._creating:  # creation threads cannot be abandoned: let them return
-                await self._changed.wait()
-            boxes = list(self._containers.values())
-            for box in boxes:
-                self._retire(box)
-            async with anyio.create_task_group() as tg:
-                for box in boxes:
-                    tg.start_soon(self._discard, box)
-            if self._engine is not None:
-                await self._sweep()
-                await anyio.to_thread.run_sync(self._engine.client.close)
-            if self._root:
-                await anyio.to_thread.run_sync(shutil.rmtree, self._root, True)
+    async def _finish(self) -> None:
+        if self._engine is not None:
+            await self._sweep()
+            await anyio.to_thread.run_sync(self._engine.client.close)
+        if self._root:
+            await anyio.to_thread.run_sync(shutil.rmtree, self._root, True)
 
     async def _sweep(self) -> None:
         engine = self._engine
@@ -708,265 +520,9 @@ class DockerBackend(SandboxBackend):
         assert engine is not None
         try:
             await engine.call(engine.client.api.remove_container, docker_id, force=True, v=True)
-            self._stats["removed"] += 1
         except Exception as exc:
             if not _is_gone(exc):
                 logger.error("cannot remove container %s: %r", docker_id[:12], exc)
-
-    async def _discard(self, box: _Container) -> None:
-        _close_stdin(box.stdin)
-        await box.client.aclose()
-        await self._remove(box.docker_id)
-        await anyio.to_thread.run_sync(shutil.rmtree, box.hostdir, True)
-
-    def _retire(self, box: _Container) -> None:
-        """Forget a container: none of its slots is handed out again; calls in flight on it
-        fail with SlotBrokenError at once (synchronous: cannot be interrupted half-way)."""
-        box.alive = False
-        for s in box.slots:
-            if s.state != "leased":
-                s.state = "broken"
-        for scope in list(box.inflight):
-            scope.cancel()
-        self._containers.pop(box.id, None)
-        self._notify()
-
-    # -- maintenance: health, replacement, scaling ----------------------------------------
-
-    async def _maintain(self) -> None:
-        while not self._closed:
-            with anyio.move_on_after(self.health_interval):
-                await self._check_now.wait()
-            self._check_now = anyio.Event()
-            async with anyio.create_task_group() as tg:
-                for box in list(self._containers.values()):
-                    tg.start_soon(self._health_check, box)
-            self._scale_down()
-            self._scale_up()
-
-    async def _health_check(self, box: _Container) -> None:
-        ok = False
-        with anyio.move_on_after(self.health_timeout):
-            try:
-                status, _ = await box.client.request("GET", "/v1/health")
-                ok = status == 200
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                box.failures += 1  # refused / reset: the server is gone, count it twice
-        if ok:
-            box.failures = 0
-            return
-        box.failures += 1
-        if box.failures >= 2 and box.alive and not self._closed:
-            logger.error("sandbox container %s is dead; replacing it", box.id)
-            self._stats["hosts_replaced"] += 1
-            self._retire(box)
-            assert self._tg is not None
-            self._tg.start_soon(self._discard, box)
-
-    def _scale_down(self) -> None:
-        now = anyio.current_time()
-        boxes = [c for c in self._containers.values() if c.alive]
-        excess = len(boxes) - self._min
-        for box in sorted(boxes, key=lambda c: c.idle_since):
-            if excess <= 0 or self._waiters:
-                return
-            if all(s.state == "free" for s in box.slots) and now - box.idle_since > (
-                self.idle_timeout
-            ):
-                logger.info("removing idle sandbox container %s", box.id)
-                self._stats["scaled_down"] += 1
-                self._retire(box)
-                assert self._tg is not None
-                self._tg.start_soon(self._discard, box)
-                excess -= 1
-
-    def _scale_up(self) -> None:
-        """Start creations so running + starting containers cover demand (>= min, <= max)."""
-        if self._closed or self._tg is None or anyio.current_time() < self._backoff_until:
-            return
-        demand = self._stats["leased"] + self._waiters
-        live = [c for c in self._containers.values() if c.alive]
-        free = sum(1 for c in live for s in c.slots if s.state in ("free", "resetting"))
-        target = len(live)
-        if self._waiters > free:
-            target = max(target, math.ceil(demand / self._slots_per))
-        target = min(self._max, max(self._min, target))
-        for _ in range(target - len(live) - self._spawning):
-            self._spawning += 1
-            self._tg.start_soon(self._create_in_background)
-
-    async def _create_in_background(self) -> None:
-        try:
-            await self._create()
-        except (BackendError, SandboxUnavailableError) as exc:
-            logger.error("creating a sandbox container failed: %r", exc)
-            self._failure = exc
-            self._backoff = min(30.0, max(0.5, self._backoff * 2))
-            self._backoff_until = anyio.current_time() + self._backoff
-        finally:
-            self._spawning -= 1
-            self._notify()
-
-    # -- slots ----------------------------------------------------------------------------
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
-
-    def _take_free(self) -> DockerSlot | None:
-        best: tuple[int, _Container, _SlotState] | None = None
-        for box in self._containers.values():
-            if not box.alive:
-                continue
-            free = [s for s in box.slots if s.state == "free"]
-            if free and (best is None or len(free) > best[0]):
-                best = (len(free), box, free[0])
-        if best is None:
-            return None
-        _, box, state = best
-        state.state = "leased"
-        self._stats["acquires"] += 1
-        self._stats["leased"] += 1
-        return DockerSlot(box, state.index, state.lease)
-
-    async def acquire_slot(self) -> Slot:
-        """Lease a clean slot; scale up (through the creation limiter) if all are busy.
-
-        Raises:
-            BackendError: The backend is closed, or no container runs and none can be made.
-
-        Cancellation: nothing is leased. A container whose creation this call triggered
-        keeps starting and joins the backend (removed on scale-down or close).
-        """
-        self._waiters += 1
-        try:
-            while True:
-                if self._closed:
-                    raise BackendError("backend is closed")
-                slot = self._take_free()
-                if slot is not None:
-                    return slot
-                starting = self._creating or self._spawning
-                if self._failure is not None and not self._containers and not starting:
-                    raise BackendError("no sandbox container is running") from self._failure
-                self._scale_up()
-                await self._changed.wait()
-        finally:
-            self._waiters -= 1
-
-    def _lookup(self, slot: Slot) -> tuple[_Container | None, _SlotState | None]:
-        box = self._containers.get(slot.host_id)
-        if box is None or not isinstance(slot, DockerSlot):
-            return None, None
-        return box, box.slots[slot.index]
-
-    async def release_slot(self, slot: Slot, *, reusable: bool) -> None:
-        """Reset the slot for the next owner, or destroy it (new sandbox, new lease).
-
-        Cancellation: the slot is quarantined and rebuilt in the background; it is never
-        handed out before that finishes.
-        """
-        self._stats["releases"] += 1
-        self._stats["leased"] -= 1
-        box, state = self._lookup(slot)
-        if box is None or state is None or not box.alive:
-            self._stats["destroyed"] += 1  # its container is gone, and the slot with it
-            self._notify()
-            return
-        state.state = "resetting"
-        hard = not reusable or not slot.reusable
-        body = json.dumps({"slot": state.index, "lease": slot.lease, "hard": hard}).encode()
-        try:
-            with anyio.fail_after(self.reset_timeout):
-                status, data = await box.client.request("POST", "/v1/reset", body)
-            if status != 200:
-                raise error_from_response(status, data)
-            state.lease = int(json.loads(data)["lease"])
-        except BaseException as exc:
-            if not hard:
-                self._stats["resets_failed"] += 1
-            self._stats["destroyed"] += 1
-            if self._tg is not None and not self._closed:
-                self._tg.start_soon(self._destroy, box, state)
-            if isinstance(exc, anyio.BrokenResourceError):
-                self._check_now.set()  # the container may be dead: check it now
-            if not isinstance(exc, Exception):
-                raise  # cancellation: never converted
-            logger.warning("reset of %s failed (%r); destroying it", slot.id, exc)
-            return
-        if hard:
-            self._stats["destroyed"] += 1
-        self._free(box, state)
-
-    def _free(self, box: _Container, state: _SlotState) -> None:
-        if box.alive:
-            state.state = "free"
-            if all(s.state == "free" for s in box.slots):
-                box.idle_since = anyio.current_time()
-        self._notify()
-
-    async def _destroy(self, box: _Container, state: _SlotState) -> None:
-        """Rebuild a quarantined slot from scratch (control-plane reset, no lease needed)."""
-        body = json.dumps({"slot": state.index, "lease": None, "hard": True}).encode()
-        try:
-            with anyio.fail_after(self.start_timeout):
-                status, data = await box.client.request("POST", "/v1/reset", body)
-            if status != 200:
-                raise error_from_response(status, data)
-            state.lease = int(json.loads(data)["lease"])
-        except Exception as exc:
-            logger.error("slot %s/%d cannot be rebuilt (%r); retired", box.id, state.index, exc)
-            state.state = "broken"
-            self._check_now.set()
-            self._notify()
-            return
-        self._free(box, state)
-
-    async def exec_batch(
-        self, calls: Sequence[tuple[Slot, ExecRequest]], on_result: ResultCallback
-    ) -> None:
-        """Run calls with one streamed request per container; results arrive as each ends.
-
-        Calls on a container that dies get :class:`~structenv.SlotBrokenError` as soon as
-        the backend notices (connection loss or a failed health check).
-
-        Cancellation: the servers kill every unfinished command; ``on_result`` is not called
-        for them.
-        """
-        groups: dict[str, list[tuple[int, int, int, ExecRequest]]] = {}
-        for i, (slot, request) in enumerate(calls):
-            box, _ = self._lookup(slot)
-            if box is None or not box.alive or not isinstance(slot, DockerSlot):
-                on_result(i, SlotBrokenError(f"slot {slot.id} has no running container"))
-                continue
-            groups.setdefault(box.id, []).append((i, slot.index, slot.lease, request))
-        async with anyio.create_task_group() as tg:
-            for box_id, group in groups.items():
-                tg.start_soon(self._guarded_batch, self._containers[box_id], group, on_result)
-
-    async def _guarded_batch(
-        self,
-        box: _Container,
-        group: list[tuple[int, int, int, ExecRequest]],
-        on_result: ResultCallback,
-    ) -> None:
-        pending = {i for i, *_ in group}
-
-        def deliver(i: int, value: ExecResult | Exception) -> None:
-            pending.discard(i)
-            if isinstance(value, SlotBrokenError):
-                self._check_now.set()
-            on_result(i, value)
-
-        with anyio.CancelScope() as scope:
-            box.inflight.add(scope)
-            try:
-                await stream_batch(box.client, group, deliver)
-            finally:
-                box.inflight.discard(scope)
-        if scope.cancelled_caught:
-            for i in sorted(pending):
-                on_result(i, SlotBrokenError(f"container {box.id} died"))
 
 
 def _close_stdin(stdin: Any) -> None:

@@ -39,8 +39,15 @@ class _Conn:
 class HostClient:
     """A connection pool to one sandbox server (unix socket or TCP + bearer token).
 
-    Raises ``anyio.BrokenResourceError`` when the server cannot be reached or the connection
-    dies mid-request; callers map that to :class:`~structenv.SlotBrokenError`.
+    Raises ``anyio.BrokenResourceError`` when the server cannot be reached, the connection
+    dies mid-request or the client was :meth:`abort` ed; callers map that to
+    :class:`~structenv.SlotBrokenError`.
+
+    Args:
+        uds: Unix socket path of the server (else TCP ``host``:``port``).
+        token: Bearer token the server requires.
+        tls: Speak TLS over TCP (a TLS-terminating tunnel in front of the server).
+        max_idle: Idle keep-alive connections kept.
     """
 
     def __init__(
@@ -50,25 +57,40 @@ class HostClient:
         host: str = "127.0.0.1",
         port: int = 0,
         token: str | None = None,
+        tls: bool = False,
         max_idle: int = 128,
     ) -> None:
         self._uds = uds
         self._host = host
         self._port = port
+        self._tls = tls
         self._idle: list[_Conn] = []
         self._max_idle = max_idle
         self._closed = False
+        self._aborted = False
+        self._inflight: set[anyio.CancelScope] = set()
         base = [(b"host", b"sandbox")]
         if token:
             base.append((b"authorization", f"Bearer {token}".encode()))
         self._base_headers = base
 
+    @property
+    def address(self) -> tuple[str, int] | str:
+        """The server's unix socket path or ``(host, port)``."""
+        return self._uds if self._uds is not None else (self._host, self._port)
+
     async def _connect(self) -> _Conn:
+        if self._aborted:
+            raise anyio.BrokenResourceError("sandbox host was declared dead")
         if self._closed:
             raise anyio.ClosedResourceError
         try:
             if self._uds is not None:
                 stream: anyio.abc.ByteStream = await anyio.connect_unix(self._uds)
+            elif self._tls:
+                stream = await anyio.connect_tcp(
+                    self._host, self._port, tls=True, tls_hostname=self._host
+                )
             else:
                 stream = await anyio.connect_tcp(self._host, self._port)
         except OSError as exc:
@@ -111,7 +133,18 @@ class HostClient:
 
         Cancellation: the connection is closed (the server cancels the work it was doing).
         """
-        conn = self._idle.pop() if self._idle else await self._connect()
+        with anyio.CancelScope() as scope:
+            self._inflight.add(scope)
+            try:
+                return await self._request(method, target, body, ctype)
+            finally:
+                self._inflight.discard(scope)
+        raise anyio.BrokenResourceError("sandbox host was declared dead mid-request")
+
+    async def _request(
+        self, method: str, target: str, body: bytes, ctype: str
+    ) -> tuple[int, bytes]:
+        conn = self._idle.pop() if self._idle and not self._closed else await self._connect()
         try:
             status = await self._send(conn, method, target, body, ctype)
             chunks = []
@@ -143,7 +176,18 @@ class HostClient:
 
         Cancellation: the connection is closed; lines not yet received are never delivered.
         """
-        conn = self._idle.pop() if self._idle else await self._connect()
+        with anyio.CancelScope() as scope:
+            self._inflight.add(scope)
+            try:
+                return await self._request_lines(target, body, on_line)
+            finally:
+                self._inflight.discard(scope)
+        raise anyio.BrokenResourceError("sandbox host was declared dead mid-request")
+
+    async def _request_lines(
+        self, target: str, body: bytes, on_line: Callable[[bytes], None]
+    ) -> tuple[int, bytes]:
+        conn = self._idle.pop() if self._idle and not self._closed else await self._connect()
         try:
             status = await self._send(conn, "POST", target, body, "application/json")
             pending = b""
@@ -173,6 +217,20 @@ class HostClient:
         if not self._release(conn):
             await _drop(conn)
         return status, b"".join(other)
+
+    def abort(self) -> None:
+        """Declare the host dead: every request in flight fails at once with
+        ``anyio.BrokenResourceError`` (its connection is closed), and so does every later one.
+
+        For a host that stopped answering without closing its connections (a hung container,
+        a lost cluster node): waiting for the socket to break could take forever. Synchronous,
+        so a backend can call it from its bookkeeping. Call :meth:`aclose` afterwards to close
+        the idle connections.
+        """
+        self._aborted = True
+        self._closed = True
+        for scope in list(self._inflight):
+            scope.cancel()
 
     async def aclose(self) -> None:
         """Close idle connections; later requests fail. Idempotent.

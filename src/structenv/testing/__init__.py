@@ -14,6 +14,12 @@ from ._fake import FakeSlot as FakeSlot
 from ._leaks import LeakError as LeakError
 from ._leaks import assert_no_leaks as assert_no_leaks
 from ._leaks import child_processes as child_processes
+from ._modal_fake import FakeModal as FakeModal
+from ._modal_fake import FakeSandbox as FakeSandbox
+from ._modal_fake import open_modal_fake as open_modal_fake
+from ._nomad_fake import FakeAllocation as FakeAllocation
+from ._nomad_fake import NomadFake as NomadFake
+from ._nomad_fake import open_nomad_fake as open_nomad_fake
 from ._policy_server import Fault as Fault
 from ._policy_server import PolicyServer as PolicyServer
 from ._policy_server import PolicyServerStatistics as PolicyServerStatistics
@@ -26,10 +32,14 @@ from ._policy_server import task_marker as task_marker
 __all__ = [
     "BackendFactory",
     "ExecHandler",
+    "FakeAllocation",
     "FakeBackend",
+    "FakeModal",
+    "FakeSandbox",
     "FakeSlot",
     "Fault",
     "LeakError",
+    "NomadFake",
     "PolicyServer",
     "PolicyServerStatistics",
     "ReplayScript",
@@ -39,6 +49,8 @@ __all__ = [
     "assert_no_leaks",
     "check_backend",
     "child_processes",
+    "open_modal_fake",
+    "open_nomad_fake",
     "serve_policy_server",
     "task_marker",
     "virtual_time_backend",

@@ -1,0 +1,584 @@
+"""HostedBackend: the slot bookkeeping shared by every backend whose hosts run the sandbox server.
+
+Local processes, Docker containers, Nomad allocations and Modal sandboxes all run the same
+sandbox server (``python -m structenv.sandbox``) and differ only in how one host is started,
+watched and stopped. This module owns everything else: hosts -> slots bookkeeping, leasing,
+reset/destroy on release, broken-host handling (a dead host's in-flight calls fail at once
+through :meth:`HostClient.abort`), per-host streamed ``exec_batch``, health checks, scaling
+between ``min_hosts`` and ``max_hosts`` through a creation limiter, and statistics.
+
+A subclass implements :meth:`HostedBackend._launch_host` (start ONE host, wait until it
+serves, return its :class:`Host`) and :meth:`HostedBackend._stop_host`, plus optional hooks.
+Bookkeeping is synchronous (it cannot be interrupted half-way); I/O comes after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+from abc import abstractmethod
+from collections.abc import Awaitable, Callable, Sequence
+from types import TracebackType
+from typing import Self
+
+import anyio
+import anyio.abc
+
+from .._exceptions import BackendError, SandboxUnavailableError, SlotBrokenError
+from .._types import ExecRequest, ExecResult
+from ..abc import BackendStatistics, ResultCallback, SandboxBackend, Slot
+from ..sandbox._client import HostClient, RemoteSlot, error_from_response, stream_batch
+
+__all__ = ["Host", "HostedBackend", "SlotState"]
+
+logger = logging.getLogger("structenv.backends")
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class SlotState:
+    """One slot of a host as the backend sees it."""
+
+    index: int
+    lease: int
+    state: str = "free"  # free | leased | resetting | broken
+
+
+@dataclasses.dataclass(eq=False, kw_only=True)
+class Host:
+    """One running sandbox server; subclasses add what they need to stop it."""
+
+    id: str
+    client: HostClient
+    sandboxed: bool
+    slots: list[SlotState]
+    alive: bool = True
+    failures: int = 0
+    idle_since: float = 0.0
+
+
+class HostedBackend(SandboxBackend):
+    """Hosts running the sandbox server, each serving ``slots_per_host`` slots.
+
+    Args:
+        slots_per_host: Slots per host.
+        min_hosts: Hosts kept running (started before ``__aenter__`` returns).
+        max_hosts: Upper bound when scaling up on demand.
+        require_sandbox: Fail closed if the first host runs without isolation.
+        creation_concurrency: Hosts being started at once.
+        creation_rate: Host starts per second at most.
+        idle_timeout: Seconds a host above ``min_hosts`` may sit idle before it is stopped.
+        health_interval: Seconds between health checks of each host.
+        health_timeout: Seconds a health check may take.
+        start_timeout: Seconds a host may take to serve.
+        reset_timeout: Seconds a slot reset may take before the slot is rebuilt instead.
+    """
+
+    #: Name used in messages ("container", "allocation", ...).
+    host_noun = "host"
+
+    def __init__(
+        self,
+        *,
+        slots_per_host: int,
+        min_hosts: int,
+        max_hosts: int,
+        require_sandbox: bool,
+        creation_concurrency: int = 4,
+        creation_rate: float = 10.0,
+        idle_timeout: float = 60.0,
+        health_interval: float = 1.0,
+        health_timeout: float = 5.0,
+        start_timeout: float = 60.0,
+        reset_timeout: float = 20.0,
+    ) -> None:
+        self._slots_per = slots_per_host
+        self._min = min_hosts
+        self._max = max_hosts
+        self._require_sandbox = require_sandbox
+        self._create_limiter = anyio.CapacityLimiter(creation_concurrency)
+        self._create_interval = 1.0 / creation_rate
+        self._next_create = 0.0
+        self.idle_timeout = idle_timeout
+        self.health_interval = health_interval
+        self.health_timeout = health_timeout
+        self.start_timeout = start_timeout
+        self.reset_timeout = reset_timeout
+        self._hosts: dict[str, Host] = {}
+        self._creating: set[anyio.CancelScope] = set()
+        self._spawning = 0  # background creations scheduled (counted before they start)
+        self._changed = anyio.Event()
+        self._check_now = anyio.Event()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._closed = False
+        self._failure: BaseException | None = None
+        self._backoff_until = 0.0
+        self._backoff = 0.0
+        self._waiters = 0
+        self._stats = {"acquires": 0, "releases": 0, "leased": 0, "resets_failed": 0}
+        self._stats.update(destroyed=0, hosts_replaced=0, created=0, removed=0, scaled_down=0)
+
+    # -- subclass hooks -------------------------------------------------------------------
+
+    async def _prepare(self) -> None:
+        """Before the first host: connect to the control plane, reap, make directories."""
+
+    @abstractmethod
+    async def _launch_host(self) -> Host:
+        """Start ONE host and wait until it serves (see :meth:`probe_host`).
+
+        Cancellation: the half-started host is stopped and nothing of it remains.
+        """
+
+    @abstractmethod
+    async def _stop_host(self, host: Host) -> None:
+        """Stop a retired host and remove what it left (never raises ordinary errors)."""
+
+    async def _finish(self) -> None:
+        """After every host is stopped: sweep leftovers, close control-plane clients."""
+
+    async def _launch_first(self) -> Host:
+        """Start the first host (override to fall back to unsandboxed hosts when allowed)."""
+        return await self._launch_host()
+
+    async def _wait_exit(self, host: Host) -> None:
+        """Return when ``host`` is known to have died (used when :attr:`_watch_hosts`)."""
+        await anyio.sleep_forever()
+
+    #: Start a :meth:`_wait_exit` watcher per host (for hosts whose death can be awaited).
+    _watch_hosts = False
+
+    def _accepting(self, host: Host) -> bool:
+        """Whether new leases may go to ``host`` (e.g. it has enough lifetime left)."""
+        return True
+
+    def _idle_victims(self, idle: list[Host], excess: int) -> list[Host]:
+        """Which idle hosts to stop when scaling down (default: idle the longest)."""
+        return sorted(idle, key=lambda h: h.idle_since)[:excess]
+
+    async def _host_removed(self, host: Host, *, scaled_down: bool) -> None:
+        """Called (instead of nothing) before :meth:`_stop_host`, e.g. to shrink a job."""
+
+    # -- properties -----------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return self._max * self._slots_per
+
+    def statistics(self) -> BackendStatistics:
+        live = [h for h in self._hosts.values() if h.alive]
+        s = self._stats
+        return BackendStatistics(
+            hosts=len(live),
+            capacity=sum(1 for h in live for slot in h.slots if slot.state != "broken"),
+            leased=s["leased"],
+            acquires=s["acquires"],
+            releases=s["releases"],
+            resets_failed=s["resets_failed"],
+            destroyed=s["destroyed"],
+            hosts_replaced=s["hosts_replaced"],
+        )
+
+    def scaling_statistics(self) -> dict[str, int]:
+        """Hosts created, removed, scaled down for idleness, being created now."""
+        s = self._stats
+        return {
+            "created": s["created"],
+            "removed": s["removed"],
+            "scaled_down": s["scaled_down"],
+            "creating": max(len(self._creating), self._spawning),
+        }
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        # The maintenance task group must enclose the ``async with`` body: entered here,
+        # exited in __aexit__ after the shielded aclose() has stopped every host.
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        try:
+            return await super().__aenter__()
+        except BaseException:
+            self._tg = None
+            # Shield the (prompt, cancelled) exit from outer cancellation; a separate
+            # move_on_after scope cannot be used: it would not nest with ``tg``.
+            tg.cancel_scope.shield = True
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
+            raise
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            await super().__aexit__(exc_type, exc, tb)
+        finally:
+            tg, self._tg = self._tg, None
+            if tg is not None:
+                tg.cancel_scope.shield = True
+                tg.cancel_scope.cancel()
+                await tg.__aexit__(None, None, None)
+
+    async def _start(self) -> None:
+        if self._tg is None:
+            name = type(self).__name__
+            raise RuntimeError(f"use {name} as `async with {name}(...) as backend:`")
+        await self._prepare()
+        first = await self._create(first=True)
+        if not first.sandboxed and self._require_sandbox:
+            raise SandboxUnavailableError(f"sandbox {self.host_noun} started without isolation")
+        async with anyio.create_task_group() as starters:
+            for _ in range(self._min - 1):
+                starters.start_soon(self._create)
+        self._tg.start_soon(self._maintain)
+
+    async def _create(self, *, first: bool = False) -> Host:
+        """Start one host through the creation limiter (concurrency + rate) and register it.
+
+        Cancellation: the half-started host is stopped (by :meth:`_launch_host`).
+        """
+        with anyio.CancelScope() as scope:
+            self._creating.add(scope)
+            try:
+                async with self._create_limiter:
+                    now = anyio.current_time()
+                    start_at = max(now, self._next_create)
+                    self._next_create = start_at + self._create_interval
+                    await anyio.sleep(start_at - now)
+                    if self._closed:
+                        raise BackendError("backend is closed")
+                    host = await (self._launch_first() if first else self._launch_host())
+                    self._stats["created"] += 1
+                    if self._closed:  # aclose() ran meanwhile: it will not see this host
+                        with anyio.move_on_after(self.close_grace, shield=True):
+                            await self._discard(host)
+                        raise BackendError(f"backend closed while starting a {self.host_noun}")
+                    host.idle_since = anyio.current_time()
+                    self._hosts[host.id] = host
+                    self._backoff = 0.0
+                    if self._watch_hosts:
+                        assert self._tg is not None
+                        self._tg.start_soon(self._supervise, host)
+                    return host
+            finally:
+                self._creating.discard(scope)
+                self._notify()
+        raise BackendError(f"backend closed while starting a {self.host_noun}")
+
+    async def probe_host(
+        self, client: HostClient, *, check: Callable[[], Awaitable[None]] | None = None
+    ) -> tuple[bool, list[SlotState]]:
+        """Poll ``/v1/health`` until the server answers; return ``(sandboxed, slots)``.
+
+        ``check`` runs every half second meanwhile and raises if the host died starting.
+        The caller bounds it (``fail_after(start_timeout)``).
+
+        Cancellation: nothing to undo (the caller owns ``client``).
+        """
+        delay, checked = 0.01, anyio.current_time()
+        while True:
+            try:
+                status, body = await client.request("GET", "/v1/health")
+            except anyio.BrokenResourceError:
+                pass
+            else:
+                if status != 200:
+                    raise error_from_response(status, body)
+                health = json.loads(body)
+                slots = [SlotState(s["index"], int(s["lease"])) for s in health["slots"]]
+                return bool(health.get("sandboxed")), slots
+            if check is not None and anyio.current_time() - checked > 0.5:
+                checked = anyio.current_time()
+                await check()
+            await anyio.sleep(delay)
+            delay = min(delay * 1.5, 0.1)
+
+    async def aclose(self) -> None:
+        """Stop every host and everything it runs. Idempotent.
+
+        Cancellation: shielded and bounded by ``close_grace``.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._notify()
+        with anyio.move_on_after(self.close_grace, shield=True):
+            for scope in list(self._creating):
+                scope.cancel()
+            while self._creating:  # creations clean up after themselves: let them return
+                await self._changed.wait()
+            hosts = list(self._hosts.values())
+            for host in hosts:
+                self._retire(host)
+            async with anyio.create_task_group() as tg:
+                for host in hosts:
+                    tg.start_soon(self._discard, host)
+            await self._finish()
+
+    async def _discard(self, host: Host, *, scaled_down: bool = False) -> None:
+        await host.client.aclose()
+        await self._host_removed(host, scaled_down=scaled_down)
+        await self._stop_host(host)
+        self._stats["removed"] += 1
+
+    def _retire(self, host: Host) -> None:
+        """Forget a host: none of its slots is handed out again; calls in flight on it fail
+        with SlotBrokenError at once (synchronous: cannot be interrupted half-way)."""
+        host.alive = False
+        for s in host.slots:
+            if s.state != "leased":
+                s.state = "broken"
+        host.client.abort()
+        self._hosts.pop(host.id, None)
+        self._notify()
+
+    def _host_lost(self, host: Host, why: str) -> None:
+        if not host.alive or self._closed:
+            return
+        logger.error("sandbox %s %s is dead (%s); replacing it", self.host_noun, host.id, why)
+        self._stats["hosts_replaced"] += 1
+        self._retire(host)
+        assert self._tg is not None
+        self._tg.start_soon(self._discard, host)
+        self._scale_up()
+
+    # -- maintenance: supervision, health, scaling ----------------------------------------
+
+    async def _supervise(self, host: Host) -> None:
+        await self._wait_exit(host)
+        self._host_lost(host, "exited")
+
+    async def _maintain(self) -> None:
+        while not self._closed:
+            with anyio.move_on_after(self.health_interval):
+                await self._check_now.wait()
+            self._check_now = anyio.Event()
+            async with anyio.create_task_group() as tg:
+                for host in list(self._hosts.values()):
+                    tg.start_soon(self._health_check, host)
+            self._scale_down()
+            self._scale_up()
+
+    async def _health_check(self, host: Host) -> None:
+        ok = False
+        with anyio.move_on_after(self.health_timeout):
+            try:
+                status, _ = await host.client.request("GET", "/v1/health")
+                ok = status == 200
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                host.failures += 1  # refused / reset: the server is gone, count it twice
+        if ok:
+            host.failures = 0
+            return
+        host.failures += 1
+        if host.failures >= 2:
+            self._host_lost(host, "health check failed")
+
+    def _scale_down(self) -> None:
+        if self._waiters:
+            return
+        now = anyio.current_time()
+        live = [h for h in self._hosts.values() if h.alive]
+        excess = len(live) - self._min
+        idle = [
+            h
+            for h in live
+            if all(s.state == "free" for s in h.slots) and now - h.idle_since > self.idle_timeout
+        ]
+        if excess <= 0 or not idle:
+            return
+        for host in self._idle_victims(idle, excess):
+            logger.info("stopping idle sandbox %s %s", self.host_noun, host.id)
+            self._stats["scaled_down"] += 1
+            self._retire(host)
+            assert self._tg is not None
+            self._tg.start_soon(functools.partial(self._discard, host, scaled_down=True))
+
+    def _scale_up(self) -> None:
+        """Start creations so running + starting hosts cover demand (>= min, <= max)."""
+        if self._closed or self._tg is None or anyio.current_time() < self._backoff_until:
+            return
+        demand = self._stats["leased"] + self._waiters
+        # Hosts not accepting leases (near the end of their lifetime) drain and do not count.
+        live = [h for h in self._hosts.values() if h.alive and self._accepting(h)]
+        free = sum(1 for h in live for s in h.slots if s.state in ("free", "resetting"))
+        target = len(live)
+        if self._waiters > free:
+            target = max(target, math.ceil(demand / self._slots_per))
+        target = min(self._max, max(self._min, target))
+        for _ in range(target - len(live) - self._spawning):
+            self._spawning += 1
+            self._tg.start_soon(self._create_in_background)
+
+    async def _create_in_background(self) -> None:
+        try:
+            await self._create()
+        except Exception as exc:  # a failed start is retried (backoff), never fatal here
+            if self._closed:
+                return
+            logger.error("starting a sandbox %s failed: %r", self.host_noun, exc)
+            self._failure = exc
+            self._backoff = min(30.0, max(0.5, self._backoff * 2))
+            self._backoff_until = anyio.current_time() + self._backoff
+        finally:
+            self._spawning -= 1
+            self._notify()
+
+    # -- slots ----------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def _take_free(self) -> RemoteSlot | None:
+        best: tuple[int, Host, SlotState] | None = None
+        for host in self._hosts.values():
+            if not host.alive or not self._accepting(host):
+                continue
+            free = [s for s in host.slots if s.state == "free"]
+            # Spread across hosts: take from the host with the most free slots.
+            if free and (best is None or len(free) > best[0]):
+                best = (len(free), host, free[0])
+        if best is None:
+            return None
+        _, host, state = best
+        state.state = "leased"
+        self._stats["acquires"] += 1
+        self._stats["leased"] += 1
+        return RemoteSlot(
+            client=host.client,
+            index=state.index,
+            id=f"{host.id}/{state.index}",
+            host_id=host.id,
+            lease=state.lease,
+            sandboxed=host.sandboxed,
+        )
+
+    async def acquire_slot(self) -> Slot:
+        """Lease a clean slot; scale up (through the creation limiter) if all are busy.
+
+        Raises:
+            BackendError: The backend is closed, or no host runs and none can be started.
+
+        Cancellation: nothing is leased. A host whose start this call triggered keeps
+        starting and joins the backend (stopped on scale-down or close).
+        """
+        self._waiters += 1
+        try:
+            while True:
+                if self._closed:
+                    raise BackendError("backend is closed")
+                slot = self._take_free()
+                if slot is not None:
+                    return slot
+                starting = self._creating or self._spawning
+                if self._failure is not None and not self._hosts and not starting:
+                    raise BackendError(f"no sandbox {self.host_noun} is running") from (
+                        self._failure
+                    )
+                self._scale_up()
+                await self._changed.wait()
+        finally:
+            self._waiters -= 1
+
+    def _lookup(self, slot: Slot) -> tuple[Host | None, SlotState | None]:
+        host = self._hosts.get(slot.host_id)
+        if host is None or not isinstance(slot, RemoteSlot):
+            return None, None
+        return host, host.slots[slot.index]
+
+    async def release_slot(self, slot: Slot, *, reusable: bool) -> None:
+        """Reset the slot for the next owner, or destroy it (new sandbox, new lease).
+
+        Cancellation: the slot is quarantined and rebuilt in the background; it is never
+        handed out before that finishes.
+        """
+        self._stats["releases"] += 1
+        self._stats["leased"] -= 1
+        host, state = self._lookup(slot)
+        if host is None or state is None or not host.alive:
+            self._stats["destroyed"] += 1  # its host is gone, and the slot with it
+            self._notify()
+            return
+        state.state = "resetting"
+        hard = not reusable or not slot.reusable
+        body = json.dumps({"slot": state.index, "lease": slot.lease, "hard": hard}).encode()
+        try:
+            with anyio.fail_after(self.reset_timeout):
+                status, data = await host.client.request("POST", "/v1/reset", body)
+            if status != 200:
+                raise error_from_response(status, data)
+            state.lease = int(json.loads(data)["lease"])
+        except BaseException as exc:
+            if not hard:
+                self._stats["resets_failed"] += 1
+            self._stats["destroyed"] += 1
+            if self._tg is not None and not self._closed:
+                self._tg.start_soon(self._destroy, host, state)
+            if isinstance(exc, anyio.BrokenResourceError):
+                self._check_now.set()  # the host may be dead: check it now
+            if not isinstance(exc, Exception):
+                raise  # cancellation: never converted
+            logger.warning("reset of %s failed (%r); destroying it", slot.id, exc)
+            return
+        if hard:
+            self._stats["destroyed"] += 1
+        self._free(host, state)
+
+    def _free(self, host: Host, state: SlotState) -> None:
+        if host.alive:
+            state.state = "free"
+            if all(s.state == "free" for s in host.slots):
+                host.idle_since = anyio.current_time()
+        self._notify()
+
+    async def _destroy(self, host: Host, state: SlotState) -> None:
+        """Rebuild a quarantined slot from scratch (control-plane reset, no lease needed)."""
+        body = json.dumps({"slot": state.index, "lease": None, "hard": True}).encode()
+        try:
+            with anyio.fail_after(self.start_timeout):
+                status, data = await host.client.request("POST", "/v1/reset", body)
+            if status != 200:
+                raise error_from_response(status, data)
+            state.lease = int(json.loads(data)["lease"])
+        except Exception as exc:
+            logger.error("slot %s/%d cannot be rebuilt (%r); retired", host.id, state.index, exc)
+            state.state = "broken"
+            self._check_now.set()
+            self._notify()
+            return
+        self._free(host, state)
+
+    async def exec_batch(
+        self, calls: Sequence[tuple[Slot, ExecRequest]], on_result: ResultCallback
+    ) -> None:
+        """Run calls with one streamed request per host; results arrive as each finishes.
+
+        Calls on a host that dies get :class:`~structenv.SlotBrokenError` as soon as the
+        backend notices (connection loss, a failed health check or the host's exit).
+
+        Cancellation: the hosts kill every unfinished command; ``on_result`` is not called
+        for them.
+        """
+        groups: dict[str, list[tuple[int, int, int, ExecRequest]]] = {}
+        for i, (slot, request) in enumerate(calls):
+            host, _ = self._lookup(slot)
+            if host is None or not host.alive or not isinstance(slot, RemoteSlot):
+                on_result(i, SlotBrokenError(f"slot {slot.id} has no running {self.host_noun}"))
+                continue
+            groups.setdefault(host.id, []).append((i, slot.index, slot.lease, request))
+
+        def deliver(i: int, value: ExecResult | Exception) -> None:
+            if isinstance(value, SlotBrokenError):
+                self._check_now.set()
+            on_result(i, value)
+
+        async with anyio.create_task_group() as tg:
+            for host_id, group in groups.items():
+                tg.start_soon(stream_batch, self._hosts[host_id].client, group, deliver)
