@@ -91,7 +91,8 @@ async def _warm(image: str, calls: int) -> dict[str, Any]:
                 assert result.exit_code == 0, result
             sandboxed = result.sandboxed
         finally:
-            await backend.release_slot(slot, reusable=True)
+            with anyio.move_on_after(30, shield=True):
+                await backend.release_slot(slot, reusable=True)
     return {
         "acquire": summarize(acquire),
         "release_reset": summarize(release),
@@ -121,7 +122,8 @@ async def _exec_trio(image: str, calls: int, *, local: bool = False) -> dict[str
                 await slot.exec(_TRUE)
                 latencies.append(time.perf_counter() - t0)
         finally:
-            await backend.release_slot(slot, reusable=True)
+            with anyio.move_on_after(30, shield=True):
+                await backend.release_slot(slot, reusable=True)
     return summarize(latencies)
 
 

@@ -451,7 +451,8 @@ class NomadBackend(HostedBackend):
         except (BackendError, httpx.HTTPError) as exc:
             logger.error("cannot purge Nomad job %s: %r", self.job_id, exc)
         finally:
-            await self._api.http.aclose()
+            with anyio.move_on_after(5, shield=True):
+                await self._api.http.aclose()
 
 
 def _index(stub: dict[str, Any]) -> int:

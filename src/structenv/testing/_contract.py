@@ -64,7 +64,8 @@ async def _exec_is_data(backend: SandboxBackend) -> None:
         batch = await slot.exec_batch([ExecRequest("exit 0"), ExecRequest("exit 4")])
         _expect([r.exit_code for r in batch] == [0, 4], f"exec_batch order/result: {batch}")
     finally:
-        await backend.release_slot(slot, reusable=True)
+        with anyio.move_on_after(30, shield=True):
+            await backend.release_slot(slot, reusable=True)
     _balanced(backend)
 
 
@@ -90,7 +91,8 @@ async def _files(backend: SandboxBackend) -> None:
         else:
             raise AssertionError("reading a missing file did not raise FileNotFoundError")
     finally:
-        await backend.release_slot(slot, reusable=True)
+        with anyio.move_on_after(30, shield=True):
+            await backend.release_slot(slot, reusable=True)
     _balanced(backend)
 
 
@@ -127,7 +129,8 @@ async def _deadline_is_data(backend: SandboxBackend) -> None:
         _expect(result.timed_out and result.exit_code is None, f"not timed out: {result}")
         _expect(took < 10, f"deadline of 0.3 s took {took:.1f} s")
     finally:
-        await backend.release_slot(slot, reusable=True)
+        with anyio.move_on_after(30, shield=True):
+            await backend.release_slot(slot, reusable=True)
     _balanced(backend)
 
 
@@ -139,7 +142,8 @@ async def _cancelled_exec(backend: SandboxBackend) -> None:
             raise AssertionError("sleep 30 finished inside 0.2 s")
         slot.reusable = False
     finally:
-        await backend.release_slot(slot, reusable=slot.reusable)
+        with anyio.move_on_after(30, shield=True):
+            await backend.release_slot(slot, reusable=slot.reusable)
     _balanced(backend)
     # The backend must still serve: the destroyed slot's capacity comes back.
     again = [await backend.acquire_slot() for _ in range(backend.capacity)]
@@ -181,8 +185,9 @@ async def _batch_streams(backend: SandboxBackend) -> None:
         ]
         _expect(codes == [0, 0, 5], f"wrong batch results: {codes}")
     finally:
-        for s in slots:
-            await backend.release_slot(s, reusable=True)
+        with anyio.move_on_after(30, shield=True):
+            for s in slots:
+                await backend.release_slot(s, reusable=True)
     _balanced(backend)
 
 
