@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from structenv import ExecutorConfig, ToolCall, ToolExecutor
 from structenv.backends import LocalBackend
-from structenv.testing import FakeBackend, assert_no_leaks
+from structenv.testing import FakeBackend, assert_no_leaks, child_processes
 from structenv.tools import default_registry
 
 pytestmark = pytest.mark.anyio
@@ -55,3 +56,49 @@ async def test_stateful_tools_on_a_backend_without_a_terminal_are_error_results(
         result = await traj.call(ToolCall("stateful_terminal", {"command": "ls"}))
         assert result.error == "tool_error"
         assert "no stateful terminal" in result.content
+
+
+async def test_cancelled_stateful_command_leaves_no_process_and_no_slot() -> None:
+    registry = default_registry().select(enabled_toolsets=["terminal_stateful"])
+    async with (
+        LocalBackend(hosts=1, slots_per_host=1) as backend,
+        ToolExecutor(backend, registry=registry) as executor,
+    ):
+        hosts = list(backend.host_pids().values())
+
+        def sleeping() -> list[int]:
+            return [
+                pid
+                for host in hosts
+                for pid in child_processes(host)
+                if b"sleep\x00555" in _cmdline(pid) or _cmdline(pid).startswith(b"tmux")
+            ]
+
+        async with anyio.create_task_group() as tg:
+
+            async def run() -> None:
+                async with executor.trajectory() as traj:
+                    await traj.call(
+                        ToolCall("stateful_terminal", {"command": "sleep 555", "timeout": 60})
+                    )
+
+            tg.start_soon(run)
+            # External state (processes in the sandbox) has no event: poll, bounded.
+            for _ in range(1000):
+                if any(b"sleep" in _cmdline(p) for p in sleeping()):
+                    break
+                await anyio.sleep(0.02)
+            else:
+                pytest.fail("the command never started in the sandbox")
+            tg.cancel_scope.cancel()
+        assert_no_leaks(executors=[executor], backends=[backend])
+        # The release reset killed the terminal and its command inside the sandbox.
+        assert sleeping() == []
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
