@@ -133,38 +133,8 @@ class HostClient:
 
         Cancellation: the connection is closed (the server cancels the work it was doing).
         """
-        with anyio.CancelScope() as scope:
-            self._inflight.add(scope)
-            try:
-                return await self._request(method, target, body, ctype)
-            finally:
-                self._inflight.discard(scope)
-        raise anyio.BrokenResourceError("sandbox host was declared dead mid-request")
-
-    async def _request(
-        self, method: str, target: str, body: bytes, ctype: str
-    ) -> tuple[int, bytes]:
-        conn = self._idle.pop() if self._idle and not self._closed else await self._connect()
-        try:
-            status = await self._send(conn, method, target, body, ctype)
-            chunks = []
-            while True:
-                event = await _next(conn)
-                if isinstance(event, h11.Data):
-                    chunks.append(bytes(event.data))
-                elif isinstance(event, h11.EndOfMessage):
-                    break
-                else:
-                    raise anyio.BrokenResourceError(f"unexpected {type(event).__name__}")
-        except BaseException as exc:
-            await _drop(conn)
-            if isinstance(exc, (*_STREAM_ERRORS, h11.ProtocolError)) and not isinstance(
-                exc, anyio.BrokenResourceError
-            ):
-                raise anyio.BrokenResourceError(f"sandbox host connection lost: {exc!r}") from exc
-            raise
-        if not self._release(conn):
-            await _drop(conn)
+        chunks: list[bytes] = []
+        status = await self._exchange(method, target, body, ctype, chunks.append)
         return status, b"".join(chunks)
 
     async def request_lines(
@@ -176,33 +146,66 @@ class HostClient:
 
         Cancellation: the connection is closed; lines not yet received are never delivered.
         """
+        pending = b""
+        other: list[bytes] = []
+        ok: list[bool] = []
+
+        def on_data(data: bytes) -> None:
+            nonlocal pending
+            if not ok[0]:
+                other.append(data)
+                return
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                if line:
+                    on_line(line)
+
+        status = await self._exchange(
+            "POST", target, body, "application/json", on_data, on_status=ok.append
+        )
+        return status, b"".join(other)
+
+    async def _exchange(
+        self,
+        method: str,
+        target: str,
+        body: bytes,
+        ctype: str,
+        on_data: Callable[[bytes], None],
+        *,
+        on_status: Callable[[bool], None] | None = None,
+    ) -> int:
+        """Send one request on a pooled connection and feed the response body to ``on_data``.
+
+        Every request runs in its own cancel scope so :meth:`abort` can cut it off.
+        """
         with anyio.CancelScope() as scope:
             self._inflight.add(scope)
             try:
-                return await self._request_lines(target, body, on_line)
+                return await self._exchange_on_conn(method, target, body, ctype, on_data, on_status)
             finally:
                 self._inflight.discard(scope)
         raise anyio.BrokenResourceError("sandbox host was declared dead mid-request")
 
-    async def _request_lines(
-        self, target: str, body: bytes, on_line: Callable[[bytes], None]
-    ) -> tuple[int, bytes]:
+    async def _exchange_on_conn(
+        self,
+        method: str,
+        target: str,
+        body: bytes,
+        ctype: str,
+        on_data: Callable[[bytes], None],
+        on_status: Callable[[bool], None] | None,
+    ) -> int:
         conn = self._idle.pop() if self._idle and not self._closed else await self._connect()
         try:
-            status = await self._send(conn, "POST", target, body, "application/json")
-            pending = b""
-            other = []
+            status = await self._send(conn, method, target, body, ctype)
+            if on_status is not None:
+                on_status(status == 200)
             while True:
                 event = await _next(conn)
                 if isinstance(event, h11.Data):
-                    if status != 200:
-                        other.append(bytes(event.data))
-                        continue
-                    pending += event.data
-                    *lines, pending = pending.split(b"\n")
-                    for line in lines:
-                        if line:
-                            on_line(line)
+                    on_data(bytes(event.data))
                 elif isinstance(event, h11.EndOfMessage):
                     break
                 else:
@@ -216,7 +219,7 @@ class HostClient:
             raise
         if not self._release(conn):
             await _drop(conn)
-        return status, b"".join(other)
+        return status
 
     def abort(self) -> None:
         """Declare the host dead: every request in flight fails at once with
