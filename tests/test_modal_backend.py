@@ -13,7 +13,7 @@ import pytest
 from structenv import ExecRequest
 from structenv._reap import LABEL_OWNER_START, LABEL_RUN
 from structenv.backends._modal import ModalBackend, reap_sandboxes
-from structenv.testing import check_backend, child_processes
+from structenv.testing import check_backend, child_processes, cmdline
 from structenv.testing._modal_fake import FakeModal, open_modal_fake
 
 pytestmark = pytest.mark.anyio
@@ -33,15 +33,7 @@ def backend(fake: FakeModal, **kwargs: Any) -> ModalBackend:
 
 
 def servers() -> list[int]:
-    found = []
-    for pid in child_processes():
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"structenv.sandbox" in f.read():
-                    found.append(pid)
-        except OSError:
-            pass
-    return found
+    return [p for p in child_processes() if b"structenv.sandbox" in cmdline(p)]
 
 
 async def test_contract() -> None:

@@ -16,7 +16,7 @@ import pytest
 from structenv import BackendError, ExecRequest, SlotBrokenError
 from structenv._reap import LABEL_OWNER_PID, LABEL_OWNER_START
 from structenv.backends._nomad import NomadBackend, reap_jobs
-from structenv.testing import check_backend, child_processes
+from structenv.testing import check_backend, child_processes, cmdline
 from structenv.testing._nomad_fake import NomadFake, open_nomad_fake
 
 pytestmark = pytest.mark.anyio
@@ -46,15 +46,7 @@ async def wait_until(condition: Callable[[], Awaitable[bool] | bool], *, deadlin
 
 
 def sandbox_servers() -> list[int]:
-    found = []
-    for pid in child_processes():
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"structenv.sandbox" in f.read():
-                    found.append(pid)
-        except OSError:
-            pass
-    return found
+    return [p for p in child_processes() if b"structenv.sandbox" in cmdline(p)]
 
 
 async def test_contract() -> None:
@@ -129,7 +121,7 @@ async def test_killed_allocation_mid_command() -> None:
         def sleeping() -> bool:
             pid = fake.allocs[alloc_id].pid
             assert pid is not None
-            return any(b"sleep\x001000" in _cmdline(p) for p in child_processes(pid))
+            return any(b"sleep\x001000" in cmdline(p) for p in child_processes(pid))
 
         with anyio.fail_after(20):
             async with anyio.create_task_group() as tg:
@@ -224,11 +216,3 @@ async def test_structenv_reap_cli_purges_dead_owners_jobs() -> None:
             done = await anyio.run_process(argv)
             assert b"removed 1 job(s)" in done.stdout
             assert set(fake.jobs) == {"structenv-live2"}
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""

@@ -7,7 +7,7 @@ import pytest
 
 from structenv import ExecutorConfig, ToolCall, ToolExecutor
 from structenv.backends import LocalBackend
-from structenv.testing import FakeBackend, assert_no_leaks, child_processes
+from structenv.testing import FakeBackend, assert_no_leaks, child_processes, cmdline
 from structenv.tools import default_registry
 
 pytestmark = pytest.mark.anyio
@@ -71,7 +71,7 @@ async def test_cancelled_stateful_command_leaves_no_process_and_no_slot() -> Non
                 pid
                 for host in hosts
                 for pid in child_processes(host)
-                if b"sleep\x00555" in _cmdline(pid) or _cmdline(pid).startswith(b"tmux")
+                if b"sleep\x00555" in cmdline(pid) or cmdline(pid).startswith(b"tmux")
             ]
 
         async with anyio.create_task_group() as tg:
@@ -85,7 +85,7 @@ async def test_cancelled_stateful_command_leaves_no_process_and_no_slot() -> Non
             tg.start_soon(run)
             # External state (processes in the sandbox) has no event: poll, bounded.
             for _ in range(1000):
-                if any(b"sleep" in _cmdline(p) for p in sleeping()):
+                if any(b"sleep" in cmdline(p) for p in sleeping()):
                     break
                 await anyio.sleep(0.02)
             else:
@@ -94,11 +94,3 @@ async def test_cancelled_stateful_command_leaves_no_process_and_no_slot() -> Non
         assert_no_leaks(executors=[executor], backends=[backend])
         # The release reset killed the terminal and its command inside the sandbox.
         assert sleeping() == []
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""

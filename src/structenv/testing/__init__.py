@@ -14,6 +14,7 @@ from ._fake import FakeSlot as FakeSlot
 from ._leaks import LeakError as LeakError
 from ._leaks import assert_no_leaks as assert_no_leaks
 from ._leaks import child_processes as child_processes
+from ._leaks import cmdline as cmdline
 from ._modal_fake import FakeModal as FakeModal
 from ._modal_fake import FakeSandbox as FakeSandbox
 from ._modal_fake import open_modal_fake as open_modal_fake
@@ -49,6 +50,7 @@ __all__ = [
     "assert_no_leaks",
     "check_backend",
     "child_processes",
+    "cmdline",
     "open_modal_fake",
     "open_nomad_fake",
     "serve_policy_server",

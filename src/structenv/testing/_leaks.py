@@ -9,11 +9,20 @@ from .._executor import ToolExecutor
 from .._pool import SlotPool
 from ..abc import SandboxBackend
 
-__all__ = ["LeakError", "assert_no_leaks", "child_processes"]
+__all__ = ["LeakError", "assert_no_leaks", "child_processes", "cmdline"]
 
 
 class LeakError(AssertionError):
     """Something outlived the scope that created it."""
+
+
+def cmdline(pid: int) -> bytes:
+    """The NUL-separated command line of ``pid`` (empty if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
 
 
 def child_processes(pid: int | None = None) -> list[int]:
@@ -90,10 +99,6 @@ def assert_no_leaks(
 def _describe(pids: list[int]) -> str:
     out = []
     for pid in pids:
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-        except OSError:
-            cmd = "?"
+        cmd = cmdline(pid).replace(b"\0", b" ").decode(errors="replace").strip() or "?"
         out.append(f"{pid} ({cmd[:60]})")
     return ", ".join(out)
