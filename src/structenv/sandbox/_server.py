@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import secrets
-import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -43,7 +42,7 @@ import anyio.abc
 from anyio.abc import TaskStatus
 
 from .._exceptions import SandboxUnavailableError
-from .._http import _STREAM_ERRORS, HTTPError, Request, Responder, serve_connection
+from .._http import _STREAM_ERRORS, HTTPError, Listener, Request, Responder, open_listener
 from .._types import DEFAULT_MAX_OUTPUT
 from . import _files
 from ._bwrap import Isolation, SlotCgroup, probe, remove_cgroup_tree
@@ -158,10 +157,11 @@ class SandboxServer:
                 async with anyio.create_task_group() as starters:
                     for rt in self.slots:
                         starters.start_soon(rt.start)
-                handler = functools.partial(
-                    serve_connection, handler=self._handle, max_body=cfg.max_body, token=cfg.token
+                tg.start_soon(
+                    functools.partial(
+                        listener.serve, self._handle, max_body=cfg.max_body, token=cfg.token
+                    )
                 )
-                tg.start_soon(listener.serve, handler)
                 task_status.started(
                     {"name": cfg.name, "port": self.port, "pid": os.getpid(), **features}
                 )
@@ -181,20 +181,11 @@ class SandboxServer:
                 except OSError:
                     pass
 
-    async def _listen(self) -> anyio.abc.Listener[Any]:
+    async def _listen(self) -> Listener:
         cfg = self.config
-        if cfg.socket_path:
-            try:
-                os.unlink(cfg.socket_path)
-            except FileNotFoundError:
-                pass
-            listener = await anyio.create_unix_listener(cfg.socket_path, mode=0o600)
-            return listener
-        tcp = await anyio.create_tcp_listener(local_host=cfg.host, local_port=cfg.port)
-        sock = tcp.listeners[0].extra(anyio.abc.SocketAttribute.raw_socket)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.port = tcp.listeners[0].extra(anyio.abc.SocketAttribute.local_port)
-        return tcp
+        listener = open_listener(path=cfg.socket_path, host=cfg.host, port=cfg.port)
+        self.port = listener.port
+        return listener
 
     # -- dispatch -------------------------------------------------------------------------
 

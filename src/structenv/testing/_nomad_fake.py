@@ -32,6 +32,7 @@ processes die with the test process.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -45,7 +46,7 @@ import anyio
 import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from .._http import HTTPError, Request, Responder, serve_connection
+from .._http import HTTPError, Request, Responder, open_listener
 
 __all__ = ["FakeAllocation", "NomadFake", "open_nomad_fake"]
 
@@ -453,16 +454,11 @@ async def open_nomad_fake(*, token: str | None = None) -> AsyncIterator[NomadFak
 
     Cancellation: as on exit; nothing outlives the block.
     """
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    listener = open_listener(host="127.0.0.1", port=0)
     async with listener, anyio.create_task_group() as tg:
         fake = NomadFake(tg, token=token)
-        port = listener.extra(anyio.abc.SocketAttribute.local_port)
-        fake.address = f"http://127.0.0.1:{port}"
-
-        async def serve(stream: anyio.abc.ByteStream) -> None:
-            await serve_connection(stream, fake.handle, max_body=1 << 20, token=None)
-
-        tg.start_soon(listener.serve, serve)
+        fake.address = f"http://127.0.0.1:{listener.port}"
+        tg.start_soon(functools.partial(listener.serve, fake.handle, max_body=1 << 20, token=None))
         try:
             yield fake
         finally:

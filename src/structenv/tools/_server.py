@@ -8,6 +8,7 @@ turns a tool's exception into an error result (the client's caller sees data, no
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -17,7 +18,7 @@ import anyio
 import anyio.abc
 import jsonschema
 
-from .._http import HTTPError, Request, Responder, serve_connection
+from .._http import HTTPError, Request, Responder, open_listener
 
 __all__ = ["ServedTool", "ToolServer", "serve_tool_server"]
 
@@ -80,9 +81,8 @@ async def serve_tool_server(
         }
         for t in tools
     ]
-    listener = await anyio.create_tcp_listener(local_host=host, local_port=port)
-    bound = listener.extra(anyio.abc.SocketAttribute.local_port)
-    server = ToolServer(url=f"http://{host}:{bound}")
+    listener = open_listener(host=host, port=port)
+    server = ToolServer(url=f"http://{host}:{listener.port}")
 
     async def handle(request: Request, respond: Responder) -> None:
         if request.method == "GET" and request.path == "/tools":
@@ -113,11 +113,8 @@ async def serve_tool_server(
             return
         await respond.send_json(200, {"content": content, "error": None})
 
-    async def serve(stream: anyio.abc.ByteStream) -> None:
-        await serve_connection(stream, handle, max_body=MAX_BODY, token=token)
-
     async with listener, anyio.create_task_group() as tg:
-        tg.start_soon(listener.serve, serve)
+        tg.start_soon(functools.partial(listener.serve, handle, max_body=MAX_BODY, token=token))
         try:
             yield server
         finally:
