@@ -52,6 +52,11 @@ def _exec(data: dict[str, Any], plt: Any) -> Path:
             "o-",
             label=f"{backend} full stack",
         )
+        floor = run.get("posix_spawn_floor", {}).get("c1")
+        if floor:
+            axes[0].axhline(
+                floor["p50_ms"], linestyle=":", color="grey", label=f"{backend} posix_spawn floor"
+            )
         for path, style in (("fork_exec", ":"), ("raw_bwrap_spawn", "-.")):
             ref = run[path]
             axes[1].plot(
@@ -60,6 +65,8 @@ def _exec(data: dict[str, Any], plt: Any) -> Path:
                 "s" + style,
                 label=f"{backend} {path}",
             )
+    axes[0].axhline(1.0, color="red", linestyle="--", label="target p50")
+    axes[1].axhline(1500, color="red", linestyle="--", label="target cmds/s")
     axes[0].set_ylabel("ms per exec of /bin/true")
     axes[0].set_xlabel("concurrent trajectories")
     axes[0].set_yscale("log")
