@@ -192,3 +192,40 @@ async def test_unsimple_commands_use_bash(backend: LocalBackend) -> None:
     await slot.write_file("sub/x", b"")
     assert (await slot.exec(ExecRequest("pwd", cwd="sub"))).stdout == b"/workspace/sub\n"
     await backend.release_slot(slot, reusable=True)
+
+
+async def test_output_around_exit(backend: LocalBackend) -> None:
+    """Output is complete however it ends: more than a pipe buffer, after stdout closed early,
+    from a background child within the drain window, or endless from a background child."""
+    slot = await backend.acquire_slot()
+    big = await slot.exec(ExecRequest("head -c 300000 /dev/zero"))  # runs without bash
+    assert big.stdout == bytes(300000) and not big.stdout_truncated
+    early = await slot.exec(ExecRequest("exec >&-; sleep 0.1; echo err >&2; exit 3"))
+    assert (early.exit_code, early.stdout, early.stderr) == (3, b"", b"err\n")
+    late = await slot.exec(ExecRequest("(sleep 0.01; echo late) & echo early"))
+    assert late.stdout == b"early\nlate\n"
+    with anyio.fail_after(5):
+        held = await slot.exec(ExecRequest("sleep 1000 & echo done"))
+        endless = await slot.exec(ExecRequest("yes & exit 4", max_output=1000))
+    assert held.stdout == b"done\n" and held.exit_code == 0
+    assert endless.exit_code == 4 and endless.stdout_truncated
+    assert endless.stdout == b"y\n" * 500
+    await backend.release_slot(slot, reusable=True)
+
+
+async def test_orphans_are_reaped(backend: LocalBackend) -> None:
+    """Orphans reparented to the slot's PID 1 are reaped when they exit, whether a command is
+    running at the time or the worker is idle: no zombies pile up in the slot."""
+    slot = await backend.acquire_slot()
+    quiet = ">/dev/null 2>&1"
+    orphans = f"(sleep 0.1 {quiet} &); (setsid sleep 0.1 {quiet} &)"
+    during = await slot.exec(ExecRequest(f"{orphans}; sleep 0.5; ps -e -o stat=,comm="))
+    await slot.exec(ExecRequest(orphans))
+    await anyio.sleep(0.5)  # an idle period: they exit while the worker waits for requests
+    after = await slot.exec(ExecRequest("ps -e -o stat=,comm="))
+    for result in (during, after):
+        states = [line.split()[0] for line in result.stdout.splitlines()]
+        assert states and not any(s.startswith(b"Z") for s in states), result.stdout
+    comms = [line.split()[1] for line in after.stdout.splitlines()]
+    assert len(comms) == 2 and b"ps" in comms, comms  # the worker (PID 1) and ps: no orphan
+    await backend.release_slot(slot, reusable=True)
