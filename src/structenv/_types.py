@@ -9,6 +9,7 @@ registry validates model-produced arguments against JSON schema.
 from __future__ import annotations
 
 import base64
+import binascii
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
@@ -137,18 +138,21 @@ class ExecResult:
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> ExecResult:
-        """Inverse of :meth:`to_wire`."""
+        """Inverse of :meth:`to_wire`; raises ``ValueError`` on bad base64."""
+        get = data.get
+        stdout = get("stdout")
+        stderr = get("stderr")
         return cls(
-            exit_code=data.get("exit_code"),
-            signal=data.get("signal"),
-            stdout=base64.b64decode(data.get("stdout") or ""),
-            stderr=base64.b64decode(data.get("stderr") or ""),
-            stdout_truncated=bool(data.get("stdout_truncated")),
-            stderr_truncated=bool(data.get("stderr_truncated")),
-            duration=float(data.get("duration") or 0.0),
-            timed_out=bool(data.get("timed_out")),
-            sandboxed=bool(data.get("sandboxed")),
-            error=data.get("error"),
+            exit_code=get("exit_code"),
+            signal=get("signal"),
+            stdout=binascii.a2b_base64(stdout) if stdout else b"",
+            stderr=binascii.a2b_base64(stderr) if stderr else b"",
+            stdout_truncated=bool(get("stdout_truncated")),
+            stderr_truncated=bool(get("stderr_truncated")),
+            duration=float(get("duration") or 0.0),
+            timed_out=bool(get("timed_out")),
+            sandboxed=bool(get("sandboxed")),
+            error=get("error"),
         )
 
 

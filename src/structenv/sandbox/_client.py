@@ -1,22 +1,31 @@
 """Client side of the sandbox protocol: a lean pooled HTTP/1.1 client and the remote slot.
 
-A general-purpose HTTP client costs a few hundred microseconds per request; an exec of a small
-program costs well under a millisecond, so the client is a thin h11 layer over anyio streams
-with a pool of idle keep-alive connections. A request that is cancelled or fails half-way
-closes its connection (never returned to the pool), which is also how the server learns that
-the caller gave up and kills the command.
+An exec of a small program costs about a millisecond, so the client is kept to the bone: a
+hand-written HTTP/1.1 codec (request heads formatted in one go, responses parsed from one
+buffer; bodies framed by ``content-length`` or ``transfer-encoding: chunked``) over raw
+non-blocking sockets, with a pool of idle keep-alive connections. Socket calls are tried first
+and the event loop is only asked to wait when they would block. TLS connections (tunnels) use
+an anyio TLS stream behind the same small transport interface.
+
+A request that is cancelled or fails half-way closes its connection (never returned to the
+pool), which is also how the server learns that the caller gave up and kills the command.
 """
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import json
+import os
+import re
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import quote, urlencode
 
 import anyio
 import anyio.abc
-import h11
+import anyio.lowlevel
 
 from .._exceptions import ProtocolError, SlotBrokenError, StaleLeaseError
 from .._types import ExecRequest, ExecResult
@@ -25,23 +34,342 @@ from ..abc import FileEntry, Slot
 __all__ = ["HostClient", "RemoteSlot", "error_from_response", "stream_batch"]
 
 _RECEIVE = 1 << 16
+#: Largest response head (status line and headers), and largest chunk-size or trailer line.
+_MAX_HEAD = 64 * 1024
+#: Bodies up to this size are sent in the same write as the request head.
+_COALESCE = 1 << 16
 _STREAM_ERRORS = (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)
+#: Compact JSON, with the encoder built once (``json.dumps`` with options builds one per call).
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+_STATUS = re.compile(rb"HTTP/1\.([01]) ([0-9]{3})(?: [\t !-~\x80-\xff]*)?")
+_HEADER = re.compile(
+    rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*"
+    rb"((?:[!-~\x80-\xff](?:[ \t]*[!-~\x80-\xff])*)?)[ \t]*"
+)
+_LENGTH = re.compile(rb"[0-9]{1,18}")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(?:;.*)?", re.DOTALL)
+_TARGET = re.compile(r"[!-~]+")
+_METHOD = re.compile(r"[A-Z]+")
+_VALUE = re.compile(r"[!-~](?:[ !-~]*[!-~])?")
+
+
+def _broken(message: str) -> anyio.BrokenResourceError:
+    return anyio.BrokenResourceError(f"bad answer from sandbox host: {message}")
+
+
+# -- transports ---------------------------------------------------------------------------
 
 
 class _Conn:
-    __slots__ = ("h11", "stream")
+    """One connection: a transport plus the bytes received beyond the current response.
 
-    def __init__(self, stream: anyio.abc.ByteStream) -> None:
-        self.stream = stream
-        self.h11 = h11.Connection(h11.CLIENT)
+    ``send``/``receive`` are the transport (``receive`` returns ``b""`` at end of file);
+    ``kill`` is synchronous and makes an operation waiting on the connection fail at once
+    with ``anyio.ClosedResourceError`` (:meth:`HostClient.abort`).
+    """
+
+    __slots__ = ("buf", "closed", "waited")
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.closed = False
+        #: Whether an operation of the current request waited on the event loop (see
+        #: :meth:`HostClient._exchange`).
+        self.waited = False
+
+    async def send(self, data: bytes | memoryview) -> None:
+        raise NotImplementedError
+
+    async def receive(self) -> bytes:
+        raise NotImplementedError
+
+    def kill(self) -> None:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        raise NotImplementedError
+
+
+class _SocketConn(_Conn):
+    """A raw non-blocking socket (unix or plain TCP)."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, family: int) -> None:
+        super().__init__()
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            if family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+    async def connect(self, address: Any) -> None:
+        sock = self.sock
+        while True:
+            err = sock.connect_ex(address)
+            if err == 0 or err == errno.EISCONN:
+                return
+            if err == errno.EINPROGRESS:
+                self.waited = True
+                await anyio.wait_writable(sock)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    raise OSError(err, os.strerror(err))
+                return
+            if err != errno.EAGAIN:  # EAGAIN: a unix listener's backlog is full, retry
+                raise OSError(err, os.strerror(err))
+            self.waited = True
+            await anyio.wait_writable(sock)
+
+    async def send(self, data: bytes | memoryview) -> None:
+        sock = self.sock
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        view = memoryview(data)[sent:]
+        while view:
+            self.waited = True
+            await anyio.wait_writable(sock)
+            try:
+                view = view[sock.send(view) :]
+            except BlockingIOError:
+                pass
+
+    async def receive(self) -> bytes:
+        sock = self.sock
+        while True:
+            try:
+                return sock.recv(_RECEIVE)
+            except BlockingIOError:
+                pass
+            self.waited = True
+            await anyio.wait_readable(sock)
+
+    def kill(self) -> None:
+        if not self.closed:
+            self.closed = True
+            anyio.notify_closing(self.sock)
+            self.sock.close()
+
+    async def aclose(self) -> None:
+        self.kill()
+
+
+class _TLSConn(_Conn):
+    """An anyio TLS stream; :meth:`kill` cancels the operation waiting on it."""
+
+    __slots__ = ("scope", "stream")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stream: anyio.abc.ByteStream | None = None
+        self.scope: anyio.CancelScope | None = None
+
+    async def connect(self, host: str, port: int) -> None:
+        self.waited = True
+        with anyio.CancelScope() as self.scope:
+            if self.closed:
+                raise anyio.ClosedResourceError
+            self.stream = await anyio.connect_tcp(host, port, tls=True, tls_hostname=host)
+            return
+        raise anyio.ClosedResourceError
+
+    async def send(self, data: bytes | memoryview) -> None:
+        self.waited = True
+        with anyio.CancelScope() as self.scope:
+            if self.closed or self.stream is None:
+                raise anyio.ClosedResourceError
+            await self.stream.send(bytes(data))
+            return
+        raise anyio.ClosedResourceError
+
+    async def receive(self) -> bytes:
+        self.waited = True
+        with anyio.CancelScope() as self.scope:
+            if self.closed or self.stream is None:
+                raise anyio.ClosedResourceError
+            try:
+                return await self.stream.receive(_RECEIVE)
+            except anyio.EndOfStream:
+                return b""
+        raise anyio.ClosedResourceError
+
+    def kill(self) -> None:
+        self.closed = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+    async def aclose(self) -> None:
+        self.kill()
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            with anyio.move_on_after(1, shield=True):
+                await anyio.aclose_forcefully(stream)
+
+
+# -- response codec -----------------------------------------------------------------------
+
+
+async def _read_until(conn: _Conn, sep: bytes, limit: int, what: str) -> int:
+    """Receive until ``sep`` is in ``conn.buf``; return its offset (at most ``limit``)."""
+    buf = conn.buf
+    end = buf.find(sep)
+    while end < 0:
+        if len(buf) > limit:
+            raise _broken(f"{what} over {limit} bytes")
+        data = await conn.receive()
+        if not data:
+            raise _broken(f"connection closed in the {what}")
+        start = max(len(buf) - len(sep) + 1, 0)
+        buf += data
+        end = buf.find(sep, start)
+    if end > limit:
+        raise _broken(f"{what} over {limit} bytes")
+    return end
+
+
+async def _read_head(conn: _Conn) -> tuple[bool, int, dict[bytes, bytes]]:
+    """One response head: ``(http/1.1, status, headers by lower-case name)``."""
+    buf = conn.buf
+    end = await _read_until(conn, b"\r\n\r\n", _MAX_HEAD, "response head")
+    lines = buf[:end].split(b"\r\n")
+    del buf[: end + 4]
+    status = _STATUS.fullmatch(lines[0])
+    if status is None:
+        raise _broken(f"malformed status line {bytes(lines[0][:100])!r}")
+    headers: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        field = _HEADER.fullmatch(line)
+        if field is None:
+            raise _broken(f"malformed header line {bytes(line[:100])!r}")
+        name = field[1].lower()
+        value = field[2]
+        old = headers.get(name)
+        if old is None:
+            headers[name] = value
+        elif name == b"content-length":
+            if old != value:
+                raise _broken("conflicting content-length headers")
+        else:
+            headers[name] = old + b", " + value
+    return status[1] == b"1", int(status[2]), headers
+
+
+async def _read_exact(conn: _Conn, size: int, on_data: Callable[[bytes], None]) -> None:
+    """Feed the next ``size`` bytes to ``on_data`` as they arrive."""
+    buf = conn.buf
+    if buf:
+        if len(buf) >= size:
+            if size:
+                on_data(bytes(buf[:size]))
+                del buf[:size]
+            return
+        size -= len(buf)
+        on_data(bytes(buf))
+        buf.clear()
+    while size:
+        data = await conn.receive()
+        if not data:
+            raise _broken("connection closed in the body")
+        if len(data) > size:
+            buf += data[size:]
+            data = data[:size]
+        size -= len(data)
+        on_data(data)
+
+
+async def _read_chunked(conn: _Conn, on_data: Callable[[bytes], None]) -> None:
+    buf = conn.buf
+    while True:
+        end = await _read_until(conn, b"\r\n", _MAX_HEAD, "chunk header")
+        match = _CHUNK_SIZE.fullmatch(buf, 0, end)
+        if match is None:
+            raise _broken(f"malformed chunk header {bytes(buf[: min(end, 100)])!r}")
+        size = int(match[1], 16)
+        del buf[: end + 2]
+        if not size:
+            break
+        await _read_exact(conn, size, on_data)
+        while len(buf) < 2:
+            data = await conn.receive()
+            if not data:
+                raise _broken("connection closed in the body")
+            buf += data
+        if buf[:2] != b"\r\n":
+            raise _broken("chunk longer than its size")
+        del buf[:2]
+    # Trailers (ignored) up to an empty line.
+    total = 0
+    while end := await _read_until(conn, b"\r\n", _MAX_HEAD - total, "trailers"):
+        total += end + 2
+        del buf[: end + 2]
+    del buf[:2]
+
+
+async def _read_response(
+    conn: _Conn, on_data: Callable[[bytes], None], on_status: Callable[[bool], None] | None
+) -> tuple[int, bool]:
+    """Read one response, body to ``on_data``; return ``(status, connection reusable)``."""
+    while True:
+        http11, status, headers = await _read_head(conn)
+        if status >= 200:
+            break
+        if status == 101 or status < 100:
+            raise _broken(f"unexpected status {status}")
+        # 1xx: an interim answer (100 Continue), the real one follows.
+    keep = http11
+    connection = headers.get(b"connection")
+    if connection is not None and b"close" in (t.strip() for t in connection.lower().split(b",")):
+        keep = False
+    if on_status is not None:
+        on_status(status == 200)
+    coding = headers.get(b"transfer-encoding")
+    length = headers.get(b"content-length")
+    if coding is not None:
+        if coding.lower() != b"chunked":
+            raise _broken(f"unsupported transfer-encoding {coding[:100]!r}")
+        await _read_chunked(conn, on_data)
+    elif length is not None:
+        if _LENGTH.fullmatch(length) is None:
+            raise _broken(f"bad content-length {length[:100]!r}")
+        await _read_exact(conn, int(length), on_data)
+    elif status not in (204, 304):
+        # No framing: the body runs to the end of the connection.
+        keep = False
+        if conn.buf:
+            on_data(bytes(conn.buf))
+            conn.buf.clear()
+        while data := await conn.receive():
+            on_data(data)
+    return status, keep
+
+
+async def _resolve(host: str, port: int) -> list[tuple[int, Any]]:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        return [(family, address) for family, _, _, _, address in infos]
+    return [(socket.AF_INET if ip.version == 4 else socket.AF_INET6, (host, port))]
+
+
+# -- the client ---------------------------------------------------------------------------
 
 
 class HostClient:
     """A connection pool to one sandbox server (unix socket or TCP + bearer token).
 
     Raises ``anyio.BrokenResourceError`` when the server cannot be reached, the connection
-    dies mid-request or the client was :meth:`abort` ed; callers map that to
-    :class:`~structenv.SlotBrokenError`.
+    dies mid-request, the server's answer is malformed or the client was :meth:`abort` ed;
+    callers map that to :class:`~structenv.SlotBrokenError`.
 
     Args:
         uds: Unix socket path of the server (else TCP ``host``:``port``).
@@ -68,63 +396,79 @@ class HostClient:
         self._max_idle = max_idle
         self._closed = False
         self._aborted = False
-        self._inflight: set[anyio.CancelScope] = set()
-        base = [(b"host", b"sandbox")]
+        self._inflight: set[_Conn] = set()
+        base = " HTTP/1.1\r\nhost: sandbox\r\n"
         if token:
-            base.append((b"authorization", f"Bearer {token}".encode()))
-        self._base_headers = base
+            if _VALUE.fullmatch(token) is None:
+                raise ValueError("the bearer token must be printable ASCII")
+            base += f"authorization: Bearer {token}\r\n"
+        self._base = base
 
     @property
     def address(self) -> tuple[str, int] | str:
         """The server's unix socket path or ``(host, port)``."""
         return self._uds if self._uds is not None else (self._host, self._port)
 
-    async def _connect(self) -> _Conn:
+    def _check_open(self) -> None:
         if self._aborted:
             raise anyio.BrokenResourceError("sandbox host was declared dead")
         if self._closed:
             raise anyio.ClosedResourceError
+
+    async def _connect(self) -> _Conn:
+        """A new connection, registered in flight (removed again if connecting fails)."""
+        self._check_open()
+        if self._uds is not None:
+            targets: list[tuple[int, Any]] = [(socket.AF_UNIX, self._uds)]
+        elif self._tls:
+            tls = _TLSConn()
+            await self._attempt(tls, tls.connect(self._host, self._port))
+            return tls
+        else:
+            try:
+                targets = await _resolve(self._host, self._port)
+            except OSError as exc:
+                raise anyio.BrokenResourceError(f"cannot resolve sandbox host: {exc}") from exc
+            self._check_open()
+        error: anyio.BrokenResourceError | None = None
+        for family, address in targets:  # in order: addresses of one host, rarely several
+            try:
+                conn = _SocketConn(family)
+            except OSError as exc:
+                error = anyio.BrokenResourceError(f"cannot connect to sandbox host: {exc}")
+                error.__cause__ = exc
+                continue
+            try:
+                await self._attempt(conn, conn.connect(address))
+            except anyio.BrokenResourceError as exc:
+                if self._aborted:
+                    raise
+                error = exc
+                continue
+            return conn
+        raise error or anyio.BrokenResourceError("sandbox host has no address")
+
+    async def _attempt(self, conn: _Conn, connecting: Any) -> None:
+        self._inflight.add(conn)
         try:
-            if self._uds is not None:
-                stream: anyio.abc.ByteStream = await anyio.connect_unix(self._uds)
-            elif self._tls:
-                stream = await anyio.connect_tcp(
-                    self._host, self._port, tls=True, tls_hostname=self._host
-                )
-            else:
-                stream = await anyio.connect_tcp(self._host, self._port)
-        except OSError as exc:
-            raise anyio.BrokenResourceError(f"cannot connect to sandbox host: {exc}") from exc
-        return _Conn(stream)
+            await connecting
+        except BaseException as exc:
+            self._inflight.discard(conn)
+            await conn.aclose()
+            if isinstance(exc, _STREAM_ERRORS):
+                if self._aborted:
+                    raise anyio.BrokenResourceError("sandbox host was declared dead") from exc
+                raise anyio.BrokenResourceError(f"cannot connect to sandbox host: {exc}") from exc
+            raise
 
-    def _head(self, method: str, target: str, size: int, ctype: str) -> h11.Request:
-        headers = [
-            *self._base_headers,
-            (b"content-length", str(size).encode()),
-            (b"content-type", ctype.encode()),
-        ]
-        return h11.Request(method=method, target=target, headers=headers)
-
-    async def _send(self, conn: _Conn, method: str, target: str, body: bytes, ctype: str) -> int:
-        c = conn.h11
-        data = c.send(self._head(method, target, len(body), ctype)) or b""
-        if body:
-            data += c.send(h11.Data(data=body)) or b""
-        data += c.send(h11.EndOfMessage()) or b""
-        await conn.stream.send(data)
-        event = await _next(conn)
-        if not isinstance(event, h11.Response):
-            raise anyio.BrokenResourceError(f"unexpected {type(event).__name__}")
-        return event.status_code
-
-    def _release(self, conn: _Conn) -> bool:
-        c = conn.h11
-        if c.our_state is h11.DONE and c.their_state is h11.DONE and not self._closed:
-            c.start_next_cycle()
-            if len(self._idle) < self._max_idle:
-                self._idle.append(conn)
-                return True
-        return False
+    def _head(self, method: str, target: str, size: int, ctype: str) -> bytes:
+        if not (
+            _METHOD.fullmatch(method) and _TARGET.fullmatch(target) and _VALUE.fullmatch(ctype)
+        ):
+            raise ValueError(f"invalid request line or content type: {method} {target} {ctype}")
+        return (
+            f"{method} {target}{self._base}content-type: {ctype}\r\ncontent-length: {size}\r\n\r\n"
+        ).encode()
 
     async def request(
         self, method: str, target: str, body: bytes = b"", *, ctype: str = "application/json"
@@ -178,47 +522,45 @@ class HostClient:
     ) -> int:
         """Send one request on a pooled connection and feed the response body to ``on_data``.
 
-        Every request runs in its own cancel scope so :meth:`abort` can cut it off.
+        The connection is registered in flight meanwhile, so :meth:`abort` can close it.
         """
-        with anyio.CancelScope() as scope:
-            self._inflight.add(scope)
-            try:
-                return await self._exchange_on_conn(method, target, body, ctype, on_data, on_status)
-            finally:
-                self._inflight.discard(scope)
-        raise anyio.BrokenResourceError("sandbox host was declared dead mid-request")
-
-    async def _exchange_on_conn(
-        self,
-        method: str,
-        target: str,
-        body: bytes,
-        ctype: str,
-        on_data: Callable[[bytes], None],
-        on_status: Callable[[bool], None] | None,
-    ) -> int:
-        conn = self._idle.pop() if self._idle and not self._closed else await self._connect()
+        head = self._head(method, target, len(body), ctype)
+        if self._idle and not self._closed:
+            conn = self._idle.pop()
+            conn.waited = False
+            self._inflight.add(conn)
+        else:
+            conn = await self._connect()
         try:
-            status = await self._send(conn, method, target, body, ctype)
-            if on_status is not None:
-                on_status(status == 200)
-            while True:
-                event = await _next(conn)
-                if isinstance(event, h11.Data):
-                    on_data(bytes(event.data))
-                elif isinstance(event, h11.EndOfMessage):
-                    break
-                else:
-                    raise anyio.BrokenResourceError(f"unexpected {type(event).__name__}")
+            if len(body) <= _COALESCE:
+                await conn.send(head + body)
+            else:
+                await conn.send(head)
+                await conn.send(body)
+            status, keep = await _read_response(conn, on_data, on_status)
         except BaseException as exc:
-            await _drop(conn)
-            if isinstance(exc, (*_STREAM_ERRORS, h11.ProtocolError)) and not isinstance(
-                exc, anyio.BrokenResourceError
-            ):
-                raise anyio.BrokenResourceError(f"sandbox host connection lost: {exc!r}") from exc
+            self._inflight.discard(conn)
+            # Closing without a goodbye is the point: the server reads it as "caller cancelled".
+            await conn.aclose()
+            if isinstance(exc, _STREAM_ERRORS):
+                if self._aborted:
+                    raise anyio.BrokenResourceError(
+                        "sandbox host was declared dead mid-request"
+                    ) from exc
+                if not isinstance(exc, anyio.BrokenResourceError):
+                    raise anyio.BrokenResourceError(
+                        f"sandbox host connection lost: {exc!r}"
+                    ) from exc
             raise
-        if not self._release(conn):
-            await _drop(conn)
+        self._inflight.discard(conn)
+        if keep and not conn.buf and not self._closed and len(self._idle) < self._max_idle:
+            self._idle.append(conn)
+        else:
+            await conn.aclose()
+        if not conn.waited:
+            # The answer was there before we asked: still be a checkpoint, as every anyio
+            # operation is (the connection is back in the pool, nothing is lost if cancelled).
+            await anyio.lowlevel.checkpoint()
         return status
 
     def abort(self) -> None:
@@ -232,8 +574,8 @@ class HostClient:
         """
         self._aborted = True
         self._closed = True
-        for scope in list(self._inflight):
-            scope.cancel()
+        for conn in list(self._inflight):
+            conn.kill()
 
     async def aclose(self) -> None:
         """Close idle connections; later requests fail. Idempotent.
@@ -243,26 +585,7 @@ class HostClient:
         self._closed = True
         idle, self._idle = self._idle, []
         for conn in idle:
-            await _drop(conn)
-
-
-async def _drop(conn: _Conn) -> None:
-    # Closing without a goodbye is the point: the server reads it as "caller cancelled".
-    with anyio.move_on_after(1, shield=True):
-        await anyio.aclose_forcefully(conn.stream)
-
-
-async def _next(conn: _Conn) -> Any:
-    c = conn.h11
-    while True:
-        event = c.next_event()
-        if event is not h11.NEED_DATA:
-            return event
-        try:
-            data = await conn.stream.receive(_RECEIVE)
-        except anyio.EndOfStream:
-            data = b""
-        c.receive_data(data)
+            await conn.aclose()
 
 
 def error_from_response(status: int, body: bytes) -> Exception:
@@ -305,7 +628,7 @@ async def stream_batch(
     ``on_result`` is not called for calls without a result.
     """
     wire = [{"slot": s, "lease": lease, "request": r.to_wire()} for _, s, lease, r in calls]
-    body = json.dumps({"calls": wire}, separators=(",", ":")).encode()
+    body = _dumps({"calls": wire}).encode()
     done = [False] * len(calls)
 
     def on_line(line: bytes) -> None:
@@ -369,7 +692,7 @@ class RemoteSlot(Slot):
         return data
 
     def _json(self, **fields: Any) -> bytes:
-        return json.dumps({"slot": self.index, "lease": self.lease, **fields}).encode()
+        return _dumps({"slot": self.index, "lease": self.lease, **fields}).encode()
 
     def _query(self, **fields: Any) -> str:
         return urlencode({"slot": self.index, "lease": self.lease, **fields}, quote_via=quote)
