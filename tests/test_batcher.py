@@ -5,7 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from structenv import Batcher, ConfigError, ExecRequest, SlotPool
+from structenv import Batcher, ConfigError, ExecRequest, ExecResult, SlotPool
 from structenv.testing import FakeBackend, assert_no_leaks, virtual_time_backend
 
 pytestmark = pytest.mark.anyio
@@ -192,3 +192,101 @@ def test_invalid_settings_are_refused() -> None:
         Batcher(backend, window=-1)
     with pytest.raises(ConfigError):
         Batcher(backend, max_batch_size=0)
+
+
+class _DeafBackend(FakeBackend):
+    """A host that accepts commands and never answers, whatever their deadline."""
+
+    async def _run(self, slot, request):  # type: ignore[no-untyped-def]
+        await anyio.sleep_forever()
+
+
+async def test_idle_batcher_runs_a_call_in_the_callers_own_task() -> None:
+    """The express lane: nothing else is waiting, so no hand-off to the batcher's tasks."""
+    ran_in: list[object] = []
+
+    async def handler(slot: object, request: ExecRequest) -> ExecResult:
+        ran_in.append(anyio.get_current_task().id)
+        await anyio.sleep(1)
+        return ExecResult(exit_code=0, sandboxed=True)
+
+    async with FakeBackend(slots_per_host=2, handler=handler) as backend:
+        pool = SlotPool(backend)
+        batcher = Batcher(backend)
+        callers: list[object] = []
+        async with anyio.create_task_group() as tg:
+            await tg.start(batcher.serve)
+
+            async def one(delay: float) -> None:
+                await anyio.sleep(delay)
+                async with pool.slot() as slot:
+                    callers.append(anyio.get_current_task().id)
+                    assert (await batcher.exec(slot, ExecRequest("x"))).exit_code == 0
+
+            async with anyio.create_task_group() as group:
+                group.start_soon(one, 0)  # idle batcher: express
+                group.start_soon(one, 0.5)  # one call in flight: through a batch task
+            batcher.close()
+        assert ran_in[0] == callers[0]
+        assert ran_in[1] != callers[1]
+        stats = batcher.statistics()
+        assert (stats.batches, stats.dispatched, stats.in_flight, stats.waiting) == (2, 2, 0, 0)
+        assert_no_leaks(pools=[pool], backends=[backend])
+
+
+async def test_express_call_past_its_deadline_returns_timed_out_and_taints_the_slot() -> None:
+    async with _DeafBackend() as backend:
+        pool = SlotPool(backend)
+        batcher = Batcher(backend, deadline_grace=1)
+        async with anyio.create_task_group() as tg:
+            await tg.start(batcher.serve)
+            async with pool.slot() as slot:
+                start = anyio.current_time()
+                result = await batcher.exec(slot, ExecRequest("x", timeout=3))
+                assert anyio.current_time() - start == pytest.approx(4)
+                assert result.timed_out and result.error and result.exit_code is None
+                assert not slot.reusable
+            batcher.close()
+        stats = batcher.statistics()
+        assert (stats.expired, stats.in_flight, stats.waiting) == (1, 0, 0)
+        assert backend.destroyed == 1
+        assert_no_leaks(pools=[pool], backends=[backend])
+
+
+async def test_express_call_cancelled_mid_command_taints_the_slot() -> None:
+    async with FakeBackend() as backend:
+        pool = SlotPool(backend)
+        batcher = Batcher(backend)
+        async with anyio.create_task_group() as tg:
+            await tg.start(batcher.serve)
+            async with pool.slot() as slot:
+                with anyio.move_on_after(0.5) as scope:
+                    await batcher.exec(slot, ExecRequest("sleep 5", timeout=10))
+                assert scope.cancelled_caught
+                assert not slot.reusable
+                assert batcher.statistics().in_flight == 0
+            batcher.close()
+        assert backend.destroyed == 1
+        assert_no_leaks(pools=[pool], backends=[backend])
+
+
+async def test_stopping_the_batcher_ends_express_calls_with_closed() -> None:
+    async with _DeafBackend() as backend:
+        pool = SlotPool(backend)
+        batcher = Batcher(backend)
+        async with pool.slot() as slot:
+            async with anyio.create_task_group() as service:
+                await service.start(batcher.serve)
+
+                async def stop() -> None:
+                    await anyio.sleep(1)
+                    service.cancel_scope.cancel()
+
+                service.start_soon(stop)
+                with pytest.raises(anyio.ClosedResourceError):
+                    await batcher.exec(slot, ExecRequest("x", timeout=10))
+                assert not slot.reusable
+            with pytest.raises(anyio.ClosedResourceError):
+                await batcher.exec(slot, ExecRequest("x"))  # closed: no express lane either
+        assert batcher.statistics().in_flight == 0
+        assert_no_leaks(pools=[pool], backends=[backend])
