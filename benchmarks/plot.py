@@ -39,7 +39,7 @@ def _dispatch(data: dict[str, Any], plt: Any) -> Path:
 
 
 def _exec(data: dict[str, Any], plt: Any) -> Path:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for backend, run in data["runs"].items():
         full = run["full_stack"]
         levels = list(full)
@@ -76,11 +76,29 @@ def _exec(data: dict[str, Any], plt: Any) -> Path:
     axes[1].set_ylabel("commands per second")
     axes[1].set_xlabel("concurrent callers")
     axes[1].legend(fontsize=7)
+    _exec_layers(data, axes[2])
     fig.suptitle("exec round trip through the full stack into bwrap sandboxes")
     path = OUT / "exec.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return path
+
+
+def _exec_layers(data: dict[str, Any], ax: Any) -> None:
+    """Stacked bars: what each layer adds to one command at c1 (differences of medians)."""
+    runs = [(b, r["layers"]) for b, r in data["runs"].items() if "layers" in r]
+    if not runs:
+        return
+    names = list(runs[0][1])
+    bottoms = [0.0] * len(runs)
+    for name in names:
+        heights = [layers[name] for _, layers in runs]
+        ax.bar([b for b, _ in runs], heights, bottom=bottoms, label=name.replace("_", " "))
+        bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+    ax.axhline(1.0, color="red", linestyle="--", label="target p50")
+    ax.set_ylabel("ms (c1 medians)")
+    ax.set_title("where one command's time goes", fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
 
 
 def _docker(data: dict[str, Any], plt: Any) -> Path | None:

@@ -8,12 +8,18 @@ same machine state, running the external program ``/bin/true`` (not a shell buil
 - the slot API alone (client -> server -> worker), and the batched host path;
 - a fresh ``bwrap ... /bin/true`` per command (what a naive sandbox pays);
 - a plain ``fork/exec`` of ``/bin/true`` through ``anyio.run_process`` (what an async program
-  pays without a sandbox), and a bare ``posix_spawn`` + ``waitpid`` loop in a thread (the
-  machine's floor: no event loop, no pipes, no sandbox).
+  pays without a sandbox);
+- the layers underneath, each driven by a blocking loop in a thread (``_layers``): a bare
+  ``posix_spawn`` + ``waitpid`` (the machine's floor), the slot worker alone in its sandbox,
+  the sandbox server alone, and the cost of a process wake-up on the same or the other CPU.
+
+``layers`` in the results subtracts neighbouring c1 medians: what the worker, the server hop,
+the async client and the executor each add to a command.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import statistics
@@ -30,11 +36,13 @@ from .._executor import ToolExecutor
 from .._types import ExecRequest, ExecResult
 from ..backends import LocalBackend
 from ..sandbox._bwrap import Isolation, bwrap_argv
+from ..sandbox._client import RemoteSlot
+from . import _layers
 from ._report import print_table, write_results
 
 __all__ = ["run", "run_exec_bench"]
 
-COMMAND = "/bin/true"
+COMMAND = _layers.COMMAND
 TARGET_P50_MS = 1.0
 TARGET_THROUGHPUT = 1500.0
 
@@ -155,15 +163,30 @@ async def _spawn(argv: list[str], quick: bool) -> dict[str, Any]:
     return out
 
 
-def _posix_spawn_floor(n: int) -> dict[str, float]:
-    latencies: list[float] = []
-    start = time.perf_counter()
-    for _ in range(n):
-        began = time.perf_counter()
-        pid = os.posix_spawn(COMMAND, [COMMAND], {})
-        os.waitpid(pid, 0)
-        latencies.append(time.perf_counter() - began)
-    return _summary(latencies, time.perf_counter() - start)
+async def _layers_below(quick: bool) -> dict[str, Any]:
+    """The blocking drivers of ``_layers``, one after the other, each in a worker thread."""
+    n = 300 if quick else 2000
+    run = anyio.to_thread.run_sync
+    out: dict[str, Any] = {
+        "posix_spawn_floor": {"c1": _summary(*await run(_layers.posix_spawn_floor, n))}
+    }
+    wakeups: dict[str, Any] = {}
+    for name, same in (("same_cpu", True), ("other_cpu", False)):
+        measured = await run(functools.partial(_layers.wakeup_rtt, n * 10, same_cpu=same))
+        if measured is not None:
+            wakeups[name] = _summary(*measured)
+    out["wakeup_rtt"] = wakeups
+    with tempfile.TemporaryDirectory(prefix="structenv-bench-") as scratch:
+        out["worker_only"] = {"c1": _summary(*await run(_layers.worker_only, n, scratch))}
+    async with LocalBackend(hosts=1, slots_per_host=1) as backend:
+        slot = await backend.acquire_slot()
+        assert isinstance(slot, RemoteSlot) and isinstance(slot.client.address, str)
+        body = slot._json(request=ExecRequest(COMMAND, timeout=30).to_wire())
+        head = slot.client._head("POST", "/v1/exec", len(body), "application/json")
+        driver = functools.partial(_layers.server_only, n, slot.client.address, head, body)
+        out["server_only"] = {"c1": _summary(*await run(driver))}
+        await backend.release_slot(slot, reusable=True)
+    return out
 
 
 async def run_exec_bench(quick: bool) -> dict[str, Any]:
@@ -176,7 +199,7 @@ async def run_exec_bench(quick: bool) -> dict[str, Any]:
         bwrap = bwrap_argv(Isolation(), scratch, [COMMAND])
         raw_bwrap = await _spawn(bwrap, quick)
     fork_exec = await _spawn([COMMAND], quick)
-    floor = {"c1": await anyio.to_thread.run_sync(_posix_spawn_floor, 300 if quick else 2000)}
+    below = await _layers_below(quick)
     full_stack = await _full_stack(quick)
     slot_api = await _slot_api(quick)
     best_p50 = full_stack["c1"]["p50_ms"]
@@ -196,7 +219,8 @@ async def run_exec_bench(quick: bool) -> dict[str, Any]:
         "slot_api": slot_api,
         "raw_bwrap_spawn": raw_bwrap,
         "fork_exec": fork_exec,
-        "posix_spawn_floor": floor,
+        **below,
+        "layers": _layer_costs(below, slot_api, full_stack),
         "targets": {"p50_ms": TARGET_P50_MS, "throughput_per_s": TARGET_THROUGHPUT},
         "meets_targets": {
             "p50": best_p50 <= TARGET_P50_MS,
@@ -205,28 +229,57 @@ async def run_exec_bench(quick: bool) -> dict[str, Any]:
     }
 
 
+def _layer_costs(
+    below: dict[str, Any], slot_api: dict[str, Any], full_stack: dict[str, Any]
+) -> dict[str, float]:
+    """What each layer adds to the c1 median, in ms (differences of medians: indicative)."""
+    chain = [
+        ("posix_spawn", 0.0),
+        ("worker", below["posix_spawn_floor"]["c1"]["p50_ms"]),
+        ("server_hop", below["worker_only"]["c1"]["p50_ms"]),
+        ("async_client", below["server_only"]["c1"]["p50_ms"]),
+        ("executor", slot_api["c1"]["p50_ms"]),
+    ]
+    ends = [p50 for _, p50 in chain[1:]] + [full_stack["c1"]["p50_ms"]]
+    return {name: round(end - start, 3) for (name, start), end in zip(chain, ends, strict=True)}
+
+
 def run(*, quick: bool = False) -> dict[str, Any]:
     """Run on asyncio (and trio unless ``quick``), print a table, write ``exec.json``."""
     backends = ("asyncio",) if quick else ("asyncio", "trio")
     runs = {b: anyio.run(run_exec_bench, quick, backend=b) for b in backends}
     rows: list[list[Any]] = []
     for backend, data in runs.items():
-        for path in ("full_stack", "slot_api", "raw_bwrap_spawn", "fork_exec", "posix_spawn_floor"):
+        for path in (
+            "full_stack",
+            "slot_api",
+            "server_only",
+            "worker_only",
+            "raw_bwrap_spawn",
+            "fork_exec",
+            "posix_spawn_floor",
+            "wakeup_rtt",
+        ):
             for level, stats in data[path].items():
                 rows.append(
                     [
                         backend,
                         path,
                         level,
-                        stats["p50_ms"],
-                        stats["p99_ms"],
+                        round(stats["p50_ms"] * 1e3),
+                        round(stats["p99_ms"] * 1e3),
                         stats["throughput_per_s"],
                     ]
                 )
     print_table(
         "exec round trip of /bin/true",
-        ["backend", "path", "concurrency", "p50 ms", "p99 ms", "cmds/s"],
+        ["backend", "path", "concurrency", "p50 µs", "p99 µs", "cmds/s"],
         rows,
+    )
+    print_table(
+        "what each layer adds to one command (c1 medians, µs)",
+        ["backend", *next(iter(runs.values()))["layers"]],
+        [[b, *(round(v * 1e3) for v in d["layers"].values())] for b, d in runs.items()],
     )
     payload = {"benchmark": "exec", "quick": quick, "runs": runs}
     print(f"wrote {write_results('exec', payload)}")

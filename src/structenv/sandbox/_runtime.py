@@ -25,7 +25,7 @@ from .._types import ExecRequest, ExecResult
 from . import _worker
 from ._bwrap import WORKSPACE, Isolation, SlotCgroup, bwrap_argv, descendants, kill_tree
 
-__all__ = ["Limits", "SlotBroken", "SlotRuntime"]
+__all__ = ["Limits", "SlotBroken", "SlotRuntime", "slot_argv"]
 
 _HEADER = struct.Struct(">I")
 #: Extra seconds past a command's own deadline before the server stops trusting the worker.
@@ -51,6 +51,38 @@ class Limits:
     cpu_seconds: int = 0
     nofile: int = 4096
     max_output: int = 16 << 20
+
+
+def slot_argv(iso: Isolation, workspace: str, *, name: str, limits: Limits) -> list[str]:
+    """The command line of a slot: its worker, as PID 1 of a bwrap sandbox if sandboxed.
+
+    The worker speaks length-prefixed JSON frames on its stdin/stdout (see ``_worker``).
+    """
+    config = {
+        "pid1": iso.sandboxed,
+        "workspace": WORKSPACE if iso.sandboxed else workspace,
+        "wipe": ["/tmp", "/dev/shm"] if iso.sandboxed else [],
+        "tag": name,
+        "env": {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": WORKSPACE if iso.sandboxed else workspace,
+            "LANG": "C.UTF-8",
+            "TERM": "xterm-256color",
+            "SHELL": "/bin/bash",
+            "USER": "root",
+        },
+        "limits": {
+            "as": limits.memory,
+            "fsize": limits.file_size,
+            "cpu": limits.cpu_seconds,
+            "nofile": limits.nofile,
+        },
+    }
+    program = WORKER_PATH if iso.sandboxed else _WORKER_FILE
+    argv = [os.path.realpath(sys.executable), "-I", "-S", program, json.dumps(config)]
+    if not iso.sandboxed:
+        return argv
+    return bwrap_argv(iso, workspace, argv, extra_ro=[(_WORKER_FILE, WORKER_PATH)])
 
 
 class _Reply:
@@ -164,40 +196,13 @@ class SlotRuntime:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def _worker_argv(self) -> list[str]:
-        config = {
-            "pid1": self.iso.sandboxed,
-            "workspace": WORKSPACE if self.iso.sandboxed else self.workspace,
-            "wipe": ["/tmp", "/dev/shm"] if self.iso.sandboxed else [],
-            "tag": f"{self.name}",
-            "env": {
-                "PATH": "/usr/local/bin:/usr/bin:/bin",
-                "HOME": WORKSPACE if self.iso.sandboxed else self.workspace,
-                "LANG": "C.UTF-8",
-                "TERM": "xterm-256color",
-                "SHELL": "/bin/bash",
-                "USER": "root",
-            },
-            "limits": {
-                "as": self.limits.memory,
-                "fsize": self.limits.file_size,
-                "cpu": self.limits.cpu_seconds,
-                "nofile": self.limits.nofile,
-            },
-        }
-        program = WORKER_PATH if self.iso.sandboxed else _worker.__file__
-        return [os.path.realpath(sys.executable), "-I", "-S", program, json.dumps(config)]
-
     async def start(self) -> None:
         """Spawn the sandbox and wait for the worker's hello.
 
         Cancellation: whatever was spawned is killed before the cancellation propagates.
         """
         await anyio.Path(self.workspace).mkdir(mode=0o755, parents=True, exist_ok=True)
-        argv = self._worker_argv()
-        if self.iso.sandboxed:
-            extra = [(_WORKER_FILE, WORKER_PATH)]
-            argv = bwrap_argv(self.iso, self.workspace, argv, extra_ro=extra)
+        argv = slot_argv(self.iso, self.workspace, name=self.name, limits=self.limits)
         if self.use_cgroup:
             self._cgroup = SlotCgroup(
                 self.cgroup_name, pids_max=self.limits.pids, memory_max=self.limits.memory
