@@ -42,7 +42,7 @@ def _exec(data: dict[str, Any], plt: Any) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for backend, run in data["runs"].items():
         full = run["full_stack"]
-        levels = list(full)
+        levels = _levels(full)
         xs = [int(k[1:]) for k in levels]
         axes[0].plot(xs, [full[k]["p50_ms"] for k in levels], "o-", label=f"{backend} p50")
         axes[0].plot(xs, [full[k]["p99_ms"] for k in levels], "x--", label=f"{backend} p99")
@@ -60,8 +60,8 @@ def _exec(data: dict[str, Any], plt: Any) -> Path:
         for path, style in (("fork_exec", ":"), ("raw_bwrap_spawn", "-.")):
             ref = run[path]
             axes[1].plot(
-                [int(k[1:]) for k in ref],
-                [ref[k]["throughput_per_s"] for k in ref],
+                [int(k[1:]) for k in _levels(ref)],
+                [ref[k]["throughput_per_s"] for k in _levels(ref)],
                 "s" + style,
                 label=f"{backend} {path}",
             )
@@ -84,12 +84,17 @@ def _exec(data: dict[str, Any], plt: Any) -> Path:
     return path
 
 
+def _levels(stats: dict[str, Any]) -> list[str]:
+    """Concurrency keys (``c1``, ``c16``, ...) in numeric order (the JSON sorts them as text)."""
+    return sorted((k for k in stats if k[1:].isdigit()), key=lambda k: int(k[1:]))
+
+
 def _exec_layers(data: dict[str, Any], ax: Any) -> None:
     """Stacked bars: what each layer adds to one command at c1 (differences of medians)."""
     runs = [(b, r["layers"]) for b, r in data["runs"].items() if "layers" in r]
     if not runs:
         return
-    names = list(runs[0][1])
+    names = ["posix_spawn", "worker", "server_hop", "async_client", "executor"]  # bottom up
     bottoms = [0.0] * len(runs)
     for name in names:
         heights = [layers[name] for _, layers in runs]
@@ -98,7 +103,9 @@ def _exec_layers(data: dict[str, Any], ax: Any) -> None:
     ax.axhline(1.0, color="red", linestyle="--", label="target p50")
     ax.set_ylabel("ms (c1 medians)")
     ax.set_title("where one command's time goes", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right")
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles[::-1], labels[::-1], fontsize=7, loc="upper right", framealpha=0.9)
+    ax.set_ylim(0, max(sum(layers.values()) for _, layers in runs) * 1.35)
 
 
 def _docker(data: dict[str, Any], plt: Any) -> Path | None:
