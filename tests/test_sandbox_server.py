@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from collections.abc import AsyncIterator
 
 import anyio
@@ -12,7 +13,15 @@ import pytest
 import test_sandbox_support
 from structenv import ExecRequest, SandboxUnavailableError, SlotBrokenError
 from structenv.backends import LocalBackend
-from structenv.sandbox import HostClient, Isolation, RemoteSlot, SandboxServer, ServerConfig
+from structenv.sandbox import (
+    HostClient,
+    Isolation,
+    RemoteSlot,
+    SandboxServer,
+    ServerConfig,
+    _runtime,
+)
+from structenv.testing import child_processes, cmdline
 
 pytestmark = pytest.mark.anyio
 
@@ -112,3 +121,42 @@ async def test_unsandboxed_only_when_asked() -> None:
         await backend.release_slot(slot, reusable=True)
         # Even unsandboxed, a reset kills what the slot started (subreaper + tree walk).
         assert test_sandbox_support.find_processes(r"^sleep 100[01]$") == []
+
+
+async def test_stuck_worker_breaks_the_slot_past_the_backstop(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker enforces deadlines; a worker that misses one by BACKSTOP seconds (stuck or
+    # subverted by a command running with its uid) is not trusted again: its sandbox is
+    # killed, the caller gets a broken slot, and only a reset rebuilds it.
+    monkeypatch.setattr(_runtime, "BACKSTOP", 0.5)
+    sock = os.path.join(str(tmp_path), "s.sock")
+    server = SandboxServer(
+        ServerConfig(slots=1, workdir=os.path.join(str(tmp_path), "host"), socket_path=sock)
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.serve)
+        client = HostClient(uds=sock)
+        try:
+            status, body = await client.request("GET", "/v1/health")
+            assert status == 200
+            lease = json.loads(body)["slots"][0]["lease"]
+            slot = RemoteSlot(
+                client=client, index=0, id="t/0", host_id="t", lease=lease, sandboxed=True
+            )
+            assert (await slot.exec(ExecRequest("echo up"))).stdout == b"up\n"
+            argv = [b"-I", b"-S", _runtime.WORKER_PATH.encode()]
+            (worker,) = [p for p in child_processes() if cmdline(p).split(b"\0")[1:4] == argv]
+            pidfds = test_sandbox_support.open_pidfds([worker])
+            os.kill(worker, signal.SIGSTOP)
+            with anyio.fail_after(5):
+                with pytest.raises(SlotBrokenError, match="did not enforce the deadline"):
+                    await slot.exec(ExecRequest("sleep 30", timeout=0.2))
+            await test_sandbox_support.wait_all_dead(pidfds, within=5)
+            with pytest.raises(SlotBrokenError):
+                await slot.exec(ExecRequest("echo again"))
+            await slot.reset()  # a hard reset: a new sandbox and worker
+            assert (await slot.exec(ExecRequest("echo again"))).stdout == b"again\n"
+        finally:
+            await client.aclose()
+        tg.cancel_scope.cancel()
