@@ -158,8 +158,9 @@ async def _throughput(
             elapsed = time.perf_counter() - begin
             naive = await _naive(backend, len(slots), naive_calls)
         finally:
-            for slot in slots:
-                await backend.release_slot(slot, reusable=True)
+            with anyio.move_on_after(30, shield=True):
+                for slot in slots:
+                    await backend.release_slot(slot, reusable=True)
     return {
         "containers": containers,
         "concurrent_slots": len(slots),
