@@ -131,6 +131,9 @@ async def test_killed_allocation_mid_command() -> None:
         assert len(caught) == 1
         await b.release_slot(slot, reusable=False)
         await wait_until(lambda: fake.allocs[alloc_id].desired == "stop", deadline=10)
+        with anyio.fail_after(10):
+            await fake.allocs[alloc_id].stopped.wait()
+        assert fake.allocs[alloc_id].client == "failed"  # a crash, even if stopped after
         await wait_until(lambda: b.statistics().hosts == 1, deadline=20)
         (new_alloc,) = b.allocation_ids().values()
         assert new_alloc != alloc_id and fake.allocs[new_alloc].previous == alloc_id

@@ -71,6 +71,7 @@ class FakeAllocation:
     exit_code: int | None = None
     previous: str | None = None
     stopping: bool = False  # the scheduler killed it (vs. the task dying on its own)
+    crashed: bool = False  # killed from outside (kill_allocation): failed, whatever follows
     stopped: anyio.Event = dataclasses.field(default_factory=anyio.Event)
     kill: anyio.Event = dataclasses.field(default_factory=anyio.Event)
 
@@ -177,6 +178,9 @@ class NomadFake:
         rescheduled."""
         alloc = self.allocs[alloc_id]
         if alloc.pid is not None and alloc.exit_code is None:
+            # Marked first: a stop request that reaches the fake before it has reaped the
+            # process must not turn a crash into a clean "complete".
+            alloc.crashed = True
             os.kill(alloc.pid, 9)
 
     # -- scheduling -----------------------------------------------------------------------
@@ -298,7 +302,9 @@ class NomadFake:
             with anyio.move_on_after(5, shield=True):
                 await anyio.to_thread.run_sync(_rmtree, workdir)
             self._ports.discard(alloc.port)
-            if alloc.stopping or (alloc.pid is None and alloc.desired == "stop"):
+            if not alloc.crashed and (
+                alloc.stopping or (alloc.pid is None and alloc.desired == "stop")
+            ):
                 alloc.client = "complete"
             elif alloc.desired == "stop":
                 alloc.client = "failed"  # died on its own; already replaced (stop endpoint)
