@@ -63,15 +63,18 @@ async def test_tcp_requires_token(tcp_server: SandboxServer) -> None:
     assert reply.startswith(b"HTTP/1.1 200 ")
 
 
+async def _first_slot(client: HostClient) -> RemoteSlot:
+    """A handle on slot 0 of the server behind ``client``, at its current lease."""
+    status, body = await client.request("GET", "/v1/health")
+    assert status == 200
+    lease = json.loads(body)["slots"][0]["lease"]
+    return RemoteSlot(client=client, index=0, id="t/0", host_id="t", lease=lease, sandboxed=True)
+
+
 async def test_client_over_tcp(tcp_server: SandboxServer) -> None:
     client = HostClient(port=tcp_server.port, token=TOKEN)
     try:
-        status, body = await client.request("GET", "/v1/health")
-        assert status == 200
-        lease = json.loads(body)["slots"][0]["lease"]
-        slot = RemoteSlot(
-            client=client, index=0, id="t/0", host_id="t", lease=lease, sandboxed=True
-        )
+        slot = await _first_slot(client)
         result = await slot.exec(ExecRequest("echo over tcp; hostname"))
         assert result.stdout == b"over tcp\nsandbox\n" and result.sandboxed
         results = await slot.exec_batch([ExecRequest("exit 1"), ExecRequest("echo b")])
@@ -138,12 +141,7 @@ async def test_stuck_worker_breaks_the_slot_past_the_backstop(
         await tg.start(server.serve)
         client = HostClient(uds=sock)
         try:
-            status, body = await client.request("GET", "/v1/health")
-            assert status == 200
-            lease = json.loads(body)["slots"][0]["lease"]
-            slot = RemoteSlot(
-                client=client, index=0, id="t/0", host_id="t", lease=lease, sandboxed=True
-            )
+            slot = await _first_slot(client)
             assert (await slot.exec(ExecRequest("echo up"))).stdout == b"up\n"
             argv = [b"-I", b"-S", _runtime.WORKER_PATH.encode()]
             (worker,) = [p for p in child_processes() if cmdline(p).split(b"\0")[1:4] == argv]
