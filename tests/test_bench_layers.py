@@ -9,7 +9,7 @@ import pytest
 
 from structenv import ExecRequest
 from structenv._bench import _layers
-from structenv._bench.exec import _layer_costs, _summary
+from structenv._bench.exec import _layer_costs, _layers_below, _summary
 from structenv.backends import LocalBackend
 from structenv.sandbox import RemoteSlot
 from structenv.testing import child_processes, cmdline
@@ -60,6 +60,14 @@ async def test_cancelled_drivers_leave_no_process(tmp_path: object, delay: float
             await anyio.to_thread.run_sync(driver)
         assert scope.cancelled_caught
         assert [cmdline(p) for p in child_processes()] == []
+
+
+@pytest.mark.parametrize("delay", [0.1, 0.5, 1.0, 1.5, 2.5])
+async def test_cancelled_layer_run_leaves_no_process(delay: float) -> None:
+    # Cancelled at different phases (spawn floor, wake-ups, worker, host start, server).
+    with anyio.move_on_after(delay):
+        await _layers_below(quick=True)
+    assert [cmdline(p) for p in child_processes()] == []
 
 
 def test_layer_costs_are_differences_of_neighbouring_medians() -> None:
