@@ -92,4 +92,6 @@ async def wait_fifo(path: str, *, within: float = 10.0) -> bytes:
 def make_fifo(backend: LocalBackend, slot: object, name: str = "ready") -> str:
     path = os.path.join(backend.workspace_path(slot), name)  # type: ignore[arg-type]
     os.mkfifo(path)
+    owner = os.stat(os.path.dirname(path))
+    os.chown(path, owner.st_uid, owner.st_gid)  # the slot's own uid, not host root
     return path

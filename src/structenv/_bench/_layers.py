@@ -29,7 +29,8 @@ from collections.abc import Callable
 
 from anyio.from_thread import check_cancelled
 
-from ..sandbox._bwrap import Isolation
+from ..sandbox import _seccomp
+from ..sandbox._bwrap import Isolation, default_uid_base, slot_uid
 from ..sandbox._runtime import Limits, slot_argv
 
 __all__ = ["posix_spawn_floor", "server_only", "wakeup_rtt", "worker_only"]
@@ -70,8 +71,21 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 def worker_only(n: int, workspace: str) -> tuple[list[float], float]:
     """A slot worker in its bwrap sandbox, sent exec frames over its stdin pipe."""
-    argv = slot_argv(Isolation(), workspace, name="bench", limits=Limits())
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    # A real slot's command line: its own uid and the seccomp filter, as the server runs it.
+    uid = slot_uid(default_uid_base("bench"), 0)
+    if uid is not None:
+        os.chown(workspace, uid, uid)
+        os.chmod(workspace, 0o755)
+    fd = _seccomp.open_program(os.path.join(os.path.dirname(workspace), ".seccomp.bpf"))
+    try:
+        argv = slot_argv(
+            Isolation(), workspace, name="bench", limits=Limits(), uid=uid, seccomp_fd=fd
+        )
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, pass_fds=(fd,)
+        )
+    finally:
+        os.close(fd)
     assert proc.stdin is not None and proc.stdout is not None
     send, receive = proc.stdin.write, proc.stdout.read
 

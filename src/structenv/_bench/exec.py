@@ -35,7 +35,7 @@ from .._config import ExecutorConfig
 from .._executor import ToolExecutor
 from .._types import ExecRequest, ExecResult
 from ..backends import LocalBackend
-from ..sandbox._bwrap import Isolation, bwrap_argv
+from ..sandbox._bwrap import Isolation, bwrap_argv, default_uid_base, slot_uid
 from ..sandbox._client import RemoteSlot
 from . import _layers
 from ._report import print_table, write_results
@@ -196,7 +196,8 @@ async def run_exec_bench(quick: bool) -> dict[str, Any]:
     """
     load = os.getloadavg()  # other work on the machine skews every number below
     with tempfile.TemporaryDirectory(prefix="structenv-bench-") as scratch:
-        bwrap = bwrap_argv(Isolation(), scratch, [COMMAND])
+        uid = slot_uid(default_uid_base("bench"), 0)
+        bwrap = bwrap_argv(Isolation(), scratch, [COMMAND], uid=uid)
         raw_bwrap = await _spawn(bwrap, quick)
     fork_exec = await _spawn([COMMAND], quick)
     below = await _layers_below(quick)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import errno
 import glob
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -25,13 +27,30 @@ import anyio
 
 from .._exceptions import SandboxUnavailableError
 
-__all__ = ["Isolation", "SlotCgroup", "bwrap_argv", "host_prefixes", "kill_tree", "probe"]
+__all__ = [
+    "Isolation",
+    "SlotCgroup",
+    "bwrap_argv",
+    "default_uid_base",
+    "host_prefixes",
+    "kill_tree",
+    "privilege",
+    "probe",
+    "probe_report",
+    "slot_uid",
+    "switch_uid",
+]
 
 #: Path of the slot's workspace inside the sandbox.
 WORKSPACE = "/workspace"
 #: Host files that could hold secrets readable by uid 0 inside; masked with /dev/null.
 _MASKED = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers")
 CGROUP_V1 = "/sys/fs/cgroup"
+#: The v1 hierarchies a slot's cgroups live in.
+_CONTROLLERS = ("pids", "memory", "cpu")
+_CFS_PERIOD = 100_000
+#: Host uids reserved per sandbox server (one per slot).
+UID_BLOCK = 4096
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -65,27 +84,104 @@ def host_prefixes() -> list[str]:
     return found
 
 
+def privilege() -> str:
+    """How this process can give a slot its own unprivileged uid.
+
+    - ``"root"``: root with ``CAP_SYS_ADMIN`` (a host). bwrap runs privileged and the slot's
+      first process (the worker, or the probe) switches to the slot uid before it reads any
+      input; bwrap grants it ``CAP_SETUID``/``CAP_SETGID`` for that and nothing else, and the
+      switch clears them. Host paths need not be reachable by the slot uid.
+    - ``"setpriv"``: root without ``CAP_SYS_ADMIN`` (inside a container): ``setpriv`` drops to
+      the slot uid, then bwrap builds the sandbox in a user namespace.
+    - ``"user"``: not root; slots run as this (unprivileged) uid in a user namespace.
+    """
+    if os.geteuid() != 0:
+        return "user"
+    with open("/proc/self/status") as f:
+        caps = next(int(ln.split()[1], 16) for ln in f if ln.startswith("CapEff:"))
+    return "root" if caps & (1 << 21) else "setpriv"
+
+
+def slot_uid(base: int, index: int) -> int | None:
+    """The host uid slot ``index`` runs as, or ``None`` when this process cannot switch uids.
+
+    Only root can hand a sandbox another uid; an unprivileged server's slots run as its own
+    (already unprivileged) uid, each in its own user namespace.
+    """
+    return base + index if os.geteuid() == 0 else None
+
+
+def switch_uid(uid: int | None) -> int | None:
+    """The uid the slot's first process must switch to itself (see :func:`privilege`)."""
+    return uid if uid is not None and privilege() == "root" else None
+
+
+def default_uid_base(name: str) -> int:
+    """A block of :data:`UID_BLOCK` host uids for the server called ``name``.
+
+    Far above any real account (2^30 + a hash), so a slot shares its uid with no host user
+    and, unless two servers' hashes collide, with no slot of another server on the machine.
+    """
+    digest = hashlib.blake2b(name.encode(), digest_size=4).digest()
+    return (1 << 30) + (int.from_bytes(digest, "big") % (1 << 16)) * UID_BLOCK
+
+
 def bwrap_argv(
     iso: Isolation,
     workspace: str,
     command: Sequence[str],
     *,
     extra_ro: Sequence[tuple[str, str]] = (),
+    uid: int | None = None,
+    seccomp_fd: int | None = None,
+    tmp: str | None = None,
+    tmp_size: int = 1 << 30,
+    shm_size: int = 64 << 20,
 ) -> list[str]:
-    """The bubblewrap command line that runs ``command`` as PID 1 of a fresh slot sandbox.
+    """The command line that runs ``command`` as PID 1 of a fresh slot sandbox.
 
-    ``extra_ro`` adds read-only ``(host path, sandbox path)`` binds (the worker program).
+    Args:
+        extra_ro: Read-only ``(host path, sandbox path)`` binds (the worker program).
+        uid: Host uid (and gid) the slot runs as (root only, see :func:`slot_uid`). Under
+            :func:`privilege` ``"root"``, ``command`` must switch to it itself (the worker
+            and the probe do, first thing); under ``"setpriv"`` it is switched to before
+            bwrap starts.
+        seccomp_fd: Descriptor of the seccomp program (see ``_seccomp``), read by bwrap.
+        tmp: Host directory bound at ``/tmp``; default a private tmpfs of ``tmp_size``
+            bytes (charged to the slot's memory cgroup).
+        shm_size: Bytes of the private tmpfs at ``/dev/shm``.
     """
-    argv = [
-        iso.bwrap,
-        "--unshare-all",
-        "--cap-drop", "ALL",
+    if uid is None and os.geteuid() == 0:
+        raise ValueError("root must run a sandbox under an unprivileged uid (see slot_uid)")
+    argv: list[str] = []
+    mode = privilege() if uid is not None else "user"
+    if mode == "setpriv":
+        argv += [
+            "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+            "--inh-caps=-all", "--bounding-set=-all", "--",
+        ]  # fmt: skip
+    argv.append(iso.bwrap)
+    if mode == "root":
+        # No user namespace (``--unshare-all`` would make one mapping only uid 0, where the
+        # switch is impossible): the worker becomes a plain unprivileged host uid, and
+        # seccomp refuses it any new user namespace.
+        argv += [
+            "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
+            "--unshare-cgroup", "--cap-drop", "ALL",
+            "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID",
+        ]  # fmt: skip
+    else:
+        argv += ["--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL"]
+        argv += ["--uid", "0", "--gid", "0"]
+    argv += [
         "--die-with-parent",
         "--new-session",
         "--as-pid-1",
         "--hostname", "sandbox",
         "--ro-bind", "/usr", "/usr",
     ]  # fmt: skip
+    if seccomp_fd is not None:
+        argv += ["--seccomp", str(seccomp_fd)]
     if iso.allow_network:
         argv.append("--share-net")
     for link in ("bin", "lib", "lib32", "lib64", "libx32", "sbin"):
@@ -104,9 +200,22 @@ def bwrap_argv(
         argv += ["--ro-bind", src, dst]
     argv += [
         "--proc", "/proc",
+        # bwrap covers only /proc/sys/irq and /proc/bus: the rest of /proc/sys is read-only
+        # too (writes by mode are what uid 0 needs for core_pattern and friends).
+        "--ro-bind", "/proc/sys", "/proc/sys",
         "--dev", "/dev",
-        "--tmpfs", "/tmp",
+        "--perms", "1777", "--size", str(shm_size), "--tmpfs", "/dev/shm",
+    ]  # fmt: skip
+    if tmp is None:
+        argv += ["--perms", "1777", "--size", str(tmp_size), "--tmpfs", "/tmp"]
+    else:
+        argv += ["--bind", tmp, "/tmp"]
+    argv += [
         "--bind", workspace, WORKSPACE,
+        # Nothing outside /workspace, /tmp and /dev/shm is writable: a slot can leave no file
+        # behind in /, /dev or /var for the next lease.
+        "--remount-ro", "/dev",
+        "--remount-ro", "/",
         "--chdir", WORKSPACE,
         "--clearenv",
         "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin",
@@ -116,71 +225,181 @@ def bwrap_argv(
     return argv
 
 
-async def probe(iso: Isolation, scratch: str) -> dict[str, object]:
-    """Run the real sandbox command line once and check its promises from inside.
+#: What the probe checks from inside, with the slot's own interpreter (printed as JSON).
+_PROBE = r"""
+import ctypes, errno, json, os, sys
+if sys.argv[1:]:
+    uid = int(sys.argv[1])
+    os.setgroups([]); os.setresgid(uid, uid, uid); os.setresuid(uid, uid, uid)
+    hdr = (ctypes.c_uint32 * 2)(0x20080522, 0)
+    ctypes.CDLL(None).capset(hdr, (ctypes.c_uint32 * 6)())
+libc = ctypes.CDLL(None, use_errno=True)
+def refused(nr, *args):
+    r = libc.syscall(nr, *args)
+    return r == -1 and ctypes.get_errno() in (errno.EPERM, errno.ENOSYS, errno.EACCES)
+status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
+fds = sorted(int(f) for f in os.listdir("/proc/self/fd"))
+out = {
+    "pid": os.getpid(),
+    "cap_eff": int(status["CapEff"].strip(), 16) | int(status["CapPrm"].strip(), 16)
+               | int(status["CapInh"].strip(), 16) | int(status["CapAmb"].strip(), 16),
+    "seccomp": int(status["Seccomp"].strip()),
+    "no_new_privs": int(status["NoNewPrivs"].strip()),
+    "fds": fds,
+    "interfaces": [l.split(":")[0].strip() for l in open("/proc/net/dev").readlines()[2:]],
+    "visible": [p for p in ("/run", "/var/run/docker.sock", "/tmp/.X11-unix")
+                if os.path.lexists(p)],
+    "sysctl_writable": [p for p in ("/proc/sys/kernel/core_pattern", "/proc/sys/vm/drop_caches",
+                                    "/proc/sysrq-trigger") if os.access(p, os.W_OK)],
+    "root_writable": os.access("/", os.W_OK) or os.access("/dev", os.W_OK),
+    "keys": len(open("/proc/keys").read().splitlines()),
+    "unshare_user": not refused(272, 0x10000000),
+    "keyctl": not refused(250, 0, 0, 0, 0, 0),
+    "ptrace": not refused(101, 16, 1, 0, 0),
+    "io_uring": not refused(425, 1, 0),
+}
+open("/workspace/.probe-owner", "w").close()
+print(json.dumps(out))
+"""
+
+
+async def probe(
+    iso: Isolation, scratch: str, *, uid: int | None = None, seccomp_path: str | None = None
+) -> dict[str, object]:
+    """Run the real sandbox command line once and check every promise from inside and out.
+
+    The properties (each a reason to refuse to start when it fails): no capabilities, a
+    seccomp filter and no-new-privs, no host uid 0 (checked from the host: the owner of a
+    file the probe creates), no inherited descriptors, read-only ``/proc/sys`` and root, no
+    visible keyrings, no nested user namespace, keyctl/ptrace/io_uring refused, loopback
+    only unless ``allow_network``, no host runtime paths, a private PID namespace.
 
     Raises:
-        SandboxUnavailableError: bwrap is missing or fails, capabilities survive, or the
-            network is not isolated although ``allow_network`` is false.
+        SandboxUnavailableError: bwrap or setpriv is missing or fails, or a property does not
+            hold; the message names it.
 
     Cancellation: the probe process is killed; nothing is left.
     """
     if not iso.sandboxed:
         return {"sandboxed": False}
-    if shutil.which(iso.bwrap) is None:
-        raise SandboxUnavailableError(f"bubblewrap not found at {iso.bwrap!r}")
+    for tool in (iso.bwrap, *(["setpriv"] if uid is not None else [])):
+        if shutil.which(tool) is None:
+            raise SandboxUnavailableError(f"{tool} not found (apt-get install -y bubblewrap)")
+    report = await probe_report(iso, scratch, uid=uid, seccomp_path=seccomp_path)
+    failed = [f"{name}: {detail}" for name, (ok, detail) in report.items() if not ok]
+    if failed:
+        raise SandboxUnavailableError("sandbox property missing: " + "; ".join(failed))
+    return {"sandboxed": True, "properties": sorted(report)}
+
+
+def _probe_setup(
+    iso: Isolation, scratch: str, uid: int | None, seccomp_path: str | None
+) -> tuple[int, list[str]]:
+    from . import _seccomp
+
     os.makedirs(scratch, exist_ok=True)
-    script = (
-        "grep CapEff /proc/self/status; cat /proc/net/dev; echo pid=$$; "
-        "for p in /run /var/run/docker.sock /tmp/.X11-unix; do [ -e $p ] && echo VISIBLE=$p; done; "
-        "exit 0"
-    )
-    argv = bwrap_argv(iso, scratch, ["/bin/sh", "-c", script])
+    for entry in os.listdir(scratch):
+        os.unlink(os.path.join(scratch, entry))
+    if uid is not None:
+        os.chown(scratch, uid, uid)
+    path = seccomp_path or os.path.join(os.path.dirname(scratch), ".seccomp.bpf")
+    fd = _seccomp.open_program(path)
+    command = [os.path.realpath(sys.executable), "-I", "-S", "-c", _PROBE]
+    switch = switch_uid(uid)
+    if switch is not None:
+        command.append(str(switch))
+    return fd, bwrap_argv(iso, scratch, command, uid=uid, seccomp_fd=fd)
+
+
+async def probe_report(
+    iso: Isolation, scratch: str, *, uid: int | None, seccomp_path: str | None = None
+) -> dict[str, tuple[bool, str]]:
+    """Every property :func:`probe` checks: name -> (holds, detail).
+
+    Raises:
+        SandboxUnavailableError: The sandbox did not run at all.
+
+    Cancellation: the probe process is killed; nothing is left.
+    """
+
+    fd, argv = await anyio.to_thread.run_sync(_probe_setup, iso, scratch, uid, seccomp_path)
     try:
         with anyio.fail_after(30):
-            proc = await anyio.run_process(argv, check=False)
+            proc = await anyio.run_process(argv, check=False, pass_fds=(fd,))
     except (OSError, TimeoutError) as exc:
         raise SandboxUnavailableError(f"cannot run bubblewrap: {exc}") from exc
-    out = proc.stdout.decode(errors="replace")
+    finally:
+        os.close(fd)
     if proc.returncode != 0:
-        err = proc.stderr.decode(errors="replace").strip()
+        err = proc.stderr.decode(errors="replace").strip()[-500:]
         raise SandboxUnavailableError(f"bubblewrap failed (exit {proc.returncode}): {err}")
-    cap_lines = [ln for ln in out.splitlines() if ln.startswith("CapEff:")]
-    if not cap_lines or int(cap_lines[0].split()[1], 16) != 0:
-        raise SandboxUnavailableError("capabilities were not dropped inside the sandbox")
-    interfaces = [ln.split(":")[0].strip() for ln in out.splitlines() if ":" in ln[:20]]
-    interfaces = [i for i in interfaces if i and not i.startswith(("Inter", "face", "CapEff"))]
-    if not iso.allow_network and interfaces != ["lo"]:
-        raise SandboxUnavailableError(f"network not isolated (interfaces: {interfaces})")
-    if "VISIBLE=" in out:
-        raise SandboxUnavailableError("host runtime paths are visible inside the sandbox")
-    if "pid=1" not in out:
-        raise SandboxUnavailableError("the sandbox did not get its own PID namespace")
-    return {"sandboxed": True, "interfaces": interfaces}
+    try:
+        got = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+        owner = os.stat(os.path.join(scratch, ".probe-owner")).st_uid
+    except (ValueError, IndexError, OSError) as exc:
+        raise SandboxUnavailableError(f"the sandbox probe gave no report: {exc!r}") from exc
+    ifaces = got["interfaces"]
+    return {
+        "no host uid 0": (owner != 0, f"a slot's files are owned by host uid {owner}"),
+        "capabilities dropped": (got["cap_eff"] == 0, f"CapEff {got['cap_eff']:#x}"),
+        "seccomp filter": (got["seccomp"] == 2, f"seccomp mode {got['seccomp']}"),
+        "no new privileges": (got["no_new_privs"] == 1, f"NoNewPrivs {got['no_new_privs']}"),
+        "no inherited descriptors": (got["fds"] == [0, 1, 2, 3], f"descriptors {got['fds']}"),
+        "read-only kernel settings": (
+            not got["sysctl_writable"],
+            f"writable: {got['sysctl_writable'] or 'none'}",
+        ),
+        "read-only root": (not got["root_writable"], "/ and /dev are read-only"),
+        "private keyrings": (got["keys"] == 0, f"{got['keys']} keys visible"),
+        "no nested user namespace": (not got["unshare_user"], "unshare(CLONE_NEWUSER) refused"),
+        "keyctl refused": (not got["keyctl"], "keyctl() refused"),
+        "ptrace refused": (not got["ptrace"], "ptrace() refused"),
+        "io_uring refused": (not got["io_uring"], "io_uring_setup() refused"),
+        "network isolated": (
+            iso.allow_network or ifaces == ["lo"],
+            "loopback only" if ifaces == ["lo"] else f"interfaces: {ifaces}",
+        ),
+        "host paths hidden": (not got["visible"], f"visible: {got['visible'] or 'none'}"),
+        "own PID namespace": (got["pid"] == 1, f"the sandbox's first process is pid {got['pid']}"),
+    }
 
 
 class SlotCgroup:
-    """A v1 pids (and, when available, memory) cgroup holding one slot's processes.
+    """The v1 pids, memory and cpu cgroups holding one slot's processes.
 
-    Made by the server outside the sandbox; the sandbox cannot see or change it. The pids
-    limit is what contains a fork bomb (``RLIMIT_NPROC`` is ignored for uid 0), and the
-    process count is how a reset is verified from outside.
+    Made by the server outside the sandbox; the sandbox cannot see or change them. The pids
+    limit is what contains a fork bomb (``RLIMIT_NPROC`` is per uid and ignored for root),
+    the memory limit counts the slot's tmpfs pages too, and the cpu group gives every slot
+    an equal weight and at most ``cpus`` cores, so 32 spinning sessions in one slot cannot
+    starve its siblings or the host. The process count is how a reset is verified from
+    outside. Memory and cpu are used when their hierarchies are mounted; pids is required.
     """
 
-    def __init__(self, name: str, *, pids_max: int, memory_max: int) -> None:
+    def __init__(self, name: str, *, pids_max: int, memory_max: int, cpus: float = 0.0) -> None:
         self.pids = os.path.join(CGROUP_V1, "pids", "structenv", name)
-        self.memory: str | None = os.path.join(CGROUP_V1, "memory", "structenv", name)
         os.makedirs(self.pids, exist_ok=True)
-        with open(os.path.join(self.pids, "pids.max"), "w") as f:
-            f.write(str(pids_max) if pids_max > 0 else "max")
+        _write(self.pids, "pids.max", str(pids_max) if pids_max > 0 else "max")
+        self.memory = self._optional("memory", name, {"memory.limit_in_bytes": memory_max})
+        quota = int(cpus * _CFS_PERIOD) if cpus > 0 else -1
+        settings = {"cpu.shares": 1024, "cpu.cfs_period_us": _CFS_PERIOD, "cpu.cfs_quota_us": quota}
+        self.cpu = self._optional("cpu", name, settings)
+
+    @staticmethod
+    def _optional(controller: str, name: str, settings: dict[str, int]) -> str | None:
+        path = os.path.join(CGROUP_V1, controller, "structenv", name)
         try:
-            assert self.memory is not None
-            os.makedirs(self.memory, exist_ok=True)
-            if memory_max > 0:
-                with open(os.path.join(self.memory, "memory.limit_in_bytes"), "w") as f:
-                    f.write(str(memory_max))
+            os.makedirs(path, exist_ok=True)
+            for key, value in settings.items():
+                if value > 0 or key == "cpu.cfs_quota_us":
+                    _write(path, key, str(value))
         except OSError:
-            self.memory = None
+            return None
+        return path
+
+    @property
+    def paths(self) -> list[str]:
+        """The slot's directory in every hierarchy it uses."""
+        return [p for p in (self.pids, self.memory, self.cpu) if p]
 
     @staticmethod
     def available() -> bool:
@@ -190,9 +409,8 @@ class SlotCgroup:
 
     def wrap(self, argv: Sequence[str]) -> list[str]:
         """Prefix ``argv`` so the process joins the cgroups *before* it forks anything."""
-        script = 'echo $$ > "$1" && { [ -z "$2" ] || echo $$ > "$2"; } && shift 2 && exec "$@"'
-        mem = os.path.join(self.memory, "cgroup.procs") if self.memory else ""
-        return ["/bin/sh", "-c", script, "sh", os.path.join(self.pids, "cgroup.procs"), mem, *argv]
+        script = 'for g in $1; do echo $$ > "$g/cgroup.procs" || exit 125; done; shift; exec "$@"'
+        return ["/bin/sh", "-c", script, "sh", " ".join(self.paths), *argv]
 
     def procs(self) -> list[int]:
         """PIDs (host namespace) currently in the slot's pids cgroup."""
@@ -217,14 +435,18 @@ class SlotCgroup:
         reaped by the host's init after its bwrap parent dies, a moment later: callers retry.
         """
         done = True
-        for path in (self.pids, self.memory):
-            if path:
-                try:
-                    os.rmdir(path)
-                except OSError as exc:
-                    if exc.errno != errno.ENOENT:
-                        done = False
+        for path in self.paths:
+            try:
+                os.rmdir(path)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    done = False
         return done
+
+
+def _write(directory: str, name: str, value: str) -> None:
+    with open(os.path.join(directory, name), "w") as f:
+        f.write(value)
 
 
 def remove_cgroup_tree(name: str, *, patience: float = 0.0) -> bool:
@@ -243,7 +465,7 @@ def remove_cgroup_tree(name: str, *, patience: float = 0.0) -> bool:
 
 def _remove_tree_once(name: str) -> bool:
     gone = True
-    for controller in ("pids", "memory"):
+    for controller in _CONTROLLERS:
         root = os.path.join(CGROUP_V1, controller, "structenv", name)
         if not os.path.isdir(root):
             continue

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import struct
+import subprocess
 import sys
 from typing import Any
 
@@ -22,8 +23,16 @@ import anyio
 import anyio.abc
 
 from .._types import ExecRequest, ExecResult
-from . import _worker
-from ._bwrap import WORKSPACE, Isolation, SlotCgroup, bwrap_argv, descendants, kill_tree
+from . import _seccomp, _worker
+from ._bwrap import (
+    WORKSPACE,
+    Isolation,
+    SlotCgroup,
+    bwrap_argv,
+    descendants,
+    kill_tree,
+    switch_uid,
+)
 
 __all__ = ["Limits", "SlotBroken", "SlotRuntime", "slot_argv"]
 
@@ -43,7 +52,13 @@ class SlotBroken(Exception):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Limits:
-    """Resource limits applied to every command of a slot (0 = unlimited)."""
+    """Resource limits of a slot (0 = unlimited).
+
+    ``memory`` is per process (address space) and per slot (memory cgroup, tmpfs included);
+    ``pids`` per slot; ``cpus`` is the slot's CPU bandwidth in cores (cgroup quota);
+    ``file_size``, ``cpu_seconds`` and ``nofile`` are hard rlimits of every command;
+    ``tmp_size``/``shm_size`` size the slot's private ``/tmp`` and ``/dev/shm``.
+    """
 
     memory: int = 2 << 30
     pids: int = 256
@@ -51,15 +66,29 @@ class Limits:
     cpu_seconds: int = 0
     nofile: int = 4096
     max_output: int = 16 << 20
+    cpus: float = 1.0
+    tmp_size: int = 1 << 30
+    shm_size: int = 64 << 20
 
 
-def slot_argv(iso: Isolation, workspace: str, *, name: str, limits: Limits) -> list[str]:
+def slot_argv(
+    iso: Isolation,
+    workspace: str,
+    *,
+    name: str,
+    limits: Limits,
+    uid: int | None = None,
+    seccomp_fd: int | None = None,
+) -> list[str]:
     """The command line of a slot: its worker, as PID 1 of a bwrap sandbox if sandboxed.
 
     The worker speaks length-prefixed JSON frames on its stdin/stdout (see ``_worker``).
+    ``uid`` is the slot's host uid (see ``_bwrap.slot_uid``), ``seccomp_fd`` a descriptor of
+    the seccomp program that the spawned process must inherit.
     """
     config = {
         "pid1": iso.sandboxed,
+        "uid": switch_uid(uid) if iso.sandboxed else None,
         "workspace": WORKSPACE if iso.sandboxed else workspace,
         "wipe": ["/tmp", "/dev/shm"] if iso.sandboxed else [],
         "tag": name,
@@ -76,13 +105,17 @@ def slot_argv(iso: Isolation, workspace: str, *, name: str, limits: Limits) -> l
             "fsize": limits.file_size,
             "cpu": limits.cpu_seconds,
             "nofile": limits.nofile,
+            "nproc": limits.pids if uid is not None else 0,
         },
     }
     program = WORKER_PATH if iso.sandboxed else _WORKER_FILE
     argv = [os.path.realpath(sys.executable), "-I", "-S", program, json.dumps(config)]
     if not iso.sandboxed:
         return argv
-    return bwrap_argv(iso, workspace, argv, extra_ro=[(_WORKER_FILE, WORKER_PATH)])
+    return bwrap_argv(
+        iso, workspace, argv, extra_ro=[(_WORKER_FILE, WORKER_PATH)], uid=uid,
+        seccomp_fd=seccomp_fd, tmp_size=limits.tmp_size, shm_size=limits.shm_size,
+    )  # fmt: skip
 
 
 class _Reply:
@@ -172,6 +205,8 @@ class SlotRuntime:
         task_group: anyio.abc.TaskGroup,
         lease: int,
         cgroup_name: str = "",
+        uid: int | None = None,
+        seccomp_path: str = "",
     ) -> None:
         self.index = index
         self.name = name
@@ -182,6 +217,8 @@ class SlotRuntime:
         self.use_cgroup = use_cgroup
         self._tg = task_group
         self.lease = lease
+        self.uid = uid
+        self.seccomp_path = seccomp_path
         self.state = "down"
         self.terminal_state: dict[str, Any] = {}
         self._proc: anyio.abc.Process | None = None
@@ -189,6 +226,7 @@ class SlotRuntime:
         self._cgroup: SlotCgroup | None = None
         self._baseline = 0
         self._worker_pid = 0
+        self._errors = bytearray()
         self._pending: dict[int, _Reply] = {}
         self._next_id = 1
         self._send_lock = anyio.Lock()
@@ -201,11 +239,20 @@ class SlotRuntime:
 
         Cancellation: whatever was spawned is killed before the cancellation propagates.
         """
-        await anyio.Path(self.workspace).mkdir(mode=0o755, parents=True, exist_ok=True)
-        argv = slot_argv(self.iso, self.workspace, name=self.name, limits=self.limits)
+        await anyio.to_thread.run_sync(_own_workspace, self.workspace, self.uid)
+        seccomp_fd = -1
+        if self.iso.sandboxed:
+            seccomp_fd = await anyio.to_thread.run_sync(_seccomp.open_program, self.seccomp_path)
+        argv = slot_argv(
+            self.iso, self.workspace, name=self.name, limits=self.limits, uid=self.uid,
+            seccomp_fd=seccomp_fd if seccomp_fd >= 0 else None,
+        )  # fmt: skip
         if self.use_cgroup:
             self._cgroup = SlotCgroup(
-                self.cgroup_name, pids_max=self.limits.pids, memory_max=self.limits.memory
+                self.cgroup_name,
+                pids_max=self.limits.pids,
+                memory_max=self.limits.memory,
+                cpus=self.limits.cpus,
             )
             argv = self._cgroup.wrap(argv)
         # Raw non-blocking pipes, waited on with anyio.wait_readable/wait_writable: the
@@ -218,14 +265,24 @@ class SlotRuntime:
         try:
             env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
             try:
+                # stderr is a pipe of its own, never the server's: a command that reached
+                # the worker's descriptors must find no host file there (see _drain).
                 self._proc = await anyio.open_process(
-                    argv, env=env, stdin=in_r, stdout=out_w, stderr=None
-                )
+                    argv, env=env, stdin=in_r, stdout=out_w, stderr=subprocess.PIPE,
+                    pass_fds=(seccomp_fd,) if seccomp_fd >= 0 else (),
+                )  # fmt: skip
             finally:
-                os.close(in_r)
-                os.close(out_w)
+                for fd in (in_r, out_w, seccomp_fd):
+                    if fd >= 0:
+                        os.close(fd)
+            self._errors = bytearray()
+            self._tg.start_soon(self._drain, self._proc)
             with anyio.fail_after(30):
-                hello = await self._pipe.read_frame()
+                try:
+                    hello = await self._pipe.read_frame()
+                except EOFError:
+                    await anyio.sleep(0.05)  # let the drain task collect bwrap's message
+                    raise SlotBroken(f"the slot's sandbox did not start: {self.stderr()}") from None
             if not hello.get("hello"):
                 raise SlotBroken(f"unexpected worker greeting: {hello!r}")
             self._worker_pid = self._proc.pid
@@ -236,6 +293,20 @@ class SlotRuntime:
             with anyio.move_on_after(KILL_GRACE, shield=True):
                 await self._kill_sandbox()
             raise
+
+    def stderr(self) -> str:
+        """The last bytes the sandbox (bwrap or the worker) wrote to its stderr."""
+        return self._errors.decode(errors="replace").strip() or "(no message)"
+
+    async def _drain(self, proc: anyio.abc.Process) -> None:
+        """Keep the last 2 KiB of the sandbox's stderr (bounded: it is slot-writable)."""
+        assert proc.stderr is not None
+        try:
+            async for chunk in proc.stderr:
+                self._errors += chunk
+                del self._errors[:-2048]
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
 
     async def _read_loop(self, pipe: _Pipe, proc: anyio.abc.Process) -> None:
         try:
@@ -381,7 +452,10 @@ class SlotRuntime:
         Cancellation: the slot is in an unknown state; the caller hard-resets it.
         """
         self.terminal_state.clear()
-        if self.state != "ready":
+        if self.state != "ready" or self.iso.sandboxed:
+            # A sandboxed slot is always rebuilt: only a new sandbox is provably free of
+            # what commands could have left in it (IPC objects, tmpfs pages, a subverted
+            # worker), and it costs one bwrap start per lease, not per command.
             return False
         mid, reply = self._new_reply()
         try:
@@ -397,12 +471,6 @@ class SlotRuntime:
             return False
         if not await anyio.to_thread.run_sync(_wipe, self.workspace):
             return False
-        if self.iso.sandboxed and self._proc is not None:
-            # Do not take the (sandbox-resident, hence tamperable) worker's word for it: look
-            # at the sandbox's private directories from outside, through its PID 1's root.
-            outer = self._proc.pid
-            if not await anyio.to_thread.run_sync(_private_dirs_empty, outer):
-                return False
         if self._cgroup is not None:
             return len(self._cgroup.procs()) == self._baseline
         if not self.iso.sandboxed:
@@ -457,19 +525,13 @@ def _check_result(frame: dict[str, Any] | None, cap: int, sandboxed: bool) -> di
     }
 
 
-def _private_dirs_empty(bwrap_pid: int) -> bool:
-    """Whether /tmp and /dev/shm of the sandbox under ``bwrap_pid`` are empty (host view)."""
-    from ._bwrap import descendants
-
-    for pid in descendants(bwrap_pid)[:1]:  # the sandbox's PID 1 (the worker)
-        for path in ("tmp", "dev/shm"):
-            try:
-                if os.listdir(f"/proc/{pid}/root/{path}"):
-                    return False
-            except OSError:
-                return False
-        return True
-    return False
+def _own_workspace(path: str, uid: int | None) -> None:
+    """Create the workspace, owned by the slot's uid (0755: bwrap, capability-less root,
+    must enter it; no other slot ever sees its host path)."""
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    if uid is not None:
+        os.chown(path, uid, uid)
+    os.chmod(path, 0o755)
 
 
 def _wipe(root: str) -> bool:

@@ -45,7 +45,15 @@ from .._exceptions import SandboxUnavailableError
 from .._http import _STREAM_ERRORS, HTTPError, Listener, Request, Responder, open_listener
 from .._types import DEFAULT_MAX_OUTPUT
 from . import _files
-from ._bwrap import Isolation, SlotCgroup, probe, remove_cgroup_tree
+from ._bwrap import (
+    UID_BLOCK,
+    Isolation,
+    SlotCgroup,
+    default_uid_base,
+    probe,
+    remove_cgroup_tree,
+    slot_uid,
+)
 from ._runtime import Limits, SlotBroken, SlotRuntime
 from ._terminal import terminal_action
 
@@ -69,6 +77,8 @@ class ServerConfig:
         cgroup: ``"auto"`` (use v1 pids/memory cgroups if present), ``"required"`` or ``"off"``.
         name: Host name used for cgroup names and exec tags.
         max_body: Largest accepted request body (bounds file writes).
+        uid_base: First of the host uids the slots run as (slot ``i`` gets ``uid_base + i``;
+            root only). Default: a block derived from ``name`` (see ``default_uid_base``).
     """
 
     slots: int = 4
@@ -82,6 +92,7 @@ class ServerConfig:
     cgroup: str = "auto"
     name: str = dataclasses.field(default_factory=lambda: f"h{os.getpid()}-{secrets.token_hex(3)}")
     max_body: int = 64 << 20
+    uid_base: int | None = None
 
 
 _FILE_ERRORS: list[tuple[type[BaseException], int, str]] = [
@@ -132,7 +143,25 @@ class SandboxServer:
         if not iso.sandboxed and not iso.allow_network:
             raise SandboxUnavailableError("allow_network=False needs network isolation (bwrap)")
         os.makedirs(cfg.workdir, mode=0o700, exist_ok=True)
-        features = await probe(iso, os.path.join(cfg.workdir, ".probe"))
+        uid_base = cfg.uid_base if cfg.uid_base is not None else default_uid_base(cfg.name)
+        if cfg.slots >= UID_BLOCK:
+            raise ValueError(f"at most {UID_BLOCK - 1} slots per sandbox server")
+
+        def uid_of(index: int) -> int | None:
+            return slot_uid(uid_base, index) if iso.sandboxed else None
+
+        if uid_of(0) is not None:
+            # Traversable (not listable) for the slot uids: under setpriv, bwrap runs as
+            # the slot's uid and must reach its workspace. Each workspace is 0700 and owned
+            # by its own slot's uid; sandboxes never see host paths once they run.
+            os.chmod(cfg.workdir, 0o711)
+        seccomp_path = os.path.join(cfg.workdir, ".seccomp.bpf")
+        features = await probe(
+            iso,
+            os.path.join(cfg.workdir, ".probe"),
+            uid=uid_of(UID_BLOCK - 1),
+            seccomp_path=seccomp_path,
+        )
         use_cgroup = cfg.cgroup != "off" and SlotCgroup.available()
         if cfg.cgroup == "required" and not use_cgroup:
             raise SandboxUnavailableError("a v1 pids cgroup is required but not available")
@@ -152,6 +181,8 @@ class SandboxServer:
                             task_group=tg,
                             lease=secrets.randbelow(1 << 30) + 1,
                             cgroup_name=f"{cfg.name}/{i}",
+                            uid=uid_of(i),
+                            seccomp_path=seccomp_path,
                         )
                     )
                 async with anyio.create_task_group() as starters:

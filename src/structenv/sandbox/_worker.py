@@ -158,11 +158,12 @@ class Worker:
         self._apply_limits(config.get("limits", {}))
 
     def _apply_limits(self, limits: dict[str, int]) -> None:
-        # Soft limits set here are inherited by every command. The CPU limit is per process,
-        # so the worker's own (tiny) CPU use does not eat into a command's budget; the worker
-        # survives passing it because it handles SIGXCPU (handlers reset on exec).
+        # Set here, inherited by every command, hard = soft: a command cannot raise them
+        # (``ulimit -f unlimited`` fails). The CPU limit is per process, so the worker's own
+        # (tiny) CPU use does not eat into a command's budget; the worker survives passing
+        # it because it handles SIGXCPU (handlers reset on exec).
         names = {"as": "RLIMIT_AS", "fsize": "RLIMIT_FSIZE", "cpu": "RLIMIT_CPU"}
-        names["nofile"] = "RLIMIT_NOFILE"
+        names.update(nofile="RLIMIT_NOFILE", nproc="RLIMIT_NPROC")
         for key, name in names.items():
             value = int(limits.get(key) or 0)
             if value > 0:
@@ -170,7 +171,7 @@ class Worker:
                 _, hard = resource.getrlimit(res)
                 if hard != resource.RLIM_INFINITY:
                     value = min(value, hard)
-                resource.setrlimit(res, (value, hard))
+                resource.setrlimit(res, (value, value))
 
     # -- protocol -------------------------------------------------------------------------
 
@@ -702,9 +703,47 @@ def _rmtree(path: str) -> None:
             pass
 
 
+def _become(uid: int) -> None:
+    """Switch to the slot's unprivileged uid for good and shed every capability.
+
+    Runs before the worker reads any input: nothing a command sends ever runs as host root.
+    The switch from uid 0 clears the permitted, effective and ambient sets; ``capset``
+    clears the inheritable one too.
+    """
+    import ctypes
+
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    if ctypes.CDLL(None, use_errno=True).capset(header, (ctypes.c_uint32 * 6)()) != 0:
+        sys.exit(3)
+
+
+def _untouchable() -> None:
+    """Make the worker immune to the commands it runs (they share its uid).
+
+    Not dumpable: no ptrace, and ``/proc/<worker>/{mem,fd,environ,...}`` belong to root. Every
+    catchable signal is ignored (SIGCHLD and SIGXCPU get no-op handlers in :meth:`Worker.run`);
+    as PID 1 of its namespace it cannot receive SIGKILL or SIGSTOP from inside at all.
+    """
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+    for sig in signal.valid_signals():
+        if sig not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGXCPU):
+            try:
+                signal.signal(sig, signal.SIG_IGN)
+            except (OSError, ValueError):
+                pass
+
+
 def main() -> None:
-    """Entry point: ``python -I -S -c <source> <config-json>``."""
+    """Entry point: ``python -I -S <this file> <config-json>``."""
     config = json.loads(sys.argv[1])
+    if config.get("uid") is not None:
+        _become(int(config["uid"]))
+    _untouchable()
     os.chdir(config["workspace"])
     if not config.get("pid1"):
         import ctypes
