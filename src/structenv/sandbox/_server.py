@@ -42,7 +42,15 @@ import anyio.abc
 from anyio.abc import TaskStatus
 
 from .._exceptions import SandboxUnavailableError
-from .._http import _STREAM_ERRORS, HTTPError, Listener, Request, Responder, open_listener
+from .._http import (
+    _STREAM_ERRORS,
+    ConnectionLimits,
+    HTTPError,
+    Listener,
+    Request,
+    Responder,
+    open_listener,
+)
 from .._types import DEFAULT_MAX_OUTPUT
 from . import _files
 from ._bwrap import (
@@ -60,6 +68,14 @@ from ._terminal import terminal_action
 __all__ = ["ServerConfig", "SandboxServer"]
 
 logger = logging.getLogger("structenv.sandbox")
+
+
+#: The HTTP layer's defaults (head deadline, caps on connections without the token), except
+#: that an idle keep-alive connection is kept for an hour, not a minute: ``HostClient`` reuses
+#: a pooled connection without checking whether the server closed it, so a slot left idle past
+#: the server's idle timeout (a policy thinking) would fail its next call as broken. Lower this
+#: once the client discards pooled connections the server has closed.
+_LIMITS = ConnectionLimits(idle_timeout=3600.0)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -190,7 +206,11 @@ class SandboxServer:
                         starters.start_soon(rt.start)
                 tg.start_soon(
                     functools.partial(
-                        listener.serve, self._handle, max_body=cfg.max_body, token=cfg.token
+                        listener.serve,
+                        self._handle,
+                        max_body=cfg.max_body,
+                        token=cfg.token,
+                        limits=_LIMITS,
                     )
                 )
                 task_status.started(
