@@ -60,6 +60,7 @@ from .._exceptions import BackendError, ConfigError, SandboxUnavailableError
 from .._image import DEFAULT_TAG
 from .._reap import DOCKER_MOUNT, LABEL_RUN, ReapReport, owner_labels, reap_docker
 from .._types import DEFAULT_MAX_OUTPUT
+from ..sandbox import _seccomp
 from ..sandbox._client import HostClient
 from ._hosted import Host, HostedBackend
 
@@ -73,11 +74,31 @@ _MOUNT = DOCKER_MOUNT
 _SOCKET = "sandbox.sock"
 _PORT = 8765
 _WORKDIR = "/var/tmp/structenv-sandbox"
+#: What the container's sandbox server keeps: it runs as uid 65533 (never host uid 0, which
+#: could write host sysctls through the unmasked /proc bwrap needs) with these as ambient
+#: capabilities: switching each slot to its own uid (SETUID/SETGID, before bwrap), tending
+#: the slots' workspaces (CHOWN, DAC_OVERRIDE, FOWNER) and killing their processes (KILL).
+#: Every slot process has none of them.
+_SERVER_CAPS = ("SETUID", "SETGID", "SETFCAP", "CHOWN", "DAC_OVERRIDE", "FOWNER", "KILL")
+_SERVER_UID = 65533
 _BWRAP_SECURITY: dict[str, Any] = {
     "cap_drop": ["ALL"],
-    "cap_add": ["SETUID", "SETGID", "SETFCAP"],
-    "security_opt": ["seccomp=unconfined", "systempaths=unconfined", "no-new-privileges"],
+    "cap_add": list(_SERVER_CAPS),
+    # container_profile() is added at creation (seccomp=<json>): Docker's default refuses
+    # what bwrap needs, "unconfined" would allow everything else too.
+    "security_opt": ["systempaths=unconfined", "no-new-privileges"],
 }
+
+
+def _server_entrypoint() -> list[str]:
+    caps = ",".join(f"+{c.lower()}" for c in _SERVER_CAPS)
+    return [
+        "setpriv", f"--reuid={_SERVER_UID}", f"--regid={_SERVER_UID}", "--clear-groups",
+        f"--inh-caps={caps}", f"--ambient-caps={caps}", "--",
+        "python3", "-m", "structenv.sandbox",
+    ]  # fmt: skip
+
+
 _PLAIN_SECURITY: dict[str, Any] = {
     "cap_drop": ["NET_RAW", "MKNOD", "AUDIT_WRITE", "SETFCAP", "NET_BIND_SERVICE"],
     "security_opt": ["no-new-privileges"],
@@ -176,7 +197,8 @@ class DockerBackend(HostedBackend):
         memory_limit: Bytes of memory per container (and of address space per command).
         pids_limit: Processes per container (contains fork bombs).
         cpus: CPUs per container (``None``: no quota).
-        workspace_size: Bytes of the tmpfs holding the slots' workspaces (counts as memory).
+        workspace_size: Bytes of tmpfs for the slots' workspaces, split evenly: each slot has
+            its own tmpfs (its disk quota; counts as the container's memory).
         runtime: A Docker runtime, e.g. ``"runsc"`` for gVisor.
         run_id: Label of this run (default: random). Closing removes every container with it.
         pool: Label shared by runs of the same deployment (for ``purge_on_start``/reaping).
@@ -399,6 +421,7 @@ class DockerBackend(HostedBackend):
     def _create_spec(self, name: str, hostdir: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """Arguments of ``create_container`` and of ``create_host_config``."""
         memory, pids, cpus, workspace, max_output = self._limits
+        slot_space = max(workspace // self._slots_per, 1 << 20)
         command = [
             "--slots", str(self._slots_per), "--workdir", f"{_WORKDIR}/w", "--name", name[-40:],
             "--isolation", self._mode, "--cgroup", "off", "--memory", str(memory),
@@ -424,13 +447,26 @@ class DockerBackend(HostedBackend):
         host: dict[str, Any] = {
             "binds": {hostdir: {"bind": _MOUNT, "mode": "rw"}},
             "init": True,
-            "tmpfs": {_WORKDIR: f"rw,exec,size={workspace}"},
+            # One tmpfs per slot: a slot that fills its workspace fills only its own quota.
+            "tmpfs": {
+                _WORKDIR: "rw,exec,size=64m",
+                **{
+                    f"{_WORKDIR}/w/slot-{i}": f"rw,exec,nosuid,nodev,size={slot_space}"
+                    for i in range(self._slots_per)
+                },
+            },
             "mem_limit": memory,
             "memswap_limit": memory,
             "pids_limit": pids,
             "network_mode": self._network if self._allow_network else "none",
             **(_BWRAP_SECURITY if self._mode == "bwrap" else _PLAIN_SECURITY),
         }
+        if self._mode == "bwrap":
+            host["security_opt"] = [
+                *host["security_opt"],
+                f"seccomp={_seccomp.container_profile()}",
+            ]
+            create["entrypoint"] = _server_entrypoint()
         if cpus is not None:
             host["nano_cpus"] = int(cpus * 1e9)
         if self._runtime:

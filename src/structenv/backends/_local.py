@@ -11,6 +11,7 @@ The slot bookkeeping is :class:`~structenv.backends._hosted.HostedBackend`'s.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from .._types import DEFAULT_MAX_OUTPUT
 from ..abc import Slot
 from ..sandbox._bwrap import remove_cgroup_tree
 from ..sandbox._client import HostClient
+from ..sandbox._files import remove_tree
 from ._hosted import Host, HostedBackend
 
 __all__ = ["LocalBackend"]
@@ -69,6 +71,10 @@ class LocalBackend(HostedBackend):
         pids_limit: Processes per slot (v1 pids cgroup; contains fork bombs).
         file_size_limit: Largest file a command may write.
         cpu_time_limit: CPU seconds per process (0: none).
+        cpu_limit: CPU cores per slot (cgroup quota; every slot also has an equal weight).
+        disk_limit: Bytes of a slot's workspace (its own tmpfs, counted as its memory too;
+            root only) — a slot cannot fill the host's disk.
+        tmp_limit: Bytes of a slot's private ``/tmp``.
         max_output: Host-side cap on captured stdout/stderr per command.
         cgroup: ``"auto"``, ``"required"`` or ``"off"``: use of per-slot v1 cgroups.
         workdir: Private directory for sockets and workspaces (default: a new 0700 directory
@@ -94,6 +100,9 @@ class LocalBackend(HostedBackend):
         pids_limit: int = 256,
         file_size_limit: int = 1 << 30,
         cpu_time_limit: int = 0,
+        cpu_limit: float = 1.0,
+        disk_limit: int = 2 << 30,
+        tmp_limit: int = 1 << 30,
         max_output: int = max(DEFAULT_MAX_OUTPUT, 16 << 20),
         cgroup: Literal["auto", "required", "off"] = "auto",
         workdir: str | None = None,
@@ -122,6 +131,7 @@ class LocalBackend(HostedBackend):
         self._isolation = isolation
         self._bwrap = bwrap_path
         self._limits = (memory_limit, pids_limit, file_size_limit, cpu_time_limit, max_output)
+        self._slot_limits = (cpu_limit, disk_limit, tmp_limit)
         self._cgroup = cgroup
         self._workdir_opt = workdir
         self._root = ""
@@ -161,9 +171,15 @@ class LocalBackend(HostedBackend):
             "--isolation", self._mode, "--bwrap", self._bwrap, "--cgroup", self._cgroup,
             "--memory", str(memory), "--pids", str(pids), "--file-size", str(fsize),
             "--cpu-seconds", str(cpu), "--max-output", str(max_output),
+            "--cpus", str(self._slot_limits[0]), "--disk", str(self._slot_limits[1]),
+            "--tmp-size", str(self._slot_limits[2]),
         ]  # fmt: skip
         if self._allow_network:
             argv.append("--allow-network")
+        if os.geteuid() == 0 and shutil.which("unshare"):
+            # The host gets a mount namespace of its own: the workspace quotas it mounts
+            # (tmpfs per slot) exist only there and vanish with it, however it dies.
+            argv = ["unshare", "--mount", "--propagation", "private", "--", *argv]
         env = dict(os.environ, STRUCTENV_SANDBOX_TOKEN=self._token)
         proc = await anyio.open_process(argv, env=env, stderr=None)
         client: HostClient | None = None
@@ -215,7 +231,9 @@ class LocalBackend(HostedBackend):
 
     async def _finish(self) -> None:
         if self._root:
-            await anyio.to_thread.run_sync(shutil.rmtree, self._root, True)
+            await anyio.to_thread.run_sync(
+                functools.partial(remove_tree, self._root, keep_root=False)
+            )
 
     def workspace_path(self, slot: Slot) -> str:
         """Host directory of a slot's workspace (for diagnostics and tests; never shared
@@ -223,7 +241,8 @@ class LocalBackend(HostedBackend):
         host, state = self._lookup(slot)
         if not isinstance(host, _ProcHost) or state is None:
             raise SlotBrokenError(f"slot {slot.id} has no running host")
-        return os.path.join(host.workdir, f"slot-{state.index}")
+        # Through the host's root: its workspaces may be mounts in its own mount namespace.
+        return f"/proc/{host.proc.pid}/root{os.path.join(host.workdir, f'slot-{state.index}')}"
 
     def host_pids(self) -> dict[str, int]:
         """Process id of every running host (for supervision tests and diagnostics)."""
@@ -248,4 +267,4 @@ async def _terminate(proc: anyio.abc.Process) -> None:
 def _cleanup_host_files(host_id: str, workdir: str) -> None:
     """Remove a stopped host's cgroups (left behind if it was killed) and workspaces."""
     remove_cgroup_tree(host_id, patience=5.0)
-    shutil.rmtree(workdir, ignore_errors=True)
+    remove_tree(workdir, keep_root=False)  # slot-written trees: any depth, any mode

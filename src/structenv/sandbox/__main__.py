@@ -45,6 +45,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pids", type=int, default=_DEFAULTS.pids, help="processes per slot")
     p.add_argument("--file-size", type=int, default=_DEFAULTS.file_size)
     p.add_argument("--cpu-seconds", type=int, default=0)
+    p.add_argument("--cpus", type=float, default=_DEFAULTS.cpus, help="CPU cores per slot")
+    p.add_argument("--disk", type=int, default=_DEFAULTS.disk, help="workspace bytes per slot")
+    p.add_argument("--tmp-size", type=int, default=_DEFAULTS.tmp_size, help="/tmp bytes per slot")
     p.add_argument("--max-output", type=int, default=_DEFAULTS.max_output)
     p.add_argument("--max-body", type=int, default=64 << 20)
     p.add_argument("--watch-stdin", action="store_true", help="exit when stdin closes")
@@ -100,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             file_size=args.file_size,
             cpu_seconds=args.cpu_seconds,
             max_output=args.max_output,
+            cpus=args.cpus,
+            disk=args.disk,
+            tmp_size=args.tmp_size,
         ),
         cgroup=args.cgroup,
         max_body=args.max_body,

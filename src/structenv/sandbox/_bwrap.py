@@ -11,6 +11,7 @@ a host that cannot isolate fails closed instead of running commands unconfined.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import errno
 import glob
@@ -34,11 +35,13 @@ __all__ = [
     "default_uid_base",
     "host_prefixes",
     "kill_tree",
+    "mount_quota",
     "privilege",
     "probe",
     "probe_report",
     "slot_uid",
     "switch_uid",
+    "unmount",
 ]
 
 #: Path of the slot's workspace inside the sandbox.
@@ -84,6 +87,11 @@ def host_prefixes() -> list[str]:
     return found
 
 
+def _effective_caps() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(ln.split()[1], 16) for ln in f if ln.startswith("CapEff:"))
+
+
 def privilege() -> str:
     """How this process can give a slot its own unprivileged uid.
 
@@ -91,24 +99,26 @@ def privilege() -> str:
       first process (the worker, or the probe) switches to the slot uid before it reads any
       input; bwrap grants it ``CAP_SETUID``/``CAP_SETGID`` for that and nothing else, and the
       switch clears them. Host paths need not be reachable by the slot uid.
-    - ``"setpriv"``: root without ``CAP_SYS_ADMIN`` (inside a container): ``setpriv`` drops to
-      the slot uid, then bwrap builds the sandbox in a user namespace.
-    - ``"user"``: not root; slots run as this (unprivileged) uid in a user namespace.
+    - ``"setpriv"``: ``CAP_SETUID`` and ``CAP_SETGID`` without ``CAP_SYS_ADMIN`` (the server
+      of a container, uid 65533 with ambient capabilities): ``setpriv`` drops to the slot uid,
+      then bwrap builds the sandbox in a user namespace.
+    - ``"user"``: neither; slots run as this (unprivileged) uid in a user namespace.
     """
-    if os.geteuid() != 0:
-        return "user"
-    with open("/proc/self/status") as f:
-        caps = next(int(ln.split()[1], 16) for ln in f if ln.startswith("CapEff:"))
-    return "root" if caps & (1 << 21) else "setpriv"
+    caps = _effective_caps()
+    if os.geteuid() == 0 and caps & (1 << 21):
+        return "root"
+    if caps & (1 << 6) and caps & (1 << 7):  # CAP_SETGID, CAP_SETUID
+        return "setpriv"
+    return "user"
 
 
 def slot_uid(base: int, index: int) -> int | None:
     """The host uid slot ``index`` runs as, or ``None`` when this process cannot switch uids.
 
-    Only root can hand a sandbox another uid; an unprivileged server's slots run as its own
-    (already unprivileged) uid, each in its own user namespace.
+    Only a process that may switch uids can hand a sandbox its own; an unprivileged server's
+    slots run as its own (already unprivileged) uid, each in its own user namespace.
     """
-    return base + index if os.geteuid() == 0 else None
+    return base + index if privilege() != "user" else None
 
 
 def switch_uid(uid: int | None) -> int | None:
@@ -157,8 +167,8 @@ def bwrap_argv(
     mode = privilege() if uid is not None else "user"
     if mode == "setpriv":
         argv += [
-            "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
-            "--inh-caps=-all", "--bounding-set=-all", "--",
+            "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
+            "--",
         ]  # fmt: skip
     argv.append(iso.bwrap)
     if mode == "root":
@@ -194,9 +204,18 @@ def bwrap_argv(
     for secret in _MASKED + tuple(glob.glob("/etc/ssh/ssh_host_*_key")):
         if os.path.isfile(secret):
             argv += ["--ro-bind", "/dev/null", secret]
-    for prefix in host_prefixes():
-        argv += ["--ro-bind", prefix, prefix]
-    for src, dst in extra_ro:
+    made: set[str] = set()
+    for src, dst in [(p, p) for p in host_prefixes()] + list(extra_ro):
+        # bwrap would create missing parents as private as the host's (/root is 0700): make
+        # them traversable, since the slot's uid must reach the interpreter it runs.
+        parent = os.path.dirname(dst)
+        chain = []
+        while parent not in ("/", "") and parent not in made:
+            chain.append(parent)
+            parent = os.path.dirname(parent)
+        for directory in reversed(chain):
+            made.add(directory)
+            argv += ["--perms", "0755", "--dir", directory]
         argv += ["--ro-bind", src, dst]
     argv += [
         "--proc", "/proc",
@@ -483,6 +502,33 @@ def _remove_tree_once(name: str) -> bool:
         except OSError:
             gone = False
     return gone
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def mount_quota(path: str, *, size: int, uid: int | None) -> None:
+    """Mount a fresh tmpfs of ``size`` bytes at ``path``: a workspace with a hard quota.
+
+    Needs ``CAP_SYS_ADMIN`` (see :func:`privilege`). The tmpfs is ``nosuid,nodev``, owned by
+    the slot's uid; its pages are charged to the memory cgroup of whoever writes them (the
+    slot). Unmounting it frees everything at once, however deep or large the tree.
+    """
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    owner = f",uid={uid},gid={uid}" if uid is not None else ""
+    options = f"size={size},mode=0755{owner}".encode()
+    flags = 0x2 | 0x4  # MS_NOSUID | MS_NODEV
+    if _libc().mount(b"tmpfs", path.encode(), b"tmpfs", flags, options) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot mount the workspace quota at {path}: {os.strerror(err)}")
+
+
+def unmount(path: str) -> None:
+    """Detach the filesystem mounted at ``path`` (no error if nothing is mounted there)."""
+    if os.path.ismount(path) and _libc().umount2(path.encode(), 2) != 0:  # MNT_DETACH
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot unmount {path}: {os.strerror(err)}")
 
 
 def _children_map() -> dict[int, list[int]]:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -31,8 +31,12 @@ from ._bwrap import (
     bwrap_argv,
     descendants,
     kill_tree,
+    mount_quota,
+    privilege,
     switch_uid,
+    unmount,
 )
+from ._files import remove_tree
 
 __all__ = ["Limits", "SlotBroken", "SlotRuntime", "slot_argv"]
 
@@ -57,7 +61,9 @@ class Limits:
     ``memory`` is per process (address space) and per slot (memory cgroup, tmpfs included);
     ``pids`` per slot; ``cpus`` is the slot's CPU bandwidth in cores (cgroup quota);
     ``file_size``, ``cpu_seconds`` and ``nofile`` are hard rlimits of every command;
-    ``tmp_size``/``shm_size`` size the slot's private ``/tmp`` and ``/dev/shm``.
+    ``tmp_size``/``shm_size`` size the slot's private ``/tmp`` and ``/dev/shm``; ``disk`` is
+    the workspace's quota (a tmpfs of its own where the server may mount one, see
+    :class:`SlotRuntime`; its pages also count against ``memory``).
     """
 
     memory: int = 2 << 30
@@ -69,6 +75,7 @@ class Limits:
     cpus: float = 1.0
     tmp_size: int = 1 << 30
     shm_size: int = 64 << 20
+    disk: int = 2 << 30
 
 
 def slot_argv(
@@ -219,6 +226,8 @@ class SlotRuntime:
         self.lease = lease
         self.uid = uid
         self.seccomp_path = seccomp_path
+        #: The workspace is a tmpfs of its own (a quota), remounted empty on every reset.
+        self.quota = isolation.sandboxed and limits.disk > 0 and privilege() == "root"
         self.state = "down"
         self.terminal_state: dict[str, Any] = {}
         self._proc: anyio.abc.Process | None = None
@@ -239,6 +248,10 @@ class SlotRuntime:
 
         Cancellation: whatever was spawned is killed before the cancellation propagates.
         """
+        if self.quota and not await anyio.to_thread.run_sync(os.path.ismount, self.workspace):
+            await anyio.to_thread.run_sync(
+                functools.partial(mount_quota, self.workspace, size=self.limits.disk, uid=self.uid)
+            )
         await anyio.to_thread.run_sync(_own_workspace, self.workspace, self.uid)
         seccomp_fd = -1
         if self.iso.sandboxed:
@@ -361,6 +374,8 @@ class SlotRuntime:
         cgroup cleanup.
         """
         await self._kill_sandbox()
+        if self.quota:
+            await anyio.to_thread.run_sync(unmount, self.workspace)
         if self._cgroup:
             delay = 0.005
             while not self._cgroup.remove():
@@ -484,6 +499,10 @@ class SlotRuntime:
         """
         self.terminal_state.clear()
         await self._kill_sandbox()
+        if self.quota:
+            # Every process of the slot is dead: drop the whole tmpfs (whatever its depth,
+            # size or permissions) and let start() mount an empty one.
+            await anyio.to_thread.run_sync(unmount, self.workspace)
         if not await anyio.to_thread.run_sync(_wipe, self.workspace):
             raise SlotBroken("cannot empty the workspace")
         await self.start()
@@ -535,20 +554,11 @@ def _own_workspace(path: str, uid: int | None) -> None:
 
 
 def _wipe(root: str) -> bool:
-    """Empty ``root`` from the host side (fd-based, never follows symlinks). True if empty."""
-    try:
-        entries = list(os.scandir(root))
-    except FileNotFoundError:
-        os.makedirs(root, mode=0o755, exist_ok=True)
-        return True
-    for entry in entries:
-        try:
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path)
-            else:
-                os.unlink(entry.path)
-        except OSError:
-            pass
+    """Empty ``root`` from the host side (iterative, fd-based, never follows symlinks,
+    whatever the depth or permissions of the tree). True if empty."""
+    os.makedirs(root, mode=0o755, exist_ok=True)
+    if not remove_tree(root, keep_root=True):
+        return False
     try:
         os.chmod(root, 0o755)
         return not os.listdir(root)

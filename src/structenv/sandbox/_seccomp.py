@@ -25,7 +25,7 @@ import tempfile
 
 from .._exceptions import SandboxUnavailableError
 
-__all__ = ["REFUSED", "filter_program"]
+__all__ = ["REFUSED", "container_profile", "filter_program"]
 
 #: System calls a slot can never make (refused with EPERM). Names unknown to this
 #: architecture (e.g. ``vm86``) are skipped.
@@ -96,6 +96,41 @@ def filter_program() -> bytes:
     if not program or len(program) % 8:
         raise SandboxUnavailableError("libseccomp produced no usable filter")
     return program
+
+
+#: What bwrap itself needs to build a sandbox (refused to slots, allowed to a container's
+#: sandbox server): namespaces, mounts, the new root and the sandbox's hostname.
+BWRAP_NEEDS = frozenset(
+    {"unshare", "setns", "mount", "umount", "umount2", "pivot_root", "chroot", "sethostname"}
+)
+
+_DOCKER_ARCH = {"x86_64": "SCMP_ARCH_X86_64", "aarch64": "SCMP_ARCH_AARCH64"}
+
+
+def container_profile() -> str:
+    """A Docker seccomp profile (JSON) for a container whose slots run under bwrap.
+
+    Docker's default profile refuses the namespaces and mounts bwrap needs, so instead of
+    ``seccomp=unconfined`` the container gets this: :data:`REFUSED` minus
+    :data:`BWRAP_NEEDS`, other ABIs refused. Every slot then runs under the full filter.
+    """
+    import json
+    import platform
+
+    import pyseccomp as sc
+
+    names = sorted(
+        name
+        for name in REFUSED
+        if name not in BWRAP_NEEDS and sc.resolve_syscall(sc.Arch.NATIVE, name) >= 0
+    )
+    arch = _DOCKER_ARCH.get(platform.machine(), "SCMP_ARCH_NATIVE")
+    profile = {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": [arch],
+        "syscalls": [{"names": names, "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM}],
+    }
+    return json.dumps(profile, separators=(",", ":"))
 
 
 def open_program(path: str) -> int:
