@@ -386,3 +386,27 @@ async def test_teardown_removes_hostile_trees() -> None:
         run_dir = anyio.Path(backend._root)
         assert await run_dir.is_dir()
     assert not await run_dir.exists()
+
+
+@pytest.mark.docker
+async def test_docker_slot_cannot_starve_its_siblings(docker_image: str) -> None:
+    # Slots of one container share its cgroup: a fork bomb and a /tmp fill in one slot must
+    # still leave the other slot able to fork and allocate.
+    async with docker_backend(
+        slots_per_container=2, memory_limit=1 << 30, pids_limit=256, workspace_size=128 << 20
+    ) as backend:
+        bomb, other = await backend.acquire_slot(), await backend.acquire_slot()
+        try:
+            fill = await run(bomb, "head -c 2000000000 /dev/zero > /tmp/fill; df -k /tmp")
+            assert fill.exit_code == 0 or b"No space" in fill.stderr, fill
+            bombed = await bomb.exec(
+                ExecRequest("bomb() { bomb | bomb & }; bomb; sleep 2", timeout=4)
+            )
+            assert bombed.error is None
+            for _ in range(3):
+                ok = await run(other, "sh -c 'echo forked' && python3 -c 'bytearray(200 << 20)'")
+                assert ok.stdout == b"forked\n" and ok.exit_code == 0, ok
+        finally:
+            with anyio.move_on_after(60, shield=True):
+                for s in (bomb, other):
+                    await backend.release_slot(s, reusable=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 
 import anyio
@@ -158,3 +159,93 @@ async def test_stuck_worker_breaks_the_slot_past_the_backstop(
         finally:
             await client.aclose()
         tg.cancel_scope.cancel()
+
+
+def _mounts_under(path: str) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [ln.split()[4] for ln in f if ln.split()[4].startswith(path)]
+
+
+@pytest.mark.parametrize("step", range(8))
+async def test_cancelled_reset_leaves_no_process_or_mount(tmp_path: object, step: int) -> None:
+    # A reset kills the sandbox, unmounts and remounts the workspace quota (root) and starts
+    # a new sandbox: cancel it after `step` scheduling points, then stop the server. Nothing
+    # of the slot may be left: no process, no mount (the server runs in this process's
+    # mount namespace here), no cgroup.
+    workdir = os.path.join(str(tmp_path), "host")
+    sock = os.path.join(str(tmp_path), "s.sock")
+    server = SandboxServer(ServerConfig(slots=1, workdir=workdir, socket_path=sock))
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.serve)
+        (rt,) = server.slots
+        assert (await rt.exec(ExecRequest("sleep 4321 &"))).exit_code == 0
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as inner:
+                inner.start_soon(rt.hard_reset)
+                for _ in range(step):
+                    await anyio.lowlevel.checkpoint()
+                scope.cancel()
+        tg.cancel_scope.cancel()
+    assert test_sandbox_support.find_processes(r"^sleep 4321$") == []
+    assert [p for p in child_processes() if b"bwrap" in cmdline(p)] == []
+    assert _mounts_under(workdir) == []
+    assert not await anyio.Path(f"/sys/fs/cgroup/pids/structenv/{server.config.name}").exists()
+
+
+# A bwrap that quietly drops one protection: the probe must notice and name it. (Others,
+# such as the read-only /proc/sys, are backed by the slot's unprivileged uid as well: dropping
+# one of those two layers alone does not make the property fail.)
+_WEAKENED = {
+    "seccomp filter": "--seccomp",  # the option and its descriptor
+    "network isolated": "--unshare-net",
+    "no inherited descriptors": "",  # leak a descriptor into the sandbox
+}
+_WRAPPER = """import os, sys
+drop, args, out = sys.argv[1], sys.argv[2:], []
+while args:
+    arg = args.pop(0)
+    if arg == drop:
+        if arg == "--seccomp":
+            args.pop(0)
+        continue
+    out.append(arg)
+if not drop:
+    os.set_inheritable(os.open("/etc/hostname", os.O_RDONLY), True)
+os.execvp("bwrap", ["bwrap", *out])
+"""
+
+
+def _weakened_bwrap(directory: str, missing: str) -> str:
+    script = os.path.join(directory, "weaken.py")
+    with open(script, "w") as f:
+        f.write(_WRAPPER)
+    wrapper = os.path.join(directory, "bwrap")
+    with open(wrapper, "w") as f:
+        f.write(f'#!/bin/sh\nexec {sys.executable} {script} "{_WEAKENED[missing]}" "$@"\n')
+    os.chmod(wrapper, 0o755)
+    return wrapper
+
+
+@pytest.mark.parametrize("missing", sorted(_WEAKENED))
+async def test_a_missing_property_fails_closed_and_is_named(tmp_path: object, missing: str) -> None:
+    config = ServerConfig(
+        slots=1,
+        workdir=os.path.join(str(tmp_path), "host"),
+        socket_path=os.path.join(str(tmp_path), "s.sock"),
+        isolation=Isolation(bwrap=_weakened_bwrap(str(tmp_path), missing)),
+    )
+    with anyio.fail_after(60):
+        with pytest.raises(SandboxUnavailableError, match=f"sandbox property missing: {missing}"):
+            await SandboxServer(config).serve()
+
+
+def test_doctor_reports_every_property() -> None:
+    from structenv._doctor import doctor, format_report
+
+    checks = {c.name: c for c in doctor()}
+    for name in ("no host uid 0", "seccomp filter", "read-only kernel settings", "ptrace refused"):
+        assert checks[name].ok, checks[name]
+    assert "LocalBackend isolation: available" in format_report(list(checks.values()))
+    missing = doctor(bwrap="/nonexistent/bwrap")
+    assert not missing[0].ok and "not installed" in missing[0].detail
+    assert "UNAVAILABLE" in format_report(missing)

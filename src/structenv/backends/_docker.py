@@ -422,10 +422,15 @@ class DockerBackend(HostedBackend):
         """Arguments of ``create_container`` and of ``create_host_config``."""
         memory, pids, cpus, workspace, max_output = self._limits
         slot_space = max(workspace // self._slots_per, 1 << 20)
+        # No cgroups of its own inside a container: each slot's share of the container's
+        # limits is enforced per slot uid instead (RLIMIT_NPROC counts that uid's processes,
+        # so a fork bomb cannot take its siblings' pids) and by per-slot tmpfs sizes.
+        share = self._slots_per + 1  # one share stays with the server
         command = [
             "--slots", str(self._slots_per), "--workdir", f"{_WORKDIR}/w", "--name", name[-40:],
             "--isolation", self._mode, "--cgroup", "off", "--memory", str(memory),
-            "--max-output", str(max_output),
+            "--max-output", str(max_output), "--pids", str(max(pids // share, 16)),
+            "--tmp-size", str(max(memory // (4 * share), 16 << 20)),
         ]  # fmt: skip
         if self._allow_network or self._mode == "none":
             # With isolation "none" the container's own (absent) network is the isolation.

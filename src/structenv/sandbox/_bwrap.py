@@ -274,7 +274,7 @@ out = {
     "keys": len(open("/proc/keys").read().splitlines()),
     "unshare_user": not refused(272, 0x10000000),
     "keyctl": not refused(250, 0, 0, 0, 0, 0),
-    "ptrace": not refused(101, 16, 1, 0, 0),
+    "ptrace": not refused(101, 0, 0, 0, 0),  # PTRACE_TRACEME: allowed unless filtered
     "io_uring": not refused(425, 1, 0),
 }
 open("/workspace/.probe-owner", "w").close()

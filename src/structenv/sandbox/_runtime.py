@@ -280,10 +280,13 @@ class SlotRuntime:
             try:
                 # stderr is a pipe of its own, never the server's: a command that reached
                 # the worker's descriptors must find no host file there (see _drain).
-                self._proc = await anyio.open_process(
-                    argv, env=env, stdin=in_r, stdout=out_w, stderr=subprocess.PIPE,
-                    pass_fds=(seccomp_fd,) if seccomp_fd >= 0 else (),
-                )  # fmt: skip
+                # Shielded: a spawn cancelled half-way (trio) would leave a process nobody
+                # holds; it takes milliseconds, and the except below kills what it made.
+                with anyio.CancelScope(shield=True):
+                    self._proc = await anyio.open_process(
+                        argv, env=env, stdin=in_r, stdout=out_w, stderr=subprocess.PIPE,
+                        pass_fds=(seccomp_fd,) if seccomp_fd >= 0 else (),
+                    )  # fmt: skip
             finally:
                 for fd in (in_r, out_w, seccomp_fd):
                     if fd >= 0:
@@ -358,8 +361,11 @@ class SlotRuntime:
                 proc.kill()
             if self._cgroup:
                 self._cgroup.kill_all()
-            await proc.wait()
-            await proc.aclose()
+            # Reaped and closed even when the reset that called us is cancelled: SIGKILL
+            # was sent, so this is bounded by the kernel's teardown of the sandbox.
+            with anyio.move_on_after(KILL_GRACE, shield=True):
+                await proc.wait()
+                await proc.aclose()
         if self._cgroup:
             delay = 0.001
             while self._cgroup.procs():
