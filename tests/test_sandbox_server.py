@@ -215,6 +215,13 @@ os.execvp("bwrap", ["bwrap", *out])
 """
 
 
+def _executable(path: str, text: str) -> str:
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o755)
+    return path
+
+
 def _weakened_bwrap(directory: str, missing: str) -> str:
     script = os.path.join(directory, "weaken.py")
     with open(script, "w") as f:
@@ -249,3 +256,25 @@ def test_doctor_reports_every_property() -> None:
     missing = doctor(bwrap="/nonexistent/bwrap")
     assert not missing[0].ok and "not installed" in missing[0].detail
     assert "UNAVAILABLE" in format_report(missing)
+
+
+async def test_a_slot_that_cannot_start_says_why(tmp_path: object) -> None:
+    # bwrap works for the probe but fails for the slot's worker: the error carries bwrap's
+    # own message (read from the sandbox's stderr pipe, never the server's stderr).
+    wrapper = _executable(
+        os.path.join(str(tmp_path), "bwrap"),
+        "#!/bin/sh\ncase \"$*\" in *worker.py*) echo 'bwrap: no room for the slot' >&2;"
+        ' exit 1;; esac\nexec bwrap "$@"\n',
+    )
+    config = ServerConfig(
+        slots=1,
+        workdir=os.path.join(str(tmp_path), "host"),
+        socket_path=os.path.join(str(tmp_path), "s.sock"),
+        isolation=Isolation(bwrap=wrapper),
+    )
+    with anyio.fail_after(60):
+        with pytest.RaisesGroup(
+            pytest.RaisesExc(_runtime.SlotBroken, match="did not start: bwrap: no room"),
+            flatten_subgroups=True,
+        ):
+            await SandboxServer(config).serve()

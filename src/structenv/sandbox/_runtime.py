@@ -283,7 +283,7 @@ class SlotRuntime:
                 # Shielded: a spawn cancelled half-way (trio) would leave a process nobody
                 # holds; it takes milliseconds, and the except below kills what it made.
                 with anyio.CancelScope(shield=True):
-                    self._proc = await anyio.open_process(
+                    proc = self._proc = await anyio.open_process(
                         argv, env=env, stdin=in_r, stdout=out_w, stderr=subprocess.PIPE,
                         pass_fds=(seccomp_fd,) if seccomp_fd >= 0 else (),
                     )  # fmt: skip
@@ -292,19 +292,21 @@ class SlotRuntime:
                     if fd >= 0:
                         os.close(fd)
             self._errors = bytearray()
-            self._tg.start_soon(self._drain, self._proc)
+            drained = anyio.Event()
+            self._tg.start_soon(self._drain, proc, drained)
             with anyio.fail_after(30):
                 try:
                     hello = await self._pipe.read_frame()
                 except EOFError:
-                    await anyio.sleep(0.05)  # let the drain task collect bwrap's message
+                    with anyio.move_on_after(KILL_GRACE):
+                        await drained.wait()  # bwrap's or the worker's last words
                     raise SlotBroken(f"the slot's sandbox did not start: {self.stderr()}") from None
             if not hello.get("hello"):
                 raise SlotBroken(f"unexpected worker greeting: {hello!r}")
-            self._worker_pid = self._proc.pid
+            self._worker_pid = proc.pid
             self._baseline = len(self._cgroup.procs()) if self._cgroup else 0
             self.state = "ready"
-            self._tg.start_soon(self._read_loop, self._pipe, self._proc)
+            self._tg.start_soon(self._read_loop, self._pipe, proc)
         except BaseException:
             with anyio.move_on_after(KILL_GRACE, shield=True):
                 await self._kill_sandbox()
@@ -314,7 +316,7 @@ class SlotRuntime:
         """The last bytes the sandbox (bwrap or the worker) wrote to its stderr."""
         return self._errors.decode(errors="replace").strip() or "(no message)"
 
-    async def _drain(self, proc: anyio.abc.Process) -> None:
+    async def _drain(self, proc: anyio.abc.Process, done: anyio.Event) -> None:
         """Keep the last 2 KiB of the sandbox's stderr (bounded: it is slot-writable)."""
         assert proc.stderr is not None
         try:
@@ -323,6 +325,8 @@ class SlotRuntime:
                 del self._errors[:-2048]
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
+        finally:
+            done.set()
 
     async def _read_loop(self, pipe: _Pipe, proc: anyio.abc.Process) -> None:
         try:
