@@ -200,12 +200,20 @@ async def test_dangerous_system_calls_are_refused(backend: SandboxBackend) -> No
 # -- host secrets and host state ---------------------------------------------------------------
 
 
+_ADD_KEY = r"""
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+for ring in (-4, -5, -3):  # user, user session and session keyrings
+    libc.syscall(248, b"user", sys.argv[1].encode(), b"v", 1, ring)
+"""
+
+
 async def test_root_only_host_files_and_keyrings_are_out_of_reach() -> None:
     secret = f"/etc/structenv-secret-{secrets.token_hex(4)}"
+    key = f"structenv-key-{secrets.token_hex(4)}"
     fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     os.write(fd, b"TOPSECRET")
     os.close(fd)
-    host_keys = _read("/proc/keys")
     try:
         async with local_backend(slots_per_host=1) as backend, lease(backend) as slot:
             r = await run(
@@ -215,7 +223,10 @@ async def test_root_only_host_files_and_keyrings_are_out_of_reach() -> None:
             )
             assert b"TOPSECRET" not in r.stdout and b"PRIVATE KEY" not in r.stdout
             assert r.stdout.split()[-1] == b"0", r  # no keyring is visible
-        assert _read("/proc/keys") == host_keys
+            await slot.write_file("add_key.py", _ADD_KEY.encode())
+            await run(slot, f"python3 add_key.py {key}")
+        # Keyrings are not namespaced: a key added in a slot would outlive it on the host.
+        assert key not in _read("/proc/keys")
     finally:
         os.unlink(secret)
 
@@ -410,3 +421,16 @@ async def test_docker_slot_cannot_starve_its_siblings(docker_image: str) -> None
             with anyio.move_on_after(60, shield=True):
                 for s in (bomb, other):
                     await backend.release_slot(s, reusable=True)
+
+
+async def test_files_written_through_the_api_belong_to_the_slot(backend: SandboxBackend) -> None:
+    # The server writes as a privileged process; the slot (an unprivileged uid) must still be
+    # able to change, extend and remove what it wrote, as if it had made it.
+    async with lease(backend) as slot:
+        await slot.write_file("deep/dir/notes.txt", b"one\n")
+        r = await run(
+            slot,
+            "echo two >> deep/dir/notes.txt && touch deep/dir/new && cat deep/dir/notes.txt"
+            " && rm -r deep && echo removed",
+        )
+        assert r.stdout == b"one\ntwo\nremoved\n", r

@@ -54,8 +54,13 @@ def split_path(path: str) -> list[str]:
 
 
 def _open_dir(root: str, parts: list[str], *, create: bool = False) -> int:
-    """A descriptor of directory ``root/parts`` reached without following any symlink."""
+    """A descriptor of directory ``root/parts`` reached without following any symlink.
+
+    Directories it creates belong to the workspace's owner (the slot's uid), as if the slot
+    had made them.
+    """
     fd = os.open(root, _DIR_FLAGS)
+    owner = os.fstat(fd)
     try:
         for part in parts:
             try:
@@ -68,6 +73,7 @@ def _open_dir(root: str, parts: list[str], *, create: bool = False) -> int:
                 except FileExistsError:
                     pass
                 nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                _give(nxt, owner)
             except OSError as exc:
                 if _is_link(fd, part):
                     raise PermissionError(f"symlink in path: {part!r}") from exc
@@ -78,6 +84,14 @@ def _open_dir(root: str, parts: list[str], *, create: bool = False) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _give(fd: int, owner: os.stat_result) -> None:
+    """Hand a file the server made to the workspace's owner (a no-op for that owner)."""
+    try:
+        os.fchown(fd, owner.st_uid, owner.st_gid)
+    except PermissionError:
+        pass  # an unprivileged server owns its workspaces already
 
 
 def _is_link(dir_fd: int, name: str) -> bool:
@@ -152,6 +166,7 @@ def write_file(root: str, path: str, data: bytes, mode: int) -> None:
             while view:
                 view = view[os.write(fd, view) :]
             os.fchmod(fd, mode & _MODE_MASK)
+            _give(fd, os.stat(root))  # the slot may change its files, like its own
         finally:
             os.close(fd)
         os.rename(tmp, parts[-1], src_dir_fd=dfd, dst_dir_fd=dfd)
