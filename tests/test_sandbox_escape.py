@@ -118,13 +118,15 @@ async def test_slot_processes_are_not_host_root(backend: SandboxBackend) -> None
         )
         assert r.exit_code == 0, r
         owner = int(r.stdout.split(f"sh-{tag}".encode())[0].split()[-7])
+        me = await run(slot, "whoami")  # the slot's uid has a name (git, ssh need one)
+        assert me.exit_code == 0 and me.stdout.strip() in (b"sandbox", b"root"), me
         r2 = await run(slot, "cat /proc/self/status")
         uids = next(ln for ln in r2.stdout.decode().splitlines() if ln.startswith("Uid:"))
         if isinstance(backend, type(local_backend())):
             # Inside a user namespace (containers) the slot may call itself 0; on a host the
             # uid it sees is the host uid, so it must not be 0 at all.
             assert uids.split()[1:] != ["0"] * 4, uids
-            assert owner != 0
+            assert owner != 0 and me.stdout == b"sandbox\n"
             host_path = os.path.join(backend.workspace_path(slot), f"sh-{tag}")
             st = os.stat(host_path)
             assert st.st_uid != 0 and st.st_gid != 0

@@ -42,6 +42,7 @@ __all__ = [
     "slot_uid",
     "switch_uid",
     "unmount",
+    "write_accounts",
 ]
 
 #: Path of the slot's workspace inside the sandbox.
@@ -126,6 +127,29 @@ def switch_uid(uid: int | None) -> int | None:
     return uid if uid is not None and privilege() == "root" else None
 
 
+def write_accounts(directory: str, uids: Sequence[int]) -> str:
+    """Write ``passwd``/``group`` files: the host's, plus user ``sandbox`` for each slot uid.
+
+    Tools that look their user up (``whoami``, git, ssh) then work in a slot whose uid is
+    not root. Returns ``directory``; the files are world-readable, like the host's.
+    """
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    for name, line in (
+        ("passwd", "sandbox:x:{uid}:{uid}:structenv slot:/workspace:/bin/bash"),
+        ("group", "sandbox:x:{uid}:"),
+    ):
+        with open(f"/etc/{name}") as f:
+            host = f.read()
+        extra = "".join(line.format(uid=uid) + "\n" for uid in uids)
+        path = os.path.join(directory, name)
+        with open(path + ".tmp", "w") as f:
+            f.write(host if host.endswith("\n") or not host else host + "\n")
+            f.write(extra)
+        os.chmod(path + ".tmp", 0o644)
+        os.replace(path + ".tmp", path)
+    return directory
+
+
 def default_uid_base(name: str) -> int:
     """A block of :data:`UID_BLOCK` host uids for the server called ``name``.
 
@@ -147,6 +171,7 @@ def bwrap_argv(
     tmp: str | None = None,
     tmp_size: int = 1 << 30,
     shm_size: int = 64 << 20,
+    accounts: str | None = None,
 ) -> list[str]:
     """The command line that runs ``command`` as PID 1 of a fresh slot sandbox.
 
@@ -160,6 +185,8 @@ def bwrap_argv(
         tmp: Host directory bound at ``/tmp``; default a private tmpfs of ``tmp_size``
             bytes (charged to the slot's memory cgroup).
         shm_size: Bytes of the private tmpfs at ``/dev/shm``.
+        accounts: Directory holding ``passwd`` and ``group`` to bind over the host's (see
+            :func:`write_accounts`), so the slot's uid has a name.
     """
     if uid is None and os.geteuid() == 0:
         raise ValueError("root must run a sandbox under an unprivileged uid (see slot_uid)")
@@ -201,6 +228,9 @@ def bwrap_argv(
         elif os.path.isdir(target):
             argv += ["--ro-bind", target, target]
     argv += ["--ro-bind", "/etc", "/etc"]
+    if accounts is not None:
+        for name in ("passwd", "group"):
+            argv += ["--ro-bind", os.path.join(accounts, name), f"/etc/{name}"]
     for secret in _MASKED + tuple(glob.glob("/etc/ssh/ssh_host_*_key")):
         if os.path.isfile(secret):
             argv += ["--ro-bind", "/dev/null", secret]

@@ -86,6 +86,7 @@ def slot_argv(
     limits: Limits,
     uid: int | None = None,
     seccomp_fd: int | None = None,
+    accounts: str | None = None,
 ) -> list[str]:
     """The command line of a slot: its worker, as PID 1 of a bwrap sandbox if sandboxed.
 
@@ -105,7 +106,8 @@ def slot_argv(
             "LANG": "C.UTF-8",
             "TERM": "xterm-256color",
             "SHELL": "/bin/bash",
-            "USER": "root",
+            # The name the slot's uid has inside (see _bwrap.write_accounts).
+            "USER": "sandbox" if iso.sandboxed and switch_uid(uid) is not None else "root",
         },
         "limits": {
             "as": limits.memory,
@@ -122,6 +124,7 @@ def slot_argv(
     return bwrap_argv(
         iso, workspace, argv, extra_ro=[(_WORKER_FILE, WORKER_PATH)], uid=uid,
         seccomp_fd=seccomp_fd, tmp_size=limits.tmp_size, shm_size=limits.shm_size,
+        accounts=accounts,
     )  # fmt: skip
 
 
@@ -214,6 +217,7 @@ class SlotRuntime:
         cgroup_name: str = "",
         uid: int | None = None,
         seccomp_path: str = "",
+        accounts: str | None = None,
     ) -> None:
         self.index = index
         self.name = name
@@ -226,6 +230,7 @@ class SlotRuntime:
         self.lease = lease
         self.uid = uid
         self.seccomp_path = seccomp_path
+        self.accounts = accounts
         #: The workspace is a tmpfs of its own (a quota), remounted empty on every reset.
         self.quota = isolation.sandboxed and limits.disk > 0 and privilege() == "root"
         self.state = "down"
@@ -258,7 +263,7 @@ class SlotRuntime:
             seccomp_fd = await anyio.to_thread.run_sync(_seccomp.open_program, self.seccomp_path)
         argv = slot_argv(
             self.iso, self.workspace, name=self.name, limits=self.limits, uid=self.uid,
-            seccomp_fd=seccomp_fd if seccomp_fd >= 0 else None,
+            seccomp_fd=seccomp_fd if seccomp_fd >= 0 else None, accounts=self.accounts,
         )  # fmt: skip
         if self.use_cgroup:
             self._cgroup = SlotCgroup(

@@ -61,6 +61,8 @@ from ._bwrap import (
     probe,
     remove_cgroup_tree,
     slot_uid,
+    switch_uid,
+    write_accounts,
 )
 from ._runtime import Limits, SlotBroken, SlotRuntime
 from ._terminal import terminal_action
@@ -172,6 +174,12 @@ class SandboxServer:
             # by its own slot's uid; sandboxes never see host paths once they run.
             os.chmod(cfg.workdir, 0o711)
         seccomp_path = os.path.join(cfg.workdir, ".seccomp.bpf")
+        accounts = None
+        if uid_of(0) is not None and switch_uid(uid_of(0)) is not None:
+            uids = [u for u in map(uid_of, range(cfg.slots)) if u is not None]
+            accounts = await anyio.to_thread.run_sync(
+                write_accounts, os.path.join(cfg.workdir, ".accounts"), uids
+            )
         features = await probe(
             iso,
             os.path.join(cfg.workdir, ".probe"),
@@ -199,6 +207,7 @@ class SandboxServer:
                             cgroup_name=f"{cfg.name}/{i}",
                             uid=uid_of(i),
                             seccomp_path=seccomp_path,
+                            accounts=accounts,
                         )
                     )
                 async with anyio.create_task_group() as starters:
