@@ -278,3 +278,31 @@ async def test_a_slot_that_cannot_start_says_why(tmp_path: object) -> None:
             flatten_subgroups=True,
         ):
             await SandboxServer(config).serve()
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_reused(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The server closes keep-alive connections idle past its timeout. A slot left idle that
+    # long (a policy thinking) must not fail its next call as if the host were gone.
+    from structenv._http import ConnectionLimits
+    from structenv.sandbox import _server
+
+    monkeypatch.setattr(_server, "_LIMITS", ConnectionLimits(idle_timeout=0.2))
+    sock = os.path.join(str(tmp_path), "s.sock")
+    server = SandboxServer(
+        ServerConfig(slots=1, workdir=os.path.join(str(tmp_path), "host"), socket_path=sock)
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.serve)
+        client = HostClient(uds=sock)
+        try:
+            slot = await _first_slot(client)
+            assert (await slot.exec(ExecRequest("echo one"))).stdout == b"one\n"
+            (idle,) = client._idle
+            with anyio.fail_after(10):
+                await anyio.wait_readable(idle.sock)  # type: ignore[attr-defined]
+            assert (await slot.exec(ExecRequest("echo two"))).stdout == b"two\n"
+        finally:
+            await client.aclose()
+        tg.cancel_scope.cancel()

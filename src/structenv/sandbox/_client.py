@@ -58,6 +58,10 @@ def _broken(message: str) -> anyio.BrokenResourceError:
     return anyio.BrokenResourceError(f"bad answer from sandbox host: {message}")
 
 
+#: Seconds an idle pooled connection is reused for: half the servers' idle timeout
+#: (``_http.ConnectionLimits.idle_timeout``), so the server never closes one under a request.
+_MAX_IDLE_AGE = 30.0
+
 # -- transports ---------------------------------------------------------------------------
 
 
@@ -69,11 +73,13 @@ class _Conn:
     with ``anyio.ClosedResourceError`` (:meth:`HostClient.abort`).
     """
 
-    __slots__ = ("buf", "closed", "waited")
+    __slots__ = ("buf", "closed", "idle_since", "waited")
 
     def __init__(self) -> None:
         self.buf = bytearray()
         self.closed = False
+        #: When the connection went back to the pool (event-loop clock).
+        self.idle_since = 0.0
         #: Whether an operation of the current request waited on the event loop (see
         #: :meth:`HostClient._exchange`).
         self.waited = False
@@ -86,6 +92,10 @@ class _Conn:
 
     def kill(self) -> None:
         raise NotImplementedError
+
+    def dropped(self) -> bool:
+        """Whether the idle connection was closed by the server (or sent unasked bytes)."""
+        return False
 
     async def aclose(self) -> None:
         raise NotImplementedError
@@ -158,6 +168,14 @@ class _SocketConn(_Conn):
             self.closed = True
             anyio.notify_closing(self.sock)
             self.sock.close()
+
+    def dropped(self) -> bool:
+        try:
+            return len(self.sock.recv(1, socket.MSG_PEEK)) >= 0  # EOF, or bytes nobody asked
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
 
     async def aclose(self) -> None:
         self.kill()
@@ -525,11 +543,20 @@ class HostClient:
         The connection is registered in flight meanwhile, so :meth:`abort` can close it.
         """
         head = self._head(method, target, len(body), ctype)
-        if self._idle and not self._closed:
+        conn = None
+        while self._idle and not self._closed:
             conn = self._idle.pop()
+            # A connection the server closed (its idle timeout) would fail this request as
+            # if the host were gone: check it (one non-blocking peek), and retire it before
+            # the server's timeout comes near.
+            if conn.dropped() or anyio.current_time() - conn.idle_since > _MAX_IDLE_AGE:
+                await conn.aclose()
+                conn = None
+                continue
             conn.waited = False
             self._inflight.add(conn)
-        else:
+            break
+        if conn is None:
             conn = await self._connect()
         try:
             if len(body) <= _COALESCE:
@@ -554,6 +581,7 @@ class HostClient:
             raise
         self._inflight.discard(conn)
         if keep and not conn.buf and not self._closed and len(self._idle) < self._max_idle:
+            conn.idle_since = anyio.current_time()
             self._idle.append(conn)
         else:
             await conn.aclose()

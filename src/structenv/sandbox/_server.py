@@ -72,12 +72,9 @@ __all__ = ["ServerConfig", "SandboxServer"]
 logger = logging.getLogger("structenv.sandbox")
 
 
-#: The HTTP layer's defaults (head deadline, caps on connections without the token), except
-#: that an idle keep-alive connection is kept for an hour, not a minute: ``HostClient`` reuses
-#: a pooled connection without checking whether the server closed it, so a slot left idle past
-#: the server's idle timeout (a policy thinking) would fail its next call as broken. Lower this
-#: once the client discards pooled connections the server has closed.
-_LIMITS = ConnectionLimits(idle_timeout=3600.0)
+#: The HTTP layer's defaults: a head deadline, an idle timeout (``HostClient`` retires its
+#: pooled connections well before it), caps on connections without the token.
+_LIMITS = ConnectionLimits()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
