@@ -134,16 +134,24 @@ def container_profile() -> str:
 
 
 def open_program(path: str) -> int:
-    """Write the program to ``path`` once (0600) and return a fresh read descriptor on it.
+    """Write the program to ``path`` (0600) unless it is there already, and return a fresh
+    read descriptor on it.
 
     bwrap reads the program from its descriptor to the end, so every sandbox needs its own
-    descriptor (a shared one would be at end-of-file for the second sandbox).
+    descriptor (a shared one would be at end-of-file for the second sandbox). A file left by
+    another version of this filter is replaced, never trusted.
     """
-    if not os.path.exists(path):
+    program = filter_program()
+    try:
+        with open(path, "rb") as f:
+            current = f.read(len(program) + 1)
+    except FileNotFoundError:
+        current = b""
+    if current != program:
         tmp = f"{path}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, filter_program())
+            os.write(fd, program)
         finally:
             os.close(fd)
         os.replace(tmp, path)
