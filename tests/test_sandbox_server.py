@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -127,13 +128,9 @@ async def test_unsandboxed_only_when_asked() -> None:
         assert test_sandbox_support.find_processes(r"^sleep 100[01]$") == []
 
 
-async def test_stuck_worker_breaks_the_slot_past_the_backstop(
-    tmp_path: object, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The worker enforces deadlines; a worker that misses one by BACKSTOP seconds (stuck or
-    # subverted by a command running with its uid) is not trusted again: its sandbox is
-    # killed, the caller gets a broken slot, and only a reset rebuilds it.
-    monkeypatch.setattr(_runtime, "BACKSTOP", 0.5)
+@contextlib.asynccontextmanager
+async def _uds_server(tmp_path: object) -> AsyncIterator[tuple[HostClient, RemoteSlot]]:
+    """A one-slot server in this process on a unix socket, a client and its slot."""
     sock = os.path.join(str(tmp_path), "s.sock")
     server = SandboxServer(
         ServerConfig(slots=1, workdir=os.path.join(str(tmp_path), "host"), socket_path=sock)
@@ -142,23 +139,34 @@ async def test_stuck_worker_breaks_the_slot_past_the_backstop(
         await tg.start(server.serve)
         client = HostClient(uds=sock)
         try:
-            slot = await _first_slot(client)
-            assert (await slot.exec(ExecRequest("echo up"))).stdout == b"up\n"
-            argv = [b"-I", b"-S", _runtime.WORKER_PATH.encode()]
-            (worker,) = [p for p in child_processes() if cmdline(p).split(b"\0")[1:4] == argv]
-            pidfds = test_sandbox_support.open_pidfds([worker])
-            os.kill(worker, signal.SIGSTOP)
-            with anyio.fail_after(5):
-                with pytest.raises(SlotBrokenError, match="did not enforce the deadline"):
-                    await slot.exec(ExecRequest("sleep 30", timeout=0.2))
-            await test_sandbox_support.wait_all_dead(pidfds, within=5)
-            with pytest.raises(SlotBrokenError):
-                await slot.exec(ExecRequest("echo again"))
-            await slot.reset()  # a hard reset: a new sandbox and worker
-            assert (await slot.exec(ExecRequest("echo again"))).stdout == b"again\n"
+            yield client, await _first_slot(client)
         finally:
-            await client.aclose()
+            with anyio.move_on_after(5, shield=True):
+                await client.aclose()
         tg.cancel_scope.cancel()
+
+
+async def test_stuck_worker_breaks_the_slot_past_the_backstop(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker enforces deadlines; a worker that misses one by BACKSTOP seconds (stuck or
+    # subverted by a command running with its uid) is not trusted again: its sandbox is
+    # killed, the caller gets a broken slot, and only a reset rebuilds it.
+    monkeypatch.setattr(_runtime, "BACKSTOP", 0.5)
+    async with _uds_server(tmp_path) as (_, slot):
+        assert (await slot.exec(ExecRequest("echo up"))).stdout == b"up\n"
+        argv = [b"-I", b"-S", _runtime.WORKER_PATH.encode()]
+        (worker,) = [p for p in child_processes() if cmdline(p).split(b"\0")[1:4] == argv]
+        pidfds = test_sandbox_support.open_pidfds([worker])
+        os.kill(worker, signal.SIGSTOP)
+        with anyio.fail_after(5):
+            with pytest.raises(SlotBrokenError, match="did not enforce the deadline"):
+                await slot.exec(ExecRequest("sleep 30", timeout=0.2))
+        await test_sandbox_support.wait_all_dead(pidfds, within=5)
+        with pytest.raises(SlotBrokenError):
+            await slot.exec(ExecRequest("echo again"))
+        await slot.reset()  # a hard reset: a new sandbox and worker
+        assert (await slot.exec(ExecRequest("echo again"))).stdout == b"again\n"
 
 
 def _mounts_under(path: str) -> list[str]:
@@ -289,20 +297,9 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused(
     from structenv.sandbox import _server
 
     monkeypatch.setattr(_server, "_LIMITS", ConnectionLimits(idle_timeout=0.2))
-    sock = os.path.join(str(tmp_path), "s.sock")
-    server = SandboxServer(
-        ServerConfig(slots=1, workdir=os.path.join(str(tmp_path), "host"), socket_path=sock)
-    )
-    async with anyio.create_task_group() as tg:
-        await tg.start(server.serve)
-        client = HostClient(uds=sock)
-        try:
-            slot = await _first_slot(client)
-            assert (await slot.exec(ExecRequest("echo one"))).stdout == b"one\n"
-            (idle,) = client._idle
-            with anyio.fail_after(10):
-                await anyio.wait_readable(idle.sock)  # type: ignore[attr-defined]
-            assert (await slot.exec(ExecRequest("echo two"))).stdout == b"two\n"
-        finally:
-            await client.aclose()
-        tg.cancel_scope.cancel()
+    async with _uds_server(tmp_path) as (client, slot):
+        assert (await slot.exec(ExecRequest("echo one"))).stdout == b"one\n"
+        (idle,) = client._idle
+        with anyio.fail_after(10):
+            await anyio.wait_readable(idle.sock)  # type: ignore[attr-defined]
+        assert (await slot.exec(ExecRequest("echo two"))).stdout == b"two\n"
