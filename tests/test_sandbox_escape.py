@@ -437,3 +437,42 @@ async def test_files_written_through_the_api_belong_to_the_slot(backend: Sandbox
             " && rm -r deep && echo removed",
         )
         assert r.stdout == b"one\ntwo\nremoved\n", r
+
+
+async def test_a_slot_cannot_fill_the_disk() -> None:
+    # Each file is under the file-size limit; together they pass the workspace quota.
+    async with (
+        local_backend(slots_per_host=1, file_size_limit=24 << 20, disk_limit=64 << 20) as backend,
+        lease(backend) as slot,
+    ):
+        r = await run(
+            slot,
+            "for i in 1 2 3 4; do head -c 20000000 /dev/zero > f$i || echo FULL; done; "
+            "df -k /workspace | tail -1",
+        )
+        assert b"FULL" in r.stdout and b"No space left" in r.stderr, r
+        assert int(r.stdout.split()[-5]) <= 64 << 10  # the quota, in KiB
+
+
+@pytest.mark.docker
+async def test_docker_server_is_not_host_root(docker_image: str) -> None:
+    # Container root is host root (no user-namespace remapping): the sandbox server runs as an
+    # unprivileged uid with only the capabilities it uses.
+    from test_docker_support import containers_of, new_run_id
+
+    run_id = new_run_id()
+    async with docker_backend(run_id=run_id, slots_per_container=1) as backend, lease(backend):
+        (container,) = containers_of(run_id)
+        pid = container.attrs["State"]["Pid"]  # the container's init (docker --init)
+        procs = [int(p) for p in _read(f"/proc/{pid}/task/{pid}/children").split()]
+        status = _read(f"/proc/{procs[0]}/status")
+        assert "structenv.sandbox" in _read(f"/proc/{procs[0]}/cmdline").replace("\0", " ")
+        uids = next(ln for ln in status.splitlines() if ln.startswith("Uid:")).split()[1:]
+        assert uids == ["65533"] * 4, status
+        cap_eff = int(
+            next(ln for ln in status.splitlines() if ln.startswith("CapEff:")).split()[1], 16
+        )
+        assert not cap_eff & (1 << 21), "CAP_SYS_ADMIN"
+        security = container.attrs["HostConfig"]["SecurityOpt"]
+        assert not any(o == "seccomp=unconfined" for o in security), security
+        assert any(o.startswith("seccomp=") for o in security), security
