@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import functools
+import glob
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -25,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 __all__ = [
+    "DOCKER_CGROUP_PARENT",
     "DOCKER_MOUNT",
     "LABEL_BACKEND",
     "LABEL_CREATED",
@@ -40,6 +44,7 @@ __all__ = [
     "ReapReport",
     "current_owner",
     "reap_docker",
+    "remove_docker_cgroups",
     "main",
     "owner_labels",
     "owner_state",
@@ -57,6 +62,13 @@ LABEL_OWNER_START = "org.structenv.owner.start"
 LABEL_CREATED = "org.structenv.created"
 #: Where DockerBackend bind-mounts a container's private host directory (its unix socket).
 DOCKER_MOUNT = "/run/structenv"
+#: The v1 cgroup (in every hierarchy) under which DockerBackend makes each container's parent
+#: cgroup, ``/sys/fs/cgroup/<controller>/structenv-docker/<container name>``.
+DOCKER_CGROUP_PARENT = "structenv-docker"
+_CGROUP_V1 = "/sys/fs/cgroup"
+#: Seconds a container's cgroups may exist without the container before the reaper takes them
+#: for a dead run's (a live backend makes them just before it creates the container).
+_ORPHAN_CGROUP_AGE = 600.0
 
 #: ``alive``: the owner process still runs; ``dead``: it is gone (reapable); ``foreign``: it
 #: ran on another host (never reaped from here); ``invalid``: the labels are incomplete
@@ -190,7 +202,67 @@ def reap_docker(
                 continue
         removed.append(cid)
         _remove_docker_hostdir(container.attrs.get("Mounts") or [])
+        if container.name and not remove_docker_cgroups(container.name, patience=5):
+            failed.append((cid, "its cgroups are still busy"))
+    if not dry_run:
+        # Every container, managed or not and of any pool: only a name nobody uses is orphaned.
+        known = {c.name for c in client.containers.list(all=True, ignore_removed=True)}
+        _remove_orphan_cgroups(known)
     return ReapReport(tuple(removed), tuple(alive), tuple(foreign), tuple(failed), dry_run)
+
+
+def docker_cgroup_dirs(name: str) -> list[str]:
+    """Every cgroup directory of the container ``name`` that exists (all hierarchies)."""
+    return sorted(glob.glob(os.path.join(_CGROUP_V1, "*", DOCKER_CGROUP_PARENT, glob.escape(name))))
+
+
+def remove_docker_cgroups(name: str, *, patience: float = 0.0) -> bool:
+    """Remove the container ``name``'s parent cgroups and everything under them (blocking).
+
+    A cgroup can be removed only once its last process is reaped, which follows the
+    container's removal by a moment: retries for up to ``patience`` seconds. Returns whether
+    everything is gone.
+    """
+    deadline = time.monotonic() + patience
+    delay = 0.005
+    while not _remove_cgroups_once(name) and time.monotonic() < deadline:
+        time.sleep(delay)  # blocking by design (runs in a worker thread); bounded
+        delay = min(delay * 2, 0.2)
+    return _remove_cgroups_once(name)
+
+
+def _remove_cgroups_once(name: str) -> bool:
+    gone = True
+    for top in docker_cgroup_dirs(name):
+        # Children first: a v1 cgroup directory is removed with rmdir once it has no child.
+        for path, _dirs, _files in os.walk(top, topdown=False):
+            try:
+                os.rmdir(path)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    gone = False
+    return gone
+
+
+def docker_cgroup_names() -> set[str]:
+    """Names of the containers that have cgroups under ``structenv-docker`` (any hierarchy)."""
+    pattern = os.path.join(_CGROUP_V1, "*", DOCKER_CGROUP_PARENT, "*")
+    return {os.path.basename(p) for p in glob.glob(pattern) if os.path.isdir(p)}
+
+
+def _remove_orphan_cgroups(known: set[str]) -> None:
+    """Remove cgroups of containers that no longer exist (their run died after removing
+    them), once old enough that no live backend is about to create the container."""
+    now = time.time()
+    for name in docker_cgroup_names() - known:
+        if not re.fullmatch(r"structenv-.+-\d+", name):
+            continue
+        try:
+            made = min(os.stat(p).st_mtime for p in docker_cgroup_dirs(name))
+        except (OSError, ValueError):
+            continue
+        if now - made > _ORPHAN_CGROUP_AGE:
+            remove_docker_cgroups(name)
 
 
 def _remove_docker_hostdir(mounts: list[dict[str, Any]]) -> None:

@@ -28,6 +28,19 @@ closed (``require_sandbox=True``) or, when allowed, runs the slots unsandboxed a
 namespaces, cgroup limits, no network) is a second layer in both cases, but with
 ``sandboxed=False`` the slots of one container are not isolated from each other.
 
+Per-slot cgroups (``slot_cgroups``): with a local engine using the cgroupfs driver on cgroup v1
+(and runc), each container gets a parent cgroup of its own in the pids, memory and cpu
+hierarchies, ``/sys/fs/cgroup/<controller>/structenv-docker/<container name>``, made by this
+process (root) and passed as the container's ``cgroup_parent``; it carries the container's
+overall limits. Its sibling directory ``slots`` is bind-mounted into the container at
+``/run/structenv-cgroup/<controller>`` and the server makes each slot's cgroups there (the same
+:class:`~structenv.sandbox._bwrap.SlotCgroup` limits as on a host: its share of the pids and
+memory, equal cpu shares), so one slot's fork bomb, tmpfs or allocation hits only its own
+limits. The server (uid 65533) writes that root-owned tree with ``CAP_DAC_OVERRIDE`` and moves
+only its own processes (cgroup v1 lets an unprivileged writer move tasks of its own uid). The
+cgroup directories are removed with the container (by :meth:`DockerBackend.aclose` or, for
+dead runs, the reaper). Elsewhere the slots of a container share its cgroup.
+
 Ownership and cleanup: containers carry labels naming this run and its owner process (host,
 boot id, pid, pid start time; see :mod:`structenv._reap`). Closing the backend removes every
 container of its run (found by label, so even one whose creation was interrupted). If this
@@ -46,8 +59,10 @@ import functools
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
@@ -58,7 +73,16 @@ import tenacity
 
 from .._exceptions import BackendError, ConfigError, SandboxUnavailableError
 from .._image import DEFAULT_TAG
-from .._reap import DOCKER_MOUNT, LABEL_RUN, ReapReport, owner_labels, reap_docker
+from .._reap import (
+    DOCKER_CGROUP_PARENT,
+    DOCKER_MOUNT,
+    LABEL_RUN,
+    ReapReport,
+    docker_cgroup_names,
+    owner_labels,
+    reap_docker,
+    remove_docker_cgroups,
+)
 from .._types import DEFAULT_MAX_OUTPUT
 from ..sandbox import _seccomp
 from ..sandbox._client import HostClient
@@ -74,6 +98,13 @@ _MOUNT = DOCKER_MOUNT
 _SOCKET = "sandbox.sock"
 _PORT = 8765
 _WORKDIR = "/var/tmp/structenv-sandbox"
+#: Where a container sees the ``slots`` cgroup directories delegated to its server.
+_CGROUP_MOUNT = "/run/structenv-cgroup"
+_CGROUP_V1 = "/sys/fs/cgroup"
+_SLOT_CONTROLLERS = ("pids", "memory", "cpu")
+_CFS_PERIOD = 100_000
+#: Seconds to wait for a removed container's cgroups to empty (its processes being reaped).
+_CGROUP_PATIENCE = 5.0
 #: What the container's sandbox server keeps: it runs as uid 65533 (never host uid 0, which
 #: could write host sysctls through the unmasked /proc bwrap needs) with these as ambient
 #: capabilities: switching each slot to its own uid (SETUID/SETGID, before bwrap), tending
@@ -200,6 +231,12 @@ class DockerBackend(HostedBackend):
         workspace_size: Bytes of tmpfs for the slots' workspaces, split evenly: each slot has
             its own tmpfs (its disk quota; counts as the container's memory).
         runtime: A Docker runtime, e.g. ``"runsc"`` for gVisor.
+        slot_cgroups: Per-slot pids, memory and cpu cgroups inside each container (see the
+            module docstring): ``"auto"`` (when the engine is local, cgroup v1 with the
+            cgroupfs driver, runc, bwrap isolation, and this process may write the cgroup
+            tree), ``"required"`` (fail at start otherwise) or ``"off"`` (slots share their
+            container's cgroup). With them, each slot's memory limit is its share of
+            ``memory_limit`` (like ``pids_limit``), one share staying with the server.
         run_id: Label of this run (default: random). Closing removes every container with it.
         pool: Label shared by runs of the same deployment (for ``purge_on_start``/reaping).
         reap_on_start: At start, remove containers of runs whose owner process is dead.
@@ -240,6 +277,7 @@ class DockerBackend(HostedBackend):
         cpus: float | None = None,
         workspace_size: int = 1 << 30,
         runtime: str | None = None,
+        slot_cgroups: Literal["auto", "required", "off"] = "auto",
         run_id: str | None = None,
         pool: str = "default",
         reap_on_start: bool = True,
@@ -268,6 +306,10 @@ class DockerBackend(HostedBackend):
             raise ConfigError(f"unknown isolation {isolation!r}")
         if isolation == "none" and require_sandbox:
             raise ConfigError("isolation='none' needs require_sandbox=False")
+        if slot_cgroups not in ("auto", "required", "off"):
+            raise ConfigError(f"unknown slot_cgroups {slot_cgroups!r}")
+        if slot_cgroups == "required" and isolation == "none":
+            raise ConfigError("slot_cgroups='required' needs bwrap isolation")
         if creation_concurrency < 1 or creation_rate <= 0 or sdk_concurrency < 1:
             raise ConfigError("creation_concurrency, creation_rate, sdk_concurrency must be > 0")
         super().__init__(
@@ -290,6 +332,8 @@ class DockerBackend(HostedBackend):
         self._mode = "none" if isolation == "none" else "bwrap"
         self._limits = (memory_limit, pids_limit, cpus, workspace_size, max_output)
         self._runtime = runtime
+        self._slot_cgroups_opt = slot_cgroups
+        self._slot_cgroups = False
         self.run_id = run_id or f"{os.getpid()}-{secrets.token_hex(4)}"
         self.pool_name = pool
         self._reap_on_start = reap_on_start
@@ -318,6 +362,11 @@ class DockerBackend(HostedBackend):
     def transport(self) -> Literal["unix", "tcp"]:
         """How the backend reaches the servers: a bind-mounted unix socket or TCP + token."""
         return "tcp" if self._allow_network else "unix"
+
+    @property
+    def slot_cgroups(self) -> bool:
+        """Whether each slot has cgroups of its own inside its container (decided at start)."""
+        return self._slot_cgroups and self._mode == "bwrap"
 
     def container_ids(self) -> dict[str, str]:
         """Docker id of every running container of this backend, by host id."""
@@ -358,7 +407,34 @@ class DockerBackend(HostedBackend):
                 logger.warning(
                     "purged %d container(s) of pool %s", len(report.removed), self.pool_name
                 )
+        if self._slot_cgroups_opt != "off":
+            info = await engine.call(client.info)
+            why = await anyio.to_thread.run_sync(self._cgroups_unusable, info)
+            if why and self._slot_cgroups_opt == "required":
+                raise BackendError(f"per-slot cgroups are unavailable: {why}")
+            if why:
+                logger.info("slots of a container share its cgroup: %s", why)
+            self._slot_cgroups = not why
         self._root = await anyio.to_thread.run_sync(self._make_root)
+
+    def _cgroups_unusable(self, info: dict[str, Any]) -> str:
+        """Why this process cannot give each slot cgroups of its own ("" if it can)."""
+        if self._isolation == "none":
+            return "isolation is 'none'"
+        if self._runtime not in (None, "runc"):
+            return f"runtime {self._runtime!r} does not use the host's cgroups"
+        if info.get("CgroupDriver") != "cgroupfs" or str(info.get("CgroupVersion")) != "1":
+            driver = f"{info.get('CgroupDriver')} v{info.get('CgroupVersion')}"
+            return f"the engine's cgroups are {driver}, not cgroupfs v1"
+        if info.get("Name") != socket.gethostname():
+            return f"the engine runs on another host ({info.get('Name')!r})"
+        for controller in _SLOT_CONTROLLERS:
+            base = os.path.join(_CGROUP_V1, controller)
+            if not os.path.isfile(os.path.join(base, "cgroup.procs")):
+                return f"no v1 {controller} hierarchy at {base}"
+            if not os.access(base, os.W_OK):
+                return f"{base} is not writable by this process"
+        return ""
 
     async def _launch_first(self) -> Host:
         try:
@@ -391,9 +467,12 @@ class DockerBackend(HostedBackend):
         hostdir = os.path.join(self._root, name)
         docker_id: str | None = None
         stdin: Any = None
+        cgroups = self.slot_cgroups
         try:
             await anyio.to_thread.run_sync(functools.partial(os.makedirs, hostdir, mode=0o700))
-            create, host_config = self._create_spec(name, hostdir)
+            if cgroups:
+                await anyio.to_thread.run_sync(self._make_cgroups, name)
+            create, host_config = self._create_spec(name, hostdir, cgroups=cgroups)
             created, stdin = await engine.call(
                 _create_and_start, engine.client.api, self.image, create, host_config
             )
@@ -406,6 +485,8 @@ class DockerBackend(HostedBackend):
                 if docker_id is not None:
                     await self._remove(docker_id)
                 await anyio.to_thread.run_sync(shutil.rmtree, hostdir, True)
+                if cgroups:
+                    await self._remove_cgroups(name)
             if isinstance(exc, Exception) and not isinstance(
                 exc, (BackendError, SandboxUnavailableError, TimeoutError)
             ):
@@ -418,20 +499,63 @@ class DockerBackend(HostedBackend):
         box.stdin = stdin
         return box
 
-    def _create_spec(self, name: str, hostdir: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _make_cgroups(self, name: str) -> None:
+        """Make the container's parent cgroups, with its overall limits, and the ``slots``
+        directories delegated to its server (blocking; see the module docstring).
+
+        The slots' processes leave the container's own cgroup for their ``slots`` ones, so
+        the container's limits are set here on the parent, which holds both.
+        """
+        memory, pids, cpus, _, _ = self._limits
+        settings = {
+            "pids": [("pids.max", str(pids))],
+            "memory": [
+                ("memory.limit_in_bytes", str(memory)),
+                ("memory.memsw.limit_in_bytes", str(memory)),  # only where swap is accounted
+            ],
+            "cpu": [("cpu.cfs_quota_us", str(int(cpus * _CFS_PERIOD)))] if cpus else [],
+        }
+        for controller in _SLOT_CONTROLLERS:
+            parent = os.path.join(_CGROUP_V1, controller, DOCKER_CGROUP_PARENT, name)
+            os.makedirs(os.path.join(parent, "slots"), exist_ok=True)
+            for key, value in settings[controller]:
+                path = os.path.join(parent, key)
+                if os.path.exists(path):
+                    with open(path, "w") as f:
+                        f.write(value)
+
+    async def _remove_cgroups(self, name: str) -> None:
+        if not await anyio.to_thread.run_sync(
+            functools.partial(remove_docker_cgroups, name, patience=_CGROUP_PATIENCE)
+        ):
+            logger.error("cgroups of container %s still busy: left for the reaper", name)
+
+    def _create_spec(
+        self, name: str, hostdir: str, *, cgroups: bool = False
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Arguments of ``create_container`` and of ``create_host_config``."""
         memory, pids, cpus, workspace, max_output = self._limits
         slot_space = max(workspace // self._slots_per, 1 << 20)
-        # No cgroups of its own inside a container: each slot's share of the container's
-        # limits is enforced per slot uid instead (RLIMIT_NPROC counts that uid's processes,
-        # so a fork bomb cannot take its siblings' pids) and by per-slot tmpfs sizes.
-        share = self._slots_per + 1  # one share stays with the server
+        # Each slot's share of the container's limits; one share stays with the server. With
+        # cgroups of its own, a slot's pids and memory are its cgroup's limits; without, the
+        # pids are enforced per slot uid (RLIMIT_NPROC counts that uid's processes) and the
+        # disk by per-slot tmpfs sizes, while memory is shared by the container's slots.
+        share = self._slots_per + 1
         command = [
             "--slots", str(self._slots_per), "--workdir", f"{_WORKDIR}/w", "--name", name[-40:],
-            "--isolation", self._mode, "--cgroup", "off", "--memory", str(memory),
-            "--max-output", str(max_output), "--pids", str(max(pids // share, 16)),
+            "--isolation", self._mode, "--max-output", str(max_output),
+            "--pids", str(max(pids // share, 16)),
             "--tmp-size", str(max(memory // (4 * share), 16 << 20)),
         ]  # fmt: skip
+        if cgroups:
+            command += [
+                "--cgroup", "required", "--cgroup-root", _CGROUP_MOUNT,
+                "--memory", str(max(memory // share, 64 << 20)),
+            ]  # fmt: skip
+            if cpus is not None:
+                command += ["--cpus", str(cpus)]
+        else:
+            command += ["--cgroup", "off", "--memory", str(memory)]
         if self._allow_network or self._mode == "none":
             # With isolation "none" the container's own (absent) network is the isolation.
             command.append("--allow-network")
@@ -449,8 +573,13 @@ class DockerBackend(HostedBackend):
             "environment": {"STRUCTENV_SANDBOX_TOKEN": self._token},
             "volumes": [_MOUNT],
         }
+        binds: dict[str, dict[str, str]] = {hostdir: {"bind": _MOUNT, "mode": "rw"}}
+        if cgroups:
+            for controller in _SLOT_CONTROLLERS:
+                slots = os.path.join(_CGROUP_V1, controller, DOCKER_CGROUP_PARENT, name, "slots")
+                binds[slots] = {"bind": f"{_CGROUP_MOUNT}/{controller}", "mode": "rw"}
         host: dict[str, Any] = {
-            "binds": {hostdir: {"bind": _MOUNT, "mode": "rw"}},
+            "binds": binds,
             "init": True,
             # One tmpfs per slot: a slot that fills its workspace fills only its own quota.
             "tmpfs": {
@@ -474,6 +603,8 @@ class DockerBackend(HostedBackend):
             create["entrypoint"] = _server_entrypoint()
         if cpus is not None:
             host["nano_cpus"] = int(cpus * 1e9)
+        if cgroups:
+            host["cgroup_parent"] = f"/{DOCKER_CGROUP_PARENT}/{name}"
         if self._runtime:
             host["runtime"] = self._runtime
         return create, host
@@ -531,11 +662,21 @@ class DockerBackend(HostedBackend):
         _close_stdin(host.stdin)
         await self._remove(host.docker_id)
         await anyio.to_thread.run_sync(shutil.rmtree, host.hostdir, True)
+        if self._slot_cgroups:
+            await self._remove_cgroups(host.id)
 
     async def _finish(self) -> None:
         if self._engine is not None:
             await self._sweep()
             await anyio.to_thread.run_sync(self._engine.client.close)
+        if self._slot_cgroups:
+            # Every container of the run is gone: so must be their cgroups, even those of
+            # one whose launch was interrupted.
+            mine = re.compile(re.escape(f"structenv-{self.run_id}-") + r"\d+")
+            names = await anyio.to_thread.run_sync(docker_cgroup_names)
+            async with anyio.create_task_group() as tg:
+                for name in sorted(filter(mine.fullmatch, names)):
+                    tg.start_soon(self._remove_cgroups, name)
         if self._root:
             await anyio.to_thread.run_sync(shutil.rmtree, self._root, True)
 

@@ -41,6 +41,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bwrap", default="bwrap", help="bubblewrap binary")
     p.add_argument("--allow-network", action="store_true")
     p.add_argument("--cgroup", choices=["auto", "required", "off"], default="auto")
+    p.add_argument(
+        "--cgroup-root",
+        help="make slot cgroups in DIR/<controller>/<name>/<i> (a delegated subtree) instead "
+        "of /sys/fs/cgroup/<controller>/structenv/<name>/<i>",
+    )
     p.add_argument("--memory", type=int, default=_DEFAULTS.memory, help="bytes per command/slot")
     p.add_argument("--pids", type=int, default=_DEFAULTS.pids, help="processes per slot")
     p.add_argument("--file-size", type=int, default=_DEFAULTS.file_size)
@@ -108,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             tmp_size=args.tmp_size,
         ),
         cgroup=args.cgroup,
+        cgroup_root=args.cgroup_root,
         max_body=args.max_body,
         **({"name": args.name} if args.name else {}),
     )

@@ -11,6 +11,7 @@ a host that cannot isolate fails closed instead of running commands unconfined.
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import dataclasses
 import errno
@@ -29,6 +30,7 @@ import anyio
 from .._exceptions import SandboxUnavailableError
 
 __all__ = [
+    "CGROUP_ROOT",
     "Isolation",
     "SlotCgroup",
     "bwrap_argv",
@@ -53,6 +55,13 @@ CGROUP_V1 = "/sys/fs/cgroup"
 #: The v1 hierarchies a slot's cgroups live in.
 _CONTROLLERS = ("pids", "memory", "cpu")
 _CFS_PERIOD = 100_000
+#: Where slot cgroups are made: ``None`` means ``/sys/fs/cgroup/<controller>/structenv``; a
+#: directory ``D`` means ``D/<controller>`` (a subtree delegated to this server, e.g. one
+#: bind-mounted into its container). A context variable because :class:`SlotCgroup` is made by
+#: each slot's runtime: the server sets it once around the tasks that serve its slots.
+CGROUP_ROOT: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "structenv_cgroup_root", default=None
+)
 #: Host uids reserved per sandbox server (one per slot).
 UID_BLOCK = 4096
 
@@ -424,8 +433,17 @@ class SlotCgroup:
     outside. Memory and cpu are used when their hierarchies are mounted; pids is required.
     """
 
-    def __init__(self, name: str, *, pids_max: int, memory_max: int, cpus: float = 0.0) -> None:
-        self.pids = os.path.join(CGROUP_V1, "pids", "structenv", name)
+    def __init__(
+        self,
+        name: str,
+        *,
+        pids_max: int,
+        memory_max: int,
+        cpus: float = 0.0,
+        root: str | None = None,
+    ) -> None:
+        self.root = root if root is not None else CGROUP_ROOT.get()
+        self.pids = os.path.join(_cgroup_base("pids", self.root), name)
         os.makedirs(self.pids, exist_ok=True)
         _write(self.pids, "pids.max", str(pids_max) if pids_max > 0 else "max")
         self.memory = self._optional("memory", name, {"memory.limit_in_bytes": memory_max})
@@ -433,9 +451,8 @@ class SlotCgroup:
         settings = {"cpu.shares": 1024, "cpu.cfs_period_us": _CFS_PERIOD, "cpu.cfs_quota_us": quota}
         self.cpu = self._optional("cpu", name, settings)
 
-    @staticmethod
-    def _optional(controller: str, name: str, settings: dict[str, int]) -> str | None:
-        path = os.path.join(CGROUP_V1, controller, "structenv", name)
+    def _optional(self, controller: str, name: str, settings: dict[str, int]) -> str | None:
+        path = os.path.join(_cgroup_base(controller, self.root), name)
         try:
             os.makedirs(path, exist_ok=True)
             for key, value in settings.items():
@@ -451,10 +468,16 @@ class SlotCgroup:
         return [p for p in (self.pids, self.memory, self.cpu) if p]
 
     @staticmethod
-    def available() -> bool:
-        """Whether a v1 pids hierarchy is mounted and writable here."""
-        base = os.path.join(CGROUP_V1, "pids")
-        return os.path.isfile(os.path.join(base, "cgroup.procs")) and os.access(base, os.W_OK)
+    def available(root: str | None = None) -> bool:
+        """Whether a v1 pids hierarchy is mounted and writable here (under ``root``).
+
+        Checked with the effective ids and capabilities, as the writes will be: a server with
+        ``CAP_DAC_OVERRIDE`` but a non-root uid (in a container) may write a root-owned tree.
+        """
+        base = os.path.join(CGROUP_V1, "pids") if root is None else _cgroup_base("pids", root)
+        return os.path.isfile(os.path.join(base, "cgroup.procs")) and os.access(
+            base, os.W_OK, effective_ids=os.access in os.supports_effective_ids
+        )
 
     def wrap(self, argv: Sequence[str]) -> list[str]:
         """Prefix ``argv`` so the process joins the cgroups *before* it forks anything."""
@@ -498,24 +521,33 @@ def _write(directory: str, name: str, value: str) -> None:
         f.write(value)
 
 
-def remove_cgroup_tree(name: str, *, patience: float = 0.0) -> bool:
-    """Remove ``structenv/<name>`` and its children in every hierarchy (blocking).
+def _cgroup_base(controller: str, root: str | None) -> str:
+    """The directory holding the servers' cgroups in ``controller`` (see :data:`CGROUP_ROOT`)."""
+    if root is None:
+        return os.path.join(CGROUP_V1, controller, "structenv")
+    return os.path.join(root, controller)
 
+
+def remove_cgroup_tree(name: str, *, patience: float = 0.0, root: str | None = None) -> bool:
+    """Remove ``<name>`` and its children in every hierarchy (blocking).
+
+    ``root`` is where the cgroups were made (default: the context's :data:`CGROUP_ROOT`).
     Retries for up to ``patience`` seconds while a cgroup is still busy (see
     :meth:`SlotCgroup.remove`). Returns whether everything is gone.
     """
+    root = root if root is not None else CGROUP_ROOT.get()
     deadline = time.monotonic() + patience
     delay = 0.005
-    while not _remove_tree_once(name) and time.monotonic() < deadline:
+    while not _remove_tree_once(name, root) and time.monotonic() < deadline:
         time.sleep(delay)  # runs in a worker thread; bounded by ``patience``
         delay = min(delay * 2, 0.1)
-    return _remove_tree_once(name)
+    return _remove_tree_once(name, root)
 
 
-def _remove_tree_once(name: str) -> bool:
+def _remove_tree_once(name: str, base: str | None) -> bool:
     gone = True
     for controller in _CONTROLLERS:
-        root = os.path.join(CGROUP_V1, controller, "structenv", name)
+        root = os.path.join(_cgroup_base(controller, base), name)
         if not os.path.isdir(root):
             continue
         for entry in os.listdir(root):

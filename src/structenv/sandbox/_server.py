@@ -54,6 +54,8 @@ from .._http import (
 from .._types import DEFAULT_MAX_OUTPUT
 from . import _files
 from ._bwrap import (
+    CGROUP_ROOT,
+    CGROUP_V1,
     UID_BLOCK,
     Isolation,
     SlotCgroup,
@@ -90,6 +92,9 @@ class ServerConfig:
         isolation: How slots are isolated.
         limits: Per-command limits.
         cgroup: ``"auto"`` (use v1 pids/memory cgroups if present), ``"required"`` or ``"off"``.
+        cgroup_root: Make the slots' cgroups in ``<cgroup_root>/<controller>/<name>/<i>`` (a
+            subtree delegated to this server, e.g. bind-mounted into its container) instead
+            of ``/sys/fs/cgroup/<controller>/structenv/<name>/<i>``.
         name: Host name used for cgroup names and exec tags.
         max_body: Largest accepted request body (bounds file writes).
         uid_base: First of the host uids the slots run as (slot ``i`` gets ``uid_base + i``;
@@ -105,6 +110,7 @@ class ServerConfig:
     isolation: Isolation = dataclasses.field(default_factory=Isolation)
     limits: Limits = dataclasses.field(default_factory=Limits)
     cgroup: str = "auto"
+    cgroup_root: str | None = None
     name: str = dataclasses.field(default_factory=lambda: f"h{os.getpid()}-{secrets.token_hex(3)}")
     max_body: int = 64 << 20
     uid_base: int | None = None
@@ -183,11 +189,16 @@ class SandboxServer:
             uid=uid_of(UID_BLOCK - 1),
             seccomp_path=seccomp_path,
         )
-        use_cgroup = cfg.cgroup != "off" and SlotCgroup.available()
+        use_cgroup = cfg.cgroup != "off" and SlotCgroup.available(cfg.cgroup_root)
         if cfg.cgroup == "required" and not use_cgroup:
-            raise SandboxUnavailableError("a v1 pids cgroup is required but not available")
+            where = cfg.cgroup_root or CGROUP_V1
+            raise SandboxUnavailableError(
+                f"a v1 pids cgroup is required but not available ({where})"
+            )
         features["cgroup"] = use_cgroup
         listener = await self._listen()
+        # Every slot's runtime (its tasks copy this context) makes its cgroup under the root.
+        root_token = CGROUP_ROOT.set(cfg.cgroup_root)
         try:
             async with anyio.create_task_group() as tg:
                 for i in range(cfg.slots):
@@ -230,8 +241,11 @@ class SandboxServer:
                         stoppers.start_soon(rt.stop)
             with anyio.move_on_after(5, shield=True):
                 await anyio.to_thread.run_sync(
-                    functools.partial(remove_cgroup_tree, cfg.name, patience=4)
+                    functools.partial(
+                        remove_cgroup_tree, cfg.name, patience=4, root=cfg.cgroup_root
+                    )
                 )
+            CGROUP_ROOT.reset(root_token)
             if cfg.socket_path:
                 try:
                     os.unlink(cfg.socket_path)
