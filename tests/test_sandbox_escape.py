@@ -404,7 +404,7 @@ async def test_teardown_removes_hostile_trees() -> None:
 
 @pytest.mark.docker
 async def test_docker_slot_cannot_starve_its_siblings(docker_image: str) -> None:
-    # Slots of one container share its cgroup: a fork bomb and a /tmp fill in one slot must
+    # Slots of one container: a fork bomb and a /tmp fill in one slot must
     # still leave the other slot able to fork and allocate.
     async with docker_backend(
         slots_per_container=2, memory_limit=1 << 30, pids_limit=256, workspace_size=128 << 20

@@ -11,7 +11,6 @@ a host that cannot isolate fails closed instead of running commands unconfined.
 
 from __future__ import annotations
 
-import contextvars
 import ctypes
 import dataclasses
 import errno
@@ -30,7 +29,6 @@ import anyio
 from .._exceptions import SandboxUnavailableError
 
 __all__ = [
-    "CGROUP_ROOT",
     "Isolation",
     "SlotCgroup",
     "bwrap_argv",
@@ -55,13 +53,6 @@ CGROUP_V1 = "/sys/fs/cgroup"
 #: The v1 hierarchies a slot's cgroups live in.
 _CONTROLLERS = ("pids", "memory", "cpu")
 _CFS_PERIOD = 100_000
-#: Where slot cgroups are made: ``None`` means ``/sys/fs/cgroup/<controller>/structenv``; a
-#: directory ``D`` means ``D/<controller>`` (a subtree delegated to this server, e.g. one
-#: bind-mounted into its container). A context variable because :class:`SlotCgroup` is made by
-#: each slot's runtime: the server sets it once around the tasks that serve its slots.
-CGROUP_ROOT: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "structenv_cgroup_root", default=None
-)
 #: Host uids reserved per sandbox server (one per slot).
 UID_BLOCK = 4096
 
@@ -442,7 +433,7 @@ class SlotCgroup:
         cpus: float = 0.0,
         root: str | None = None,
     ) -> None:
-        self.root = root if root is not None else CGROUP_ROOT.get()
+        self.root = root
         self.pids = os.path.join(_cgroup_base("pids", self.root), name)
         os.makedirs(self.pids, exist_ok=True)
         _write(self.pids, "pids.max", str(pids_max) if pids_max > 0 else "max")
@@ -522,7 +513,9 @@ def _write(directory: str, name: str, value: str) -> None:
 
 
 def _cgroup_base(controller: str, root: str | None) -> str:
-    """The directory holding the servers' cgroups in ``controller`` (see :data:`CGROUP_ROOT`)."""
+    """The directory holding the servers' cgroups in ``controller``: by default
+    ``/sys/fs/cgroup/<controller>/structenv``; under a delegated ``root`` (a subtree
+    bind-mounted into a container) ``<root>/<controller>``."""
     if root is None:
         return os.path.join(CGROUP_V1, controller, "structenv")
     return os.path.join(root, controller)
@@ -531,11 +524,10 @@ def _cgroup_base(controller: str, root: str | None) -> str:
 def remove_cgroup_tree(name: str, *, patience: float = 0.0, root: str | None = None) -> bool:
     """Remove ``<name>`` and its children in every hierarchy (blocking).
 
-    ``root`` is where the cgroups were made (default: the context's :data:`CGROUP_ROOT`).
+    ``root`` is where the cgroups were made (see :func:`_cgroup_base`).
     Retries for up to ``patience`` seconds while a cgroup is still busy (see
     :meth:`SlotCgroup.remove`). Returns whether everything is gone.
     """
-    root = root if root is not None else CGROUP_ROOT.get()
     deadline = time.monotonic() + patience
     delay = 0.005
     while not _remove_tree_once(name, root) and time.monotonic() < deadline:

@@ -215,6 +215,7 @@ class SlotRuntime:
         task_group: anyio.abc.TaskGroup,
         lease: int,
         cgroup_name: str = "",
+        cgroup_root: str | None = None,
         uid: int | None = None,
         seccomp_path: str = "",
         accounts: str | None = None,
@@ -228,6 +229,7 @@ class SlotRuntime:
         self.use_cgroup = use_cgroup
         self._tg = task_group
         self.lease = lease
+        self.cgroup_root = cgroup_root
         self.uid = uid
         self.seccomp_path = seccomp_path
         self.accounts = accounts
@@ -271,6 +273,7 @@ class SlotRuntime:
                 pids_max=self.limits.pids,
                 memory_max=self.limits.memory,
                 cpus=self.limits.cpus,
+                root=self.cgroup_root,
             )
             argv = self._cgroup.wrap(argv)
         # Raw non-blocking pipes, waited on with anyio.wait_readable/wait_writable: the

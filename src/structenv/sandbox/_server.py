@@ -54,7 +54,6 @@ from .._http import (
 from .._types import DEFAULT_MAX_OUTPUT
 from . import _files
 from ._bwrap import (
-    CGROUP_ROOT,
     CGROUP_V1,
     UID_BLOCK,
     Isolation,
@@ -197,8 +196,6 @@ class SandboxServer:
             )
         features["cgroup"] = use_cgroup
         listener = await self._listen()
-        # Every slot's runtime (its tasks copy this context) makes its cgroup under the root.
-        root_token = CGROUP_ROOT.set(cfg.cgroup_root)
         try:
             async with anyio.create_task_group() as tg:
                 for i in range(cfg.slots):
@@ -213,6 +210,7 @@ class SandboxServer:
                             task_group=tg,
                             lease=secrets.randbelow(1 << 30) + 1,
                             cgroup_name=f"{cfg.name}/{i}",
+                            cgroup_root=cfg.cgroup_root,
                             uid=uid_of(i),
                             seccomp_path=seccomp_path,
                             accounts=accounts,
@@ -245,7 +243,6 @@ class SandboxServer:
                         remove_cgroup_tree, cfg.name, patience=4, root=cfg.cgroup_root
                     )
                 )
-            CGROUP_ROOT.reset(root_token)
             if cfg.socket_path:
                 try:
                     os.unlink(cfg.socket_path)
