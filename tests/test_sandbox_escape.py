@@ -476,3 +476,19 @@ async def test_docker_server_is_not_host_root(docker_image: str) -> None:
         security = container.attrs["HostConfig"]["SecurityOpt"]
         assert not any(o == "seccomp=unconfined" for o in security), security
         assert any(o.startswith("seccomp=") for o in security), security
+
+
+async def test_workspace_quotas_live_only_in_the_hosts_mount_namespace() -> None:
+    # A quota is a tmpfs mounted by the sandbox host in a mount namespace of its own: the
+    # host's mount table never holds it, so no crash of the host can leave it behind.
+    async with local_backend(slots_per_host=1) as backend, lease(backend) as slot:
+        (pid,) = backend.host_pids().values()
+        path = backend.workspace_path(slot).removeprefix(f"/proc/{pid}/root")
+
+        def mountpoints(of: str) -> list[str]:
+            return [ln.split()[4] for ln in _read(f"/proc/{of}/mountinfo").splitlines()]
+
+        assert path in mountpoints(str(pid))
+        assert path not in mountpoints("self")
+        r = await run(slot, "df -k /workspace | tail -1")
+        assert int(r.stdout.split()[1]) == (2 << 30) >> 10, r  # the default disk_limit

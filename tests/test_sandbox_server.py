@@ -176,10 +176,9 @@ def _mounts_under(path: str) -> list[str]:
 
 @pytest.mark.parametrize("step", range(8))
 async def test_cancelled_reset_leaves_no_process_or_mount(tmp_path: object, step: int) -> None:
-    # A reset kills the sandbox, unmounts and remounts the workspace quota (root) and starts
-    # a new sandbox: cancel it after `step` scheduling points, then stop the server. Nothing
-    # of the slot may be left: no process, no mount (the server runs in this process's
-    # mount namespace here), no cgroup.
+    # A reset kills the sandbox, empties the workspace and starts a new sandbox: cancel it
+    # after `step` scheduling points, then stop the server. Nothing of the slot may be left:
+    # no process, no mount in this (the host's) mount namespace, no cgroup.
     workdir = os.path.join(str(tmp_path), "host")
     sock = os.path.join(str(tmp_path), "s.sock")
     server = SandboxServer(ServerConfig(slots=1, workdir=workdir, socket_path=sock))

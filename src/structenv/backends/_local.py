@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import secrets
-import shutil
 import sys
 import tempfile
 from typing import Literal
@@ -176,10 +175,6 @@ class LocalBackend(HostedBackend):
         ]  # fmt: skip
         if self._allow_network:
             argv.append("--allow-network")
-        if os.geteuid() == 0 and shutil.which("unshare"):
-            # The host gets a mount namespace of its own: the workspace quotas it mounts
-            # (tmpfs per slot) exist only there and vanish with it, however it dies.
-            argv = ["unshare", "--mount", "--propagation", "private", "--", *argv]
         env = dict(os.environ, STRUCTENV_SANDBOX_TOKEN=self._token)
         proc = await anyio.open_process(argv, env=env, stderr=None)
         client: HostClient | None = None

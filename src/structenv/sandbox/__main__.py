@@ -19,7 +19,7 @@ import sys
 import anyio
 
 from .._exceptions import SandboxUnavailableError
-from ._bwrap import Isolation
+from ._bwrap import Isolation, private_mounts
 from ._runtime import Limits
 from ._server import SandboxServer, ServerConfig
 
@@ -87,6 +87,9 @@ async def _run(config: ServerConfig, watch_stdin: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run a sandbox server until SIGTERM/SIGINT (or stdin EOF with ``--watch-stdin``)."""
     args = _parse(argv)
+    # First, while this process has one thread: a mount namespace of its own, so the
+    # workspace quotas it mounts die with it, even if it is killed.
+    private_mounts()
     token = os.environ.pop("STRUCTENV_SANDBOX_TOKEN", None)
     if args.token_file:
         with open(args.token_file) as f:

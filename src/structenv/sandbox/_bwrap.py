@@ -35,9 +35,11 @@ __all__ = [
     "default_uid_base",
     "host_prefixes",
     "kill_tree",
+    "has_private_mounts",
     "mount_quota",
     "privilege",
     "probe",
+    "private_mounts",
     "probe_report",
     "slot_uid",
     "switch_uid",
@@ -560,6 +562,36 @@ def _remove_tree_once(name: str, base: str | None) -> bool:
 
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)
+
+
+#: Whether this process made its own mount namespace (:func:`private_mounts`): only then does
+#: a server mount workspace quotas, which then cannot outlive it however it dies.
+_PRIVATE_MOUNTS = False
+
+
+def private_mounts() -> bool:
+    """Move this process into a mount namespace of its own, if it may (idempotent).
+
+    Must run while the process has one thread (before the event loop starts). Everything
+    it mounts from then on vanishes with it, even on SIGKILL; the host's mounts stay
+    visible. Returns whether this process has such a namespace.
+    """
+    global _PRIVATE_MOUNTS
+    if _PRIVATE_MOUNTS or privilege() != "root":
+        return _PRIVATE_MOUNTS
+    libc = _libc()
+    if libc.unshare(0x00020000) != 0:  # CLONE_NEWNS
+        return False
+    # MS_REC | MS_PRIVATE: our mounts do not propagate back to the host's namespace.
+    if libc.mount(b"none", b"/", None, 0x4000 | 0x40000, None) != 0:
+        return False
+    _PRIVATE_MOUNTS = True
+    return True
+
+
+def has_private_mounts() -> bool:
+    """Whether :func:`private_mounts` gave this process its own mount namespace."""
+    return _PRIVATE_MOUNTS
 
 
 def mount_quota(path: str, *, size: int, uid: int | None) -> None:

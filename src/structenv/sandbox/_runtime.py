@@ -30,9 +30,9 @@ from ._bwrap import (
     SlotCgroup,
     bwrap_argv,
     descendants,
+    has_private_mounts,
     kill_tree,
     mount_quota,
-    privilege,
     switch_uid,
     unmount,
 )
@@ -233,8 +233,10 @@ class SlotRuntime:
         self.uid = uid
         self.seccomp_path = seccomp_path
         self.accounts = accounts
-        #: The workspace is a tmpfs of its own (a quota), remounted empty on every reset.
-        self.quota = isolation.sandboxed and limits.disk > 0 and privilege() == "root"
+        #: The workspace is a tmpfs of its own (a quota), remounted empty on every reset;
+        #: only in a server with a mount namespace of its own (``python -m
+        #: structenv.sandbox``), so no mount can outlive it.
+        self.quota = isolation.sandboxed and limits.disk > 0 and has_private_mounts()
         self.state = "down"
         self.terminal_state: dict[str, Any] = {}
         self._proc: anyio.abc.Process | None = None
