@@ -29,8 +29,8 @@ from collections.abc import Callable
 
 from anyio.from_thread import check_cancelled
 
-from ..sandbox import _seccomp
-from ..sandbox._bwrap import Isolation, default_uid_base, slot_uid
+from ..sandbox import _seccomp, _worker
+from ..sandbox._bwrap import Isolation, default_uid_base, host_prefixes, slot_uid
 from ..sandbox._runtime import Limits, slot_argv
 
 __all__ = ["posix_spawn_floor", "server_only", "wakeup_rtt", "worker_only"]
@@ -69,17 +69,43 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             stream.close()
 
 
-def worker_only(n: int, workspace: str) -> tuple[list[float], float]:
-    """A slot worker in its bwrap sandbox, sent exec frames over its stdin pipe."""
+def _unhardened_argv(workspace: str) -> list[str]:
+    """The slot command line as it was before the sandbox hardening (2026-12-01), for
+    ``bench exec``'s side-by-side cost of it: bwrap as root with a writable root and a plain
+    ``/tmp``, no seccomp filter, no uid of the slot's own; today's worker inside."""
+    config: dict[str, object] = {"pid1": True, "workspace": "/workspace", "tag": "bench"}
+    worker = os.path.realpath(_worker.__file__)
+    argv = ["bwrap", "--unshare-all", "--cap-drop", "ALL", "--die-with-parent", "--new-session"]
+    argv += ["--as-pid-1", "--ro-bind", "/usr", "/usr"]
+    for link in ("bin", "lib", "lib64", "sbin"):
+        target = "/" + link
+        if os.path.islink(target):
+            argv += ["--symlink", os.readlink(target), target]
+    argv += ["--ro-bind", "/etc", "/etc"]
+    for prefix in host_prefixes():
+        argv += ["--ro-bind", prefix, prefix]
+    argv += ["--ro-bind", worker, "/.structenv/worker.py", "--proc", "/proc", "--dev", "/dev"]
+    argv += ["--tmpfs", "/tmp", "--bind", workspace, "/workspace", "--chdir", "/workspace"]
+    python = os.path.realpath(sys.executable)
+    return [*argv, "--", python, "-I", "-S", "/.structenv/worker.py", json.dumps(config)]
+
+
+def worker_only(n: int, workspace: str, *, hardened: bool = True) -> tuple[list[float], float]:
+    """A slot worker in its bwrap sandbox, sent exec frames over its stdin pipe.
+
+    ``hardened=False`` runs it under the pre-hardening command line (:func:`_unhardened_argv`).
+    """
     # A real slot's command line: its own uid and the seccomp filter, as the server runs it.
     uid = slot_uid(default_uid_base("bench"), 0)
     if uid is not None:
-        os.chown(workspace, uid, uid)
+        os.chown(workspace, uid if hardened else 0, uid if hardened else 0)
         os.chmod(workspace, 0o755)
     fd = _seccomp.open_program(os.path.join(os.path.dirname(workspace), ".seccomp.bpf"))
     try:
-        argv = slot_argv(
-            Isolation(), workspace, name="bench", limits=Limits(), uid=uid, seccomp_fd=fd
+        argv = (
+            slot_argv(Isolation(), workspace, name="bench", limits=Limits(), uid=uid, seccomp_fd=fd)
+            if hardened
+            else _unhardened_argv(workspace)
         )
         proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, pass_fds=(fd,)

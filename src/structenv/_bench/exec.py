@@ -176,8 +176,22 @@ async def _layers_below(quick: bool) -> dict[str, Any]:
         if measured is not None:
             wakeups[name] = _summary(*measured)
     out["wakeup_rtt"] = wakeups
+    # The hardened worker and the pre-hardening command line, interleaved in rounds so
+    # drift on a shared machine hits both alike: the cost of the sandbox hardening.
+    samples: dict[bool, list[float]] = {True: [], False: []}
+    walls = {True: 0.0, False: 0.0}
+    rounds = 4
     with tempfile.TemporaryDirectory(prefix="structenv-bench-") as scratch:
-        out["worker_only"] = {"c1": _summary(*await run(_layers.worker_only, n, scratch))}
+        for _ in range(rounds):
+            for hardened in (True, False):
+                driver = functools.partial(
+                    _layers.worker_only, n // rounds, scratch, hardened=hardened
+                )
+                latencies, wall = await run(driver)
+                samples[hardened] += latencies
+                walls[hardened] += wall
+    out["worker_only"] = {"c1": _summary(samples[True], walls[True])}
+    out["worker_unhardened"] = {"c1": _summary(samples[False], walls[False])}
     async with LocalBackend(hosts=1, slots_per_host=1) as backend:
         slot = await backend.acquire_slot()
         assert isinstance(slot, RemoteSlot) and isinstance(slot.client.address, str)
@@ -256,6 +270,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
             "slot_api",
             "server_only",
             "worker_only",
+            "worker_unhardened",
             "raw_bwrap_spawn",
             "fork_exec",
             "posix_spawn_floor",
@@ -282,6 +297,14 @@ def run(*, quick: bool = False) -> dict[str, Any]:
         ["backend", *next(iter(runs.values()))["layers"]],
         [[b, *(round(v * 1e3) for v in d["layers"].values())] for b, d in runs.items()],
     )
+    for backend, data in runs.items():
+        after, before = data["worker_only"]["c1"], data["worker_unhardened"]["c1"]
+        print(
+            f"{backend}: the sandbox hardening on the worker layer, side by side: p50 "
+            f"{after['p50_ms'] / before['p50_ms']:.3f}x, throughput "
+            f"{after['throughput_per_s'] / before['throughput_per_s']:.3f}x "
+            "(worker_only vs worker_unhardened; 1.0 = no cost)"
+        )
     payload = {"benchmark": "exec", "quick": quick, "runs": runs}
     print(f"wrote {write_results('exec', payload)}")
     return payload
