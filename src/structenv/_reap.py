@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import functools
 import glob
 import json
@@ -26,6 +25,8 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
+
+from .sandbox._bwrap import rmdir_all
 
 __all__ = [
     "DOCKER_CGROUP_PARENT",
@@ -235,12 +236,8 @@ def _remove_cgroups_once(name: str) -> bool:
     gone = True
     for top in docker_cgroup_dirs(name):
         # Children first: a v1 cgroup directory is removed with rmdir once it has no child.
-        for path, _dirs, _files in os.walk(top, topdown=False):
-            try:
-                os.rmdir(path)
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    gone = False
+        paths = [path for path, _dirs, _files in os.walk(top, topdown=False)]
+        gone = rmdir_all(paths) and gone
     return gone
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "probe",
     "private_mounts",
     "probe_report",
+    "rmdir_all",
     "slot_uid",
     "switch_uid",
     "unmount",
@@ -499,14 +500,19 @@ class SlotCgroup:
         A cgroup stays busy until its last process is *reaped*, and the sandbox's PID 1 is
         reaped by the host's init after its bwrap parent dies, a moment later: callers retry.
         """
-        done = True
-        for path in self.paths:
-            try:
-                os.rmdir(path)
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    done = False
-        return done
+        return rmdir_all(self.paths)
+
+
+def rmdir_all(paths: Sequence[str]) -> bool:
+    """``rmdir`` each path in order; whether every one is gone (missing counts as gone)."""
+    done = True
+    for path in paths:
+        try:
+            os.rmdir(path)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                done = False
+    return done
 
 
 def _write(directory: str, name: str, value: str) -> None:

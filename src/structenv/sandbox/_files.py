@@ -113,6 +113,19 @@ def _open_file(root: str, parts: list[str], flags: int, mode: int = 0) -> int:
         os.close(dfd)
 
 
+def _read_upto(fd: int, limit: int) -> bytes:
+    """At most ``limit`` bytes from ``fd`` (fewer at end of file)."""
+    chunks = []
+    remaining = limit
+    while remaining > 0:
+        chunk = os.read(fd, min(remaining, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
 def read_file(root: str, path: str, max_bytes: int) -> bytes:
     """Read a regular file of at most ``max_bytes`` bytes."""
     parts = split_path(path)
@@ -127,15 +140,7 @@ def read_file(root: str, path: str, max_bytes: int) -> bytes:
             raise PermissionError(f"{path!r} is not a regular file")
         if st.st_size > max_bytes:
             raise ValueError(f"{path!r} is {st.st_size} bytes, over the {max_bytes} byte limit")
-        chunks = []
-        remaining = max_bytes + 1
-        while remaining > 0:
-            chunk = os.read(fd, min(remaining, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        data = b"".join(chunks)
+        data = _read_upto(fd, max_bytes + 1)
         if len(data) > max_bytes:
             raise ValueError(f"{path!r} grew over the {max_bytes} byte limit")
         return data
@@ -265,15 +270,7 @@ def _read_regular(dir_fd: int, name: str, limit: int) -> tuple[os.stat_result, b
             return None
         if st.st_size > limit:
             raise ValueError(f"the workspace archive is over its byte limit at {name!r}")
-        chunks = []
-        remaining = st.st_size
-        while remaining > 0:
-            chunk = os.read(fd, min(remaining, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        return st, b"".join(chunks)
+        return st, _read_upto(fd, st.st_size)
     finally:
         os.close(fd)
 
