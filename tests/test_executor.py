@@ -244,3 +244,18 @@ def test_registry_refuses_duplicates_and_unknown_toolsets() -> None:
         registry.select(enabled_toolsets=["nonexistent"])
     chosen = registry.select(enabled_toolsets=["default"], disabled_tools=["write_file"])
     assert chosen.names() == ["terminal", "read_file"]
+
+
+async def test_no_trajectory_after_the_executor_exited() -> None:
+    # An executor that has exited (or is exiting) must not lease a slot any more: a caller
+    # still holding it gets ClosedResourceError and the backend sees no acquire.
+    async with FakeBackend() as backend:
+        async with ToolExecutor(backend) as executor:
+            async with executor.trajectory() as traj:
+                await traj.exec(ExecRequest("true"))
+        acquired = backend.acquires
+        with pytest.raises(anyio.ClosedResourceError, match="exited"):
+            async with executor.trajectory():
+                pass
+        assert backend.acquires == acquired
+        assert_no_leaks(executors=[executor], backends=[backend])

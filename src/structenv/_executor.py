@@ -78,6 +78,7 @@ class ToolExecutor:
         self._batcher: Batcher | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self._active = 0
+        self._exiting = False
         self._tool_calls = 0
 
     @property
@@ -153,6 +154,7 @@ class ToolExecutor:
     ) -> bool | None:
         tg = self._tg
         assert tg is not None and self._batcher is not None
+        self._exiting = True  # from here on, no new trajectory may lease a slot
         self._batcher.close()
         if exc is None:
             tg.start_soon(self._shutdown_watchdog)
@@ -168,12 +170,17 @@ class ToolExecutor:
         and released and reset on exit whatever happened. With ``trajectory_timeout`` set, the
         whole block (acquisition included) raises ``TimeoutError`` when it passes.
 
+        Raises:
+            anyio.ClosedResourceError: The executor is exiting or has exited.
+
         Cancellation: the slot is released (shielded, bounded) before the cancellation
         propagates; a call that was executing leaves the slot marked not reusable, so it is
         destroyed rather than reset.
         """
         if self._tg is None:
             raise RuntimeError("the executor has not been entered")
+        if self._exiting:
+            raise anyio.ClosedResourceError("the executor has exited: no new trajectory")
         tid = trajectory_id if trajectory_id is not None else f"traj-{next(_ids)}"
         with anyio.fail_after(self.config.trajectory_timeout):
             async with self.pool.slot() as slot:
