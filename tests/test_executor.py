@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from anyio import wait_all_tasks_blocked
 
 from structenv import (
     ConfigError,
     ExecRequest,
+    ExecResult,
     ExecutorConfig,
     SandboxUnavailableError,
     SlotAcquireTimeout,
@@ -259,3 +261,41 @@ async def test_no_trajectory_after_the_executor_exited() -> None:
                 pass
         assert backend.acquires == acquired
         assert_no_leaks(executors=[executor], backends=[backend])
+
+
+async def test_express_lane_call_in_flight_gets_the_shutdown_grace() -> None:
+    # The default window (0) runs a lone call on the express lane, in the caller's task. When
+    # the executor exits meanwhile, that call gets shutdown_grace to finish, as a batched one
+    # does, instead of being cancelled at once.
+    results: list[ExecResult] = []
+
+    async def call(executor: ToolExecutor) -> None:
+        async with executor.trajectory() as traj:
+            results.append(await traj.exec(ExecRequest("true", timeout=10)))
+
+    config = ExecutorConfig(shutdown_grace=5.0)
+    async with FakeBackend(exec_latency=1.0) as backend, anyio.create_task_group() as tg:
+        async with ToolExecutor(backend, config=config) as executor:
+            tg.start_soon(call, executor)
+            await wait_all_tasks_blocked()  # the call is in flight
+            assert executor.statistics().batcher.in_flight == 1
+        assert len(results) == 1 and results[0].exit_code == 0, results
+
+
+async def test_express_lane_deadline_holds_when_the_backend_ignores_cancellation() -> None:
+    # A backend whose exec cannot be interrupted (a blocking SDK call in a worker thread)
+    # answers long after the client-side deadline: that answer is not trusted, the result is
+    # timed_out and the slot is destroyed, not reset — the same on both lanes.
+    async def stubborn(slot: object, request: ExecRequest) -> ExecResult:
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(3)
+        return ExecResult(exit_code=0, stdout=b"late\n")
+
+    for window in (0.0, 1.0):
+        config = ExecutorConfig(batch_window_ms=window, tool_deadline_grace=0.2)
+        async with FakeBackend(handler=stubborn) as backend:
+            async with ToolExecutor(backend, config=config) as executor:
+                async with executor.trajectory() as traj:
+                    result = await traj.exec(ExecRequest("sleep 9", timeout=0.5))
+                assert result.timed_out and result.stdout == b"", (window, result)
+            assert backend.destroyed == 1 and backend.resets == 0, window

@@ -195,6 +195,8 @@ class Batcher:
         self._closed = False
         #: Cancel scopes of express-lane calls, cancelled when the batcher stops.
         self._express: set[anyio.CancelScope] = set()
+        #: Set when the last express-lane call ends, while serve() waits for them to finish.
+        self._express_idle: anyio.Event | None = None
 
     def statistics(self) -> BatcherStatistics:
         """A snapshot of the batcher's counters."""
@@ -273,11 +275,12 @@ class Batcher:
         self._dispatched += 1
         self._largest = max(self._largest, 1)
         express = self._express
+        result: ExecResult | None = None
         try:
             with anyio.CancelScope(deadline=start + request.timeout + self._grace) as scope:
                 express.add(scope)
                 try:
-                    return await slot.exec(request)
+                    result = await slot.exec(request)
                 except BaseException as exc:
                     if not isinstance(exc, Exception):
                         slot.reusable = False  # cancelled mid-command: it may still run
@@ -286,6 +289,13 @@ class Batcher:
             express.discard(scope)
             self._waiting -= 1
             self._in_flight -= 1
+            if not express and self._express_idle is not None:
+                self._express_idle.set()  # serve() waits for the last one at shutdown
+        if result is not None and not scope.cancel_called:
+            return result
+        # The deadline (or the end of the shutdown grace) passed: a result that still came
+        # back came from a backend that ignored the cancellation; it is not trusted, exactly
+        # as on the batched lane, and the slot is not reused.
         slot.reusable = False
         if self._closed and not prims.now() >= scope.deadline:
             raise anyio.ClosedResourceError("the batcher stopped before this call was answered")
@@ -390,6 +400,11 @@ class Batcher:
                             self._fill_now(batch)
                         self._dispatch(batch, tg)
                         batch = []
+                # Calls on the express lane run in their callers' tasks, not in ``tg``: they
+                # get the same shutdown grace as batches (the owner cancels us when it ends).
+                while self._express:
+                    self._express_idle = anyio.Event()
+                    await self._express_idle.wait()
                 # Every batch has finished: nothing is left to watch.
                 watchdog.cancel_scope.cancel()
         finally:
