@@ -99,6 +99,20 @@ async def test_hanging_reset_is_bounded_and_quarantined() -> None:
             pass
         assert anyio.current_time() - start == pytest.approx(2)
         assert pool.statistics().quarantined == 1
+        assert pool.statistics().discarded == 0
+        assert backend.destroyed == 1
+        assert_no_leaks(pools=[pool], backends=[backend])
+
+
+async def test_a_slot_not_reusable_is_discarded_not_counted_as_a_fault() -> None:
+    # A call cancelled mid-command marks its slot not reusable: the release destroys it, by
+    # design. That is not a failed reset, and the statistics keep the two apart.
+    async with FakeBackend(slots_per_host=1) as backend:
+        pool = SlotPool(backend)
+        async with pool.slot() as slot:
+            slot.reusable = False
+        stats = pool.statistics()
+        assert (stats.discarded, stats.quarantined) == (1, 0)
         assert backend.destroyed == 1
         assert_no_leaks(pools=[pool], backends=[backend])
 

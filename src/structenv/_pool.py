@@ -29,8 +29,9 @@ class PoolStatistics:
         available: Free permits (``size - in_use`` whenever no acquire is half-way).
         acquired: Total slots handed out.
         released: Total slots given back (every acquire is paired with one release).
-        quarantined: Releases whose reset failed, timed out or was skipped because the slot
-            was not reusable; the backend destroyed those slots.
+        quarantined: Releases whose reset failed or timed out: a fault; the slot is destroyed.
+        discarded: Releases of slots marked not reusable (a call cancelled mid-command, a
+            timed-out or broken call): destroyed instead of reset, by design, not a fault.
         acquire_timeouts: Acquires that gave up at the deadline.
     """
 
@@ -41,6 +42,7 @@ class PoolStatistics:
     acquired: int
     released: int
     quarantined: int
+    discarded: int
     acquire_timeouts: int
 
 
@@ -90,6 +92,7 @@ class SlotPool:
         self._acquired = 0
         self._released = 0
         self._quarantined = 0
+        self._discarded = 0
         self._acquire_timeouts = 0
 
     @property
@@ -107,6 +110,7 @@ class SlotPool:
             acquired=self._acquired,
             released=self._released,
             quarantined=self._quarantined,
+            discarded=self._discarded,
             acquire_timeouts=self._acquire_timeouts,
         )
 
@@ -190,10 +194,11 @@ class SlotPool:
                 await self._backend.release_slot(slot, reusable=reusable)
                 finished = True
         finally:
-            if not finished or not reusable:
+            if not finished:
                 self._quarantined += 1
-                if not finished:
-                    log.warning("release of %r failed or overran; slot quarantined", slot)
+                log.warning("release of %r failed or overran; slot quarantined", slot)
+            elif not reusable:
+                self._discarded += 1
             self._in_use -= 1
             self._released += 1
             self._give_permit()
