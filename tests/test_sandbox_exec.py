@@ -229,3 +229,15 @@ async def test_orphans_are_reaped(backend: LocalBackend) -> None:
     comms = [line.split()[1] for line in after.stdout.splitlines()]
     assert len(comms) == 2 and b"ps" in comms, comms  # the worker (PID 1) and ps: no orphan
     await backend.release_slot(slot, reusable=True)
+
+
+async def test_the_fast_path_is_invisible_to_the_program(backend: LocalBackend) -> None:
+    # A plain command skips bash; the program must not be able to tell (its argv[0] is the
+    # word as typed, as bash passes it), so the model sees the same error text either way.
+    slot = await backend.acquire_slot()
+    fast = await slot.exec(ExecRequest("cat missing"))
+    shell = await slot.exec(ExecRequest("cat missing; true"))
+    assert fast.stderr == shell.stderr == b"cat: missing: No such file or directory\n", fast
+    ps = await slot.exec(ExecRequest("sleep 0"))  # found on PATH, spawned directly
+    assert ps.exit_code == 0 and ps.error is None
+    await backend.release_slot(slot, reusable=True)

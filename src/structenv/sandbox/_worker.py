@@ -236,8 +236,9 @@ class Worker:
 
     # -- commands -------------------------------------------------------------------------
 
-    def _argv(self, command: str, env: dict[str, str], extra: Any) -> list[str]:
-        """The argv to spawn: the command itself if bash would just exec it, else bash -c.
+    def _argv(self, command: str, env: dict[str, str], extra: Any) -> tuple[str, list[str]]:
+        """The program and argv to spawn: the command itself if bash would just exec it (with
+        argv[0] the word as typed, as bash passes it), else bash -c.
 
         No access/stat checks on the program: if it cannot be exec'd, the spawn fails and
         :meth:`start_command` falls back to bash, which then does (and reports) exactly what
@@ -254,12 +255,11 @@ class Worker:
             first = words[0]
             if "=" not in first and first not in _BASH_BUILTINS:
                 if "/" in first:
-                    return words  # a path: bash would exec it as is
+                    return first, words  # a path: bash would exec it as is
                 path = self._which(first, env.get("PATH"))
                 if path is not None:
-                    words[0] = path
-                    return words
-        return ["/bin/bash", "-c", command]
+                    return path, words
+        return "/bin/bash", ["/bin/bash", "-c", command]
 
     def _which(self, name: str, path: str | None) -> str | None:
         """The first ``name`` in ``path`` that is executable (bash's lookup, give or take:
@@ -294,7 +294,7 @@ class Worker:
         env["PWD"] = cwd
         env["STRUCTENV_EXEC_TAG"] = tag
         command = str(msg["command"])
-        argv = self._argv(command, env, extra)
+        program, argv = self._argv(command, env, extra)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         os.set_blocking(out_r, False)
@@ -316,11 +316,11 @@ class Worker:
             try:
                 try:
                     cmd.pid = os.posix_spawn(
-                        argv[0], argv, env, file_actions=actions, setsid=True,
+                        program, argv, env, file_actions=actions, setsid=True,
                         setsigdef=self.sigdef, setsigmask=(),
                     )  # fmt: skip
                 except OSError:
-                    if argv[0] == "/bin/bash":
+                    if program == "/bin/bash":
                         raise
                     argv = ["/bin/bash", "-c", command]
                     cmd.pid = os.posix_spawn(
