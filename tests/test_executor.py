@@ -11,6 +11,7 @@ from structenv import (
     ExecRequest,
     ExecResult,
     ExecutorConfig,
+    LatencyStatistics,
     SandboxUnavailableError,
     SlotAcquireTimeout,
     ToolCall,
@@ -299,3 +300,18 @@ async def test_express_lane_deadline_holds_when_the_backend_ignores_cancellation
                     result = await traj.exec(ExecRequest("sleep 9", timeout=0.5))
                 assert result.timed_out and result.stdout == b"", (window, result)
             assert backend.destroyed == 1 and backend.resets == 0, window
+
+
+async def test_statistics_report_exec_and_call_latencies() -> None:
+    async with FakeBackend(exec_latency=0.25) as backend, ToolExecutor(backend) as executor:
+        assert executor.statistics().exec_latency == LatencyStatistics(0, 0.0, 0.0)
+        async with executor.trajectory() as traj:
+            for _ in range(3):
+                await traj.exec(ExecRequest("true"))
+            await traj.call(ToolCall("terminal", {"command": "true"}))
+        stats = executor.statistics()
+        # Virtual time: each exec takes the backend's latency exactly, a tool call one exec.
+        assert stats.exec_latency.count == 4  # the tool call's exec included
+        assert stats.exec_latency.p50 == pytest.approx(0.25)
+        assert stats.call_latency.count == 1
+        assert stats.call_latency.p50 == stats.call_latency.p99 == pytest.approx(0.25)

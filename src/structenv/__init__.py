@@ -15,6 +15,7 @@ from ._exceptions import SlotError as SlotError
 from ._exceptions import StaleLeaseError as StaleLeaseError
 from ._exceptions import StructEnvError as StructEnvError
 from ._executor import ExecutorStatistics as ExecutorStatistics
+from ._executor import LatencyStatistics as LatencyStatistics
 from ._executor import ToolExecutor as ToolExecutor
 from ._executor import Trajectory as Trajectory
 from ._pool import PoolStatistics as PoolStatistics
@@ -36,6 +37,7 @@ __all__ = [
     "ExecutorConfig",
     "ExecutorStatistics",
     "HostCrashedError",
+    "LatencyStatistics",
     "PolicyError",
     "PoolStatistics",
     "ProtocolError",

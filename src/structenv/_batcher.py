@@ -211,6 +211,13 @@ class Batcher:
             max_batch=self._largest,
         )
 
+    def clock(self) -> Callable[[], float]:
+        """The running event loop's clock, bound once (cheaper than ``anyio.current_time``)."""
+        prims = self._prims
+        if prims is None:
+            prims = self._prims = _Primitives()
+        return prims.now
+
     def close(self) -> None:
         """Stop accepting calls; :meth:`serve` returns once the queue is drained."""
         self._closed = True

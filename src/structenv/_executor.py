@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 from collections.abc import AsyncIterator, Sequence
@@ -20,9 +21,49 @@ from ._types import ExecRequest, ExecResult, ToolCall, ToolResult
 from .abc import SandboxBackend, Slot
 from .tools import ToolRegistry, ToolServerClient, default_registry
 
-__all__ = ["ExecutorStatistics", "ToolExecutor", "Trajectory"]
+__all__ = ["ExecutorStatistics", "LatencyStatistics", "ToolExecutor", "Trajectory"]
 
 _ids = itertools.count()
+#: How many of the most recent latencies the statistics are computed over.
+_LATENCY_WINDOW = 4096
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LatencyStatistics:
+    """Latencies (seconds, event-loop clock) of the most recent calls.
+
+    Attributes:
+        count: Calls completed so far (all of them).
+        p50, p99: Percentiles over the last 4,096 completed calls (0.0 before any).
+    """
+
+    count: int
+    p50: float
+    p99: float
+
+
+class _Latencies:
+    """A bounded record of recent latencies (appending is O(1); percentiles on demand)."""
+
+    __slots__ = ("count", "recent")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.recent: collections.deque[float] = collections.deque(maxlen=_LATENCY_WINDOW)
+
+    def record(self, seconds: float) -> None:
+        self.count += 1
+        self.recent.append(seconds)
+
+    def statistics(self) -> LatencyStatistics:
+        ordered = sorted(self.recent)
+        if not ordered:
+            return LatencyStatistics(self.count, 0.0, 0.0)
+
+        def at(q: float) -> float:
+            return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+        return LatencyStatistics(self.count, at(0.5), at(0.99))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -34,12 +75,16 @@ class ExecutorStatistics:
         tool_calls: Tool calls routed so far.
         pool: The slot pool's statistics.
         batcher: The batcher's statistics.
+        exec_latency: ``Trajectory.exec`` calls, queueing and batching included.
+        call_latency: ``Trajectory.call`` (tool calls of every kind), validation included.
     """
 
     active_trajectories: int
     tool_calls: int
     pool: PoolStatistics
     batcher: BatcherStatistics
+    exec_latency: LatencyStatistics
+    call_latency: LatencyStatistics
 
 
 class ToolExecutor:
@@ -79,6 +124,8 @@ class ToolExecutor:
         self._tg: anyio.abc.TaskGroup | None = None
         self._active = 0
         self._exiting = False
+        self._exec_latency = _Latencies()
+        self._call_latency = _Latencies()
         self._tool_calls = 0
 
     @property
@@ -97,6 +144,8 @@ class ToolExecutor:
             tool_calls=self._tool_calls,
             pool=pool.statistics(),
             batcher=self._batcher.statistics(),
+            exec_latency=self._exec_latency.statistics(),
+            call_latency=self._call_latency.statistics(),
         )
 
     async def __aenter__(self) -> Self:
@@ -250,13 +299,18 @@ class Trajectory:
         if self._closed:
             raise anyio.ClosedResourceError("the trajectory has ended")
         slot = self._slot
-        batcher = self._executor._batcher
+        executor = self._executor
+        batcher = executor._batcher
         assert batcher is not None
+        now = batcher.clock()
+        start = now()
         try:
-            return await batcher.exec(slot, request)
+            result = await batcher.exec(slot, request)
         except (SlotError, StaleLeaseError) as exc:
             slot.reusable = False
-            return ExecResult.failure(f"{type(exc).__name__}: {exc}", sandboxed=slot.sandboxed)
+            result = ExecResult.failure(f"{type(exc).__name__}: {exc}", sandboxed=slot.sandboxed)
+        executor._exec_latency.record(now() - start)
+        return result
 
     async def call(self, call: ToolCall) -> ToolResult:
         """Route one tool call; every failure of the call is a result.
@@ -284,8 +338,14 @@ class Trajectory:
                 error="invalid_arguments",
             )
         self.tool_calls += 1
-        self._executor._tool_calls += 1
-        return await tool.run(self, call)
+        executor = self._executor
+        executor._tool_calls += 1
+        assert executor._batcher is not None
+        now = executor._batcher.clock()
+        start = now()
+        result = await tool.run(self, call)
+        executor._call_latency.record(now() - start)
+        return result
 
     async def call_many(self, calls: Sequence[ToolCall]) -> list[ToolResult]:
         """Run several calls of one step concurrently; results in the calls' order.
