@@ -228,3 +228,45 @@ async def test_the_reaper_removes_the_cgroups_of_what_it_removes() -> None:
             with anyio.move_on_after(30, shield=True):
                 await backend.release_slot(slot, reusable=False)
     assert _run_dirs(run_id) == []
+
+
+def _existing_names(paths: list[str]) -> set[str]:
+    return {os.path.basename(p) for p in paths if os.path.isdir(p)}
+
+
+async def test_the_reaper_removes_old_orphaned_cgroups_only() -> None:
+    # A run that died after removing its containers leaves their cgroup parents behind. The
+    # reaper removes those that no container uses once they are old enough that no live
+    # backend can be about to start a container with that name; it leaves young ones, and
+    # names that are not structenv's, alone.
+    tag = secrets.token_hex(3)
+    names = {
+        "old": f"structenv-orphan{tag}-1",
+        "young": f"structenv-orphan{tag}-2",
+        "foreign": f"someone-else-{tag}",
+    }
+    made = []
+    for controller in ("pids", "memory"):
+        for kind, name in names.items():
+            path = f"/sys/fs/cgroup/{controller}/structenv-docker/{name}"
+            os.makedirs(f"{path}/slots/x", exist_ok=True)
+            made.append(path)
+            if kind != "young":
+                os.utime(path, (0, 0))  # made long ago
+    try:
+        client = docker.from_env()
+        try:
+            await anyio.to_thread.run_sync(
+                lambda: reap_docker(client, pool=f"none-{tag}", dry_run=False)
+            )
+        finally:
+            client.close()
+        left = _existing_names(made)
+        assert left == {names["young"], names["foreign"]}, left
+    finally:
+        for path in made:
+            for sub in (f"{path}/slots/x", f"{path}/slots", path):
+                try:
+                    os.rmdir(sub)
+                except FileNotFoundError:
+                    pass
