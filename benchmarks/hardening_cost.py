@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from structenv._bench._layers import COMMAND
+from structenv._bench.exec import _summary as exec_summary
 from structenv.sandbox import _runtime, _seccomp
 from structenv.sandbox._bwrap import Isolation, default_uid_base, descendants, slot_uid
 from structenv.sandbox._runtime import WORKER_PATH, Limits, slot_argv
@@ -345,14 +346,10 @@ def _syscall_ns(variants: list[Variant], repeats: int = 5) -> dict[str, float]:
 
 
 def _summary(latencies: list[float]) -> dict[str, float]:
-    ordered = sorted(latencies)  # exec.py's percentiles, so the numbers compare
-    n = len(ordered)
-    return {
-        "n": n,
-        "p50_ms": round(ordered[n // 2] * 1e3, 3),
-        "p99_ms": round(ordered[min(n - 1, int(n * 0.99))] * 1e3, 3),
-        "mean_ms": round(statistics.fmean(ordered) * 1e3, 3),
-    }
+    # bench exec's own percentiles, so the numbers compare (throughput is measured apart).
+    out = exec_summary(latencies, 1.0)
+    del out["throughput_per_s"]
+    return out
 
 
 def _throughput_round(variant: Variant, per_driver: int) -> None:
