@@ -98,7 +98,6 @@ def slot_argv(
         "pid1": iso.sandboxed,
         "uid": switch_uid(uid) if iso.sandboxed else None,
         "workspace": WORKSPACE if iso.sandboxed else workspace,
-        "wipe": ["/tmp", "/dev/shm"] if iso.sandboxed else [],
         "tag": name,
         "env": {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -480,7 +479,7 @@ class SlotRuntime:
         return await self.exec(ExecRequest(command=command, env=env, timeout=limit))
 
     async def soft_reset(self) -> bool:
-        """Kill every process, wipe /tmp and the workspace, and verify from outside.
+        """Unsandboxed slots only: kill every process, wipe the workspace, verify from outside.
 
         Returns ``False`` if anything could not be verified (the caller then hard-resets).
 

@@ -11,7 +11,8 @@ could tamper with it. The server therefore treats every reply as untrusted input
 frames, validated fields) and verifies resets from outside (pids cgroup, workspace listing).
 
 Operations (``op`` field): ``exec``, ``kill`` (kill one command's process tree), ``reset``
-(kill every other process, wipe the private directories), ``ping``.
+(kill every other process; only unsandboxed slots use it: a sandboxed slot is rebuilt
+instead), ``ping``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import math
 import os
 import resource
 import select
-import shutil
 import signal
 import string
 import struct
@@ -131,7 +131,6 @@ class Worker:
     def __init__(self, config: dict[str, Any]) -> None:
         self.pid1 = bool(config.get("pid1"))
         self.workspace = str(config["workspace"])
-        self.wipe = [str(p) for p in config.get("wipe", [])]
         self.base_env = {str(k): str(v) for k, v in config.get("env", {}).items()}
         self.base_env_bashy = any(map(_bash_reads, self.base_env))
         self.tag = str(config.get("tag", "se"))
@@ -582,15 +581,8 @@ class Worker:
                 cmd.exit_time = time.monotonic()
         for cmd in list(self.commands.values()):
             self.finish(cmd, error="the slot was reset")
-        problems: list[str] = []
-        for root in self.wipe:
-            for entry in _listdir(root):
-                path = os.path.join(root, entry)
-                _rmtree(path)
-                if os.path.lexists(path):
-                    problems.append(path)
         left = sorted(self._scan()) if self.pid1 else []
-        return {"ok": not problems and not left, "left": left, "problems": problems[:10]}
+        return {"ok": not left, "left": left}
 
     # -- loop -----------------------------------------------------------------------------
 
@@ -668,39 +660,6 @@ class Worker:
                 cmd.timed_out = True
                 self.kill_tree(cmd)
                 cmd.deadline = now + 5.0  # re-kill if it somehow survives
-
-
-def _listdir(path: str) -> list[str]:
-    try:
-        return os.listdir(path)
-    except OSError:
-        return []
-
-
-def _rmtree(path: str) -> None:
-    def fix(_func: Any, p: str, _exc: Any) -> None:
-        # Without CAP_DAC_OVERRIDE a directory chmod'ed 000 cannot be emptied: restore the
-        # owner's permissions on the way and retry.
-        try:
-            os.chmod(os.path.dirname(p), 0o700)
-            os.chmod(p, 0o700)
-        except OSError:
-            pass
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
-
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, onerror=fix)
-    else:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
 
 
 def _become(uid: int) -> None:
