@@ -383,8 +383,11 @@ class Batcher:
     ) -> None:
         """Consume the channel until :meth:`close`, dispatching batches as child tasks.
 
-        Cancellation: in-flight batches are cancelled; their callers get
-        ``ClosedResourceError`` (the slot is marked not reusable), queued callers too.
+        After :meth:`close` it returns once every batch and every express-lane call (which
+        runs in its caller's task) has finished.
+
+        Cancellation: in-flight batches and express-lane calls are cancelled; their callers
+        get ``ClosedResourceError`` (the slot is marked not reusable), queued callers too.
         """
         recv = self._recv
         batch: list[_Call] = []

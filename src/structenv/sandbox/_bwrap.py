@@ -334,13 +334,20 @@ async def probe(
     """
     if not iso.sandboxed:
         return {"sandboxed": False}
-    for tool in (iso.bwrap, *(["setpriv"] if uid is not None else [])):
+    tools = [(iso.bwrap, "bubblewrap")]
+    if uid is not None and privilege() == "setpriv":
+        tools.append(("setpriv", "util-linux"))
+    for tool, package in tools:
         if shutil.which(tool) is None:
-            raise SandboxUnavailableError(f"{tool} not found (apt-get install -y bubblewrap)")
+            raise SandboxUnavailableError(f"{tool} not found (apt-get install -y {package})")
     report = await probe_report(iso, scratch, uid=uid, seccomp_path=seccomp_path)
     failed = [f"{name}: {detail}" for name, (ok, detail) in report.items() if not ok]
     if failed:
-        raise SandboxUnavailableError("sandbox property missing: " + "; ".join(failed))
+        raise SandboxUnavailableError(
+            "sandbox property missing: "
+            + "; ".join(failed)
+            + " (`structenv doctor` checks each property on this machine)"
+        )
     return {"sandboxed": True, "properties": sorted(report)}
 
 
@@ -613,7 +620,11 @@ def mount_quota(path: str, *, size: int, uid: int | None) -> None:
     flags = 0x2 | 0x4  # MS_NOSUID | MS_NODEV
     if _libc().mount(b"tmpfs", path.encode(), b"tmpfs", flags, options) != 0:
         err = ctypes.get_errno()
-        raise OSError(err, f"cannot mount the workspace quota at {path}: {os.strerror(err)}")
+        raise OSError(
+            err,
+            f"cannot mount the workspace quota at {path}: {os.strerror(err)}"
+            " (disk_limit=0 runs without a per-slot quota)",
+        )
 
 
 def unmount(path: str) -> None:
