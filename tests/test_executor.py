@@ -315,3 +315,28 @@ async def test_statistics_report_exec_and_call_latencies() -> None:
         assert stats.exec_latency.p50 == pytest.approx(0.25)
         assert stats.call_latency.count == 1
         assert stats.call_latency.p50 == stats.call_latency.p99 == pytest.approx(0.25)
+
+
+async def test_express_lane_call_past_the_shutdown_grace_is_closed_and_nothing_leaks() -> None:
+    # The batcher waits for an express-lane call at shutdown, but only for shutdown_grace: a
+    # call still running then is cancelled, its caller gets ClosedResourceError, its slot is
+    # destroyed, and nothing is left.
+    errors: list[BaseException] = []
+
+    async def call(executor: ToolExecutor) -> None:
+        async with executor.trajectory() as traj:
+            try:
+                await traj.exec(ExecRequest("sleep 60", timeout=60))
+            except anyio.ClosedResourceError as exc:
+                errors.append(exc)
+
+    config = ExecutorConfig(shutdown_grace=2.0)
+    async with FakeBackend(exec_latency=30.0) as backend, anyio.create_task_group() as tg:
+        async with ToolExecutor(backend, config=config) as executor:
+            tg.start_soon(call, executor)
+            await wait_all_tasks_blocked()
+            start = anyio.current_time()
+        assert anyio.current_time() - start == pytest.approx(2.0)
+    assert len(errors) == 1
+    assert backend.destroyed == 1 and backend.acquires == backend.releases
+    assert_no_leaks(executors=[executor], backends=[backend])
