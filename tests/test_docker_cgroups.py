@@ -18,9 +18,9 @@ import docker
 import pytest
 
 from structenv import ExecRequest, ExecResult
-from structenv._reap import reap_docker
 from structenv.abc import Slot
 from structenv.backends import DockerBackend
+from structenv.backends._docker_reap import reap_docker
 from structenv.sandbox import RemoteSlot
 from test_docker_support import (
     containers_of,

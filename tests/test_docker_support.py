@@ -17,8 +17,8 @@ import docker
 import pytest
 
 from structenv._image import DEFAULT_TAG, build_image
-from structenv._reap import LABEL_RUN
 from structenv.backends._docker import DockerBackend
+from structenv.backends._ownership import LABEL_RUN
 
 #: Test-sized limits; a fast health check so dead containers are noticed quickly.
 DEFAULTS: dict[str, Any] = {

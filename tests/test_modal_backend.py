@@ -11,8 +11,8 @@ import anyio
 import pytest
 
 from structenv import ExecRequest
-from structenv._reap import LABEL_OWNER_START, LABEL_RUN
 from structenv.backends._modal import ModalBackend, reap_sandboxes
+from structenv.backends._ownership import LABEL_OWNER_START, LABEL_RUN
 from structenv.testing import check_backend, child_processes, cmdline
 from structenv.testing._modal_fake import FakeModal, open_modal_fake
 

@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from structenv import BackendError, ExecRequest, SlotBrokenError
-from structenv._reap import LABEL_OWNER_PID, LABEL_OWNER_START
 from structenv.backends._nomad import NomadBackend, reap_jobs
+from structenv.backends._ownership import LABEL_OWNER_PID, LABEL_OWNER_START
 from structenv.testing import check_backend, child_processes, cmdline
 from structenv.testing._nomad_fake import NomadFake, open_nomad_fake
 

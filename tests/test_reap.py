@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from structenv._reap import (
+from structenv.backends._ownership import (
     LABEL_OWNER_BOOT,
     LABEL_OWNER_HOST,
     LABEL_OWNER_PID,

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import statistics
@@ -102,9 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.groups < 1 or args.group_size < 1:
         print("structenv demo: --groups and --group-size must be >= 1", file=sys.stderr)
         return 2
-    try:
-        import atroposlib  # noqa: F401
-    except ModuleNotFoundError:
+    if importlib.util.find_spec("atroposlib") is None:
         print("structenv demo needs the atropos extra: pip install 'structenv[atropos]'")
         return 2
     env_vars = {"WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
@@ -159,10 +158,9 @@ def _solutions(example: str) -> dict[str, Any]:
 async def _collect(
     args: argparse.Namespace, base_url: str, tokenizer: str, out: Path, console: Any
 ) -> dict[str, Any]:
-    from atroposlib.envs.base import APIServerConfig
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from .adapters.atropos import AgentEnv, GroupReport
+    from .adapters.atropos import AgentEnv, APIServerConfig, GroupReport
 
     env_cls: type[AgentEnv]
     fields: dict[str, Any] = dict(

@@ -42,15 +42,14 @@ cgroup directories are removed with the container (by :meth:`DockerBackend.aclos
 dead runs, the reaper). Elsewhere the slots of a container share its cgroup.
 
 Ownership and cleanup: containers carry labels naming this run and its owner process (host,
-boot id, pid, pid start time; see :mod:`structenv._reap`). Closing the backend removes every
-container of its run (found by label, so even one whose creation was interrupted). If this
-process dies without closing (SIGKILL, OOM), its containers *stop* at once: the backend holds
-each container's stdin open (attached before start), the kernel closes it with the process,
-and the server (``--watch-stdin``) exits, killing every sandbox. The stopped containers (and
-any left running when that switch could not work: a daemon restart, ``exit_with_owner=False``)
-are removed by the next backend that starts with ``reap_on_start`` or by ``structenv reap``;
-live runs' containers are never touched.
-"""
+boot id, pid, pid start time; see :mod:`structenv.backends._ownership`). Closing the backend
+removes every container of its run (found by label, so even one whose creation was
+interrupted). If this process dies without closing (SIGKILL, OOM), its containers *stop* at
+once: the backend holds each container's stdin open (attached before start), the kernel closes
+it with the process, and the server (``--watch-stdin``) exits, killing every sandbox. The
+stopped containers (and any left running when that switch could not work: a daemon restart,
+``exit_with_owner=False``) are removed by the next backend that starts with ``reap_on_start``
+or by ``structenv reap``; live runs' containers are never touched."""
 
 from __future__ import annotations
 
@@ -73,20 +72,18 @@ import tenacity
 
 from .._exceptions import BackendError, ConfigError, SandboxUnavailableError
 from .._image import DEFAULT_TAG
-from .._reap import (
-    DOCKER_CGROUP_PARENT,
-    DOCKER_MOUNT,
-    LABEL_RUN,
-    ReapReport,
-    docker_cgroup_names,
-    owner_labels,
-    reap_docker,
-    remove_docker_cgroups,
-)
 from .._types import DEFAULT_MAX_OUTPUT
 from ..sandbox import _seccomp
 from ..sandbox._client import HostClient
+from ._docker_reap import (
+    DOCKER_CGROUP_PARENT,
+    DOCKER_MOUNT,
+    docker_cgroup_names,
+    reap_docker,
+    remove_docker_cgroups,
+)
 from ._hosted import Host, HostedBackend
+from ._ownership import LABEL_RUN, ReapReport, owner_labels
 
 __all__ = ["DEFAULT_IMAGE", "DockerBackend", "reap_containers"]
 

@@ -25,8 +25,8 @@ Behaviour:
   ``trajectory_deadline + scoring_buffer``. A slot is only leased from a sandbox with at least
   that much life left, so a trajectory never outlives its sandbox; idle sandboxes past that
   point are replaced.
-* Every sandbox is tagged with owner labels (:mod:`structenv._reap`); ``reap_on_start`` and
-  :func:`reap_sandboxes` terminate those of dead owners on this host only.
+* Every sandbox is tagged with owner labels (:mod:`structenv.backends._ownership`);
+  ``reap_on_start`` and :func:`reap_sandboxes` terminate those of dead owners on this host only.
 
 Real usage (``modal token new`` first)::
 
@@ -51,10 +51,17 @@ import anyio
 
 from .._exceptions import BackendError, ConfigError
 from .._image import DEFAULT_TAG
-from .._reap import LABEL_MANAGED, LABEL_POOL, ReapReport, current_owner, owner_labels, owner_state
 from .._types import DEFAULT_MAX_OUTPUT
 from ..sandbox._client import HostClient
 from ._hosted import Host, HostedBackend
+from ._ownership import (
+    LABEL_MANAGED,
+    LABEL_POOL,
+    ReapReport,
+    current_owner,
+    owner_labels,
+    owner_state,
+)
 
 __all__ = ["ModalBackend", "reap_sandboxes"]
 

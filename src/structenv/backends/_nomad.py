@@ -36,7 +36,7 @@ travels in the job's ``Env`` (visible to holders of ``read-job``). The task itse
 network (``network_mode = "none"`` would make the server unreachable), so with
 ``allow_network=False`` network isolation comes from bubblewrap's own network namespace in each
 slot (the server's start-up probe checks it; ``isolation="none"`` then fails closed unless
-``require_sandbox=False``). Owner labels (see :mod:`structenv._reap`) go in the job's
+``require_sandbox=False``). Owner labels (see :mod:`structenv.backends._ownership`) go in the job's
 ``Meta``: :func:`reap_jobs` (and ``reap_on_start``) purges jobs of dead owners on this host
 only.
 
@@ -59,10 +59,17 @@ import tenacity
 
 from .._exceptions import BackendError, ConfigError
 from .._image import DEFAULT_TAG as DEFAULT_IMAGE
-from .._reap import LABEL_MANAGED, LABEL_POOL, ReapReport, current_owner, owner_labels, owner_state
 from .._types import DEFAULT_MAX_OUTPUT
 from ..sandbox._client import HostClient
 from ._hosted import Host, HostedBackend
+from ._ownership import (
+    LABEL_MANAGED,
+    LABEL_POOL,
+    ReapReport,
+    current_owner,
+    owner_labels,
+    owner_state,
+)
 
 __all__ = ["NomadAPIError", "NomadBackend", "reap_jobs"]
 

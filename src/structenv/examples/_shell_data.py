@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from ..testing._replay import ReplayStep
+from ..testing import ReplayStep
 
 __all__ = ["SHELL_TASKS", "ShellTask", "shell_task_solutions", "tool_call"]
 

@@ -24,13 +24,11 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from atroposlib.envs.base import APIServerConfig
-
-from .._exceptions import ConfigError
+from .. import ConfigError
 from ..adapters import ExecTool
-from ..adapters.atropos import AgentEnv, AgentEnvConfig
+from ..adapters.atropos import AgentEnv, AgentEnvConfig, APIServerConfig
 from ..agent import AgentResult, AgentTask
-from ..testing._replay import ReplayStep, task_marker
+from ..testing import ReplayStep, task_marker
 from ._shell_data import tool_call
 
 __all__ = [

@@ -40,14 +40,13 @@ import sys
 import xml.etree.ElementTree as ET
 from typing import Any, Literal
 
-from atroposlib.envs.base import APIServerConfig
 from pydantic import Field
 
-from .._exceptions import ConfigError
+from .. import ConfigError
 from ..adapters import ExecTool
-from ..adapters.atropos import AgentEnv, AgentEnvConfig
+from ..adapters.atropos import AgentEnv, AgentEnvConfig, APIServerConfig
 from ..agent import AgentResult, AgentTask
-from ..testing._replay import task_marker
+from ..testing import task_marker
 from ._shell_data import SHELL_TASKS, ShellTask
 
 __all__ = ["ShellTasksEnv", "ShellTasksEnvConfig", "main"]

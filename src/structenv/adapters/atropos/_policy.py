@@ -1,6 +1,6 @@
 """The atroposlib policy adapter: the agent loop's :class:`Policy` over a BaseEnv's servers.
 
-Imported only by :mod:`structenv.adapters.atropos` (atroposlib is asyncio-only). With a
+Part of :mod:`structenv.adapters.atropos` (atroposlib is asyncio-only). With a
 token-tracking server (``server_type`` ``"vllm"`` or ``"sglang"``, or any server class that
 is not atroposlib's ``OpenAIServer``) every turn goes through ``ServerManager.managed_server()``:
 the ``ManagedServer`` keeps one node per trajectory across turns whose tokens are exactly what
@@ -18,9 +18,9 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from .._exceptions import PolicyError, ProtocolError
-from ..agent import Completion
-from ._sequence import MASK, TokenSequence
+from ..._exceptions import PolicyError, ProtocolError
+from ...agent import Completion
+from .._sequence import MASK, TokenSequence
 
 __all__ = ["AtroposPolicy", "open_atropos_policy", "server_tracks_tokens"]
 

@@ -1,7 +1,8 @@
 """AgentEnv: an Atropos ``BaseEnv`` whose trajectories call tools in sandboxes, structurally.
 
-This is the only structenv module importing atroposlib; it needs ``structenv[atropos]`` and
-runs on asyncio only (atroposlib uses aiohttp and ``asyncio.create_task``).
+Part of :mod:`structenv.adapters.atropos`, the only package importing atroposlib; it needs
+``structenv[atropos]`` and runs on asyncio only (atroposlib uses aiohttp and
+``asyncio.create_task``).
 
 Subclass :class:`AgentEnv`, implement ``get_next_item`` and :meth:`AgentEnv.build_task`, and
 score with :meth:`AgentEnv.score_trajectory` or, for checks that must run in the sandbox,
@@ -42,27 +43,20 @@ from typing import Any
 import anyio
 from atroposlib.envs.base import APIServerConfig, BaseEnv
 
-from .._config import ExecutorConfig
-from .._exceptions import StructEnvError
-from .._executor import ExecutorStatistics, ToolExecutor
-from .._runner import run_group
-from ..abc import SandboxBackend
-from ..agent import AgentConfig, AgentResult, AgentTask, hermes_system_prompt, run_agent
-from ..tools import ToolRegistry, ToolServerClient, default_registry
-from ._atropos_config import AgentEnvConfig, AgentEnvStatistics, GroupReport
-from ._atropos_policy import AtroposPolicy, open_atropos_policy
-from ._backends import BackendSettings, check_backend, create_backend
-from ._sequence import MemberOutcome, TokenSequence, build_scored_group, retokenize_messages
-from ._workspace import ExecTool
+from ..._config import ExecutorConfig
+from ..._exceptions import StructEnvError
+from ..._executor import ExecutorStatistics, ToolExecutor
+from ..._runner import run_group
+from ...abc import SandboxBackend
+from ...agent import AgentConfig, AgentResult, AgentTask, hermes_system_prompt, run_agent
+from ...tools import ToolRegistry, ToolServerClient, default_registry
+from .._backends import BackendSettings, check_backend, create_backend
+from .._sequence import MemberOutcome, TokenSequence, build_scored_group, retokenize_messages
+from .._workspace import ExecTool
+from ._config import AgentEnvConfig, AgentEnvStatistics, GroupReport
+from ._policy import AtroposPolicy, open_atropos_policy
 
-__all__ = [
-    "AgentEnv",
-    "AgentEnvConfig",
-    "AgentEnvStatistics",
-    "AtroposPolicy",
-    "GroupReport",
-    "open_atropos_policy",
-]
+__all__ = ["AgentEnv"]
 
 log = logging.getLogger("structenv.adapters.atropos")
 

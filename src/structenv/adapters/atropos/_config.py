@@ -1,6 +1,6 @@
 """AgentEnvConfig and the report types of :class:`~structenv.adapters.atropos.AgentEnv`.
 
-Imports atroposlib (``BaseEnvConfig``): imported only through ``structenv.adapters.atropos``.
+Imports atroposlib (``BaseEnvConfig``); part of the :mod:`structenv.adapters.atropos` package.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import Literal
 from atroposlib.envs.base import BaseEnvConfig
 from pydantic import Field, model_validator
 
-from .._executor import ExecutorStatistics
-from ._backends import KNOWN_BACKENDS
+from ..._executor import ExecutorStatistics
+from .._backends import KNOWN_BACKENDS
 
 __all__ = ["AgentEnvConfig", "AgentEnvStatistics", "GroupReport"]
 
