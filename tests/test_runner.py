@@ -6,7 +6,7 @@ import anyio
 import pytest
 
 from structenv import SlotBrokenError
-from structenv._runner import run_group
+from structenv import run_group
 from structenv.testing import virtual_time_backend
 
 pytestmark = pytest.mark.anyio

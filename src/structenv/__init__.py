@@ -20,6 +20,8 @@ from ._executor import ToolExecutor as ToolExecutor
 from ._executor import Trajectory as Trajectory
 from ._pool import PoolStatistics as PoolStatistics
 from ._pool import SlotPool as SlotPool
+from ._runner import Outcome as Outcome
+from ._runner import run_group as run_group
 from ._types import ExecRequest as ExecRequest
 from ._types import ExecResult as ExecResult
 from ._types import ToolCall as ToolCall
@@ -38,6 +40,7 @@ __all__ = [
     "ExecutorStatistics",
     "HostCrashedError",
     "LatencyStatistics",
+    "Outcome",
     "PolicyError",
     "PoolStatistics",
     "ProtocolError",
@@ -52,4 +55,5 @@ __all__ = [
     "ToolExecutor",
     "ToolResult",
     "Trajectory",
+    "run_group",
 ]
