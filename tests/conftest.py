@@ -21,7 +21,7 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
-    faulthandler.dump_traceback_later(HANG_GUARD_SECONDS, exit=True, file=sys.__stderr__)
+    faulthandler.dump_traceback_later(HANG_GUARD_SECONDS, exit=True, file=sys.__stderr__ or 2)
     try:
         return (yield)
     finally:

@@ -54,10 +54,12 @@ async def test_serve_mode_batches_and_worker_timeouts_leave_nothing(
     class ServeEnv(ShellTasksEnv):
         feeding = True
 
-        async def get_next_item(self) -> str | None:
+        async def get_next_item(self) -> str | None:  # type: ignore[override]  # None ends serving
             return await super().get_next_item() if self.feeding else None
 
-    solutions: dict[str, list[str | ReplayStep]] = dict(shell_task_solutions())
+    solutions: dict[str, list[str | ReplayStep]] = {
+        task: [*steps] for task, steps in shell_task_solutions().items()
+    }
     solutions["count-lines"] = [tool_call("terminal", command="sleep 60", timeout=120), "Done."]
     port = _free_port()
     api_url = f"http://127.0.0.1:{port}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import anyio
 import pytest
@@ -53,7 +54,7 @@ async def test_server_driver_against_a_real_host() -> None:
 
 @pytest.mark.parametrize("delay", [0.0, 0.3, 1.0])
 async def test_cancelled_drivers_leave_no_process(tmp_path: object, delay: float) -> None:
-    drivers = [
+    drivers: list[Callable[[], object]] = [
         functools.partial(_layers.worker_only, 10**7, str(tmp_path)),
         functools.partial(_layers.wakeup_rtt, 10**9, same_cpu=False),
     ]

@@ -12,7 +12,7 @@ import textwrap
 import anyio
 import pytest
 
-from structenv import ExecRequest, ExecutorConfig, SlotBrokenError, ToolExecutor
+from structenv import ExecRequest, ExecResult, ExecutorConfig, SlotBrokenError, ToolExecutor
 from structenv._reap import main as reap_main
 from structenv.backends._docker import reap_containers
 from test_docker_support import (
@@ -62,7 +62,7 @@ async def test_killed_container_mid_command() -> None:
         async with ToolExecutor(b, config=config) as executor:
             ((victim_host, victim_id),) = b.container_ids().items()
             victim_slots: set[str] = set()
-            outcome: list[object] = []
+            outcome: list[tuple[ExecResult, float]] = []
 
             async def doomed() -> None:
                 async with executor.trajectory("doomed") as traj:
@@ -77,7 +77,7 @@ async def test_killed_container_mid_command() -> None:
                     await _wait_for_process(victim_id, "sleep 1000")
                     await _docker_kill(victim_id)
             ((result, took),) = outcome
-            assert result.error is not None and result.exit_code is None, result  # type: ignore[attr-defined]
+            assert result.error is not None and result.exit_code is None, result
             assert took < 10
 
             # A replacement container serves new trajectories; the dead one's slots are gone.

@@ -26,6 +26,11 @@ from structenv._http import (
 )
 from test_http_server import TOKEN, App, Peer, _req
 
+
+async def _connect(port: int) -> anyio.abc.SocketStream:
+    return await anyio.connect_tcp("127.0.0.1", port)
+
+
 pytestmark = pytest.mark.anyio
 
 #: Deadlines long enough never to fire in a test that is not about them.
@@ -153,7 +158,7 @@ async def test_flood_of_unauthenticated_connections_does_not_lock_out_the_token_
 async def test_connection_cap_sheds_unauthenticated_then_refuses() -> None:
     limits = ConnectionLimits(head_timeout=60, idle_timeout=60, max_connections=2)
     async with serving(limits) as (listener, _), contextlib.AsyncExitStack() as stack:
-        connect = functools.partial(anyio.connect_tcp, "127.0.0.1", listener.port)
+        connect = functools.partial(_connect, listener.port)
         a = Peer(await stack.enter_async_context(await connect()))
         await a.send(_req("POST", "/echo", b"a"))
         assert (await a.response())[2] == b"a"
@@ -176,7 +181,7 @@ async def test_connection_cap_sheds_unauthenticated_then_refuses() -> None:
 async def test_without_a_token_every_connection_counts_as_authenticated() -> None:
     limits = ConnectionLimits(head_timeout=60, idle_timeout=60, max_unauthenticated=1)
     async with serving(limits, token=None) as (listener, _), contextlib.AsyncExitStack() as stack:
-        connect = functools.partial(anyio.connect_tcp, "127.0.0.1", listener.port)
+        connect = functools.partial(_connect, listener.port)
         a = Peer(await stack.enter_async_context(await connect()))
         await a.send(HALF_HEAD)
         b = Peer(await stack.enter_async_context(await connect()))
@@ -300,7 +305,7 @@ async def test_cancelling_serve_leaves_no_connection_behind() -> None:
     app = App()
     async with contextlib.AsyncExitStack() as stack:
         async with open_listener(host="127.0.0.1", port=0) as listener:
-            connect = functools.partial(anyio.connect_tcp, "127.0.0.1", listener.port)
+            connect = functools.partial(_connect, listener.port)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(
                     functools.partial(

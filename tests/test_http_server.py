@@ -272,7 +272,7 @@ async def test_unix_listener_is_private_and_cleaned_up(tmp_path: object) -> None
         assert stat.S_ISSOCK(os.stat(path).st_mode)
         tg.start_soon(functools.partial(listener.serve, app, max_body=10, token=None))
         async with await anyio.connect_unix(path) as stream:
-            peer = Peer(stream)  # type: ignore[arg-type]
+            peer = Peer(stream)
             await peer.send(b"POST /echo HTTP/1.1\r\ncontent-length: 2\r\n\r\nok")
             assert (await peer.response())[2] == b"ok"
         tg.cancel_scope.cancel()

@@ -73,7 +73,7 @@ async def test_no_lease_from_a_sandbox_near_its_end() -> None:
     async with open_modal_fake() as fake:
         async with backend(fake, max_sandboxes=2, slots_per_sandbox=1) as b:
             (old,) = b._hosts.values()
-            old.expires_at = anyio.current_time() + 69  # < trajectory_deadline + buffer left
+            old.expires_at = anyio.current_time() + 69  # type: ignore[attr-defined]  # ModalHost  # < trajectory_deadline + buffer left
             with anyio.fail_after(20):
                 slot = await b.acquire_slot()
             assert slot.host_id != old.id

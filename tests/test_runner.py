@@ -5,8 +5,7 @@ from __future__ import annotations
 import anyio
 import pytest
 
-from structenv import SlotBrokenError
-from structenv import run_group
+from structenv import SlotBrokenError, run_group
 from structenv.testing import virtual_time_backend
 
 pytestmark = pytest.mark.anyio

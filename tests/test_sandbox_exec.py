@@ -7,6 +7,7 @@ import pytest
 
 from structenv import ExecRequest, ExecResult, StaleLeaseError
 from structenv.backends import LocalBackend
+from structenv.sandbox._client import RemoteSlot
 from test_sandbox_support import (
     backend,
     find_processes,
@@ -143,6 +144,7 @@ async def test_reset_leaves_nothing(backend: LocalBackend) -> None:
             "echo x > /tmp/t; echo y > /dev/shm/s; sleep 1000 & setsid sleep 1001 &"
         )
     )
+    assert isinstance(slot, RemoteSlot)
     await slot.terminal("start")
     await slot.reset()
     result = await slot.exec(ExecRequest("ls -A /workspace /tmp /dev/shm"))
