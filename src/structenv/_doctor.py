@@ -17,7 +17,7 @@ import tempfile
 import anyio
 
 from ._exceptions import SandboxUnavailableError
-from .sandbox._bwrap import CGROUP_V1, Isolation, default_uid_base, probe_report, slot_uid
+from .sandbox import CGROUP_V1, Isolation, default_uid_base, probe_report, slot_uid
 
 __all__ = ["Check", "doctor", "format_report"]
 

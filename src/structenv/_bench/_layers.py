@@ -29,9 +29,16 @@ from collections.abc import Callable
 
 from anyio.from_thread import check_cancelled
 
-from ..sandbox import _seccomp, _worker
-from ..sandbox._bwrap import Isolation, default_uid_base, host_prefixes, slot_uid
-from ..sandbox._runtime import Limits, slot_argv
+from ..sandbox import (
+    WORKER_FILE,
+    Isolation,
+    Limits,
+    default_uid_base,
+    host_prefixes,
+    open_seccomp_program,
+    slot_argv,
+    slot_uid,
+)
 
 __all__ = ["posix_spawn_floor", "server_only", "wakeup_rtt", "worker_only"]
 
@@ -74,7 +81,7 @@ def _unhardened_argv(workspace: str) -> list[str]:
     ``bench exec``'s side-by-side cost of it: bwrap as root with a writable root and a plain
     ``/tmp``, no seccomp filter, no uid of the slot's own; today's worker inside."""
     config: dict[str, object] = {"pid1": True, "workspace": "/workspace", "tag": "bench"}
-    worker = os.path.realpath(_worker.__file__)
+    worker = WORKER_FILE
     argv = ["bwrap", "--unshare-all", "--cap-drop", "ALL", "--die-with-parent", "--new-session"]
     argv += ["--as-pid-1", "--ro-bind", "/usr", "/usr"]
     for link in ("bin", "lib", "lib64", "sbin"):
@@ -100,7 +107,7 @@ def worker_only(n: int, workspace: str, *, hardened: bool = True) -> tuple[list[
     if uid is not None:
         os.chown(workspace, uid if hardened else 0, uid if hardened else 0)
         os.chmod(workspace, 0o755)
-    fd = _seccomp.open_program(os.path.join(os.path.dirname(workspace), ".seccomp.bpf"))
+    fd = open_seccomp_program(os.path.join(os.path.dirname(workspace), ".seccomp.bpf"))
     try:
         argv = (
             slot_argv(Isolation(), workspace, name="bench", limits=Limits(), uid=uid, seccomp_fd=fd)

@@ -35,8 +35,7 @@ from .._config import ExecutorConfig
 from .._executor import ToolExecutor
 from .._types import ExecRequest, ExecResult
 from ..backends import LocalBackend
-from ..sandbox._bwrap import Isolation, bwrap_argv, default_uid_base, slot_uid
-from ..sandbox._client import RemoteSlot
+from ..sandbox import Isolation, RemoteSlot, bwrap_argv, default_uid_base, slot_uid
 from . import _layers
 from ._report import print_table, write_results
 

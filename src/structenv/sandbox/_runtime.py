@@ -45,7 +45,8 @@ _HEADER = struct.Struct(">I")
 BACKSTOP = 5.0
 #: Where the worker program is bound (read-only) inside the sandbox.
 WORKER_PATH = "/.structenv/worker.py"
-_WORKER_FILE = os.path.realpath(_worker.__file__)
+#: The worker program on the host (bound read-only into every slot at :data:`WORKER_PATH`).
+WORKER_FILE = os.path.realpath(_worker.__file__)
 #: Bound on waiting for a worker to acknowledge a kill after a cancelled request.
 KILL_GRACE = 2.0
 
@@ -116,12 +117,12 @@ def slot_argv(
             "nproc": limits.pids if uid is not None else 0,
         },
     }
-    program = WORKER_PATH if iso.sandboxed else _WORKER_FILE
+    program = WORKER_PATH if iso.sandboxed else WORKER_FILE
     argv = [os.path.realpath(sys.executable), "-I", "-S", program, json.dumps(config)]
     if not iso.sandboxed:
         return argv
     return bwrap_argv(
-        iso, workspace, argv, extra_ro=[(_WORKER_FILE, WORKER_PATH)], uid=uid,
+        iso, workspace, argv, extra_ro=[(WORKER_FILE, WORKER_PATH)], uid=uid,
         seccomp_fd=seccomp_fd, tmp_size=limits.tmp_size, shm_size=limits.shm_size,
         accounts=accounts,
     )  # fmt: skip
