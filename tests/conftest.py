@@ -28,4 +28,5 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
         faulthandler.cancel_dump_traceback_later()
 
 
-pytest_plugins = ["pytester"]
+#: The testing kit's plugin is opt-in (docs/testing.md); this suite uses its fixtures.
+pytest_plugins = ["pytester", "structenv.testing.pytest_plugin"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
+from pathlib import Path
+from xml.etree import ElementTree
 
 import anyio
 import pytest
@@ -83,52 +86,224 @@ async def test_child_processes_sees_a_real_child() -> None:
     assert proc.pid not in child_processes()
 
 
-_USER_SUITE = textwrap.dedent(
-    """
-    import pytest
-    import sniffio
-    from structenv import ExecRequest
+# -- the pytest plugin, used as an external project would use it ------------------------------
 
-    @pytest.mark.trio
-    async def test_under_pytest_trio(fake_executor, structenv_leak_check):
-        structenv_leak_check.watch(fake_executor)
-        assert sniffio.current_async_library() == "trio"
-        async with fake_executor.trajectory() as traj:
-            result = await traj.exec(ExecRequest("echo hi"))
-        assert result.stdout == b"hi\\n"
+#: Leaky tests and what each must be reported as, shared by the pytest-trio and anyio projects.
+#: Healthy tests run after the leaky ones: a leak must not break the loop for later tests.
+_LEAKY_TESTS = """
+import subprocess
+import sys
 
-    @pytest.mark.anyio
-    @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
-    async def test_under_anyio(fake_executor, structenv_leak_check, anyio_backend):
-        structenv_leak_check.watch(fake_executor)
-        assert sniffio.current_async_library() == anyio_backend
-        async with fake_executor.trajectory() as traj:
-            result = await traj.exec(ExecRequest("exit 3"))
-        assert result.exit_code == 3
+import pytest
 
-    @pytest.mark.trio
-    async def test_leak_is_reported(fake_backend, structenv_leak_check):
-        structenv_leak_check.watch(fake_backend)
-        async with fake_backend:
-            await fake_backend.acquire_slot()
-    """
-)
+from structenv import ExecRequest, SlotPool
 
 
-def test_fixtures_work_under_anyio_and_pytest_trio(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(test_user_suite=_USER_SUITE)
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-v")
-    # The leaking test itself passes; the leak check fails its teardown.
-    result.assert_outcomes(passed=4, errors=1)
-    result.stdout.fnmatch_lines(
-        [
-            "*test_under_pytest_trio PASSED*",
-            "*test_under_anyio?asyncio? PASSED*",
-            "*test_under_anyio?trio? PASSED*",
-            "*ERROR at teardown of test_leak_is_reported*",
-        ]
+async def test_slot_left_open(structenv_fake_backend, structenv_leak_check):
+    async with structenv_fake_backend:
+        pool = SlotPool(structenv_fake_backend)
+        structenv_leak_check.watch(pool)
+        slot = await pool.slot().__aenter__()
+        await slot.exec(ExecRequest("echo leaked"))
+
+
+async def test_trajectory_left_open(structenv_fake_executor):
+    traj = await structenv_fake_executor.trajectory().__aenter__()
+    await traj.exec(ExecRequest("echo leaked"))
+
+
+async def test_task_left_running(task_group, structenv_leak_check):
+    task_group.start_soon(sleep_forever)
+
+
+async def test_child_process_left(structenv_leak_check):
+    await start_process([sys.executable, "-c", "import sys; sys.stdin.read()"])
+
+
+async def test_backend_not_closed(structenv_fake_backend):
+    await structenv_fake_backend.__aenter__()
+
+
+async def test_raw_lease_not_released(structenv_fake_backend):
+    async with structenv_fake_backend:
+        await structenv_fake_backend.acquire_slot()
+
+
+async def test_failure_keeps_its_message(structenv_fake_executor):
+    await structenv_fake_executor.trajectory().__aenter__()
+    assert 1 + 1 == 3, "the test's own failure"
+
+
+def test_sync_child_process_left(structenv_leak_check):
+    subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+
+
+async def test_busy_but_clean(structenv_fake_executor):
+    async def one(i):
+        async with structenv_fake_executor.trajectory() as traj:
+            result = await traj.exec(ExecRequest(f"echo {i}"))
+            assert result.stdout == f"{i}\\n".encode()
+
+    async with create_task_group() as tg:
+        for i in range(8):
+            tg.start_soon(one, i)
+
+
+async def test_healthy_after_the_leaks(structenv_fake_executor, structenv_leak_check):
+    async with structenv_fake_executor.trajectory() as traj:
+        result = await traj.exec(ExecRequest("echo fine"))
+    assert result.stdout == b"fine\\n"
+    proc = await start_process(["true"])
+    await proc.wait()
+"""
+
+_TRIO_PROJECT = {
+    "pyproject.toml": """
+[tool.pytest.ini_options]
+trio_mode = true
+addopts = "-p structenv.testing.pytest_plugin"
+""",
+    "conftest.py": """
+import pytest
+import trio
+
+
+@pytest.fixture
+def task_group(nursery):
+    return nursery
+""",
+    "test_leaks.py": """
+import trio
+from trio import open_nursery as create_task_group
+from trio import sleep_forever
+
+
+async def start_process(argv):
+    return await trio.lowlevel.open_process(argv, stdin=-1)
+"""
+    + _LEAKY_TESTS,
+}
+
+_ANYIO_PROJECT = {
+    "pyproject.toml": """
+[tool.pytest.ini_options]
+anyio_mode = "auto"
+""",
+    "conftest.py": """
+import anyio
+import pytest
+
+pytest_plugins = ["structenv.testing.pytest_plugin"]
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request):
+    return request.param
+
+
+@pytest.fixture
+async def task_group():
+    async with anyio.create_task_group() as tg:
+        yield tg
+        tg.cancel_scope.cancel()
+""",
+    "test_leaks.py": """
+import anyio
+from anyio import create_task_group, sleep_forever
+
+
+async def start_process(argv):
+    return await anyio.open_process(argv, stdin=-1)
+"""
+    + _LEAKY_TESTS,
+}
+
+#: test name -> what its report must say (None: it must pass).
+_EXPECTED = {
+    "test_slot_left_open": "LeakError: 2 leaks: SlotPool slot(s) left leased: in_use=1",
+    "test_trajectory_left_open": "LeakError: 3 leaks: 1 trajectory(ies) left open",
+    "test_task_left_running": "LeakError: 1 leak: 1 task(s) started in the test left running:",
+    "test_child_process_left": "LeakError: 1 leak: child process(es) left running:",
+    "test_backend_not_closed": "LeakError: 1 leak: a FakeBackend started in the test was not "
+    "closed",
+    "test_raw_lease_not_released": "LeakError: 1 leak: FakeBackend slot(s) left leased: leased=1",
+    "test_failure_keeps_its_message": "structenv leak check, also: 3 leaks: 1 trajectory(ies)",
+    "test_sync_child_process_left": "LeakError: 1 leak: child process(es) left running:",
+    "test_busy_but_clean": None,
+    "test_healthy_after_the_leaks": None,
+}
+
+
+def _run_project(pytester: pytest.Pytester, files: dict[str, str]) -> dict[str, str]:
+    """Run a project in a fresh pytest process; each test id -> its report text ("" = pass)."""
+    for name, text in files.items():
+        (pytester.path / name).parent.mkdir(parents=True, exist_ok=True)
+        (pytester.path / name).write_text(textwrap.dedent(text).lstrip())
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "--junitxml=report.xml")
+    assert result.ret in (0, 1), result.stdout.str()
+    reports: dict[str, str] = {}
+    for case in ElementTree.parse(pytester.path / "report.xml").getroot().iter("testcase"):
+        texts = [(e.get("message") or "") + (e.text or "") for e in case]
+        key = case.get("name", "")
+        # A test that fails and errors at teardown gets two entries: keep both texts.
+        reports[key] = reports.get(key, "") + "\n".join(t for t in texts if t)
+    return reports
+
+
+def _check_reports(reports: dict[str, str], ids: list[str]) -> None:
+    for test, expected in _EXPECTED.items():
+        # A sync test is not parametrized over event loops.
+        for suffix in [""] if test.startswith("test_sync_") else ids:
+            report = reports[test + suffix]
+            if expected is None:
+                assert report == "", f"{test}{suffix} should pass:\n{report}"
+            else:
+                assert expected in report, f"{test}{suffix}:\n{report}"
+                # A leak is a leak report, never a confusing error about cancel scopes.
+                assert "cancel scope" not in report, f"{test}{suffix}:\n{report}"
+    assert "the test's own failure" in reports["test_failure_keeps_its_message" + ids[0]]
+
+
+def test_every_leak_is_reported_under_pytest_trio(pytester: pytest.Pytester) -> None:
+    reports = _run_project(pytester, _TRIO_PROJECT)
+    _check_reports(reports, [""])
+
+
+def test_every_leak_is_reported_under_the_anyio_plugin(pytester: pytest.Pytester) -> None:
+    reports = _run_project(pytester, _ANYIO_PROJECT)
+    _check_reports(reports, ["[asyncio]", "[trio]"])
+
+
+def test_the_plugin_is_opt_in(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_plain="""
+        import pytest
+
+        NAMES = ["structenv_fake_backend", "fake_backend", "fake_executor"]
+
+        @pytest.mark.parametrize("name", NAMES)
+        def test_no_kit_fixture(request, name):
+            with pytest.raises(pytest.FixtureLookupError):
+                request.getfixturevalue(name)
+        """
     )
-    result.stdout.fnmatch_lines(["*LeakError*leased*"])
+    pytester.runpytest_subprocess("-p", "no:randomly").assert_outcomes(passed=3)
+
+
+_DOC_BLOCK = re.compile(r"```(?:python|toml)\n# file: (trio|anyio)/(\S+)\n(.*?)```", re.DOTALL)
+
+
+@pytest.mark.parametrize(("project", "tests"), [("trio", 10), ("anyio", 20)])
+def test_the_examples_in_docs_testing_md_run(
+    pytester: pytest.Pytester, project: str, tests: int
+) -> None:
+    doc = (Path(__file__).parents[1] / "docs" / "testing.md").read_text()
+    files = {name: text for where, name, text in _DOC_BLOCK.findall(doc) if where == project}
+    assert "pyproject.toml" in files or "conftest.py" in files
+    for name, text in files.items():
+        (pytester.path / name).write_text(text)
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "-W", "error")
+    result.assert_outcomes(passed=tests)
 
 
 def test_exec_request_wire_round_trip() -> None:

@@ -1,7 +1,7 @@
 """Testing kit: a fake backend, the backend contract suite, leak checks, virtual time.
 
-Works under anyio's pytest plugin and under pytest-trio (the fixtures in
-``structenv.testing._plugin`` are registered automatically as a pytest plugin).
+Works under anyio's pytest plugin and under pytest-trio. The fixtures live in the opt-in
+pytest plugin :mod:`structenv.testing.pytest_plugin`; docs/testing.md shows every feature.
 """
 
 from ._clock import VirtualTimeEventLoop as VirtualTimeEventLoop
@@ -11,6 +11,7 @@ from ._contract import check_backend as check_backend
 from ._fake import ExecHandler as ExecHandler
 from ._fake import FakeBackend as FakeBackend
 from ._fake import FakeSlot as FakeSlot
+from ._leaks import LeakChecker as LeakChecker
 from ._leaks import LeakError as LeakError
 from ._leaks import assert_no_leaks as assert_no_leaks
 from ._leaks import child_processes as child_processes
@@ -39,6 +40,7 @@ __all__ = [
     "FakeSandbox",
     "FakeSlot",
     "Fault",
+    "LeakChecker",
     "LeakError",
     "NomadFake",
     "PolicyServer",
