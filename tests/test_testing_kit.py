@@ -96,7 +96,7 @@ import sys
 
 import pytest
 
-from structenv import ExecRequest, SlotPool
+from structenv import ExecRequest, SlotPool, ToolExecutor
 
 
 async def test_slot_left_open(structenv_fake_backend, structenv_leak_check):
@@ -110,6 +110,20 @@ async def test_slot_left_open(structenv_fake_backend, structenv_leak_check):
 async def test_trajectory_left_open(structenv_fake_executor):
     traj = await structenv_fake_executor.trajectory().__aenter__()
     await traj.exec(ExecRequest("echo leaked"))
+
+
+async def test_two_trajectories_left_open(structenv_fake_executor):
+    # Siblings: the kit must close the newer one first, as nested `async with` would.
+    await structenv_fake_executor.trajectory().__aenter__()
+    traj = await structenv_fake_executor.trajectory().__aenter__()
+    await traj.exec(ExecRequest("echo leaked"))
+
+
+async def test_executor_not_exited(structenv_fake_backend, structenv_leak_check):
+    await structenv_fake_backend.__aenter__()
+    executor = ToolExecutor(structenv_fake_backend)
+    structenv_leak_check.watch(executor)
+    await executor.__aenter__()
 
 
 async def test_task_left_running(task_group, structenv_leak_check):
@@ -222,6 +236,10 @@ async def start_process(argv):
 _EXPECTED = {
     "test_slot_left_open": "LeakError: 2 leaks: SlotPool slot(s) left leased: in_use=1",
     "test_trajectory_left_open": "LeakError: 3 leaks: 1 trajectory(ies) left open",
+    "test_two_trajectories_left_open": "LeakError: 3 leaks: 2 trajectory(ies) left open",
+    "test_executor_not_exited": "a ToolExecutor entered in the test was not exited; 2 task(s) "
+    "started in the test left running: 'structenv._batcher.Batcher._watch_deadlines', "
+    "'structenv._executor.ToolExecutor._serve_batcher'",
     "test_task_left_running": "LeakError: 1 leak: 1 task(s) started in the test left running:",
     "test_child_process_left": "LeakError: 1 leak: child process(es) left running:",
     "test_backend_not_closed": "LeakError: 1 leak: a FakeBackend started in the test was not "

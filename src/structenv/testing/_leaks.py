@@ -262,7 +262,7 @@ class LeakChecker:
         problems = self._problems()
         left = await _settled_new_tasks(baseline) if self.tasks else []
         if left:
-            names = ", ".join(repr(t.name) for t in left)
+            names = ", ".join(sorted(repr(t.name) for t in left))
             problems.append(f"{len(left)} task(s) started in the test left running: {names}")
         if problems:
             await generators.close_open()
