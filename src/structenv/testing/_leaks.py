@@ -2,11 +2,12 @@
 
 :func:`assert_no_leaks` checks objects' statistics at one instant. :class:`LeakChecker` (the
 ``structenv_leak_check`` fixture of :mod:`structenv.testing.pytest_plugin`) also remembers
-what was running when a test started, and checks *inside the event loop, the moment the test
-returns*: before anything else runs, an abandoned ``pool.slot()`` or ``trajectory()`` is still
-open (the loop's garbage-collection hooks have not yet finalised it), and a task the test
-started is still alive. After reporting, it closes what the test left open in the test's own
-task, so the leak does not corrupt the cancel scopes of later tests or fixtures.
+what was running when a test started, and checks *inside the event loop, as the test
+returns*, before any fixture is torn down: it holds every async generator the test's task
+opened, so an abandoned ``pool.slot()`` or ``trajectory()`` is still open (not finalised by
+the loop's garbage-collection hooks), and a task the test started is still alive. After
+reporting, it closes what the test left open in the test's own task, so the leak does not
+corrupt the cancel scopes of later tests or fixtures.
 """
 
 from __future__ import annotations
@@ -257,10 +258,10 @@ class LeakChecker:
     async def _finish(
         self, baseline: dict[tuple[int, int], anyio.TaskInfo], generators: _GeneratorTracker
     ) -> list[str]:
-        # Slots, trajectories and executors first, before anything else can run: the tracker
-        # still holds every generator the test opened, so none has been finalised behind it.
-        problems = self._problems()
+        # The tracker holds every generator the test opened, so letting tasks that are ending
+        # anyway finish first cannot finalise an abandoned slot or trajectory behind our back.
         left = await _settled_new_tasks(baseline) if self.tasks else []
+        problems = self._problems()
         if left:
             names = ", ".join(sorted(repr(t.name) for t in left))
             problems.append(f"{len(left)} task(s) started in the test left running: {names}")
@@ -270,14 +271,18 @@ class LeakChecker:
         return problems
 
     async def _close_watched(self) -> None:
-        for w in reversed(self._watched):
-            if w.was_running:
-                continue
-            if isinstance(w.obj, ToolExecutor) and _executor_running(w.obj):
-                await w.obj.__aexit__(None, None, None)
-        for w in reversed(self._watched):
-            if not w.was_running and isinstance(w.obj, SandboxBackend) and _backend_running(w.obj):
-                await w.obj.aclose()
+        # Executors before backends: the usual nesting. Best effort, like the generators.
+        for kind in (ToolExecutor, SandboxBackend):
+            for w in reversed(self._watched):
+                if w.was_running or not isinstance(w.obj, kind) or not _running(w.obj):
+                    continue
+                try:
+                    if isinstance(w.obj, ToolExecutor):
+                        await w.obj.__aexit__(None, None, None)
+                    elif isinstance(w.obj, SandboxBackend):
+                        await w.obj.aclose()
+                except Exception:
+                    pass  # the leak is being reported already
 
 
 def _task_key(task: anyio.TaskInfo) -> tuple[int, int]:
