@@ -194,8 +194,30 @@ from trio import sleep_forever
 
 async def start_process(argv):
     return await trio.lowlevel.open_process(argv, stdin=-1)
+
 """
     + _LEAKY_TESTS,
+    "test_crash.py": """
+import pytest
+import trio
+
+from structenv import ExecRequest
+
+
+@pytest.fixture
+async def crashing(nursery):
+    async def crash():
+        await trio.sleep(0)
+        raise ValueError("the fixture crashed")
+
+    nursery.start_soon(crash)
+
+
+async def test_cancelled_by_a_crashing_fixture(crashing, structenv_fake_executor):
+    # Cancelled inside a trajectory, inside the kit's wrapper: the crash is the report.
+    async with structenv_fake_executor.trajectory() as traj:
+        await traj.exec(ExecRequest("hang"))
+""",
 }
 
 _ANYIO_PROJECT = {
@@ -282,11 +304,17 @@ def _check_reports(reports: dict[str, str], ids: list[str]) -> None:
     assert "the test's own failure" in reports["test_failure_keeps_its_message" + ids[0]]
 
 
+@pytest.mark.slow
 def test_every_leak_is_reported_under_pytest_trio(pytester: pytest.Pytester) -> None:
     reports = _run_project(pytester, _TRIO_PROJECT)
     _check_reports(reports, [""])
+    # A test cancelled inside the kit's wrapper reports its cause, not a leak.
+    crash = reports["test_cancelled_by_a_crashing_fixture"]
+    assert "ValueError: the fixture crashed" in crash
+    assert "LeakError" not in crash and "cancel scope" not in crash.lower(), crash
 
 
+@pytest.mark.slow
 def test_every_leak_is_reported_under_the_anyio_plugin(pytester: pytest.Pytester) -> None:
     reports = _run_project(pytester, _ANYIO_PROJECT)
     _check_reports(reports, ["[asyncio]", "[trio]"])
@@ -311,6 +339,7 @@ def test_the_plugin_is_opt_in(pytester: pytest.Pytester) -> None:
 _DOC_BLOCK = re.compile(r"```(?:python|toml)\n# file: (trio|anyio)/(\S+)\n(.*?)```", re.DOTALL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("project", "tests"), [("trio", 10), ("anyio", 20)])
 def test_the_examples_in_docs_testing_md_run(
     pytester: pytest.Pytester, project: str, tests: int
