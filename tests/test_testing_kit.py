@@ -340,7 +340,7 @@ _DOC_BLOCK = re.compile(r"```(?:python|toml)\n# file: (trio|anyio)/(\S+)\n(.*?)`
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("project", "tests"), [("trio", 11), ("anyio", 21)])
+@pytest.mark.parametrize(("project", "tests"), [("trio", 13), ("anyio", 25)])
 def test_the_examples_in_docs_testing_md_run(
     pytester: pytest.Pytester, project: str, tests: int
 ) -> None:
