@@ -55,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("demo", help="run the shell-tasks example env end to end (offline)")
     sub.add_parser("policy-server", help="run the scripted policy server")
     sub.add_parser("image", help="build the sandbox image locally (no registry needed)")
-    sub.add_parser("reap", help="remove containers left behind by dead runs")
+    sub.add_parser("reap", help="remove work dirs and containers left behind by dead runs")
     doctor = sub.add_parser("doctor", help="report which isolation features work here")
     doctor.set_defaults(func=_doctor)
     bench = sub.add_parser("bench", help="run a benchmark; results go to benchmarks/results/")

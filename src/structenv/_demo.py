@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -80,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
         default="vllm",
     )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--debug", action="store_true", help="tracebacks for errors")
     return parser
 
 
@@ -112,7 +114,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _environment(env_vars), warnings.catch_warnings():
         # process mode warns once per group that the trainer's max length is unset (-1).
         warnings.filterwarnings("ignore", message="Trainer requested to ignore max length")
-        return anyio.run(_run, args, backend="asyncio")
+        # SIGINT/SIGTERM: one orderly shutdown, exit 128 + signal; errors: one line.
+        from ._main import report_error, run_until_signal
+
+        try:
+            return anyio.run(
+                functools.partial(run_until_signal, _run, args, prog="structenv demo"),
+                backend="asyncio",
+            )
+        except Exception as exc:
+            return report_error(exc, prog="structenv demo", debug=args.debug)
 
 
 async def _run(args: argparse.Namespace) -> int:

@@ -6,6 +6,12 @@ die with this process however it ends (even SIGKILL), and their sandboxes die wi
 (``--die-with-parent``). A supervisor task per host notices a crash, quarantines the host's
 slots (in-flight calls fail at once: their connections break) and starts a replacement.
 The slot bookkeeping is :class:`~structenv.backends._hosted.HostedBackend`'s.
+
+The run's work dir (``structenv-<pid>-*`` under ``/var/tmp``) holds an owner file
+(:mod:`~structenv.backends._ownership` labels). It is removed on close; if this process is
+killed outright (SIGKILL, a power cut), :func:`reap_workdirs` (``structenv reap``) removes it
+once its owner is gone. If the process is forced to exit (a second SIGINT/SIGTERM), an
+emergency cleanup (:mod:`structenv._emergency`) kills the hosts and removes it synchronously.
 """
 
 from __future__ import annotations
@@ -16,14 +22,17 @@ import json
 import logging
 import os
 import secrets
+import signal
 import sys
 import tempfile
+import time
 from typing import Literal
 
 import anyio
 import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 
+from .. import _emergency
 from .._exceptions import BackendError, ConfigError, SandboxUnavailableError, SlotBrokenError
 from .._types import DEFAULT_MAX_OUTPUT
 from ..abc import Slot
@@ -31,8 +40,14 @@ from ..sandbox._bwrap import remove_cgroup_tree
 from ..sandbox._client import HostClient
 from ..sandbox._files import remove_tree
 from ._hosted import Host, HostedBackend
+from ._ownership import ReapReport, owner_labels, owner_state
 
-__all__ = ["LocalBackend"]
+__all__ = ["LocalBackend", "reap_workdirs"]
+
+#: The owner file in a run's work dir (JSON owner labels, see ``_ownership``).
+OWNER_FILE = "owner.json"
+#: Name prefix of a run's work dir in the default base directory.
+WORKDIR_PREFIX = "structenv-"
 
 logger = logging.getLogger("structenv.backends.local")
 
@@ -137,6 +152,8 @@ class LocalBackend(HostedBackend):
         self._token = secrets.token_urlsafe(32)
         self._mode = "bwrap" if isolation != "none" else "none"
         self._counter = 0
+        self._procs: set[anyio.abc.Process] = set()  # every host process not yet reaped
+        self._emergency: int | None = None
 
     @property
     def sandboxed(self) -> bool:
@@ -144,15 +161,37 @@ class LocalBackend(HostedBackend):
 
     async def _prepare(self) -> None:
         self._root = await anyio.to_thread.run_sync(self._make_root)
+        self._emergency = _emergency.register(self._force_cleanup)
 
     def _make_root(self) -> str:
         # mkdtemp makes it 0700: sockets and workspaces are private to this process's user,
         # and no sandbox ever sees anything of it but its own bound workspace.
         if self._workdir_opt:
             os.makedirs(self._workdir_opt, mode=0o700, exist_ok=True)
-            return tempfile.mkdtemp(prefix="run-", dir=self._workdir_opt)
-        base = "/var/tmp" if os.path.isdir("/var/tmp") else None
-        return tempfile.mkdtemp(prefix=f"structenv-{os.getpid()}-", dir=base)
+            root = tempfile.mkdtemp(prefix="run-", dir=self._workdir_opt)
+        else:
+            root = tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-", dir=default_base())
+        labels = owner_labels(backend="local", run_id=os.path.basename(root), pool="local")
+        tmp = os.path.join(root, f".{OWNER_FILE}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(labels, f)
+        os.rename(tmp, os.path.join(root, OWNER_FILE))  # never a half-written owner file
+        return root
+
+    def _force_cleanup(self) -> None:
+        """Emergency exit (second signal): kill the hosts, remove their cgroups and the work
+        dir, synchronously and bounded. Runs on the event loop's thread before ``os._exit``."""
+        pids = [p.pid for p in self._procs if p.returncode is None]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 5.0
+        while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the process is about to exit: nothing else to wait for
+        if self._root:
+            _remove_workdir(self._root, patience=2.0)
 
     async def _launch_host(self) -> Host:
         """Start one host process and wait until it serves.
@@ -176,7 +215,9 @@ class LocalBackend(HostedBackend):
         if self._allow_network:
             argv.append("--allow-network")
         env = dict(os.environ, STRUCTENV_SANDBOX_TOKEN=self._token)
-        proc = await anyio.open_process(argv, env=env, stderr=None)
+        # A session of its own: a signal to our process group (Ctrl-C) does not reach it.
+        proc = await anyio.open_process(argv, env=env, stderr=None, start_new_session=True)
+        self._procs.add(proc)
         client: HostClient | None = None
         try:
             assert proc.stdout is not None
@@ -208,6 +249,7 @@ class LocalBackend(HostedBackend):
                 if client is not None:
                     await client.aclose()
                 await _terminate(proc)
+                self._procs.discard(proc)
             if isinstance(exc, _START_ERRORS):
                 raise BackendError(f"sandbox host failed to start: {exc!r}") from exc
             raise
@@ -222,6 +264,7 @@ class LocalBackend(HostedBackend):
     async def _stop_host(self, host: Host) -> None:
         assert isinstance(host, _ProcHost)
         await _terminate(host.proc)
+        self._procs.discard(host.proc)
         await anyio.to_thread.run_sync(_cleanup_host_files, host.id, host.workdir)
 
     async def _finish(self) -> None:
@@ -229,6 +272,9 @@ class LocalBackend(HostedBackend):
             await anyio.to_thread.run_sync(
                 functools.partial(remove_tree, self._root, keep_root=False)
             )
+        if self._emergency is not None:
+            _emergency.unregister(self._emergency)
+            self._emergency = None
 
     def workspace_path(self, slot: Slot) -> str:
         """Host directory of a slot's workspace (for diagnostics and tests; never shared
@@ -263,3 +309,79 @@ def _cleanup_host_files(host_id: str, workdir: str) -> None:
     """Remove a stopped host's cgroups (left behind if it was killed) and workspaces."""
     remove_cgroup_tree(host_id, patience=5.0)
     remove_tree(workdir, keep_root=False)  # slot-written trees: any depth, any mode
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie waiting for its parent has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] not in (b"Z", b"X")
+
+
+def _remove_workdir(root: str, *, patience: float) -> bool:
+    """Remove a run's work dir and the cgroups of its hosts (named like their directories)."""
+    try:
+        entries = os.listdir(root)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        entries = []
+    for name in entries:
+        if os.path.isdir(os.path.join(root, name)):
+            remove_cgroup_tree(name, patience=patience)
+    return remove_tree(root, keep_root=False)
+
+
+def default_base() -> str | None:
+    """Where runs' work dirs go by default (``/var/tmp``; the temp dir if it is missing)."""
+    return "/var/tmp" if os.path.isdir("/var/tmp") else None
+
+
+def reap_workdirs(*, base: str | None = None, dry_run: bool = False) -> ReapReport:
+    """Remove the work dirs (and host cgroups) of local runs whose owner process is gone.
+
+    Looks at ``structenv-*`` directories in ``base`` (default: where LocalBackend puts them)
+    and at ``run-*`` directories when ``base`` is a ``workdir=`` given to LocalBackend. A
+    directory is removed only if its owner file says its owner is dead on this host (pid
+    gone, pid reused or the machine rebooted); live runs', other hosts' and directories
+    without a readable owner file (not structenv's, or a run killed while creating it) are
+    left alone. Blocking.
+    """
+    base = base or default_base() or tempfile.gettempdir()
+    removed: list[str] = []
+    alive: list[str] = []
+    foreign: list[str] = []
+    failed: list[tuple[str, str]] = []
+    try:
+        names = sorted(os.listdir(base))
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        if not name.startswith((WORKDIR_PREFIX, "run-")):
+            continue
+        path = os.path.join(base, name)
+        try:
+            with open(os.path.join(path, OWNER_FILE)) as f:
+                labels = json.load(f)
+            state = owner_state({str(k): str(v) for k, v in dict(labels).items()})
+        except (OSError, ValueError, TypeError):
+            continue  # not a structenv work dir (or not ours to judge)
+        if state == "alive":
+            alive.append(path)
+        elif state == "foreign":
+            foreign.append(path)
+        elif state == "dead":
+            if dry_run or _remove_workdir(path, patience=5.0):
+                removed.append(path)
+            else:
+                failed.append((path, "could not remove every entry"))
+    return ReapReport(
+        removed=tuple(removed),
+        alive=tuple(alive),
+        foreign=tuple(foreign),
+        failed=tuple(failed),
+        dry_run=dry_run,
+    )

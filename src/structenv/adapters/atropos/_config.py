@@ -6,13 +6,14 @@ Imports atroposlib (``BaseEnvConfig``); part of the :mod:`structenv.adapters.atr
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 from atroposlib.envs.base import BaseEnvConfig
 from pydantic import Field, model_validator
 
 from ..._executor import ExecutorStatistics
 from .._backends import KNOWN_BACKENDS
+from ._cli import list_fields, parse_list_flag
 
 __all__ = ["AgentEnvConfig", "AgentEnvStatistics", "GroupReport"]
 
@@ -20,7 +21,9 @@ __all__ = ["AgentEnvConfig", "AgentEnvStatistics", "GroupReport"]
 class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]  # atroposlib is untyped
     """Configuration of an :class:`AgentEnv`: BaseEnv's fields plus sandbox and agent knobs.
 
-    Every field is also a ``--env.<name>`` flag of the env's ``serve`` / ``process`` CLI.
+    Every field is also a ``--env.<name>`` flag of the env's ``serve`` / ``process`` CLI and
+    an ``env:`` key of its ``--config`` YAML file. A list field given as text (a flag, or a
+    YAML string) is comma-separated (``default,files``), a JSON list, or ``None``.
     """
 
     backend: Literal["local", "docker", "nomad", "modal"] = Field(
@@ -92,6 +95,15 @@ class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]  # atroposlib is unty
     shutdown_grace_s: float = Field(
         default=30.0, gt=0, description="Seconds the executor and backend may take to stop."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lists_from_text(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            texts = {k for k in list_fields(cls) & data.keys() if isinstance(data[k], str)}
+            if texts:
+                data = {**data, **{k: parse_list_flag(data[k]) for k in texts}}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> AgentEnvConfig:

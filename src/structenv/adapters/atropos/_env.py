@@ -53,6 +53,7 @@ from ...tools import ToolRegistry, ToolServerClient, default_registry
 from .._backends import BackendSettings, check_backend, create_backend
 from .._sequence import MemberOutcome, TokenSequence, build_scored_group, retokenize_messages
 from .._workspace import ExecTool
+from ._cli import accept_list_flags, run_cli, with_cli_signals
 from ._config import AgentEnvConfig, AgentEnvStatistics, GroupReport
 from ._policy import AtroposPolicy, open_atropos_policy
 
@@ -133,6 +134,26 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
             server_type="vllm", base_url="http://127.0.0.1:8000/v1", health_check=False
         )
         return config, [server]
+
+    @classmethod
+    def cli(cls) -> None:
+        """atroposlib's ``serve | process | evaluate`` CLI, where every config field is a flag
+        (list fields too: ``--env.enabled_toolsets default,files``), SIGINT/SIGTERM run one
+        orderly shutdown (exit ``128 + signal``; a second signal stops at once) and an error
+        is one line (``--debug`` for the traceback). See ``docs/writing-an-env.md``."""
+        run_cli(cls, super().cli)
+
+    @classmethod
+    def get_cli_serve_config_cls(cls) -> type:
+        return accept_list_flags(super().get_cli_serve_config_cls())
+
+    @classmethod
+    def get_cli_process_config_cls(cls) -> type:
+        return accept_list_flags(super().get_cli_process_config_cls())
+
+    @classmethod
+    def get_cli_evaluate_config_cls(cls) -> type:
+        return accept_list_flags(super().get_cli_evaluate_config_cls())
 
     @classmethod
     def cli_main(cls, argv: list[str] | None = None) -> int:
@@ -244,9 +265,14 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
     async def env_manager(self) -> None:
         """BaseEnv's ``serve`` loop inside a sandbox session.
 
+        Under :meth:`cli`, the first SIGINT/SIGTERM cancels it (see :meth:`cli`).
+
         Cancellation: the loop's workers are cancelled by the loop; the session is torn down
         (shielded, bounded) before the cancellation propagates.
         """
+        await with_cli_signals(self._env_manager)
+
+    async def _env_manager(self) -> None:
         async with self.sandbox_session():
             try:
                 await super().env_manager()
@@ -259,6 +285,9 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
 
         Cancellation: as :meth:`env_manager`.
         """
+        await with_cli_signals(self._process_manager)
+
+    async def _process_manager(self) -> None:
         async with self.sandbox_session():
             try:
                 await super().process_manager()
