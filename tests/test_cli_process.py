@@ -1,0 +1,457 @@
+"""The commands as a user runs them, each in a fresh process: the env's Atropos CLI (list flags,
+``--config``), signals (SIGTERM / SIGINT to the process group / a double SIGINT while
+trajectories run), ``structenv reap`` of a SIGKILLed run's work dir, and one-line start-up
+errors (no bwrap, a bug in a user hook, a bad config value).
+
+Conditions, not guesses: the scripted policy server answers every task with a tool call running
+``sleep <marker>``, so "trajectories are running" is "that many marker processes exist"
+(walking /proc); the shutdown's one line is waited for before a second signal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from structenv.agent import build_tiny_tokenizer
+from structenv.examples._shell_data import SHELL_TASKS, tool_call
+from structenv.testing._leaks import cmdline
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+STRUCTENV = shutil.which("structenv")
+ENV_MODULE = "structenv.examples.shell_tasks"
+START_DEADLINE = 240.0  # imports and a sandbox host start on 2 loaded cores
+
+
+def wait_for(condition: Callable[[], object], *, deadline: float, what: str) -> object:
+    """Poll ``condition`` until it is truthy (a condition with a deadline, not a guess)."""
+    end = time.monotonic() + deadline
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def processes_matching(needle: bytes) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and needle in cmdline(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+class Output:
+    """A process's stdout and stderr, drained by threads; line counts can be marked."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self._proc = proc
+        self.lines: dict[str, list[str]] = {"out": [], "err": []}
+        self._threads = [
+            threading.Thread(target=self._drain, args=(proc.stdout, "out"), daemon=True),
+            threading.Thread(target=self._drain, args=(proc.stderr, "err"), daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def _drain(self, stream: object, key: str) -> None:
+        assert stream is not None
+        for raw in stream:  # type: ignore[attr-defined]
+            self.lines[key].append(raw.decode(errors="replace").rstrip("\n"))
+
+    def join(self) -> None:
+        for t in self._threads:
+            t.join(timeout=30)
+        for stream in (self._proc.stdout, self._proc.stderr):
+            if stream is not None:
+                stream.close()
+
+    def text(self) -> str:
+        return "\n".join(self.lines["out"] + self.lines["err"])
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> str:
+    return str(build_tiny_tokenizer())
+
+
+@contextlib.contextmanager
+def policy_server(solutions: Path) -> Iterator[str]:
+    """``structenv policy-server`` replaying ``solutions``; yields its base URL."""
+    assert STRUCTENV is not None
+    with subprocess.Popen(
+        [STRUCTENV, "policy-server", "--solutions", str(solutions)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            url = proc.stdout.readline().decode().strip()
+            assert url.startswith("http://127.0.0.1:"), url
+            yield url
+        finally:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def sleeping_policy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """A scripted policy server whose every task's first turn runs ``sleep <marker>``."""
+    marker = f"4321.{secrets.randbelow(10**6):06d}"
+    step = tool_call("terminal", command=f"sleep {marker}", timeout=600)
+    path = tmp_path_factory.mktemp("policy") / "solutions.json"
+    path.write_text(json.dumps({task.id: [step, "done"] for task in SHELL_TASKS}))
+    with policy_server(path) as url:
+        yield url, marker
+
+
+def env_args(tokenizer: str, base_url: str, out: Path, *extra: str) -> list[str]:
+    return [
+        "--env.tokenizer_name", tokenizer, "--env.use_wandb", "False",
+        "--env.data_path_to_save_groups", str(out / "groups.jsonl"),
+        "--openai.base_url", base_url, "--openai.model_name", "scripted",
+        "--openai.api_key", "x", "--openai.tokenizer_name", tokenizer,
+        "--env.slots_per_host", "2", "--env.tool_timeout_s", "600", *extra,
+    ]  # fmt: skip
+
+
+def fresh_env() -> dict[str, str]:
+    return dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+
+
+# -- 11.6: every field is a flag; --config --------------------------------------------------
+
+
+def test_list_flags_and_config_file_from_a_fresh_process(tmp_path: Path, tokenizer: str) -> None:
+    """List fields from the YAML file (a real list) and from flags (repeated, comma-separated,
+    empty) reach the env: the tasks run in the given order and the toolsets' tools are
+    offered to the model."""
+    from structenv.examples._shell_data import shell_task_solutions
+
+    solutions = tmp_path / "solutions.json"
+    solutions.write_text(
+        json.dumps({k: [s.text for s in v] for k, v in shell_task_solutions().items()})
+    )
+    with policy_server(solutions) as url:
+        config = tmp_path / "cfg.yaml"
+        config.write_text(
+            "env:\n  total_steps: 2\n  group_size: 1\n"
+            "  task_ids: [count-lines, fix-add]\n  disabled_toolsets: terminal\n"
+        )
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                ENV_MODULE,
+                "process",
+                "--config",
+                str(config),
+                *env_args(tokenizer, url, tmp_path),
+                "--env.enabled_toolsets",
+                "default",
+                "--env.enabled_toolsets=filesystem",
+                "--env.disabled_toolsets=",
+            ],  # fmt: skip
+            capture_output=True,
+            text=True,
+            env=fresh_env(),
+            timeout=START_DEADLINE,
+            check=False,
+        )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    groups = [json.loads(line) for line in (tmp_path / "groups.jsonl").read_text().splitlines()]
+    assert len(groups) == 2
+    prompts = [next(m["content"] for m in g["messages"][0] if m["role"] == "user") for g in groups]
+    assert "[task:count-lines]" in prompts[0] and "[task:fix-add]" in prompts[1]
+    system = groups[0]["messages"][0][0]["content"]
+    # filesystem's list_files is offered; terminal is back (the flag emptied disabled_toolsets).
+    assert '"list_files"' in system and '"terminal"' in system
+
+
+def test_list_flag_as_json_reaches_the_env_and_bad_ids_are_one_line(tmp_path: Path) -> None:
+    """A JSON list keeps an item holding a comma; the env's own check names it, in one line."""
+    proc = subprocess.run(
+        [sys.executable, "-m", ENV_MODULE, "process", "--env.task_ids", '["no,such", "task"]',
+         "--env.use_wandb", "False", "--env.data_path_to_save_groups", str(tmp_path / "g.jsonl")],
+        capture_output=True, text=True, env=fresh_env(), timeout=START_DEADLINE, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ShellTasksEnv process: error: ConfigError: unknown task ids")
+    assert "['no,such', 'task']" in last
+
+
+# -- 11.8: signals --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "signals"),
+    [
+        ("process", [signal.SIGTERM]),
+        ("process", [signal.SIGINT]),
+        ("process", [signal.SIGINT, signal.SIGINT]),
+        ("demo", [signal.SIGTERM]),
+    ],
+    ids=["process-sigterm", "process-sigint", "process-double-sigint", "demo-sigterm"],
+)
+def test_signal_to_the_process_group_while_trajectories_run(
+    tmp_path: Path,
+    tokenizer: str,
+    sleeping_policy: tuple[str, str],
+    command: str,
+    signals: list[signal.Signals],
+) -> None:
+    url, marker = sleeping_policy
+    group_size = 2
+    if command == "demo":
+        assert STRUCTENV is not None
+        argv = [STRUCTENV, "demo", "--groups", "3", "--group-size", str(group_size),
+                "--out", str(tmp_path), "--tokenizer", tokenizer, "--quiet",
+                "--openai.base_url", url, "--openai.model_name", "scripted"]  # fmt: skip
+    else:
+        argv = [sys.executable, "-m", ENV_MODULE, command,
+                *env_args(tokenizer, url, tmp_path, "--env.total_steps", "3",
+                          "--env.group_size", str(group_size))]  # fmt: skip
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=fresh_env(),
+        start_new_session=True,  # its own process group, as a shell job would be
+        cwd=tmp_path,
+    )
+    output = Output(proc)
+    try:
+        needle = f"sleep\0{marker}\0".encode()
+        wait_for(
+            lambda: len(processes_matching(needle)) >= group_size or proc.poll() is not None,
+            deadline=START_DEADLINE,
+            what="every member's tool call to run in its sandbox",
+        )
+        assert proc.poll() is None, output.text()[-3000:]
+        workdirs = glob.glob(f"/var/tmp/structenv-{proc.pid}-*")
+        assert len(workdirs) == 1
+        marks = {k: len(v) for k, v in output.lines.items()}
+        os.killpg(proc.pid, signals[0])
+        if len(signals) > 1:
+            wait_for(
+                lambda: any("shutting down" in line for line in output.lines["err"]),
+                deadline=60,
+                what="the shutdown line",
+            )
+            os.killpg(proc.pid, signals[1])
+        status = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output.join()
+    assert status == 128 + signals[0], output.text()[-3000:]
+    after = output.lines["err"][marks["err"] :] + output.lines["out"][marks["out"] :]
+    assert len(after) == 1, "\n".join(after)
+    name = signals[0].name
+    assert after[0].endswith(f"{name} received; shutting down (send it again to stop at once)"), (
+        after
+    )
+    # Nothing of the run is left: no host, bwrap or command, no work dir.
+    gone = [f"se{proc.pid}-".encode(), f"structenv-{proc.pid}-".encode(), needle]
+    wait_for(
+        lambda: not any(processes_matching(n) for n in gone),
+        deadline=10,
+        what="the run's processes to be gone",
+    )
+    assert not os.path.exists(workdirs[0])
+
+
+# -- 11.8: structenv reap removes a SIGKILLed run's local work dir --------------------------
+
+_HOLD_A_SLOT = """
+import sys, anyio
+from structenv import ExecRequest
+from structenv.backends import LocalBackend
+
+async def main():
+    async with LocalBackend(hosts=1, slots_per_host=1, workdir=sys.argv[1]) as backend:
+        slot = await backend.acquire_slot()
+        await slot.exec(ExecRequest("mkdir -p d && echo data > d/f", timeout=30))
+        print("ready", flush=True)
+        await anyio.sleep_forever()
+
+anyio.run(main)
+"""
+
+
+def test_reap_removes_the_work_dir_of_a_sigkilled_run_only(tmp_path: Path) -> None:
+    assert STRUCTENV is not None
+    base = tmp_path / "work"
+    base.mkdir()
+    stranger = base / "run-not-structenv"  # no owner file: never touched
+    stranger.mkdir()
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _HOLD_A_SLOT, str(base)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        return proc
+
+    dead, live = start(), start()
+    try:
+        runs = {p.name for p in base.glob("run-*") if (p / "owner.json").is_file()}
+        assert len(runs) == 2
+        owner = {r: json.loads((base / r / "owner.json").read_text()) for r in runs}
+        (dead_run,) = [r for r in runs if owner[r]["org.structenv.owner.pid"] == str(dead.pid)]
+        os.kill(dead.pid, signal.SIGKILL)
+        dead.wait()
+        # Its host sees its stdin close and exits by itself; the work dir stays behind.
+        wait_for(
+            lambda: not processes_matching(f"se{dead.pid}-".encode()),
+            deadline=30,
+            what="the killed run's host to exit",
+        )
+        assert (base / dead_run).is_dir()
+
+        dry = subprocess.run(
+            [STRUCTENV, "reap", "--local", "--workdir", str(base), "--dry-run"],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        assert "would remove 1 work dir(s) of dead runs" in dry.stdout
+        assert (base / dead_run).is_dir()
+        done = subprocess.run(
+            [STRUCTENV, "reap", "--local", "--workdir", str(base), "--json"],
+            capture_output=True, text=True, timeout=60, check=True,
+        )  # fmt: skip
+        report = json.loads(done.stdout)
+        assert report["removed"] == [str(base / dead_run)]
+        assert len(report["alive"]) == 1
+        assert not (base / dead_run).exists()
+        assert stranger.is_dir()
+        assert {p.name for p in base.glob("run-*")} == (runs - {dead_run}) | {stranger.name}
+    finally:
+        for proc in (dead, live):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+                proc.wait(timeout=60)
+            assert proc.stdout is not None
+            proc.stdout.close()
+    assert {p.name for p in base.iterdir()} == {stranger.name}  # the live run cleaned up
+
+
+# -- 11.9: start-up errors are one line -----------------------------------------------------
+
+
+def last_line(stderr: str) -> str:
+    return stderr.strip().splitlines()[-1]
+
+
+def test_missing_bwrap_is_one_line_with_the_fix(tmp_path: Path, tokenizer: str) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()  # PATH without bwrap (the interpreter is started by its full path)
+    env = dict(fresh_env(), PATH=str(empty))
+    assert STRUCTENV is not None
+    runs = {
+        "ShellTasksEnv process": [
+            sys.executable, "-m", ENV_MODULE, "process",
+            *env_args(tokenizer, "http://127.0.0.1:9/v1", tmp_path),
+        ],
+        "structenv demo": [
+            sys.executable, STRUCTENV, "demo", "--groups", "1", "--group-size", "1",
+            "--out", str(tmp_path / "demo"), "--quiet",
+        ],
+    }  # fmt: skip
+    for prog, argv in runs.items():
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, env=env, timeout=START_DEADLINE, check=False
+        )
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+        assert last_line(proc.stderr) == (
+            f"{prog}: error: SandboxUnavailableError: bwrap not found "
+            "(apt-get install -y bubblewrap)"
+        )
+
+
+_BUGGY_ENV = """
+from structenv.examples.shell_tasks import ShellTasksEnv
+
+class BuggyEnv(ShellTasksEnv):
+    async def setup_agent_env(self):
+        raise KeyError("no-such-column")
+
+if __name__ == "__main__":
+    BuggyEnv.cli()
+"""
+
+
+def test_bug_in_a_user_hook_is_one_line_and_debug_shows_the_traceback(
+    tmp_path: Path, tokenizer: str
+) -> None:
+    module = tmp_path / "buggy_env.py"
+    module.write_text(_BUGGY_ENV)
+    argv = [sys.executable, str(module), "process",
+            *env_args(tokenizer, "http://127.0.0.1:9/v1", tmp_path)]  # fmt: skip
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, env=fresh_env(), timeout=START_DEADLINE, check=False
+    )
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert last_line(proc.stderr) == (
+        "BuggyEnv process: error: KeyError: 'no-such-column' "
+        f"(raised in setup_agent_env at {module}:6) (run with --debug for the traceback)"
+    )
+    debug = subprocess.run(
+        [*argv, "--debug"],
+        capture_output=True,
+        text=True,
+        env=fresh_env(),
+        timeout=START_DEADLINE,
+        check=False,
+    )
+    assert debug.returncode == 1
+    assert "Traceback" in debug.stderr and 'raise KeyError("no-such-column")' in debug.stderr
+    assert last_line(debug.stderr).startswith("BuggyEnv process: error: KeyError")
+
+
+def test_bad_config_values_are_one_line_naming_the_field_and_its_values(tmp_path: Path) -> None:
+    flag = subprocess.run(
+        [sys.executable, "-m", ENV_MODULE, "process", "--env.failure_policy", "drop"],
+        capture_output=True, text=True, env=fresh_env(), timeout=START_DEADLINE, check=False,
+    )  # fmt: skip
+    assert flag.returncode == 1
+    assert "Traceback" not in flag.stderr
+    assert last_line(flag.stderr) == (
+        "ShellTasksEnv process: error: invalid configuration: env.failure_policy: "
+        "Input should be 'mask' or 'drop_group' (got 'drop')"
+    )
+    config = tmp_path / "cfg.yaml"
+    config.write_text("env:\n  check: sometimes\n")
+    yaml = subprocess.run(
+        [sys.executable, "-m", ENV_MODULE, "process", "--config", str(config)],
+        capture_output=True, text=True, env=fresh_env(), timeout=START_DEADLINE, check=False,
+    )  # fmt: skip
+    assert yaml.returncode == 1
+    assert "Traceback" not in yaml.stderr
+    assert last_line(yaml.stderr) == (
+        "ShellTasksEnv process: error: invalid configuration: env.check: "
+        "Input should be 'auto', 'pytest' or 'runner' (got 'sometimes')"
+    )
