@@ -166,7 +166,7 @@ def test_list_flags_and_config_file_from_a_fresh_process(tmp_path: Path, tokeniz
                 "default",
                 "--env.enabled_toolsets=filesystem",
                 "--env.disabled_toolsets=",
-            ],  # fmt: skip
+            ],
             capture_output=True,
             text=True,
             env=fresh_env(),

@@ -32,6 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, model_validator
 
+from ..._exceptions import ConfigError
 from ..._main import report_error, run_until_signal
 
 __all__ = [
@@ -70,15 +71,18 @@ def parse_list_flag(text: str) -> list[Any] | None:
     ``""`` -> ``[]``; ``None`` -> ``None``.
 
     Raises:
-        ValueError: Text starting with ``[`` that is not a JSON list.
+        ConfigError: Text starting with ``[`` that is not a JSON list.
     """
     text = text.strip()
     if text == "None":
         return None
     if text.startswith("["):
-        value = json.loads(text)
+        try:
+            value = json.loads(text)
+        except ValueError as exc:
+            raise ConfigError(f"not a JSON list: {text!r} ({exc})") from exc
         if not isinstance(value, list):
-            raise ValueError(f"not a JSON list: {text!r}")
+            raise ConfigError(f"not a JSON list: {text!r}")
         return value
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -88,7 +92,7 @@ def normalize_argv(argv: list[str], fields: set[str]) -> list[str]:
     ``--<name>=<JSON list>`` at the place of its first occurrence; other arguments unchanged.
 
     Raises:
-        ValueError: A value is not a valid list (see :func:`parse_list_flag`).
+        ConfigError: A value is not a valid list (see :func:`parse_list_flag`).
     """
     out: list[str | tuple[str]] = []
     values: dict[str, list[Any] | None] = {}
@@ -110,7 +114,10 @@ def normalize_argv(argv: list[str], fields: set[str]) -> list[str]:
             values[name] = []
             out.append((name,))
         for text in texts:
-            parsed = parse_list_flag(text)
+            try:
+                parsed = parse_list_flag(text)
+            except ConfigError as exc:
+                raise ConfigError(f"--{name}: {exc}") from exc
             current = values[name]
             if parsed is None or current is None:
                 values[name] = parsed  # None replaces; a later list replaces None

@@ -1,0 +1,75 @@
+"""The env CLI's list flags and the one-line error report, in-process (the fresh-process
+behaviour is in ``test_cli_process.py``)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from structenv._exceptions import ConfigError, SandboxUnavailableError
+from structenv._main import describe_error
+from structenv.adapters.atropos import AgentEnvConfig
+from structenv.adapters.atropos._cli import normalize_argv, parse_list_flag
+
+FIELDS = {"env.enabled_toolsets", "env.task_ids"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--env.task_ids", "a,b"], ["a", "b"]),
+        (["--env.task_ids=a, b,"], ["a", "b"]),
+        (["--env.task_ids", "a", "b"], ["a", "b"]),
+        (["--env.task_ids", "a", "--env.task_ids", "b,c"], ["a", "b", "c"]),
+        (["--env.task_ids", '["a,b", "c"]'], ["a,b", "c"]),
+        (["--env.task_ids="], []),
+        (["--env.task_ids", "None"], None),
+        (["--env.task_ids"], []),
+    ],
+)
+def test_list_flags_become_one_json_flag(argv: list[str], expected: list[str] | None) -> None:
+    out = normalize_argv(["process", *argv, "--env.group_size", "2"], FIELDS)
+    assert out == ["process", f"--env.task_ids={json.dumps(expected)}", "--env.group_size", "2"]
+
+
+def test_other_flags_are_untouched_and_bad_json_is_refused() -> None:
+    argv = ["serve", "--env.group_size", "4", "--openai.base_url", "http://x", "--slurm"]
+    assert normalize_argv(argv, FIELDS) == argv
+    with pytest.raises(ConfigError, match=r"^--env.task_ids: not a JSON list: '\[1' "):
+        normalize_argv(["--env.task_ids", "[1"], FIELDS)
+    with pytest.raises(ConfigError, match="not a JSON list"):
+        parse_list_flag('["a"]]')
+
+
+def test_config_accepts_text_for_list_fields() -> None:
+    config = AgentEnvConfig(enabled_toolsets="default, filesystem", disabled_toolsets="")
+    assert config.enabled_toolsets == ["default", "filesystem"]
+    assert config.disabled_toolsets == []
+    assert AgentEnvConfig(enabled_toolsets='["terminal"]').enabled_toolsets == ["terminal"]
+
+
+def test_errors_are_one_line_through_exception_groups() -> None:
+    error = SandboxUnavailableError("bwrap not found (apt-get install -y bubblewrap)")
+    group = BaseExceptionGroup("outer", [ExceptionGroup("inner", [error])])
+    assert describe_error(group) == (
+        "SandboxUnavailableError: bwrap not found (apt-get install -y bubblewrap)"
+    )
+    with pytest.raises(ValidationError) as info:
+        AgentEnvConfig(failure_policy="drop")
+    assert describe_error(info.value, prefixes={"AgentEnvConfig": "env."}) == (
+        "invalid configuration: env.failure_policy: Input should be 'mask' or 'drop_group' "
+        "(got 'drop')"
+    )
+
+    def hook() -> None:
+        raise KeyError("multi\nline")
+
+    try:
+        hook()
+    except KeyError as exc:
+        line = describe_error(ExceptionGroup("g", [exc, RuntimeError("second")]))
+    assert "\n" not in line
+    assert line.startswith("KeyError: 'multi\\nline' (raised in hook at ")
+    assert line.endswith("(and 1 more error(s))")
