@@ -1,13 +1,13 @@
 """How structenv's commands behave as processes: signals, and errors that end a command.
 
 Signals (:func:`run_until_signal`): the first SIGINT or SIGTERM (Ctrl-C, ``timeout``, slurm,
-Kubernetes) prints one line and cancels the work, so the orderly shutdown runs once: every
-slot released, hosts stopped, the run's work dir removed. The command then exits with
-``128 + signal`` (:class:`Interrupted`). A second signal while that shutdown runs stops at
-once: the emergency cleanups (:mod:`structenv._emergency`: host processes killed, work dirs
-removed) run synchronously and the process exits with the same status. Sandbox hosts run in
-sessions of their own, so the terminal's Ctrl-C reaches only this process, never the hosts
-before it.
+Kubernetes) prints one line and cancels the work (nothing else is printed about it), so the
+orderly shutdown runs once: every slot released, hosts stopped, the run's work dir removed.
+The command then exits with ``128 + signal`` (:class:`Interrupted`). A second signal while
+that shutdown runs prints a second line and stops at once: the emergency cleanups
+(:mod:`structenv._emergency`: host processes killed, work dirs removed) run synchronously and
+the process exits with the same status. Sandbox hosts run in sessions of their own, so the
+terminal's Ctrl-C reaches only this process, never the hosts before it.
 
 Errors (:func:`describe_error`, :func:`report_error`): an error that ends a command is one
 line on stderr saying what failed and what to do (the exception-group structure of task
@@ -93,6 +93,8 @@ async def run_until_signal(fn: Callable[..., Awaitable[T]], *args: Any, prog: st
                     )
                     work_scope.cancel()
                 else:
+                    name = signal.Signals(signum).name
+                    print(f"{prog}: {name} received again; stopping at once", file=sys.stderr)
                     _force_exit(received[0])
     if received:
         cause = outcome[0][1] if outcome and not outcome[0][0] else None
