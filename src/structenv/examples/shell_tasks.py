@@ -104,7 +104,9 @@ class ShellTasksEnvConfig(AgentEnvConfig):
         check_timeout_s: Deadline of one test run.
     """
 
-    task_ids: list[str] | None = Field(default=None, description="Tasks to use (None: all).")
+    task_ids: list[str] | None = Field(
+        default=None, description="Tasks to use (None: all; as a flag: comma-separated)."
+    )
     check: Literal["auto", "pytest", "runner"] = Field(
         default="auto", description="How tests run in the sandbox."
     )

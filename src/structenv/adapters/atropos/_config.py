@@ -70,10 +70,12 @@ class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]  # atroposlib is unty
         default=3, ge=0, description="Consecutive malformed tool-call turns answered with an error."
     )
     enabled_toolsets: list[str] = Field(
-        default_factory=lambda: ["default"], description="Toolsets the model may use."
+        default_factory=lambda: ["default"],
+        description="Toolsets the model may use (as a flag: comma-separated or repeated).",
     )
     disabled_toolsets: list[str] = Field(
-        default_factory=list, description="Toolsets removed after enabled_toolsets."
+        default_factory=list,
+        description="Toolsets removed after enabled_toolsets (as a flag: comma-separated).",
     )
     tool_server_url: str | None = Field(
         default=None, description="External ToolServer for tools that do not run in the sandbox."
