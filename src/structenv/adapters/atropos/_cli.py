@@ -5,9 +5,9 @@ pydantic-cli, then reads ``sys.argv`` a second time itself (``get_double_dash_fl
 turns every value into one string: a list field could not be set from the command line at all.
 :func:`run_cli` rewrites the list flags first, so every field is a flag:
 
-* ``--env.enabled_toolsets default,files`` — comma-separated;
-* ``--env.enabled_toolsets default --env.enabled_toolsets files`` or
-  ``--env.enabled_toolsets default files`` — repeated or space-separated values add up;
+* ``--env.enabled_toolsets default,filesystem`` — comma-separated;
+* ``--env.enabled_toolsets default --env.enabled_toolsets terminal`` or
+  ``--env.enabled_toolsets default terminal`` — repeated or space-separated values add up;
 * ``--env.task_ids '["a,b", "c"]'`` — a JSON list (for items holding a comma);
 * ``--env.disabled_toolsets=`` — the empty list; ``--env.task_ids None`` — ``None``.
 

@@ -23,7 +23,7 @@ class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]  # atroposlib is unty
 
     Every field is also a ``--env.<name>`` flag of the env's ``serve`` / ``process`` CLI and
     an ``env:`` key of its ``--config`` YAML file. A list field given as text (a flag, or a
-    YAML string) is comma-separated (``default,files``), a JSON list, or ``None``.
+    YAML string) is comma-separated (``default,filesystem``), a JSON list, or ``None``.
     """
 
     backend: Literal["local", "docker", "nomad", "modal"] = Field(

@@ -138,7 +138,7 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
     @classmethod
     def cli(cls) -> None:
         """atroposlib's ``serve | process | evaluate`` CLI, where every config field is a flag
-        (list fields too: ``--env.enabled_toolsets default,files``), SIGINT/SIGTERM run one
+        (list fields too: ``--env.enabled_toolsets default,filesystem``), SIGINT/SIGTERM run one
         orderly shutdown (exit ``128 + signal``; a second signal stops at once) and an error
         is one line (``--debug`` for the traceback). See ``docs/writing-an-env.md``."""
         run_cli(cls, super().cli)
