@@ -223,7 +223,10 @@ async def test_the_reaper_removes_the_cgroups_of_what_it_removes() -> None:
             finally:
                 client.close()
             assert len(report.removed) == 1 and not report.failed, report
-            assert _run_dirs(run_id) == []
+            # Only the reaped container's cgroups: the live backend may already have started
+            # a replacement for it (its health check sees the container die), which is its own.
+            reaped = slot.host_id
+            assert [d for d in _run_dirs(run_id) if os.path.basename(d) == reaped] == []
         finally:
             with anyio.move_on_after(30, shield=True):
                 await backend.release_slot(slot, reusable=False)
