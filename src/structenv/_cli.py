@@ -43,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "policy-server": "structenv.testing._policy_server",
         "image": "structenv._image",
         "reap": "structenv._reap",
+        "view": "structenv._viewer",
     }
     if argv and argv[0] in forwarded:
         return _forward(forwarded[argv[0]], argv[1:])
@@ -56,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("policy-server", help="run the scripted policy server")
     sub.add_parser("image", help="build the sandbox image locally (no registry needed)")
     sub.add_parser("reap", help="remove work dirs and containers left behind by dead runs")
+    sub.add_parser("view", help="write an escaped HTML view of a JSONL of scored groups")
     doctor = sub.add_parser("doctor", help="report which isolation features work here")
     doctor.set_defaults(func=_doctor)
     bench = sub.add_parser("bench", help="run a benchmark; results go to benchmarks/results/")

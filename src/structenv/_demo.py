@@ -12,7 +12,8 @@ What runs, all on this machine with no GPU and no network:
   (programmatic: the env is constructed and ``process_manager()`` awaited), with atroposlib's
   ``ManagedServer`` tracking tokens, masks and logprobs across turns.
 
-It writes the scored groups as JSONL plus atroposlib's HTML viewer into ``--out`` (default
+It writes the scored groups as JSONL plus structenv's HTML view of them (escaped, no script;
+``structenv view FILE.jsonl`` renders any such file) into ``--out`` (default
 ``./structenv-out/``) and prints a summary::
 
     structenv demo                         # 6 groups of 4

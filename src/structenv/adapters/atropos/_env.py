@@ -55,6 +55,7 @@ from .._sequence import MemberOutcome, TokenSequence, build_scored_group, retoke
 from .._workspace import ExecTool
 from ._cli import accept_list_flags, run_cli, with_cli_signals
 from ._config import AgentEnvConfig, AgentEnvStatistics, GroupReport
+from ._html import structenv_html
 from ._policy import AtroposPolicy, open_atropos_policy
 
 __all__ = ["AgentEnv"]
@@ -290,7 +291,8 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
     async def _process_manager(self) -> None:
         async with self.sandbox_session():
             try:
-                await super().process_manager()
+                with structenv_html():  # our escaped viewer, not atroposlib's generate_html
+                    await super().process_manager()
             finally:
                 await self._stop_groups()
                 await self.aclose()
@@ -487,6 +489,8 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
             if outcome.error is not None and m.failure is None:
                 m.failure = f"{type(outcome.error).__name__}: {outcome.error}"
         scored = self._assemble(task, members)
+        if scored is not None:  # for the jsonl and the viewer; the API ignores unknown keys
+            scored["structenv"] = {"task_id": task.id, "failures": [m.failure for m in members]}
         self._report(number, members, scored, time.monotonic() - start)
         return scored, []
 
