@@ -20,7 +20,7 @@ def test_demo_runs_offline_and_writes_groups(
     code = main(["--groups", "3", "--group-size", "2", "--out", str(out), "--seed", "3"])
     assert code == 0
     jsonl = out / "shell-tasks.jsonl"
-    assert (out / "shell-tasks.html").is_file()
+    assert "Content-Security-Policy" in (out / "shell-tasks.html").read_text()  # our viewer
     assert (tmp_path / "cache").is_dir()  # the tiny tokenizer was built on first use
     groups = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert len(groups) == 3

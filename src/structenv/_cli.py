@@ -7,9 +7,11 @@ extra and ``structenv --help`` is instant.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ["main"]
 
@@ -21,9 +23,53 @@ def _forward(module: str, argv: Sequence[str]) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    module = importlib.import_module(f"structenv._bench.{args.which}")
-    module.run(quick=args.quick)
+    from pathlib import Path
+
+    from ._exceptions import ConfigError
+
+    out = Path(args.out)
+    try:
+        if args.backend is not None:
+            if args.which != "exec":
+                raise ConfigError("--backend works with `structenv bench exec` only")
+            return _bench_user(args, out)
+        if args.command != _DEFAULT_BENCH_COMMAND:
+            raise ConfigError("--command works with --backend only")
+        module = importlib.import_module(f"structenv._bench.{args.which}")
+        module.run(quick=args.quick, out=out)
+    except ConfigError as exc:
+        print(f"structenv bench: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _bench_user(args: argparse.Namespace, out: Any) -> int:
+    import anyio
+
+    from ._bench._report import finish, print_table
+    from ._bench._user import load_factory, run_user_bench
+
+    factory = load_factory(args.backend)
+    payload = anyio.run(
+        functools.partial(
+            run_user_bench, factory, command=args.command, quick=args.quick, name=args.backend
+        )
+    )
+    rows = [
+        [path, level, stats["p50_ms"], stats["p99_ms"], stats["throughput_per_s"]]
+        for path in ("slot_api", "full_stack")
+        for level, stats in payload[path].items()
+    ]
+    print_table(
+        f"{args.backend}: {args.command}",
+        ["path", "concurrency", "p50 ms", "p99 ms", "cmds/s"],
+        rows,
+    )
+    finish("user", payload, out)
+    return 0
+
+
+_DEFAULT_BENCH_COMMAND = "/bin/true"
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -60,9 +106,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("view", help="write an escaped HTML view of a JSONL of scored groups")
     doctor = sub.add_parser("doctor", help="report which isolation features work here")
     doctor.set_defaults(func=_doctor)
-    bench = sub.add_parser("bench", help="run a benchmark; results go to benchmarks/results/")
+    bench = sub.add_parser(
+        "bench",
+        help="run a benchmark; JSON and PNG plots go to --out",
+        description="Benchmarks of structenv (docs/benchmarks.md). Progress goes to stderr, "
+        "tables to stdout, DIR/NAME.json and DIR/NAME.png to --out.",
+    )
     bench.add_argument("which", choices=["dispatch", "exec", "docker"])
-    bench.add_argument("--quick", action="store_true", help="a shorter run (under 30 s)")
+    bench.add_argument(
+        "--quick", action="store_true", help="asyncio only, small sizes (about 30 s)"
+    )
+    bench.add_argument(
+        "--out", default="structenv-bench", help="results directory (default ./structenv-bench)"
+    )
+    bench.add_argument(
+        "--backend",
+        metavar="MODULE:FACTORY",
+        help="bench exec on your backend: FACTORY() returns an unstarted SandboxBackend",
+    )
+    bench.add_argument(
+        "--command",
+        default=_DEFAULT_BENCH_COMMAND,
+        help="with --backend: the command to run (default /bin/true)",
+    )
     bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     return int(args.func(args))

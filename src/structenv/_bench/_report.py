@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +16,32 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["machine_info", "percentile", "print_table", "summarize", "write_results"]
+__all__ = [
+    "NOISE_NOTE",
+    "machine_info",
+    "percentile",
+    "print_table",
+    "progress",
+    "summarize",
+    "write_results",
+]
+
+#: Printed after every run: how to read the numbers.
+NOISE_NOTE = (
+    "Reading the numbers: the machine is shared and its load moves absolute numbers by 10-20% "
+    "between runs; compare ratios measured side by side in one run (the load average at the "
+    "start is in the JSON). A median of a few hundred samples is good to a few percent; "
+    "differences of medians (layer costs) are indicative only: a small or negative one means "
+    "the layer costs less than the noise. '-' marks a cell that was not measured."
+)
+
+_started = time.monotonic()
+
+
+def progress(message: str) -> None:
+    """One progress line on stderr (``structenv bench [12.3 s] message``), flushed."""
+    elapsed = time.monotonic() - _started
+    print(f"structenv bench [{elapsed:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -56,20 +83,58 @@ def _version(dist: str) -> str:
     return version(dist)
 
 
-def write_results(name: str, payload: dict[str, Any], out_dir: Path | None = None) -> Path:
-    """Write ``<out_dir>/<name>.json`` (default ``benchmarks/results``) and return its path."""
-    directory = out_dir or Path("benchmarks") / "results"
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+def write_results(name: str, payload: dict[str, Any], out_dir: Path) -> Path:
+    """Write ``<out_dir>/<name>.json`` (NaN as ``null``) and return its absolute path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = (out_dir / f"{name}.json").resolve()
+    path.write_text(json.dumps(_no_nan(payload), indent=2, sort_keys=True) + "\n")
     return path
 
 
+def _no_nan(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_no_nan(v) for v in value]
+    return value
+
+
+def cell(value: Any) -> str:
+    """A table cell: floats with thousands separators and one decimal, NaN/None as ``-``."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.1f}"
+    return str(value)
+
+
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """Print a rich table to stdout."""
+    """Print a rich table to stdout, as wide as it needs (never cut at the terminal's width)."""
     table = Table(title=title)
     for column in columns:
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", no_wrap=True)
     for row in rows:
-        table.add_row(*(f"{v:,.1f}" if isinstance(v, float) else str(v) for v in row))
-    Console().print(table)
+        table.add_row(*(cell(v) for v in row))
+    console = Console()
+    width = Console(width=10_000).measure(table).maximum
+    if width > console.width:
+        console = Console(width=width)
+    console.print(table)
+
+
+def finish(name: str, payload: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Write ``out_dir/name.json`` and ``out_dir/name.png``, print both paths and how to read
+    the numbers; return the paths written. A missing matplotlib skips the plot with one line."""
+    from ._plots import write_plot
+
+    written = [write_results(name, payload, out_dir)]
+    try:
+        written.append(write_plot(name, json.loads(written[0].read_text()), out_dir))
+    except ImportError as exc:
+        print(f"structenv bench: no plot: {exc}", file=sys.stderr)
+    for path in written:
+        print(f"wrote {path}")
+    print(NOISE_NOTE)
+    return written

@@ -17,6 +17,7 @@ import gc
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -28,7 +29,7 @@ from .._executor import ToolExecutor
 from .._types import ExecRequest, ExecResult
 from ..abc import Slot
 from ..testing import FakeBackend
-from ._report import machine_info, print_table, summarize, write_results
+from ._report import finish, machine_info, print_table, progress, summarize
 
 __all__ = ["run"]
 
@@ -163,8 +164,15 @@ async def _measure(
     }
 
 
-def run(*, quick: bool = False, backends: tuple[str, ...] = ("asyncio", "trio")) -> dict[str, Any]:
-    """Run the dispatch benchmark, print a table, write ``benchmarks/results/dispatch.json``."""
+def run(
+    *, quick: bool = False, out: Path, backends: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """Run the dispatch benchmark, print a table, write ``out/dispatch.json`` and ``.png``.
+
+    ``quick``: asyncio only, fewer calls, the naive baseline up to 1,000 trajectories.
+    """
+    if backends is None:
+        backends = ("asyncio",) if quick else ("asyncio", "trio")
     sizes = (10, 100, 1000, 10000)
     repeats = 1 if quick else 3
     min_calls = 2_000 if quick else 40_000
@@ -174,6 +182,7 @@ def run(*, quick: bool = False, backends: tuple[str, ...] = ("asyncio", "trio"))
     results: list[dict[str, Any]] = []
     for backend in backends:
         for n in sizes:
+            progress(f"dispatch: {backend}, {n:,} trajectories")
             structured = anyio.run(
                 functools.partial(_measure, _structured, n, repeats, min_calls), backend=backend
             )
@@ -235,6 +244,5 @@ def run(*, quick: bool = False, backends: tuple[str, ...] = ("asyncio", "trio"))
     print(
         "growth 10 -> 10,000 trajectories: " + ", ".join(f"{b} {g:.2f}x" for b, g in growth.items())
     )
-    path = write_results("dispatch", payload)
-    print(f"wrote {path}")
+    finish("dispatch", payload, out)
     return payload

@@ -20,7 +20,9 @@ Needs the image (``structenv image build``). Writes ``benchmarks/results/docker.
 from __future__ import annotations
 
 import functools
+import math
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -29,7 +31,7 @@ from .._image import DEFAULT_TAG
 from .._types import ExecRequest
 from ..backends._docker import DockerBackend
 from ..backends._local import LocalBackend
-from ._report import machine_info, print_table, summarize, write_results
+from ._report import finish, machine_info, print_table, progress, summarize
 
 __all__ = ["run"]
 
@@ -198,17 +200,32 @@ async def _naive(backend: DockerBackend, callers: int, calls: int) -> dict[str, 
     return {"cmds_per_s": len(latencies) / elapsed, **summarize(latencies)}
 
 
-def run(*, quick: bool = False, image: str = DEFAULT_TAG) -> dict[str, Any]:
-    """Run the Docker benchmark, print tables, write ``benchmarks/results/docker.json``."""
+def run(*, quick: bool = False, out: Path, image: str = DEFAULT_TAG) -> dict[str, Any]:
+    """Run the Docker benchmark, print tables, write ``out/docker.json`` and ``.png``.
+
+    ``quick``: asyncio only, fewer calls, shorter throughput windows.
+    """
     calls = 300 if quick else 3000
     seconds = 1.5 if quick else 5.0
     naive_calls = 16 if quick else 64
+    progress(f"docker: cold starts of {image}")
     cold = anyio.run(_cold_start, image, 2 if quick else 5)
+    progress("docker: warm acquire, release, exec")
     warm = anyio.run(_warm, image, calls)
-    trio_exec = anyio.run(_exec_trio, image, calls, backend="trio")
+    nan = {"p50_us": math.nan, "p99_us": math.nan, "mean_us": math.nan}
+    if quick:
+        trio_exec = nan
+    else:
+        progress("docker: exec on trio")
+        trio_exec = anyio.run(_exec_trio, image, calls, backend="trio")
+    progress("docker: exec on LocalBackend (reference)")
     local_exec = anyio.run(_exec_local, calls)
+    progress("docker: naive docker exec")
     naive_single = anyio.run(_naive_latency, image, 20 if quick else 60)
-    scaling = [anyio.run(_throughput, image, n, seconds, naive_calls) for n in (1, 4, 8)]
+    scaling = []
+    for n in (1, 4, 8):
+        progress(f"docker: throughput, {n} containers")
+        scaling.append(anyio.run(_throughput, image, n, seconds, naive_calls))
     payload = {
         "benchmark": "docker",
         "quick": quick,
@@ -268,8 +285,7 @@ def run(*, quick: bool = False, image: str = DEFAULT_TAG) -> dict[str, Any]:
         ],
     )
     print(f"cold start p50 {cold['start_p50_ms']:.0f} ms (runs: {cold['start_ms']})")
-    path = write_results("docker", payload)
-    print(f"wrote {path}")
+    finish("docker", payload, out)
     return payload
 
 

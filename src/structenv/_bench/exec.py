@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -37,7 +38,7 @@ from .._types import ExecRequest, ExecResult
 from ..backends import LocalBackend
 from ..sandbox import Isolation, RemoteSlot, bwrap_argv, default_uid_base, slot_uid
 from . import _layers
-from ._report import print_table, write_results
+from ._report import finish, print_table, progress
 
 __all__ = ["run", "run_exec_bench"]
 
@@ -77,8 +78,8 @@ async def _measure(
 
 
 async def _slot_api(quick: bool) -> dict[str, Any]:
-    levels = (1, 2, 16, 64)
-    total = 600 if quick else 4000
+    levels = (1, 16) if quick else (1, 2, 16, 64)
+    total = 200 if quick else 4000
     hosts = 2
     results: dict[str, Any] = {}
     async with LocalBackend(hosts=hosts, slots_per_host=max(levels) // hosts) as backend:
@@ -92,9 +93,11 @@ async def _slot_api(quick: bool) -> dict[str, Any]:
 
         await _measure(8, 20, op)  # warm up connections and page caches
         for c in levels:
+            progress(f"exec: slot API, {c} concurrent callers")
             results[f"c{c}"] = await _measure(c, max(total // c, 20), op)
         # The batcher's path: one streamed request per host carrying every pending call.
         for c in levels[1:]:
+            progress(f"exec: slot API batched, {c} slots")
             results[f"batched_c{c}"] = await _batched(backend, slots[:c], max(total // c, 10))
         for slot in slots:
             await backend.release_slot(slot, reusable=True)
@@ -103,8 +106,8 @@ async def _slot_api(quick: bool) -> dict[str, Any]:
 
 async def _full_stack(quick: bool) -> dict[str, Any]:
     """Closed loop per trajectory through the executor, as an env's tool calls run."""
-    levels = (1, 2, 16, 64)
-    total = 600 if quick else 4000
+    levels = (1, 16) if quick else (1, 2, 16, 64)
+    total = 200 if quick else 4000
     hosts = 2
     results: dict[str, Any] = {}
     config = ExecutorConfig(tool_deadline_grace=5)
@@ -114,6 +117,7 @@ async def _full_stack(quick: bool) -> dict[str, Any]:
     ):
         request = ExecRequest(COMMAND, timeout=30)
         for c in levels:
+            progress(f"exec: full stack, {c} concurrent trajectories")
             latencies: list[float] = []
 
             async def trajectory(rounds: int, latencies: list[float] = latencies) -> None:
@@ -157,14 +161,14 @@ async def _spawn(argv: list[str], quick: bool) -> dict[str, Any]:
     async def op(_: int) -> None:
         await anyio.run_process(argv, check=True)
 
-    out: dict[str, Any] = {"c1": await _measure(1, 100 if quick else 500, op)}
+    out: dict[str, Any] = {"c1": await _measure(1, 50 if quick else 500, op)}
     out["c16"] = await _measure(16, 10 if quick else 50, op)
     return out
 
 
 async def _layers_below(quick: bool) -> dict[str, Any]:
     """The blocking drivers of ``_layers``, one after the other, each in a worker thread."""
-    n = 300 if quick else 2000
+    n = 100 if quick else 2000
     run = anyio.to_thread.run_sync
     out: dict[str, Any] = {
         "posix_spawn_floor": {"c1": _summary(*await run(_layers.posix_spawn_floor, n))}
@@ -179,7 +183,8 @@ async def _layers_below(quick: bool) -> dict[str, Any]:
     # drift on a shared machine hits both alike: the cost of the sandbox hardening.
     samples: dict[bool, list[float]] = {True: [], False: []}
     walls = {True: 0.0, False: 0.0}
-    rounds = 4
+    rounds = 2 if quick else 4
+    progress("exec: the layers underneath (spawn floor, wake-ups, worker, server)")
     with tempfile.TemporaryDirectory(prefix="structenv-bench-") as scratch:
         for _ in range(rounds):
             for hardened in (True, False):
@@ -211,7 +216,9 @@ async def run_exec_bench(quick: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="structenv-bench-") as scratch:
         uid = slot_uid(default_uid_base("bench"), 0)
         bwrap = bwrap_argv(Isolation(), scratch, [COMMAND], uid=uid)
+        progress(f"exec: a fresh bwrap per command ({_backend_name()})")
         raw_bwrap = await _spawn(bwrap, quick)
+    progress("exec: fork/exec without a sandbox")
     fork_exec = await _spawn([COMMAND], quick)
     below = await _layers_below(quick)
     full_stack = await _full_stack(quick)
@@ -258,8 +265,9 @@ def _layer_costs(
     return {name: round(end - start, 3) for (name, start), end in zip(chain, ends, strict=True)}
 
 
-def run(*, quick: bool = False) -> dict[str, Any]:
-    """Run on asyncio (and trio unless ``quick``), print a table, write ``exec.json``."""
+def run(*, quick: bool = False, out: Path) -> dict[str, Any]:
+    """Run on asyncio (and trio unless ``quick``), print tables, write ``out/exec.json`` and
+    ``out/exec.png``. ``quick``: asyncio only, 1 and 16 callers, a few hundred commands each."""
     backends = ("asyncio",) if quick else ("asyncio", "trio")
     runs = {b: anyio.run(run_exec_bench, quick, backend=b) for b in backends}
     rows: list[list[Any]] = []
@@ -304,8 +312,12 @@ def run(*, quick: bool = False) -> dict[str, Any]:
             f"{after['throughput_per_s'] / before['throughput_per_s']:.3f}x "
             "(worker_only vs worker_unhardened; 1.0 = no cost)"
         )
+    print(
+        "layer costs are differences of medians measured separately: indicative only; a "
+        "negative one is noise (that layer costs less than the run-to-run spread)"
+    )
     payload = {"benchmark": "exec", "quick": quick, "runs": runs}
-    print(f"wrote {write_results('exec', payload)}")
+    finish("exec", payload, out)
     return payload
 
 

@@ -1,0 +1,115 @@
+"""The benchmark harness as a user runs it: progress, --out (JSON + PNG), --backend, tables."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from structenv._bench import _report
+from structenv._bench._plots import write_plot
+from structenv._bench._user import load_factory
+from structenv._cli import main
+from structenv._exceptions import ConfigError
+from structenv.testing import child_processes
+
+RECORDED = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+USER_BACKEND = """
+from structenv.backends import LocalBackend
+
+def make():
+    return LocalBackend(hosts=1, slots_per_host=2)
+
+def not_a_backend():
+    return object()
+"""
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "mybench.py").write_text(USER_BACKEND)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *sys.path]))
+
+
+def test_user_backend_bench_from_a_fresh_process(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "structenv._cli", "bench", "exec", "--quick",
+         "--backend", "mybench:make", "--command", "echo hi", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, check=False, env=_env(tmp_path),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Progress while it runs (stderr), the table and the paths (stdout).
+    assert "structenv bench [" in proc.stderr and "full stack, 2 concurrent" in proc.stderr
+    assert "mybench:make: echo hi" in proc.stdout
+    assert f"wrote {out / 'user.json'}" in proc.stdout
+    assert "Reading the numbers" in proc.stdout
+    data = json.loads((out / "user.json").read_text())
+    assert data["command"] == "echo hi" and data["backend"] == "mybench:make"
+    assert set(data["slot_api"]) == set(data["full_stack"]) == {"c1", "c2"}
+    for stats in (*data["slot_api"].values(), *data["full_stack"].values()):
+        assert stats["n"] >= 60 and 0 < stats["p50_ms"] <= stats["p99_ms"]
+    assert (out / "user.png").read_bytes().startswith(PNG)
+    assert not child_processes()
+
+
+def test_bench_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["bench", "dispatch", "--backend", "x:y", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        "structenv bench: --backend works with `structenv bench exec` only\n"
+    )
+    assert main(["bench", "exec", "--command", "ls", "--out", str(tmp_path)]) == 2
+    assert "--command works with --backend only" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="expected module:factory"):
+        load_factory("nocolon")
+    with pytest.raises(ConfigError, match="cannot import"):
+        load_factory("no_such_module_xyz:make")
+    with pytest.raises(ConfigError, match="has no attribute"):
+        load_factory("structenv:no_such_factory")
+    with pytest.raises(ConfigError, match="not callable"):
+        load_factory("structenv._bench._report:NOISE_NOTE")
+
+
+def test_factory_must_return_a_backend(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "structenv._cli", "bench", "exec", "--quick",
+         "--backend", "mybench:not_a_backend", "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=120, check=False, env=_env(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "structenv bench: --backend mybench:not_a_backend: the factory returned object, "
+        "not a structenv.abc.SandboxBackend"
+    )
+
+
+@pytest.mark.parametrize("name", ["dispatch", "exec", "docker"])
+def test_plots_of_the_recorded_results(name: str, tmp_path: Path) -> None:
+    data = json.loads((RECORDED / f"{name}.json").read_text())
+    path = write_plot(name, data, tmp_path / "plots")
+    assert path == (tmp_path / "plots" / f"{name}.png").resolve()
+    assert path.read_bytes().startswith(PNG) and path.stat().st_size > 10_000
+
+
+def test_tables_are_not_cut_and_nan_is_marked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("COLUMNS", "60")
+    assert Console().width == 60
+    row = ["asyncio", "a_rather_long_path_name", 123456789.123, math.nan, None, 7]
+    _report.print_table("t", ["backend", "path", "big", "naive", "none", "n"], [row])
+    printed = capsys.readouterr().out
+    assert "123,456,789.1" in printed and "…" not in printed
+    assert "nan" not in printed.lower() and " - " in printed
+    path = _report.write_results("x", {"a": math.nan, "b": [math.inf, 1.5]}, tmp_path / "r")
+    assert json.loads(path.read_text()) == {"a": None, "b": [None, 1.5]}  # valid JSON
+    assert path.is_absolute()
