@@ -1,11 +1,14 @@
 """``structenv image build``: build the sandbox image locally, with no container registry.
 
-The recipe is ``images/build.sh`` + ``images/Dockerfile`` in a source checkout (a debootstrap'd
-Debian rootfs loaded with ``docker import``, then structenv installed from wheels built on this
-host; see the script's header). This module finds the recipe and runs it. The result is cached:
-the image is labelled with a hash of the sources and a rerun with unchanged sources returns at
-once (about a second); the rootfs tarball and the dependency wheels are cached under
-``$STRUCTENV_CACHE_DIR`` (default ``~/.cache/structenv``).
+The recipe is ``build.sh`` + ``Dockerfile``, shipped inside the package as
+``structenv/_images/`` (a debootstrap'd Debian rootfs loaded with ``docker import``, then
+structenv installed from wheels built on this host; see the script's header), so it works
+from an installed wheel as from a checkout. From a checkout the image gets the checkout's
+sources; from an installed wheel, a source tree is staged from the installed package (its
+files and a ``pyproject.toml`` made from its metadata). This module runs the recipe. The
+result is cached: the image is labelled with a hash of the sources and a rerun with unchanged
+sources returns at once (about a second); the rootfs tarball and the dependency wheels are
+cached under ``$STRUCTENV_CACHE_DIR`` (default ``~/.cache/structenv``).
 
 To bring your own image, build anything whose entrypoint runs ``python3 -m structenv.sandbox``
 with bubblewrap installed and pass its tag as ``DockerBackend(image=...)``.
@@ -14,13 +17,14 @@ with bubblewrap installed and pass its tag as ``DockerBackend(image=...)``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["DEFAULT_TAG", "build_image", "main", "recipe_dir"]
+__all__ = ["DEFAULT_TAG", "build_image", "main", "recipe_dir", "source_dir", "stage_source"]
 
 
 def _default_tag() -> str:
@@ -32,27 +36,62 @@ def _default_tag() -> str:
         return "structenv-sandbox:latest"
 
 
-#: ``structenv-sandbox:<installed structenv version>`` (what ``images/build.sh`` tags).
+#: ``structenv-sandbox:<installed structenv version>`` (what ``build.sh`` tags).
 DEFAULT_TAG = _default_tag()
 
 
 def recipe_dir() -> Path:
-    """The directory holding ``build.sh`` (``$STRUCTENV_IMAGES_DIR`` or the source checkout).
+    """The directory holding ``build.sh`` and ``Dockerfile``: ``$STRUCTENV_IMAGES_DIR`` (your
+    own recipe) or the one shipped in the package.
 
     Raises:
-        FileNotFoundError: No recipe (structenv is installed from a wheel, not a checkout).
+        FileNotFoundError: ``$STRUCTENV_IMAGES_DIR`` holds no ``build.sh`` and ``Dockerfile``.
     """
-    candidates = []
-    if os.environ.get("STRUCTENV_IMAGES_DIR"):
-        candidates.append(Path(os.environ["STRUCTENV_IMAGES_DIR"]))
-    candidates.append(Path(__file__).resolve().parents[2] / "images")
-    for path in candidates:
-        if (path / "build.sh").is_file() and (path / "Dockerfile").is_file():
-            return path
-    raise FileNotFoundError(
-        "images/build.sh not found: run from a structenv source checkout or set "
-        "STRUCTENV_IMAGES_DIR to a directory holding build.sh and Dockerfile"
+    custom = os.environ.get("STRUCTENV_IMAGES_DIR")
+    path = Path(custom) if custom else _PACKAGE / "_images"
+    if not ((path / "build.sh").is_file() and (path / "Dockerfile").is_file()):
+        raise FileNotFoundError(f"{path} holds no build.sh and Dockerfile")
+    return path
+
+
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def source_dir(stage_in: Path) -> Path:
+    """The structenv source tree to install in the image: the checkout this module runs from
+    or, for an installed wheel, one staged under ``stage_in`` by :func:`stage_source`."""
+    checkout = _PACKAGE.parents[1]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "src" / "structenv").is_dir():
+        return checkout
+    return stage_source(_PACKAGE, stage_in)
+
+
+def stage_source(package: Path, into: Path) -> Path:
+    """A buildable source tree of the installed ``structenv`` package at ``package``:
+    ``into/src/structenv`` (its files) and ``into/pyproject.toml`` (name, version and
+    dependencies from the installed metadata); returns ``into``."""
+    import shutil
+    from importlib.metadata import distribution
+
+    dist = distribution("structenv")
+    requires = [r for r in dist.requires or [] if "extra ==" not in r]
+    shutil.copytree(
+        package, into / "src" / "structenv", ignore=shutil.ignore_patterns("__pycache__")
     )
+    deps = "".join(f"    {json.dumps(r)},\n" for r in requires)
+    (into / "pyproject.toml").write_text(
+        "[build-system]\n"
+        'requires = ["hatchling>=1.21"]\n'
+        'build-backend = "hatchling.build"\n\n'
+        "[project]\n"
+        'name = "structenv"\n'
+        f"version = {json.dumps(dist.version)}\n"
+        f'requires-python = ">=3.11"\n'
+        f"dependencies = [\n{deps}]\n\n"
+        "[tool.hatch.build.targets.wheel]\n"
+        'packages = ["src/structenv"]\n'
+    )
+    return into
 
 
 def build_image(
@@ -63,13 +102,18 @@ def build_image(
     Raises:
         RuntimeError: The build failed (its log is on stderr).
     """
-    argv = ["bash", str(recipe_dir() / "build.sh"), "--tag", tag]
-    if force:
-        argv.append("--force")
-    if cache_dir:
-        argv += ["--cache-dir", cache_dir]
-    env = dict(os.environ, PYTHON=os.environ.get("PYTHON", sys.executable))
-    proc = subprocess.run(argv, env=env, stdout=subprocess.PIPE, check=False)
+    import tempfile
+
+    recipe = recipe_dir()
+    with tempfile.TemporaryDirectory(prefix="structenv-image-src-") as stage:
+        source = source_dir(Path(stage))
+        argv = ["bash", str(recipe / "build.sh"), "--source", str(source), "--tag", tag]
+        if force:
+            argv.append("--force")
+        if cache_dir:
+            argv += ["--cache-dir", cache_dir]
+        env = dict(os.environ, PYTHON=os.environ.get("PYTHON", sys.executable))
+        proc = subprocess.run(argv, env=env, stdout=subprocess.PIPE, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"image build failed (exit {proc.returncode}); see the log above")
     return proc.stdout.decode().strip().splitlines()[-1]
@@ -77,7 +121,11 @@ def build_image(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``structenv image build [--tag T] [--force] [--cache-dir D]``."""
-    p = argparse.ArgumentParser(prog="structenv image", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="structenv image",
+        description="Build the sandbox image locally, with no container registry. The recipe "
+        "ships with structenv (works from an installed wheel); the result is cached.",
+    )
     sub = p.add_subparsers(dest="action", required=True)
     build = sub.add_parser("build", help="build the sandbox image (cached; no registry)")
     build.add_argument("--tag", default=DEFAULT_TAG, help=f"image tag (default {DEFAULT_TAG})")

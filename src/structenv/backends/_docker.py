@@ -89,7 +89,7 @@ __all__ = ["DEFAULT_IMAGE", "DockerBackend", "reap_containers"]
 
 logger = logging.getLogger("structenv.backends.docker")
 
-#: The image ``structenv image build`` makes (``images/build.sh``).
+#: The image ``structenv image build`` makes (``structenv/_images/build.sh``).
 DEFAULT_IMAGE = DEFAULT_TAG
 _MOUNT = DOCKER_MOUNT
 _SOCKET = "sandbox.sock"

@@ -544,7 +544,9 @@ async def _serve_forever(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry: serve until interrupted; prints the base URL when ready."""
-    parser = argparse.ArgumentParser(description="Scripted OpenAI/vLLM-compatible test server")
+    parser = argparse.ArgumentParser(
+        prog="structenv policy-server", description="Scripted OpenAI/vLLM-compatible test server"
+    )
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--solutions", help="JSON file: task id -> list of assistant turns")
     parser.add_argument("--mistake-rate", type=float, default=0.0)

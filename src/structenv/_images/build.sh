@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # Build the structenv sandbox image locally, with no container registry.
 #
-#   images/build.sh [--tag structenv-sandbox:VERSION] [--cache-dir DIR] [--force]
+#   build.sh [--source DIR] [--tag structenv-sandbox:VERSION] [--cache-dir DIR] [--force]
 #
+# The recipe ships inside the package (structenv/_images/); `structenv image build` runs it.
+# --source is the structenv source tree to install (a dir with pyproject.toml and src/):
+# by default the checkout this script sits in; for an installed wheel, `structenv image build`
+# stages one from the installed package.
 # Layer 1 (cached): a `debootstrap --variant=minbase bookworm` rootfs with python3, bubblewrap
 # and tmux, kept as a tarball under the cache dir and loaded with `docker import` as
-# structenv-sandbox-base:<key>. Layer 2: images/Dockerfile installs structenv and its runtime
+# structenv-sandbox-base:<key>. Layer 2: the Dockerfile beside this script installs structenv and its runtime
 # dependencies from wheels built here on the host (`pip wheel` may reach PyPI; the container
 # build never touches the network). The final image is labelled with a hash of the sources, so
 # a rerun with unchanged sources does nothing. Needs root (debootstrap), docker, python3 + pip.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-source_dir="$(cd "$here/.." && pwd)"
+source_dir="$(cd "$here/../../.." && pwd)"  # src/structenv/_images -> the checkout
 python="${PYTHON:-python3}"
-version="$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$source_dir/pyproject.toml" | head -1)"
-tag="structenv-sandbox:${version}"
+tag=""
 cache="${STRUCTENV_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/structenv}/images"
 mirror="${STRUCTENV_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 suite=bookworm
@@ -24,14 +27,20 @@ force=0
 
 while [ $# -gt 0 ]; do
     case "$1" in
+        --source) source_dir="$(cd "$2" && pwd)"; shift 2 ;;
         --tag) tag="$2"; shift 2 ;;
         --cache-dir) cache="$2"; shift 2 ;;
         --mirror) mirror="$2"; shift 2 ;;
         --force) force=1; shift ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "build.sh: unknown argument $1" >&2; exit 2 ;;
     esac
 done
+
+[ -f "$source_dir/pyproject.toml" ] && [ -d "$source_dir/src/structenv" ] || {
+    echo "build.sh: $source_dir is not a structenv source tree (no pyproject.toml and src/structenv; pass --source)" >&2; exit 1; }
+version="$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$source_dir/pyproject.toml" | head -1)"
+[ -n "$tag" ] || tag="structenv-sandbox:${version}"
 
 log() { echo "[image build $(date +%H:%M:%S)] $*" >&2; }
 t0=$(date +%s)
@@ -43,8 +52,9 @@ mkdir -p "$cache"
 source_hash="$(
     cd "$source_dir" &&
     { find src -type f \( -name '*.py' -o -name 'py.typed' \) -not -path '*/__pycache__/*' | LC_ALL=C sort
-      echo pyproject.toml images/Dockerfile images/build.sh; } |
-    xargs sha256sum | { cat; echo "$suite $packages"; } | sha256sum | cut -c1-16
+      echo pyproject.toml; } |
+    xargs sha256sum | { cat; (cd "$here" && sha256sum Dockerfile build.sh); echo "$suite $packages"; } |
+    sha256sum | cut -c1-16
 )"
 current="$(docker image inspect -f '{{index .Config.Labels "org.structenv.source-hash"}}' "$tag" 2>/dev/null || true)"
 if [ "$force" = 0 ] && [ "$current" = "$source_hash" ]; then
