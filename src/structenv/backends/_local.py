@@ -34,6 +34,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from .. import _emergency
 from .._exceptions import BackendError, ConfigError, SandboxUnavailableError, SlotBrokenError
+from .._process import kill_child
 from .._types import DEFAULT_MAX_OUTPUT
 from ..abc import Slot
 from ..sandbox._bwrap import remove_cgroup_tree
@@ -300,7 +301,7 @@ async def _terminate(proc: anyio.abc.Process) -> None:
     with anyio.move_on_after(10):
         await proc.wait()
     if proc.returncode is None:
-        proc.kill()
+        kill_child(proc)
         await proc.wait()
     await proc.aclose()
 

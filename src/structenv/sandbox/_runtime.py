@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from .._process import kill_child
 from .._types import ExecRequest, ExecResult
 from . import _seccomp, _worker
 from ._bwrap import (
@@ -371,8 +372,7 @@ class SlotRuntime:
                 await anyio.to_thread.run_sync(kill_tree, proc.pid)
             # SIGKILL of the outer bwrap makes the sandbox's PID 1 die (--die-with-parent),
             # and the kernel then kills every process of the PID namespace.
-            if proc.returncode is None:
-                proc.kill()
+            kill_child(proc)
             if self._cgroup:
                 self._cgroup.kill_all()
             # Reaped and closed even when the reset that called us is cancelled: SIGKILL

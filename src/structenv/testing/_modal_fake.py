@@ -29,6 +29,8 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from .._process import kill_child
+
 __all__ = ["FakeModal", "FakeSandbox", "open_modal_fake"]
 
 
@@ -109,8 +111,7 @@ class FakeSandbox:
                         await proc.wait()
                         tg.cancel_scope.cancel()
                 with anyio.move_on_after(5, shield=True):
-                    if proc.returncode is None:
-                        proc.kill()
+                    kill_child(proc)
                     await proc.wait()
                 self.returncode = proc.returncode
         finally:

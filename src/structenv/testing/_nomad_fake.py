@@ -47,6 +47,7 @@ import anyio.abc
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from .._http import HTTPError, Request, Responder, open_listener
+from .._process import kill_child
 
 __all__ = ["FakeAllocation", "NomadFake", "open_nomad_fake"]
 
@@ -284,7 +285,7 @@ class NomadFake:
                             await alloc.kill.wait()
                             if proc.returncode is None:
                                 alloc.stopping = True
-                                proc.kill()
+                                kill_child(proc)
 
                         tg.start_soon(watch_ready)
                         tg.start_soon(killer)
@@ -292,8 +293,7 @@ class NomadFake:
                         tg.cancel_scope.cancel()
                 except BaseException:
                     with anyio.move_on_after(5, shield=True):
-                        if proc.returncode is None:
-                            proc.kill()
+                        kill_child(proc)
                         await proc.wait()
                     raise
         except (OSError, ValueError, anyio.EndOfStream, anyio.IncompleteRead, HTTPError):
