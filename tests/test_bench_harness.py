@@ -54,6 +54,7 @@ def test_user_backend_bench_from_a_fresh_process(tmp_path: Path) -> None:
     assert "Reading the numbers" in proc.stdout
     data = json.loads((out / "user.json").read_text())
     assert data["command"] == "echo hi" and data["backend"] == "mybench:make"
+    assert len(data["machine"]["load_average_at_start"]) == 3
     assert set(data["slot_api"]) == set(data["full_stack"]) == {"c1", "c2"}
     for stats in (*data["slot_api"].values(), *data["full_stack"].values()):
         assert stats["n"] >= 60 and 0 < stats["p50_ms"] <= stats["p99_ms"]

@@ -36,6 +36,7 @@ NOISE_NOTE = (
 )
 
 _started = time.monotonic()
+_load_at_start = os.getloadavg()  # this module is imported as a benchmark starts
 
 
 def progress(message: str) -> None:
@@ -71,6 +72,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
+        "load_average_at_start": _load_at_start,  # other work skews every number
         "anyio": anyio.__version__ if hasattr(anyio, "__version__") else _version("anyio"),
         "trio": trio.__version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
