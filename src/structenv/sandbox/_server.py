@@ -454,6 +454,19 @@ def _err(status: int, kind: str, message: str) -> dict[str, Any]:
     return {"status": status, "kind": kind, "message": message}
 
 
+def _env_entry(name: Any, value: Any) -> bool:
+    """Whether ``name=value`` can be an environment entry (no NUL anywhere, no ``=`` in the
+    name): the kernel's format, which posix_spawn enforces by refusing the whole command."""
+    return (
+        isinstance(name, str)
+        and isinstance(value, str)
+        and bool(name)
+        and "=" not in name
+        and "\0" not in name
+        and "\0" not in value
+    )
+
+
 def _parse_exec(data: Any) -> dict[str, Any]:
     """Validate an exec request's wire dict (cheaply: it is on every call's path)."""
     if not isinstance(data, dict):
@@ -475,10 +488,11 @@ def _parse_exec(data: Any) -> dict[str, Any]:
         not isinstance(command, str)
         or not (cwd is None or isinstance(cwd, str))
         or not (env is None or isinstance(env, dict))
-        or not all(isinstance(k, str) and isinstance(v, str) for k, v in (env or {}).items())
+        or not all(_env_entry(k, v) for k, v in (env or {}).items())
         or not timeout > 0
         or max_output < 0
         or "\0" in command
+        or (cwd is not None and "\0" in cwd)
     ):
         raise HTTPError(400, "bad_request", "invalid exec request")
     return {

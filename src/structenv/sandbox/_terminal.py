@@ -86,8 +86,8 @@ async def terminal_action(rt: SlotRuntime, args: dict[str, Any]) -> dict[str, An
         return {"output": await _new_output(rt)}
     if action == "send_keys":
         keys = args.get("keys")
-        if not isinstance(keys, str):
-            raise HTTPError(400, "bad_request", "keys must be a string")
+        if not isinstance(keys, str) or "\0" in keys:
+            raise HTTPError(400, "bad_request", "keys must be a string without NUL")
         literal = bool(args.get("literal", True))
         script = f'{_START} && {_T} send-keys -t main {"-l " if literal else ""}-- "$SE_KEYS"'
         if args.get("enter", True):
@@ -102,8 +102,8 @@ async def terminal_action(rt: SlotRuntime, args: dict[str, Any]) -> dict[str, An
 
 async def _run(rt: SlotRuntime, args: dict[str, Any]) -> dict[str, Any]:
     command = args.get("command")
-    if not isinstance(command, str) or "\n" in command:
-        raise HTTPError(400, "bad_request", "command must be a single-line string")
+    if not isinstance(command, str) or "\n" in command or "\0" in command:
+        raise HTTPError(400, "bad_request", "command must be a single-line string without NUL")
     timeout = float(args.get("timeout", 60.0))
     if not timeout > 0:
         raise HTTPError(400, "bad_request", "timeout must be > 0")

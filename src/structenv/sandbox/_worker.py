@@ -329,7 +329,11 @@ class Worker:
             finally:
                 if sub:
                     os.chdir(self.workspace)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
+            # ValueError: a NUL in the environment or the directory, or ``=`` in a variable's
+            # name (posix_spawn and chdir refuse them before any system call). The server
+            # refuses such requests; the worker must survive one anyway, or a single tool
+            # argument would take the slot down.
             for fd in (out_r, out_w, err_r, err_w, cmd.stdin_fd):
                 if fd >= 0:
                     os.close(fd)
