@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import errno
 import functools
 import json
 import os
@@ -523,7 +524,7 @@ class SlotRuntime:
             # Every process of the slot is dead: drop the whole tmpfs (whatever its depth,
             # size or permissions) and let start() mount an empty one.
             await anyio.to_thread.run_sync(unmount, self.workspace)
-        if not await anyio.to_thread.run_sync(_wipe, self.workspace):
+        if not await anyio.to_thread.run_sync(functools.partial(_wipe, self.workspace, fresh=True)):
             raise SlotBroken("cannot empty the workspace")
         await self.start()
 
@@ -573,14 +574,59 @@ def _own_workspace(path: str, uid: int | None) -> None:
     os.chmod(path, 0o755)
 
 
-def _wipe(root: str) -> bool:
+#: Inode flags (``chattr``) the owner of a directory may set without a capability: none
+#: may carry over from one lease to the next on the workspace's root.
+_OWNER_FLAGS = 0x1 | 0x2 | 0x4 | 0x8 | 0x40 | 0x80 | 0x4000 | 0x10000 | 0x20000 | 0x800000
+_FS_IOC_GETFLAGS = 0x80086601
+_FS_IOC_SETFLAGS = 0x40086602
+
+
+def _wipe(root: str, *, fresh: bool = False) -> bool:
     """Empty ``root`` from the host side (iterative, fd-based, never follows symlinks,
-    whatever the depth or permissions of the tree). True if empty."""
+    whatever the depth or permissions of the tree) and leave nothing of the last lease on
+    the root itself. True if that worked.
+
+    The root is the one inode a reset does not remove, and its owner (the slot) can mark
+    it: extended attributes (``user.*``, ACLs), ``chattr`` flags, times, and on ext4 its
+    generation number. With ``fresh`` (no process of the slot is left, and the next
+    sandbox binds the path anew) a plain directory is replaced by a new one; otherwise, and
+    for a mount point (a container's per-slot tmpfs), the root is scrubbed instead.
+    """
     os.makedirs(root, mode=0o755, exist_ok=True)
     if not remove_tree(root, keep_root=True):
         return False
     try:
-        os.chmod(root, 0o755)
-        return not os.listdir(root)
+        if fresh and not os.path.ismount(root):
+            os.rmdir(root)
+            os.mkdir(root, 0o755)
+            return True
+        return _scrub(root)
     except OSError:
         return False
+
+
+def _scrub(root: str) -> bool:
+    """Reset what the slot could have set on directory ``root``; whether it is clean."""
+    import array
+    import fcntl
+
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        marks = ("user.", "system.posix_acl_")
+        for name in os.listxattr(fd):
+            if name.startswith(marks):
+                os.removexattr(fd, name)
+        flags = array.array("i", [0])
+        try:
+            fcntl.ioctl(fd, _FS_IOC_GETFLAGS, flags)
+            if flags[0] & _OWNER_FLAGS:
+                flags[0] &= ~_OWNER_FLAGS
+                fcntl.ioctl(fd, _FS_IOC_SETFLAGS, flags)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        os.utime(fd)
+        os.fchmod(fd, 0o755)
+        return not os.listdir(fd) and not any(n.startswith(marks) for n in os.listxattr(fd))
+    finally:
+        os.close(fd)
