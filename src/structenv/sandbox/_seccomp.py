@@ -3,7 +3,8 @@
 The filter allows by default and refuses a list of system calls with ``EPERM``: what Docker's
 default profile refuses (kernel modules, mounts, namespaces, keyrings, ptrace and cross-process
 memory access, clock and swap changes, reboot, BPF, perf, ...), plus io_uring (a large attack
-surface that bypasses per-syscall filtering) and the whole keyring API (the kernel's keyrings
+surface that bypasses per-syscall filtering), vsock sockets (not namespaced: they reach a VM's
+hypervisor from a slot without a network) and the whole keyring API (the kernel's keyrings
 are not namespaced: a key added in a slot lives on after it). Calls of other architectures'
 ABIs (i386, x32) kill the process: a filter for one ABI says nothing about another's numbers.
 
@@ -54,6 +55,9 @@ REFUSED = (
     "sethostname", "setdomainname",
 )  # fmt: skip
 
+#: The socket family no slot may open (see :func:`filter_program`).
+AF_VSOCK = 40
+
 _CLONE_NEW = {
     "CLONE_NEWNS": 0x00020000,
     "CLONE_NEWCGROUP": 0x02000000,
@@ -89,6 +93,9 @@ def filter_program() -> bytes:
     for flag in _CLONE_NEW.values():
         filt.add_rule(refuse, "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
     filt.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+    # vsock ignores network namespaces: a slot without a network could still talk to the
+    # hypervisor (CID 2) of a VM host. Docker's default profile refuses the family too.
+    filt.add_rule(refuse, "socket", sc.Arg(0, sc.EQ, AF_VSOCK))
     with tempfile.TemporaryFile() as f:
         filt.export_bpf(f)
         f.seek(0)
@@ -128,7 +135,15 @@ def container_profile() -> str:
     profile = {
         "defaultAction": "SCMP_ACT_ALLOW",
         "architectures": [arch],
-        "syscalls": [{"names": names, "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM}],
+        "syscalls": [
+            {"names": names, "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM},
+            {
+                "names": ["socket"],
+                "action": "SCMP_ACT_ERRNO",
+                "errnoRet": errno.EPERM,
+                "args": [{"index": 0, "value": AF_VSOCK, "op": "SCMP_CMP_EQ"}],
+            },
+        ],
     }
     return json.dumps(profile, separators=(",", ":"))
 
