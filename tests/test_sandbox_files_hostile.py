@@ -238,7 +238,7 @@ def test_walk_does_not_follow_a_swap(tmp_path: Path, outside: Path) -> None:
         swapped = False
         root_fd = os.open(ws, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            for _fd, entries in _files._walk(root_fd, ""):
+            for _fd, entries in _files._walk(root_fd, "", 1 << 20):
                 seen += [rel for _name, rel, _st in entries]
                 if not entries and not swapped:  # the bottom
                     swapped = True

@@ -195,7 +195,7 @@ def list_files(root: str, path: str, max_entries: int) -> list[dict[str, Any]]:
     dfd = _open_dir(root, parts)
     out: list[dict[str, Any]] = []
     try:
-        with contextlib.closing(_walk(dfd, "/".join(parts))) as walk:
+        with contextlib.closing(_walk(dfd, "/".join(parts), max_entries)) as walk:
             for _fd, entries in walk:
                 for _name, rel, st in entries:
                     is_dir = stat.S_ISDIR(st.st_mode)
@@ -217,7 +217,9 @@ def archive(root: str, max_bytes: int) -> bytes:
     dfd = _open_dir(root, [])
     try:
         with (
-            contextlib.closing(_walk(dfd, "")) as walk,
+            # Every entry stored costs a 512-byte header at least: more entries than that
+            # cannot fit, and the walk stops before reading them all into memory.
+            contextlib.closing(_walk(dfd, "", max_bytes // tarfile.BLOCKSIZE)) as walk,
             tarfile.open(fileobj=buf, mode="w") as tar,
         ):
             for fd, entries in walk:
@@ -369,12 +371,23 @@ def _reopen(stack: list[_Frame]) -> bool:
     return True
 
 
-def _scan(fd: int, rel: str) -> list[_Entry]:
-    """The entries of directory ``fd``, sorted, directories first (``lstat``, never opened)."""
+class _TooMany(Exception):
+    """A directory holds more entries than the walk has room for."""
+
+
+def _scan(fd: int, rel: str, room: int) -> list[_Entry]:
+    """The entries of directory ``fd``, sorted, directories first (``lstat``, never opened).
+
+    Raises:
+        _TooMany: It has more than ``room`` entries (a hostile directory may hold
+            millions: they are never all read into the server's memory).
+    """
     dirs: list[tuple[str, os.stat_result]] = []
     others: list[tuple[str, os.stat_result]] = []
     with os.scandir(fd) as it:
-        for entry in it:
+        for count, entry in enumerate(it):
+            if count >= room:
+                raise _TooMany
             try:
                 st = entry.stat(follow_symlinks=False)
             except OSError:
@@ -386,8 +399,13 @@ def _scan(fd: int, rel: str) -> list[_Entry]:
     return [(name, head + name, st) for name, st in dirs + others]
 
 
-def _walk(root_fd: int, root_rel: str) -> Generator[tuple[int, list[_Entry]], None, None]:
+def _walk(
+    root_fd: int, root_rel: str, max_entries: int
+) -> Generator[tuple[int, list[_Entry]], None, None]:
     """Pre-order walk below ``root_fd``: ``(dir_fd, entries)`` per directory reached.
+
+    Raises ``ValueError`` as soon as it has met more than ``max_entries`` entries in all, so
+    time and memory are bounded by the limit, not by the tree.
 
     ``dir_fd`` is valid until the next step. Iterative, so no depth reaches the Python stack;
     at most ``_WINDOW + log2(depth) + 1`` descriptors are open besides ``root_fd`` (which the
@@ -399,7 +417,8 @@ def _walk(root_fd: int, root_rel: str) -> Generator[tuple[int, list[_Entry]], No
     st = os.fstat(root_fd)
     stack = [_Frame("", (st.st_dev, st.st_ino), root_fd)]
     try:
-        entries = _scan(root_fd, root_rel)
+        entries = _scan(root_fd, root_rel, max_entries)
+        seen = len(entries)  # entries met so far: the walk stops past ``max_entries``
         stack[0].pending = _subdirs(entries)
         yield root_fd, entries
         while stack:
@@ -418,13 +437,19 @@ def _walk(root_fd: int, root_rel: str) -> Generator[tuple[int, list[_Entry]], No
                 continue
             try:
                 st = os.fstat(fd)
-                entries = _scan(fd, rel)
+                entries = _scan(fd, rel, max_entries - seen)
             except OSError:
                 os.close(fd)
                 continue
+            except BaseException:
+                os.close(fd)
+                raise
+            seen += len(entries)
             stack.append(_Frame(name, (st.st_dev, st.st_ino), fd, _subdirs(entries)))
             _trim(stack)
             yield fd, entries
+    except _TooMany:
+        raise ValueError(f"more than {max_entries} entries") from None
     finally:
         for frame in stack[1:]:
             if frame.fd >= 0:
