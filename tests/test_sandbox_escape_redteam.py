@@ -1,0 +1,181 @@
+"""Attacks a red-team pass found working from inside a slot (all failed on main at 824a945).
+
+Each test performs the attack through the public API, as a hostile policy would (a command, a
+tool argument, a file operation), on LocalBackend and DockerBackend where both apply, and
+asserts the property the threat model in docs/design.md promises. The attacks that did *not*
+work are listed in that document's threat model table, not repeated here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tarfile
+import tracemalloc
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from structenv import ExecRequest, ExecResult, StructEnvError
+from structenv.abc import SandboxBackend, Slot
+from structenv.sandbox import RemoteSlot, _files
+from test_docker_support import docker_backend, docker_image
+from test_sandbox_support import local_backend
+
+_ = docker_image
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["local", pytest.param("docker", marks=pytest.mark.docker)])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[SandboxBackend]:
+    """One host with one slot, so a release and an acquire give the same slot back.
+
+    LocalBackend runs with ``disk_limit=0``: its workspace is then a plain host directory
+    kept across leases, as a container's per-slot tmpfs is (a quota tmpfs is remounted).
+    """
+    if request.param == "local":
+        b: SandboxBackend = local_backend(slots_per_host=1, disk_limit=0)
+    else:
+        request.getfixturevalue("docker_image")
+        b = docker_backend(slots_per_container=1, workspace_size=64 << 20, memory_limit=1 << 30)
+    async with b:
+        yield b
+
+
+@pytest.fixture
+async def local() -> AsyncIterator[SandboxBackend]:
+    """A LocalBackend slot: for attacks on what both backends share (the server, the worker
+    and the seccomp filter of every slot), one backend is enough."""
+    async with local_backend(slots_per_host=1) as b:
+        yield b
+
+
+@contextlib.asynccontextmanager
+async def lease(backend: SandboxBackend) -> AsyncIterator[Slot]:
+    slot = await backend.acquire_slot()
+    try:
+        yield slot
+    finally:
+        with anyio.move_on_after(30, shield=True):
+            await backend.release_slot(slot, reusable=True)
+
+
+async def python(slot: Slot, program: str) -> ExecResult:
+    await slot.write_file("attack.py", program.encode())
+    return await slot.exec(ExecRequest("python3 attack.py", timeout=20))
+
+
+# -- the worker ------------------------------------------------------------------------------
+
+
+async def test_a_nul_in_a_tool_argument_leaves_the_slot_working(local: SandboxBackend) -> None:
+    # The tmux tool passes its keys (and stateful_terminal its command) to the slot in an
+    # environment variable: a NUL made posix_spawn raise ValueError in the worker, which
+    # died with it and took the slot (and its terminal) down for the rest of the lease.
+    async with lease(local) as slot:
+        assert isinstance(slot, RemoteSlot)
+        await slot.terminal("start")
+        for action, arguments in (
+            ("send_keys", {"keys": "echo a\0b"}),
+            ("run", {"command": "echo a\0b", "timeout": 5}),
+        ):
+            with pytest.raises(StructEnvError, match="NUL"):
+                await slot.terminal(action, **arguments)
+        for request in (
+            ExecRequest("true", env={"A": "x\0y"}),
+            ExecRequest("true", env={"A=B": "x"}),
+            ExecRequest("true", cwd="sub\0dir"),
+        ):
+            with pytest.raises(StructEnvError, match="invalid exec request"):
+                await slot.exec(request)
+        alive = await slot.exec(ExecRequest("echo alive", timeout=10))
+        assert alive.stdout == b"alive\n", alive
+        answer = await slot.terminal("run", command="echo still here", timeout=10)
+        assert "still here" in answer["output"] and answer["exit_code"] == 0, answer
+
+
+# -- the next lease --------------------------------------------------------------------------
+
+_MARK = r"""
+import array, fcntl, os
+os.setxattr("/workspace", "user.note", b"for the next lease")
+fd = os.open("/workspace", os.O_RDONLY)
+flags = array.array("i", [0])
+fcntl.ioctl(fd, 0x80086601, flags)  # FS_IOC_GETFLAGS
+flags[0] |= 0x40 | 0x80  # nodump, noatime: the owner may set them
+fcntl.ioctl(fd, 0x40086602, flags)  # FS_IOC_SETFLAGS
+os.utime("/workspace", (981173106, 981173106))
+print("marked")
+"""
+
+_LOOK = r"""
+import array, fcntl, json, os
+fd = os.open("/workspace", os.O_RDONLY)
+flags = array.array("i", [0])
+fcntl.ioctl(fd, 0x80086601, flags)
+print(json.dumps({"xattrs": os.listxattr("/workspace"), "flags": flags[0] & 0xC0,
+                  "mtime": int(os.stat("/workspace").st_mtime)}))
+"""
+
+
+async def test_the_workspace_root_carries_nothing_to_the_next_lease(
+    backend: SandboxBackend,
+) -> None:
+    # A reset emptied the workspace but kept its root directory: an extended attribute,
+    # chattr flags and times set on it by one lease were there for the next one to read.
+    async with lease(backend) as slot:
+        first = slot.id
+        marked = await python(slot, _MARK)
+        assert marked.stdout == b"marked\n", marked
+    async with lease(backend) as slot:
+        assert slot.id == first
+        seen = json.loads((await python(slot, _LOOK)).stdout)
+    assert seen["xattrs"] == [] and seen["flags"] == 0, seen
+    assert seen["mtime"] != 981173106, seen
+
+
+# -- the machine -----------------------------------------------------------------------------
+
+_VSOCK = r"""
+import errno, socket
+try:
+    socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    print("OPENED")
+except OSError as exc:
+    print(errno.errorcode[exc.errno])
+"""
+
+
+async def test_vsock_is_refused(local: SandboxBackend) -> None:
+    # vsock ignores network namespaces: a slot without a network could bind a port in the
+    # VM's own vsock port space (one a host process held was "in use" inside the slot) and
+    # reach the hypervisor at CID 2.
+    async with lease(local) as slot:
+        r = await python(slot, _VSOCK)
+        assert r.stdout == b"EPERM\n", r
+
+
+def test_a_huge_directory_is_not_read_into_the_server(tmp_path: Path) -> None:
+    # list_files and archive lstat'ed a whole directory before checking their limits: a
+    # slot's million empty files cost the shared server 1 GB and 8 s per listing (32 s per
+    # archive). The walk now stops at the limit.
+    crowded = tmp_path / "crowded"
+    crowded.mkdir()
+    for i in range(3000):
+        os.close(os.open(crowded / f"{i:05d}", os.O_CREAT | os.O_WRONLY, 0o644))
+    for call in (
+        lambda: _files.list_files(str(tmp_path), ".", 100),
+        lambda: _files.archive(str(tmp_path), 100 * tarfile.BLOCKSIZE),
+    ):
+        tracemalloc.start()
+        try:
+            with pytest.raises(ValueError, match="more than 100 entries"):
+                call()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 1 << 20, peak  # 2.5 MB before, for 3,000 entries
+    assert os.listdir(tmp_path) == ["crowded"]
