@@ -22,6 +22,7 @@ import pytest
 from structenv import ExecRequest, ExecResult, StructEnvError
 from structenv.abc import SandboxBackend, Slot
 from structenv.sandbox import RemoteSlot, _files
+from structenv.sandbox._bwrap import TCP_MEMORY
 from test_docker_support import docker_backend, docker_image
 from test_sandbox_support import local_backend
 
@@ -156,6 +157,39 @@ async def test_vsock_is_refused(local: SandboxBackend) -> None:
     async with lease(local) as slot:
         r = await python(slot, _VSOCK)
         assert r.stdout == b"EPERM\n", r
+
+
+_TCP_FILL = r"""
+import socket
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen(64)
+held, queued = [], 0
+for _ in range(40):  # about 4 MB of buffers each when nobody reads
+    client = socket.create_connection(server.getsockname())
+    held += [client, server.accept()[0]]
+    client.setblocking(False)
+    try:
+        while True:
+            queued += client.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+print(queued >> 20)
+"""
+
+
+async def test_tcp_buffers_count_against_the_slot(local: SandboxBackend) -> None:
+    # cgroup v1 charges TCP buffers to no cgroup unless it has a TCP limit: 60 stalled
+    # loopback connections queued 223 MB that the slot's memory cgroup never saw, against
+    # the host-wide tcp_mem (2.25 GB here) that every TCP socket on the machine shares.
+    async with lease(local) as slot:
+        assert isinstance(slot, RemoteSlot)
+        memory = f"/sys/fs/cgroup/memory/structenv/{slot.host_id}/{slot.index}"
+        limit = await anyio.Path(f"{memory}/memory.kmem.tcp.limit_in_bytes").read_text()
+        assert int(limit) == TCP_MEMORY
+        r = await python(slot, _TCP_FILL)
+        assert r.exit_code == 0, r
+        assert int(r.stdout) <= (TCP_MEMORY >> 20) + 8, r  # about 150 MB before
 
 
 def test_a_huge_directory_is_not_read_into_the_server(tmp_path: Path) -> None:

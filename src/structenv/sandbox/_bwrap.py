@@ -56,6 +56,8 @@ CGROUP_V1 = "/sys/fs/cgroup"
 #: The v1 hierarchies a slot's cgroups live in.
 _CONTROLLERS = ("pids", "memory", "cpu")
 _CFS_PERIOD = 100_000
+#: Bytes of TCP socket buffers a slot may hold (see :class:`SlotCgroup`).
+TCP_MEMORY = 64 << 20
 #: Host uids reserved per sandbox server (one per slot).
 UID_BLOCK = 4096
 
@@ -448,6 +450,16 @@ class SlotCgroup:
         os.makedirs(self.pids, exist_ok=True)
         _write(self.pids, "pids.max", str(pids_max) if pids_max > 0 else "max")
         self.memory = self._optional("memory", name, {"memory.limit_in_bytes": memory_max})
+        if self.memory is not None:
+            # cgroup v1 charges TCP buffers only to a cgroup with a TCP limit, set before the
+            # sockets exist; uncharged, they count only against the host-wide tcp_mem, so one
+            # slot's stalled loopback connections (4 MB each) could starve every TCP socket
+            # on the machine. (Unix sockets and pipes are charged to memory already.)
+            tcp = min(memory_max, TCP_MEMORY) if memory_max > 0 else TCP_MEMORY
+            try:
+                _write(self.memory, "memory.kmem.tcp.limit_in_bytes", str(tcp))
+            except OSError:
+                pass  # a kernel without v1 TCP accounting
         quota = int(cpus * _CFS_PERIOD) if cpus > 0 else -1
         settings = {"cpu.shares": 1024, "cpu.cfs_period_us": _CFS_PERIOD, "cpu.cfs_quota_us": quota}
         self.cpu = self._optional("cpu", name, settings)
