@@ -30,8 +30,10 @@ def test_a_stale_program_file_is_replaced_not_trusted(tmp_path: Path) -> None:
 def test_container_profile_allows_only_what_bwrap_needs() -> None:
     profile = json.loads(_seccomp.container_profile())
     assert profile["defaultAction"] == "SCMP_ACT_ALLOW"
-    (rule,) = profile["syscalls"]
+    rule, vsock = profile["syscalls"]
     assert rule["action"] == "SCMP_ACT_ERRNO"
+    assert vsock["names"] == ["socket"] and vsock["action"] == "SCMP_ACT_ERRNO"
+    assert vsock["args"] == [{"index": 0, "value": _seccomp.AF_VSOCK, "op": "SCMP_CMP_EQ"}]
     refused = set(rule["names"])
     assert {"keyctl", "add_key", "io_uring_setup", "bpf", "ptrace", "kexec_load"} <= refused
     assert not refused & _seccomp.BWRAP_NEEDS
