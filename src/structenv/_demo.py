@@ -20,17 +20,20 @@ It writes the scored groups as JSONL plus structenv's HTML view of them (escaped
     structenv demo --groups 2 --group-size 2 --out /tmp/demo
     structenv demo --example data-wrangling
 
-Against a real model: serve it with vLLM (its ``/generate`` endpoint gives real token ids and
-logprobs) and pass the endpoint, the model and its Hugging Face tokenizer; the scripted server
-is then not started::
+Against a real model: pass the endpoint and the model; the scripted server is then not
+started. The tokenizer is the server's model's (vLLM's ``/v1/models`` says where the model
+was loaded from; ``--tokenizer`` overrides it) and is checked against the server once::
 
     structenv demo --openai.base_url http://GPU-HOST:8000/v1 \\
-        --openai.model_name NousResearch/Hermes-3-Llama-3.1-8B \\
-        --tokenizer NousResearch/Hermes-3-Llama-3.1-8B
+        --openai.model_name NousResearch/Hermes-3-Llama-3.1-8B
 
-With ``--openai.server_type openai`` (an endpoint without ``/generate``) tokens are rebuilt
-from the messages with the tokenizer's chat template and the groups carry no
-``inference_logprobs`` (never placeholder values). The env's own Atropos CLI
+What each server gives (``docs/design.md``, "Exact tokens from inference servers"): a stock
+vLLM OpenAI server (``vllm serve``) has no ``/generate``, so prompts are rendered locally and
+sent as token ids to ``/v1/completions``: exact tokens and logprobs. atroposlib's ``/generate``
+server and SGLang go through atroposlib's ``ManagedServer``: exact tokens and logprobs. With
+``--openai.server_type openai`` (any OpenAI-compatible endpoint) tokens are rebuilt from the
+messages with the tokenizer's chat template and the groups carry no ``inference_logprobs``
+(never placeholder values). The env's own Atropos CLI
 (``python -m structenv.examples.shell_tasks serve|process ...``) takes every ``--env.*`` and
 ``--openai.*`` flag.
 """
@@ -81,6 +84,10 @@ def _parser() -> argparse.ArgumentParser:
         "--openai.server_type", dest="server_type", choices=("vllm", "sglang", "openai"),
         default="vllm",
     )  # fmt: skip
+    parser.add_argument(
+        "--vllm-api", dest="vllm_api", choices=("auto", "generate", "completions", "chat"),
+        default="auto", help="how a vllm server gives exact tokens (default: probe it)",
+    )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--debug", action="store_true", help="tracebacks for errors")
     return parser
@@ -110,7 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("structenv demo needs the atropos extra: pip install 'structenv[atropos]'")
         return 2
     env_vars = {"WANDB_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
-    if args.tokenizer is None or Path(args.tokenizer).is_dir():
+    if (args.tokenizer is None and args.base_url is None) or (
+        args.tokenizer is not None and Path(args.tokenizer).is_dir()
+    ):
         env_vars["HF_HUB_OFFLINE"] = "1"
     with _environment(env_vars), warnings.catch_warnings():
         # process mode warns once per group that the trainer's max length is unset (-1).
@@ -135,6 +144,8 @@ async def _run(args: argparse.Namespace) -> int:
 
     console = Console()
     started = time.monotonic()
+    if args.tokenizer is None and args.base_url is not None:
+        args.tokenizer = await _server_tokenizer(args)
     tokenizer = args.tokenizer or str(await anyio.to_thread.run_sync(build_tiny_tokenizer))
     out = Path(args.out)
     await anyio.Path(out).mkdir(parents=True, exist_ok=True)
@@ -155,6 +166,25 @@ async def _run(args: argparse.Namespace) -> int:
     summary["wall_time_s"] = round(time.monotonic() - started, 2)
     _print_summary(console, summary)
     return 0 if summary["groups"] == args.groups else 1
+
+
+async def _server_tokenizer(args: argparse.Namespace) -> str:
+    """The tokenizer of the server's model: vLLM's ``root`` (where it loaded the model from),
+    else the model name."""
+    from ._exceptions import ConfigError
+    from .adapters.atropos._inference import server_model
+
+    entry = await server_model(args.base_url, args.model_name, api_key=args.api_key)
+    if entry and not args.model_name and isinstance(entry.get("id"), str):
+        args.model_name = entry["id"]
+    root = entry.get("root") if entry else None
+    if isinstance(root, str) and root:
+        return root
+    if args.model_name:
+        return str(args.model_name)
+    raise ConfigError(
+        f"{args.base_url}/models does not name one model: pass --openai.model_name and --tokenizer"
+    )
 
 
 def _solutions(example: str) -> dict[str, Any]:
@@ -190,6 +220,7 @@ async def _collect(
         agent_max_steps=8,
         agent_max_tokens=2048,
         trajectory_timeout_s=120.0,
+        vllm_api=args.vllm_api,
     )
     if args.example == "data-wrangling":
         from .adapters.atropos import AgentEnvConfig

@@ -7,6 +7,13 @@ wrong is never retried: a 2xx body that is not a valid completion raises
 at once. Cancellation and the request deadline are never retried either. When the retries are
 used up the last transient failure surfaces as :class:`~structenv.PolicyError`.
 
+Token ids (``token_ids``): ``"none"`` asks for chat completions as they are; ``"chat"`` adds
+``return_token_ids`` (vLLM >= 0.10.2) so each completion carries the prompt and completion
+token ids; ``"completions"`` renders the prompt locally with the model's tokenizer and sends
+it as token ids to ``/v1/completions`` (``return_tokens_as_token_ids``, ``logprobs: 0``). For
+exact multi-turn sequences use one :meth:`OpenAIPolicy.track` per trajectory
+(:mod:`structenv.agent._tokens`).
+
 Two time limits come from the config: ``read_timeout`` is httpx's per-read inactivity limit (a
 transport timeout, retried), ``request_deadline`` bounds one whole :meth:`OpenAIPolicy.complete`
 call including retries and backoff and raises the builtin ``TimeoutError``.
@@ -20,7 +27,7 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import anyio
 import httpx
@@ -35,8 +42,9 @@ from tenacity import (
 from .._exceptions import PolicyError, ProtocolError
 from ._parsing import parse_openai_tool_calls
 from ._policy import Completion
+from ._tokens import PromptRenderer, TrackedPolicy, parse_token_completion, with_chat_token_ids
 
-__all__ = ["OpenAIPolicy", "OpenAIPolicyConfig", "PolicyStatistics"]
+__all__ = ["OpenAIPolicy", "OpenAIPolicyConfig", "PolicyStatistics", "TrackedPolicy"]
 
 #: Transport failures that mean "no complete answer arrived": safe and useful to retry.
 _TRANSIENT_TRANSPORT = (
@@ -71,6 +79,13 @@ class OpenAIPolicyConfig(BaseModel):
         logprobs: Ask for per-token logprobs (``logprobs: true``).
         native_tools: Send tool specs as the request's ``tools`` field. Turn off when the tools
             are already in the system prompt (Hermes style) and the server would add them again.
+        token_ids: ``"none"``: plain chat completions (no token ids). ``"chat"``: chat
+            completions with ``return_token_ids`` and logprobs (vLLM). ``"completions"``: the
+            prompt rendered locally (needs the model's tokenizer) and sent as token ids to
+            ``/v1/completions`` with logprobs; exact across turns through :meth:`track`.
+        context_length: The model's context length (vLLM's ``max_model_len``). With
+            ``token_ids="completions"`` and no ``max_tokens`` a turn may use what the prompt
+            leaves of it (``/v1/completions`` would otherwise stop after 16 tokens).
         extra_body: Extra JSON fields merged into every request body.
         max_connections: Connection pool size.
         max_response_bytes: A larger response body is a protocol error.
@@ -93,6 +108,8 @@ class OpenAIPolicyConfig(BaseModel):
     backoff_jitter: float = Field(default=0.5, ge=0.0)
     logprobs: bool = False
     native_tools: bool = True
+    token_ids: Literal["none", "chat", "completions"] = "none"
+    context_length: int | None = Field(default=None, gt=0)
     extra_body: dict[str, Any] = Field(default_factory=dict)
     max_connections: int = Field(default=256, gt=0)
     max_response_bytes: int = Field(default=16 << 20, gt=0)
@@ -160,8 +177,14 @@ class OpenAIPolicy:
     the OpenAI response, so ``prompt_tokens`` and ``completion_tokens`` are ``None``.
     """
 
-    def __init__(self, config: OpenAIPolicyConfig) -> None:
+    def __init__(self, config: OpenAIPolicyConfig, *, tokenizer: Any | None = None) -> None:
+        if config.token_ids == "completions":
+            if tokenizer is None:
+                raise ValueError("token_ids='completions' renders prompts locally: pass tokenizer=")
+            if config.max_tokens is None and config.context_length is None:
+                raise ValueError("token_ids='completions' needs max_tokens or context_length")
         self.config = config
+        self.renderer = PromptRenderer(tokenizer) if tokenizer is not None else None
         self._client: httpx.AsyncClient | None = None
         self._closed = False
         self._requests = 0
@@ -242,8 +265,35 @@ class OpenAIPolicy:
             payload["max_tokens"] = cfg.max_tokens
         if cfg.native_tools and tools:
             payload["tools"] = [dict(t) for t in tools]
-        if cfg.logprobs:
+        if cfg.logprobs or cfg.token_ids == "chat":
             payload["logprobs"] = True
+        if cfg.token_ids == "chat":
+            payload["return_token_ids"] = True
+        payload.update(cfg.extra_body)
+        return payload
+
+    def _max_tokens(self, prompt_length: int) -> int:
+        cfg = self.config
+        if cfg.context_length is None:
+            assert cfg.max_tokens is not None  # checked in __init__
+            return cfg.max_tokens
+        # /v1/completions defaults to 16 tokens: always send a number. A prompt that fills
+        # the context gets 1, and the server's "maximum context length" error.
+        room = max(1, cfg.context_length - prompt_length)
+        return min(cfg.max_tokens, room) if cfg.max_tokens is not None else room
+
+    def _completions_payload(self, prompt: Sequence[int]) -> dict[str, Any]:
+        cfg = self.config
+        payload: dict[str, Any] = {
+            "model": cfg.model,
+            "prompt": list(prompt),
+            "temperature": cfg.temperature,
+            "max_tokens": self._max_tokens(len(prompt)),
+            "logprobs": 0,
+            "return_tokens_as_token_ids": True,
+            "return_token_ids": True,
+            "skip_special_tokens": True,
+        }
         payload.update(cfg.extra_body)
         return payload
 
@@ -272,12 +322,44 @@ class OpenAIPolicy:
         Cancellation: the in-flight request is abandoned and its connection closed by httpx
         (it is in an unknown state); nothing else changes. Cancellation is never retried.
         """
+        if self.config.token_ids == "completions":
+            assert self.renderer is not None
+            specs = tools if self.config.native_tools else ()
+            prompt = self.renderer.encode(
+                self.renderer.render(messages, tools=specs, generation=True)
+            )
+            return await self.complete_tokens(prompt)
+        return await self._request("chat/completions", self._payload(messages, tools))
+
+    async def complete_tokens(self, prompt: Sequence[int]) -> Completion:
+        """Complete a prompt given as token ids (``/v1/completions``): the completion's
+        token ids, its logprobs and the prompt ids the server saw.
+
+        Raises:
+            PolicyError, ProtocolError, TimeoutError: As :meth:`complete`; also
+                ``ProtocolError`` when the server reports prompt ids other than ``prompt``.
+
+        Cancellation: as :meth:`complete`.
+        """
+        completion = await self._request("completions", self._completions_payload(prompt))
+        if completion.prompt_tokens is not None and completion.prompt_tokens != list(prompt):
+            self._failures += 1
+            raise ProtocolError(
+                f"{self.config.base_url}: the server saw other prompt tokens than were sent"
+            )
+        return dataclasses.replace(completion, prompt_tokens=list(prompt))
+
+    def track(self) -> TrackedPolicy:
+        """A policy for one trajectory that keeps its exact token sequence across turns
+        (``token_ids`` ``"completions"`` or ``"chat"``); see :class:`TrackedPolicy`."""
+        return TrackedPolicy(self)
+
+    async def _request(self, path: str, payload: dict[str, Any]) -> Completion:
         client = self._client
         if client is None:
             if self._closed:
                 raise anyio.ClosedResourceError
             raise RuntimeError("use `async with OpenAIPolicy(config) as policy:` first")
-        payload = self._payload(messages, tools)
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.config.max_retries + 1),
             wait=self._wait,
@@ -287,8 +369,8 @@ class OpenAIPolicy:
         )
         try:
             with anyio.fail_after(self.config.request_deadline):
-                body: bytes = await retrying(self._attempt, client, payload, [0])
-            completion = self._parse(body)
+                body: bytes = await retrying(self._attempt, client, path, payload, [0])
+            completion = self._parse(body, completions=path == "completions")
         except _Transient as exc:
             self._failures += 1
             attempts = self.config.max_retries + 1
@@ -302,7 +384,11 @@ class OpenAIPolicy:
         return completion
 
     async def _attempt(
-        self, client: httpx.AsyncClient, payload: dict[str, Any], attempts: list[int]
+        self,
+        client: httpx.AsyncClient,
+        path: str,
+        payload: dict[str, Any],
+        attempts: list[int],
     ) -> bytes:
         # ``attempts`` is per call, so concurrent calls never share retry bookkeeping.
         attempts[0] += 1
@@ -310,7 +396,7 @@ class OpenAIPolicy:
         if attempts[0] > 1:
             self._retries += 1
         try:
-            async with client.stream("POST", "chat/completions", json=payload) as response:
+            async with client.stream("POST", path, json=payload) as response:
                 status = response.status_code
                 if status == 429 or status >= 500:
                     excerpt = await _read_body(response, _ERROR_EXCERPT, truncate=True)
@@ -331,14 +417,19 @@ class OpenAIPolicy:
             )
         return body
 
-    def _parse(self, body: bytes) -> Completion:
+    def _parse(self, body: bytes, *, completions: bool) -> Completion:
         try:
             data = json.loads(body)
         except ValueError as exc:
             raise ProtocolError(
                 f"{self.config.base_url}: response is not JSON: {body[:200]!r}"
             ) from exc
-        return parse_chat_completion(data)
+        if completions:
+            return parse_token_completion(data)
+        completion = parse_chat_completion(data)
+        if self.config.token_ids == "chat":
+            completion = with_chat_token_ids(completion, data)
+        return completion
 
 
 def parse_chat_completion(data: Any) -> Completion:

@@ -83,6 +83,14 @@ class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]  # atroposlib is unty
     tool_server_token: str | None = Field(
         default=None, description="Bearer token of the ToolServer."
     )
+    vllm_api: Literal["auto", "generate", "completions", "chat"] = Field(
+        default="auto",
+        description="How a server_type='vllm' server is asked for exact tokens and logprobs: "
+        "'generate' (atroposlib's /generate: its vLLM script, SGLang), 'completions' (stock "
+        "vLLM: a locally rendered token-id prompt to /v1/completions), 'chat' (stock vLLM: "
+        "/v1/chat/completions with return_token_ids) or 'auto' (a 404 on GET /generate "
+        "means stock vLLM: 'completions'; else 'generate').",
+    )
     failure_policy: Literal["mask", "drop_group"] = Field(
         default="mask",
         description="A failed member becomes a masked item with failure_score ('mask') or "

