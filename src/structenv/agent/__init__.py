@@ -23,6 +23,9 @@ from ._react import run_agent as run_agent
 from ._tokenizer import TinyCodec as TinyCodec
 from ._tokenizer import build_tiny_tokenizer as build_tiny_tokenizer
 from ._tokenizer import default_tokenizer_dir as default_tokenizer_dir
+from ._tokens import PromptRenderer as PromptRenderer
+from ._tokens import TokenTracker as TokenTracker
+from ._tokens import TrackedPolicy as TrackedPolicy
 
 __all__ = [
     "AgentConfig",
@@ -36,8 +39,11 @@ __all__ = [
     "ParsedMessage",
     "Policy",
     "PolicyStatistics",
+    "PromptRenderer",
     "TinyCodec",
+    "TokenTracker",
     "ToolRunner",
+    "TrackedPolicy",
     "build_tiny_tokenizer",
     "default_tokenizer_dir",
     "format_parse_error",
