@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import anyio
 import atroposlib  # noqa: F401  (the atropos extra is part of the dev install)
 import pytest
 
-from structenv import ConfigError, ProtocolError, ToolCall, ToolResult
+from structenv import ConfigError, PolicyError, ProtocolError, ToolCall, ToolResult
 from structenv.agent import (
     AgentConfig,
     AgentTask,
@@ -45,6 +46,7 @@ from structenv.testing import (
     child_processes,
     serve_policy_server,
     task_marker,
+    virtual_time_backend,
 )
 
 WRITE = tool_call("write_file", path="answer.txt", content="42")
@@ -377,6 +379,27 @@ async def test_cancelled_setup_leaves_nothing_open(tokenizer_dir: Path) -> None:
         with anyio.fail_after(5):
             await server.wait_idle()
         await env.aclose()
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_probe_waits_for_the_server_then_names_it(backend: str) -> None:
+    """An env may start before its inference server: the probe asks again for a while (in
+    virtual time here), then fails naming the URL."""
+    from structenv.adapters.atropos._inference import choose_vllm_api
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+        name, options = virtual_time_backend(backend)
+
+        async def probe() -> float:
+            start = anyio.current_time()
+            with pytest.raises(PolicyError, match=rf"probing {url[:-3]}/generate: .* \(for 5s\)"):
+                await choose_vllm_api(url, wait=5)
+            return anyio.current_time() - start
+
+        waited = anyio.run(probe, backend=name, backend_options=options)
+    assert 5 <= waited < 7
 
 
 def test_demo_command_against_stock_vllm_shape(tmp_path: Path, tokenizer_dir: Path) -> None:

@@ -24,6 +24,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, Protocol
 
+import anyio
 import httpx
 
 from ..._exceptions import ConfigError, PolicyError
@@ -115,22 +116,35 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-async def choose_vllm_api(base_url: str, *, api_key: str | None = None) -> VllmApi:
+async def choose_vllm_api(
+    base_url: str, *, api_key: str | None = None, wait: float = 60.0
+) -> VllmApi:
     """``"completions"`` if the server has no ``/generate`` (a 404), else ``"generate"``.
 
     A ``GET`` generates nothing: a server with the endpoint answers 405 (POST only) or 422.
+    A server that refuses connections is asked again every second for ``wait`` seconds (an
+    env may start before its inference server is up).
 
     Raises:
-        PolicyError: The server cannot be reached.
+        PolicyError: The server cannot be reached within ``wait`` seconds.
 
     Cancellation: the probe is abandoned; nothing changes.
     """
     url = f"{_root(base_url)}/generate"
+    deadline = anyio.current_time() + wait
     async with httpx.AsyncClient(timeout=_PROBE_TIMEOUT, headers=_headers(api_key)) as client:
-        try:
-            response = await client.get(url)
-        except httpx.HTTPError as exc:
-            raise PolicyError(f"probing {url}: {type(exc).__name__}: {exc}") from exc
+        while True:
+            try:
+                response = await client.get(url)
+                break
+            except httpx.ConnectError as exc:
+                if anyio.current_time() >= deadline:
+                    raise PolicyError(
+                        f"probing {url}: {type(exc).__name__}: {exc} (for {wait:g}s)"
+                    ) from exc
+                await anyio.sleep(1.0)
+            except httpx.HTTPError as exc:
+                raise PolicyError(f"probing {url}: {type(exc).__name__}: {exc}") from exc
     return "completions" if response.status_code == 404 else "generate"
 
 
