@@ -13,7 +13,7 @@ them (the server scores the finished sequence again with ``prompt_logprobs`` and
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +21,10 @@ import atroposlib  # noqa: F401  (the atropos extra is part of the dev install)
 import httpx
 import pytest
 
-from structenv import ConfigError
+from structenv import ConfigError, ToolCall, ToolResult
 from structenv._demo import main as demo_main
 from structenv.adapters.atropos._inference import check_tokenizer, choose_vllm_api
-from structenv.agent import OpenAIPolicy, OpenAIPolicyConfig
+from structenv.agent import AgentConfig, AgentTask, OpenAIPolicy, OpenAIPolicyConfig, run_agent
 from structenv.agent._tokens import MASK
 from structenv.testing import child_processes
 from vllm_support import VllmServer, run_server
@@ -92,7 +92,9 @@ def check_member(
     assert turns, "no trained tokens"
     assert len(turns) == len(assistant)
     for turn, content in zip(turns, assistant, strict=True):
-        assert tokenizer.decode(turn, skip_special_tokens=True) == content
+        # vLLM's text leaves out the bytes of a character a length cut left incomplete.
+        decoded = tokenizer.decode(turn, skip_special_tokens=True)
+        assert decoded == content or decoded.rstrip("\ufffd") == content
     trained = [i for i, m in enumerate(masks) if m != MASK]
     assert all(logprobs[i] == 1.0 for i, m in enumerate(masks) if m == MASK)
     assert all(logprobs[i] < 0.0 for i in trained)
@@ -146,6 +148,7 @@ TOOL_CALL = '<tool_call>\n{"name": "terminal", "arguments": {"command": "echo hi
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # atroposlib is asyncio-only
+@pytest.mark.filterwarnings("ignore:Trainer requested to ignore max length")
 async def test_env_multi_turn_tool_calls_exact(
     vllm: VllmServer, tokenizer: Any, tmp_path: Path
 ) -> None:
@@ -252,3 +255,43 @@ async def test_wrong_tokenizer_is_one_error(vllm: VllmServer, tokenizer: Any) ->
     with pytest.raises(ConfigError, match="does not match the server's model") as caught:
         await check_tokenizer(vllm.base_url, vllm.model, other)
     assert "\n" not in str(caught.value)
+
+
+class EchoTools:
+    """A ToolRunner answering every call with its command."""
+
+    def __init__(self) -> None:
+        self.calls: list[ToolCall] = []
+
+    def specs(self) -> list[dict[str, Any]]:
+        parameters = {"type": "object", "properties": {"command": {"type": "string"}}}
+        return [{"type": "function", "function": {"name": "terminal", "parameters": parameters}}]
+
+    async def call_many(self, calls: Sequence[ToolCall]) -> list[ToolResult]:
+        self.calls += calls
+        return [ToolResult(call_id=c.id, name=c.name, content="hi") for c in calls]
+
+
+async def test_native_and_text_tool_calls_reach_the_tools(vllm: VllmServer, tokenizer: Any) -> None:
+    """vLLM's hermes parser turns the model's text into native ``tool_calls`` (chat); the
+    completions route parses the same text itself. Both reach the tools."""
+    import re
+
+    regex = {"structured_outputs": {"regex": re.escape(TOOL_CALL)}}
+    task = AgentTask(prompt="Say hi.", system="Use the terminal.")
+    for mode, native in (("chat", True), ("completions", False)):
+        config = OpenAIPolicyConfig(
+            base_url=vllm.base_url, model=vllm.model, token_ids=mode, max_tokens=64,
+            native_tools=native, extra_body=regex,
+        )  # fmt: skip
+        tools = EchoTools()
+        agent = AgentConfig(max_steps=2, tools_in_system_prompt=not native)
+        async with OpenAIPolicy(config, tokenizer=tokenizer) as policy:
+            tracked = policy.track()
+            result = await run_agent(tracked, tools, task, config=agent)
+        assert result.finish_reason == "max_steps", result.error
+        assert [(c.name, c.arguments) for c in tools.calls] == [
+            ("terminal", {"command": "echo hi"})
+        ] * 2
+        assert all(c.has_native_tool_calls == native for c in result.completions)
+        assert all(c.completion_logprobs is not None for c in result.completions)
