@@ -40,7 +40,8 @@ def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
     with run_server(tmp_path_factory.mktemp("vllm")) as server:
         print(f"vLLM ready after {server.started_in:.0f}s")
         yield server
-    assert server.process.poll() is not None
+    if server.process is not None:
+        assert server.process.poll() is not None
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +86,8 @@ def check_member(
     masks: list[int],
     logprobs: list[float],
     messages: list[Mapping[str, Any]],
+    *,
+    rescore: bool = True,
 ) -> None:
     assert len(tokens) == len(masks) == len(logprobs)
     assistant = [str(m["content"]) for m in messages if m["role"] == "assistant"]
@@ -97,7 +100,9 @@ def check_member(
         assert decoded == content or decoded.rstrip("\ufffd") == content
     trained = [i for i, m in enumerate(masks) if m != MASK]
     assert all(logprobs[i] == 1.0 for i, m in enumerate(masks) if m == MASK)
-    assert all(logprobs[i] < 0.0 for i in trained)
+    assert all(logprobs[i] <= 0.0 for i in trained)
+    if not rescore:
+        return
     again = rescored(vllm, tokens)
     for i in trained:
         expected = again[i]
@@ -141,7 +146,8 @@ def others(vllm: VllmServer) -> list[int]:
         except ProcessLookupError:
             return None
 
-    return [p for p in child_processes() if group(p) not in (vllm.process.pid, None)]
+    server = vllm.process.pid if vllm.process is not None else None
+    return [p for p in child_processes() if group(p) not in (server, None)]
 
 
 TOOL_CALL = '<tool_call>\n{"name": "terminal", "arguments": {"command": "echo hi"}}\n</tool_call>'
@@ -180,7 +186,7 @@ async def test_env_multi_turn_tool_calls_exact(
         max_token_length=4096,
         slots_per_host=2,
         agent_max_steps=2,
-        agent_max_tokens=64,
+        agent_max_tokens=128,
         trajectory_timeout_s=240.0,
     )
     server = APIServerConfig(
@@ -206,8 +212,13 @@ async def test_env_multi_turn_tool_calls_exact(
         tools = [m for m in messages if m["role"] == "tool"]
         assert len(tools) == 2 and all("hi" in m["content"] for m in tools), tools
         turns = runs(tokens, masks)
-        assert turns == [[*tokenizer.encode(TOOL_CALL, add_special_tokens=False), eos]] * 2
-        check_member(vllm, tokenizer, tokens, masks, logprobs, messages)
+        # The constrained model may spell a tag byte by byte (a non-canonical tokenization,
+        # kept exactly as sampled), so the turns are compared as text.
+        assert [tokenizer.decode(t) for t in turns] == [TOOL_CALL + "<|im_end|>"] * 2
+        assert all(t[-1] == eos for t in turns)
+        # Logprobs under a grammar are of the constrained distribution (0.0 where only one
+        # token was allowed), so they are not compared with an unconstrained rescoring.
+        check_member(vllm, tokenizer, tokens, masks, logprobs, messages, rescore=False)
         # One sequence: the rendered conversation, the model's turns exactly as sampled.
         text = tokenizer.decode(tokens)
         assert text.count("<|im_start|>assistant\n" + TOOL_CALL + "<|im_end|>") == 2
@@ -281,7 +292,7 @@ async def test_native_and_text_tool_calls_reach_the_tools(vllm: VllmServer, toke
     task = AgentTask(prompt="Say hi.", system="Use the terminal.")
     for mode, native in (("chat", True), ("completions", False)):
         config = OpenAIPolicyConfig(
-            base_url=vllm.base_url, model=vllm.model, token_ids=mode, max_tokens=64,
+            base_url=vllm.base_url, model=vllm.model, token_ids=mode, max_tokens=128,
             native_tools=native, extra_body=regex,
         )  # fmt: skip
         tools = EchoTools()

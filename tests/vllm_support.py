@@ -166,8 +166,8 @@ class VllmServer:
     base_url: str
     model: str
     model_dir: Path
-    process: subprocess.Popen[bytes]
-    log: Path
+    process: subprocess.Popen[bytes] | None
+    log: Path | None
     started_in: float
 
     @property
@@ -197,8 +197,16 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
 
 @contextlib.contextmanager
 def run_server(workdir: Path) -> Iterator[VllmServer]:
-    """Build the venv and the model if needed, start the server, wait until it answers."""
+    """Build the venv and the model if needed, start the server, wait until it answers.
+
+    ``STRUCTENV_TEST_VLLM_URL`` (a developer's shortcut, never set in CI) names a server
+    already running this module's model (``python tests/vllm_support.py --serve``) instead.
+    """
     started = time.monotonic()
+    external = os.environ.get("STRUCTENV_TEST_VLLM_URL")
+    if external:
+        yield VllmServer(external, MODEL_NAME, build_model(ensure_venv()), None, None, 0.0)
+        return
     python = ensure_venv()
     model_dir = build_model(python)
     port = _free_port()
@@ -243,5 +251,11 @@ def run_server(workdir: Path) -> Iterator[VllmServer]:
 
 
 if __name__ == "__main__":
-    start = time.monotonic()
-    print(ensure_venv(), f"{time.monotonic() - start:.0f}s")
+    if sys.argv[1:] == ["--serve"]:
+        with run_server(Path(tempfile.mkdtemp())) as running:
+            print(f"{running.base_url} (ready after {running.started_in:.0f}s)", flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.pause()
+    else:
+        start = time.monotonic()
+        print(ensure_venv(), f"{time.monotonic() - start:.0f}s")
