@@ -181,6 +181,15 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _die_with_parent() -> None:
+    # A test run that is killed (the hang guard's os._exit, SIGKILL) runs no teardown: the
+    # kernel then kills the server, which would otherwise eat the machine's CPU for hours.
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def _kill_group(process: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
@@ -227,6 +236,7 @@ def run_server(workdir: Path) -> Iterator[VllmServer]:
             stderr=subprocess.STDOUT,
             env={**os.environ, **SERVER_ENV},
             start_new_session=True,  # its own process group, killed as one
+            preexec_fn=_die_with_parent,
         )
     try:
         base = f"http://127.0.0.1:{port}"
@@ -252,6 +262,7 @@ def run_server(workdir: Path) -> Iterator[VllmServer]:
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["--serve"]:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # teardown kills the server
         with run_server(Path(tempfile.mkdtemp())) as running:
             print(f"{running.base_url} (ready after {running.started_in:.0f}s)", flush=True)
             with contextlib.suppress(KeyboardInterrupt):
