@@ -284,25 +284,22 @@ class EchoTools:
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # slow (grammar); trio: the test above
-async def test_native_and_text_tool_calls_reach_the_tools(vllm: VllmServer, tokenizer: Any) -> None:
-    """vLLM's hermes parser turns the model's text into native ``tool_calls`` (chat); the
-    completions route parses the same text itself. Both reach the tools."""
+async def test_native_tool_calls_reach_the_tools(vllm: VllmServer, tokenizer: Any) -> None:
+    """vLLM's hermes parser turns the model's text into native ``tool_calls`` (chat mode),
+    and they reach the tools. (Text tool calls on the completions route: the env test.)"""
     import re
 
-    regex = {"structured_outputs": {"regex": re.escape(TOOL_CALL)}}
+    config = OpenAIPolicyConfig(
+        base_url=vllm.base_url, model=vllm.model, token_ids="chat", max_tokens=128,
+        extra_body={"structured_outputs": {"regex": re.escape(TOOL_CALL)}},
+    )  # fmt: skip
+    tools = EchoTools()
     task = AgentTask(prompt="Say hi.", system="Use the terminal.")
-    for mode, native in (("chat", True), ("completions", False)):
-        config = OpenAIPolicyConfig(
-            base_url=vllm.base_url, model=vllm.model, token_ids=mode, max_tokens=128,
-            native_tools=native, extra_body=regex,
-        )  # fmt: skip
-        tools = EchoTools()
-        agent = AgentConfig(max_steps=1, tools_in_system_prompt=not native)
-        async with OpenAIPolicy(config, tokenizer=tokenizer) as policy:
-            tracked = policy.track()
-            result = await run_agent(tracked, tools, task, config=agent)
-        assert result.finish_reason == "max_steps", result.error
-        expected = [("terminal", {"command": "echo hi"})]
-        assert [(c.name, c.arguments) for c in tools.calls] == expected
-        assert all(c.has_native_tool_calls == native for c in result.completions)
-        assert all(c.completion_logprobs is not None for c in result.completions)
+    agent = AgentConfig(max_steps=1, tools_in_system_prompt=False)
+    async with OpenAIPolicy(config, tokenizer=tokenizer) as policy:
+        result = await run_agent(policy.track(), tools, task, config=agent)
+    assert result.finish_reason == "max_steps", result.error
+    assert [(c.name, c.arguments) for c in tools.calls] == [("terminal", {"command": "echo hi"})]
+    (completion,) = result.completions
+    assert completion.has_native_tool_calls and completion.finish_reason == "tool_calls"
+    assert completion.completion_tokens and completion.completion_logprobs is not None
