@@ -22,6 +22,9 @@ from ._pool import PoolStatistics as PoolStatistics
 from ._pool import SlotPool as SlotPool
 from ._runner import Outcome as Outcome
 from ._runner import run_group as run_group
+from ._spec import Bind as Bind
+from ._spec import ResourceLimits as ResourceLimits
+from ._spec import SandboxSpec as SandboxSpec
 from ._types import ExecRequest as ExecRequest
 from ._types import ExecResult as ExecResult
 from ._types import ToolCall as ToolCall
@@ -32,6 +35,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendError",
     "Batcher",
+    "Bind",
     "BatcherStatistics",
     "ConfigError",
     "ExecRequest",
@@ -44,6 +48,8 @@ __all__ = [
     "PolicyError",
     "PoolStatistics",
     "ProtocolError",
+    "ResourceLimits",
+    "SandboxSpec",
     "SandboxUnavailableError",
     "SlotAcquireTimeout",
     "SlotBrokenError",

@@ -15,15 +15,26 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import anyio
 
+from ._exceptions import ConfigError
 from ._types import ExecRequest, ExecResult
 
-__all__ = ["BackendStatistics", "FileEntry", "ResultCallback", "SandboxBackend", "Slot"]
+if TYPE_CHECKING:
+    from ._spec import SandboxSpec
+
+__all__ = [
+    "BackendStatistics",
+    "FileEntry",
+    "ResultCallback",
+    "SandboxBackend",
+    "Slot",
+    "SpecStatistics",
+]
 
 #: Receives ``(index, result_or_exception)`` for each call of a batch as soon as it finishes.
 ResultCallback = Callable[[int, "ExecResult | Exception"], None]
@@ -39,6 +50,27 @@ class FileEntry:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class SpecStatistics:
+    """Counters of one :class:`~structenv.SandboxSpec` in a backend.
+
+    Attributes:
+        hits: Acquires served by a warm slot already built for the spec.
+        misses: Acquires that found no warm slot of the spec (a slot was rebuilt for it).
+        cold_starts: Slots (re)built for the spec from another spec.
+        warm: Free slots of the spec right now.
+        leased: Slots of the spec leased right now.
+        prepare_seconds: Seconds spent preparing the spec (image build/export, checks).
+    """
+
+    hits: int = 0
+    misses: int = 0
+    cold_starts: int = 0
+    warm: int = 0
+    leased: int = 0
+    prepare_seconds: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class BackendStatistics:
     """Counters every backend reports.
 
@@ -51,6 +83,7 @@ class BackendStatistics:
         resets_failed: Resets that failed or timed out (those slots were destroyed).
         destroyed: Slots destroyed instead of reset (quarantined, broken, or not reusable).
         hosts_replaced: Hosts that died and were replaced.
+        specs: Per-spec counters, by :attr:`SandboxSpec.label` (the default spec: ``"default"``).
     """
 
     hosts: int
@@ -61,6 +94,7 @@ class BackendStatistics:
     resets_failed: int = 0
     destroyed: int = 0
     hosts_replaced: int = 0
+    specs: Mapping[str, SpecStatistics] = dataclasses.field(default_factory=dict)
 
 
 class Slot(ABC):
@@ -217,11 +251,29 @@ class SandboxBackend(ABC):
         """Whether this backend's slots can reach the network."""
         return False
 
-    @abstractmethod
-    async def acquire_slot(self) -> Slot:
-        """Lease a clean slot, waiting for one if all are busy or hosts are starting.
+    async def prepare_spec(self, spec: SandboxSpec) -> None:
+        """Make ``spec`` ready ahead of its first slot (build or export its image, check it).
+
+        The default accepts only the default spec. Backends that support specs override it;
+        :meth:`acquire_slot` prepares a spec on first use anyway.
 
         Raises:
+            ConfigError: The spec is unusable here (the message says why), before anything
+                of it runs.
+
+        Cancellation: nothing half-made is kept (a cache entry is complete or absent).
+        """
+        if not spec.is_default:
+            raise ConfigError(f"{type(self).__name__} does not support sandbox specs")
+
+    @abstractmethod
+    async def acquire_slot(self, spec: SandboxSpec | None = None) -> Slot:
+        """Lease a clean slot of ``spec`` (``None``: the backend's default), waiting for one
+        if all are busy or hosts are starting. A slot built for one spec is never handed
+        out for another.
+
+        Raises:
+            ConfigError: ``spec`` is unusable (see :meth:`prepare_spec`).
             BackendError: No slot can be made (hosts cannot start).
 
         Cancellation: never leaks a half-made slot: either the slot is returned or nothing

@@ -7,11 +7,15 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import anyio
 
 from ._exceptions import ConfigError, SlotAcquireTimeout
 from .abc import SandboxBackend, Slot
+
+if TYPE_CHECKING:
+    from ._spec import SandboxSpec
 
 __all__ = ["PoolStatistics", "SlotPool"]
 
@@ -115,25 +119,31 @@ class SlotPool:
         )
 
     @asynccontextmanager
-    async def slot(self) -> AsyncIterator[Slot]:
-        """Lease a slot for the duration of the block.
+    async def slot(self, spec: SandboxSpec | None = None) -> AsyncIterator[Slot]:
+        """Lease a slot of ``spec`` (default: the backend's) for the duration of the block.
 
         Waits in FIFO order for at most ``acquire_timeout`` seconds, then raises
         :class:`~structenv.SlotAcquireTimeout`. On exit the slot is released exactly once,
         under a shield and within ``release_timeout``: reset when ``slot.reusable``,
         destroyed otherwise or when the reset fails or overruns (quarantine).
 
+        Slots of every spec share the pool's permits, its FIFO queue and its deadline; the
+        backend keeps warm slots per spec and never hands a slot of one spec to another.
+
         Cancellation: cancelled while waiting, nothing is leased and the queue position is
         given up; cancelled inside the block, the slot is still released before the
         cancellation propagates.
         """
-        slot = await self._acquire()
+        if spec is not None and not spec.is_default:
+            # Outside the acquire deadline: a first use may build or export an image.
+            await self._backend.prepare_spec(spec)
+        slot = await self._acquire(spec)
         try:
             yield slot
         finally:
             await self._release(slot)
 
-    async def _acquire(self) -> Slot:
+    async def _acquire(self, spec: SandboxSpec | None) -> Slot:
         start = anyio.current_time()
         permit = False
         slot: Slot | None = None
@@ -141,7 +151,10 @@ class SlotPool:
             with anyio.move_on_after(self._acquire_timeout):
                 await self._take_permit()
                 permit = True
-                slot = await self._backend.acquire_slot()
+                if spec is None or spec.is_default:
+                    slot = await self._backend.acquire_slot()
+                else:
+                    slot = await self._backend.acquire_slot(spec)
             if slot is None:
                 self._acquire_timeouts += 1
                 raise SlotAcquireTimeout(

@@ -8,5 +8,13 @@ from ._abc import FileEntry as FileEntry
 from ._abc import ResultCallback as ResultCallback
 from ._abc import SandboxBackend as SandboxBackend
 from ._abc import Slot as Slot
+from ._abc import SpecStatistics as SpecStatistics
 
-__all__ = ["BackendStatistics", "FileEntry", "ResultCallback", "SandboxBackend", "Slot"]
+__all__ = [
+    "BackendStatistics",
+    "FileEntry",
+    "ResultCallback",
+    "SandboxBackend",
+    "Slot",
+    "SpecStatistics",
+]

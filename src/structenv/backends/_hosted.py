@@ -27,10 +27,12 @@ from typing import Self
 import anyio
 import anyio.abc
 
-from .._exceptions import BackendError, SandboxUnavailableError, SlotBrokenError
+from .._exceptions import BackendError, ConfigError, SandboxUnavailableError, SlotBrokenError
+from .._spec import SandboxSpec
 from .._types import ExecRequest, ExecResult
-from ..abc import BackendStatistics, ResultCallback, SandboxBackend, Slot
+from ..abc import BackendStatistics, ResultCallback, SandboxBackend, Slot, SpecStatistics
 from ..sandbox._client import HostClient, RemoteSlot, error_from_response, stream_batch
+from ..sandbox._runtime import DEFAULT_SPEC, SlotSpec
 
 __all__ = ["Host", "HostedBackend", "SlotState"]
 
@@ -44,6 +46,8 @@ class SlotState:
     index: int
     lease: int
     state: str = "free"  # free | leased | resetting | broken
+    spec: str = ""  # key of the spec the slot's sandbox is built from ("": the default)
+    used: float = 0.0  # when it was last leased (LRU: the coldest slot changes spec first)
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -119,6 +123,11 @@ class HostedBackend(SandboxBackend):
         self._waiters = 0
         self._stats = {"acquires": 0, "releases": 0, "leased": 0, "resets_failed": 0}
         self._stats.update(destroyed=0, hosts_replaced=0, created=0, removed=0, scaled_down=0)
+        #: Resolved specs by key; a key is present only once its preparation completed.
+        self._specs: dict[str, SlotSpec] = {"": DEFAULT_SPEC}
+        self._spec_labels: dict[str, str] = {"": "default"}
+        self._spec_locks: dict[str, anyio.Lock] = {}
+        self._spec_stats: dict[str, dict[str, float]] = {}
 
     # -- subclass hooks -------------------------------------------------------------------
 
@@ -131,6 +140,21 @@ class HostedBackend(SandboxBackend):
 
         Cancellation: the half-started host is stopped and nothing of it remains.
         """
+
+    async def _resolve_spec(self, spec: SandboxSpec) -> SlotSpec:
+        """Turn a spec into what the hosts build slots from (export images, check binds).
+
+        The default supports what every host can do by itself: environment, ``PATH``,
+        working directory and limits. Backends that can give hosts a root filesystem or
+        binds override it.
+
+        Raises:
+            ConfigError: The spec cannot be used here.
+        """
+        for what in ("image", "dockerfile", "rootfs", "binds"):
+            if getattr(spec, what):
+                raise ConfigError(f"{type(self).__name__} does not support a spec's {what}")
+        return plain_slot_spec(spec)
 
     @abstractmethod
     async def _stop_host(self, host: Host) -> None:
@@ -169,6 +193,18 @@ class HostedBackend(SandboxBackend):
 
     def statistics(self) -> BackendStatistics:
         live = [h for h in self._hosts.values() if h.alive]
+        specs: dict[str, SpecStatistics] = {}
+        for key, label in self._spec_labels.items():
+            c = self._spec_stats.get(key, {})
+            states = [st.state for h in live for st in h.slots if st.spec == key]
+            specs[label] = SpecStatistics(
+                hits=int(c.get("hits", 0)),
+                misses=int(c.get("misses", 0)),
+                cold_starts=int(c.get("cold_starts", 0)),
+                warm=states.count("free"),
+                leased=states.count("leased"),
+                prepare_seconds=c.get("prepare_seconds", 0.0),
+            )
         s = self._stats
         return BackendStatistics(
             hosts=len(live),
@@ -179,6 +215,7 @@ class HostedBackend(SandboxBackend):
             resets_failed=s["resets_failed"],
             destroyed=s["destroyed"],
             hosts_replaced=s["hosts_replaced"],
+            specs=specs,
         )
 
     def scaling_statistics(self) -> dict[str, int]:
@@ -291,7 +328,10 @@ class HostedBackend(SandboxBackend):
                 if status != 200:
                     raise error_from_response(status, body)
                 health = json.loads(body)
-                slots = [SlotState(s["index"], int(s["lease"])) for s in health["slots"]]
+                slots = [
+                    SlotState(s["index"], int(s["lease"]), spec=str(s.get("spec") or ""))
+                    for s in health["slots"]
+                ]
                 return bool(health.get("sandboxed")), slots
             if check is not None and anyio.current_time() - checked > 0.5:
                 checked = anyio.current_time()
@@ -436,19 +476,23 @@ class HostedBackend(SandboxBackend):
         self._changed.set()
         self._changed = anyio.Event()
 
-    def _take_free(self) -> RemoteSlot | None:
+    def _take_free(self, key: str = "") -> RemoteSlot | None:
         best: tuple[int, Host, SlotState] | None = None
         for host in self._hosts.values():
             if not host.alive or not self._accepting(host):
                 continue
-            free = [s for s in host.slots if s.state == "free"]
+            free = [s for s in host.slots if s.state == "free" and s.spec == key]
             # Spread across hosts: take from the host with the most free slots.
             if free and (best is None or len(free) > best[0]):
                 best = (len(free), host, free[0])
         if best is None:
             return None
         _, host, state = best
+        return self._lease(host, state)
+
+    def _lease(self, host: Host, state: SlotState) -> RemoteSlot:
         state.state = "leased"
+        state.used = anyio.current_time()
         self._stats["acquires"] += 1
         self._stats["leased"] += 1
         return RemoteSlot(
@@ -460,23 +504,88 @@ class HostedBackend(SandboxBackend):
             sandboxed=host.sandboxed,
         )
 
-    async def acquire_slot(self) -> Slot:
-        """Lease a clean slot; scale up (through the creation limiter) if all are busy.
+    def _take_coldest(self) -> tuple[Host, SlotState] | None:
+        """The free slot of any spec leased longest ago (LRU), marked as being rebuilt."""
+        best: tuple[float, Host, SlotState] | None = None
+        for host in self._hosts.values():
+            if not host.alive or not self._accepting(host):
+                continue
+            for state in host.slots:
+                if state.state == "free" and (best is None or state.used < best[0]):
+                    best = (state.used, host, state)
+        if best is None:
+            return None
+        _, host, state = best
+        state.state = "resetting"
+        return host, state
+
+    def _count(self, key: str, what: str, amount: float = 1) -> None:
+        counters = self._spec_stats.setdefault(key, {})
+        counters[what] = counters.get(what, 0) + amount
+
+    async def prepare_spec(self, spec: SandboxSpec) -> None:
+        """Resolve ``spec`` once (build or export its image, check its binds and rootfs).
+
+        Concurrent callers of one spec wait for the first; a failure is not cached (the
+        next caller tries again) and leaves nothing half-made.
 
         Raises:
+            ConfigError: The spec is unusable here.
+
+        Cancellation: nothing is cached; what a build or export made is removed.
+        """
+        await self._prepared(spec)
+
+    async def _prepared(self, spec: SandboxSpec | None) -> str:
+        if spec is None or spec.is_default:
+            return ""
+        key = spec.key
+        if key in self._specs:
+            return key
+        lock = self._spec_locks.setdefault(key, anyio.Lock())
+        async with lock:
+            if key not in self._specs:
+                start = anyio.current_time()
+                resolved = await self._resolve_spec(spec)
+                self._specs[key] = dataclasses.replace(resolved, key=key)
+                self._spec_labels[key] = spec.label
+                self._count(key, "prepare_seconds", anyio.current_time() - start)
+        return key
+
+    async def acquire_slot(self, spec: SandboxSpec | None = None) -> Slot:
+        """Lease a clean slot of ``spec``; scale up (through the creation limiter) if all
+        are busy.
+
+        A warm slot of the spec is a hit. Otherwise the free slot leased longest ago, of
+        any spec, is rebuilt for this one (a miss and a cold start: one sandbox start on a
+        running host, no new host). A slot's spec changes only in such a rebuild, so a slot
+        of one spec is never handed out for another.
+
+        Raises:
+            ConfigError: The spec is unusable here (its rootfs has no shell, ...).
             BackendError: The backend is closed, or no host runs and none can be started.
 
-        Cancellation: nothing is leased. A host whose start this call triggered keeps
+        Cancellation: nothing is leased. A slot being rebuilt for the spec is destroyed
+        and rebuilt in the background. A host whose start this call triggered keeps
         starting and joins the backend (stopped on scale-down or close).
         """
+        key = await self._prepared(spec)
         self._waiters += 1
         try:
             while True:
                 if self._closed:
                     raise BackendError("backend is closed")
-                slot = self._take_free()
+                slot = self._take_free(key)
                 if slot is not None:
+                    self._count(key, "hits")
                     return slot
+                coldest = self._take_coldest()
+                if coldest is not None:
+                    self._count(key, "misses")
+                    slot = await self._respec(*coldest, key)
+                    if slot is not None:
+                        return slot
+                    continue
                 starting = self._creating or self._spawning
                 if self._failure is not None and not self._hosts and not starting:
                     raise BackendError(f"no sandbox {self.host_noun} is running") from (
@@ -486,6 +595,50 @@ class HostedBackend(SandboxBackend):
                 await self._changed.wait()
         finally:
             self._waiters -= 1
+
+    async def _respec(self, host: Host, state: SlotState, key: str) -> RemoteSlot | None:
+        """Rebuild a free slot (marked ``resetting``) for spec ``key`` and lease it.
+
+        Returns ``None`` if the host failed (the slot is rebuilt in the background and the
+        caller looks again).
+
+        Raises:
+            ConfigError: The spec's sandbox cannot start (the slot keeps its old spec).
+
+        Cancellation: the slot is destroyed and rebuilt in the background.
+        """
+        body = {"slot": state.index, "lease": state.lease, "hard": True}
+        body["spec"] = self._specs[key].to_wire()
+        done = False
+        try:
+            with anyio.fail_after(self.reset_timeout):
+                status, data = await host.client.request(
+                    "POST", "/v1/reset", json.dumps(body).encode()
+                )
+            if status == 422:
+                reply = json.loads(data)
+                state.lease = int(reply["lease"])
+                done = True
+                self._free(host, state)
+                raise ConfigError(str(reply.get("message", "bad sandbox spec")))
+            if status != 200:
+                raise error_from_response(status, data)
+            state.lease = int(json.loads(data)["lease"])
+            state.spec = key
+            self._count(key, "cold_starts")
+            done = True
+        except Exception as exc:
+            if isinstance(exc, ConfigError):
+                raise
+            logger.warning("rebuilding %s/%d for a spec failed (%r)", host.id, state.index, exc)
+            return None
+        finally:
+            if not done:
+                self._stats["destroyed"] += 1
+                if self._tg is not None and not self._closed:
+                    self._tg.start_soon(self._destroy, host, state)
+                self._check_now.set()
+        return self._lease(host, state)
 
     def _lookup(self, slot: Slot) -> tuple[Host | None, SlotState | None]:
         host = self._hosts.get(slot.host_id)
@@ -546,7 +699,9 @@ class HostedBackend(SandboxBackend):
                 status, data = await host.client.request("POST", "/v1/reset", body)
             if status != 200:
                 raise error_from_response(status, data)
-            state.lease = int(json.loads(data)["lease"])
+            reply = json.loads(data)
+            state.lease = int(reply["lease"])
+            state.spec = str(reply.get("spec", state.spec))
         except Exception as exc:
             logger.error("slot %s/%d cannot be rebuilt (%r); retired", host.id, state.index, exc)
             state.state = "broken"
@@ -582,3 +737,15 @@ class HostedBackend(SandboxBackend):
         async with anyio.create_task_group() as tg:
             for host_id, group in groups.items():
                 tg.start_soon(stream_batch, self._hosts[host_id].client, group, deliver)
+
+
+def plain_slot_spec(spec: SandboxSpec) -> SlotSpec:
+    """The parts of ``spec`` every host can apply by itself (no rootfs, no binds)."""
+    limits = {k: v for k, v in spec.limits.model_dump().items() if v is not None}
+    return SlotSpec(
+        key=spec.key,
+        env=tuple(sorted(spec.env.items())),
+        path=":".join(spec.path),
+        workdir=spec.workdir,
+        limits=tuple(sorted((k, float(v)) for k, v in limits.items())),
+    )

@@ -36,11 +36,13 @@ from .. import _emergency
 from .._exceptions import BackendError, ConfigError, SandboxUnavailableError, SlotBrokenError
 from .._process import kill_child
 from .._types import DEFAULT_MAX_OUTPUT
+from .._spec import SandboxSpec
 from ..abc import Slot
-from ..sandbox._bwrap import remove_cgroup_tree
+from ..sandbox._bwrap import DEFAULT_PATH, remove_cgroup_tree
+from ..sandbox._runtime import SlotSpec
 from ..sandbox._client import HostClient
 from ..sandbox._files import remove_tree
-from ._hosted import Host, HostedBackend
+from ._hosted import Host, HostedBackend, plain_slot_spec
 from ._ownership import ReapReport, owner_labels, owner_state
 
 __all__ = ["LocalBackend", "reap_workdirs"]
@@ -276,6 +278,46 @@ class LocalBackend(HostedBackend):
         if self._emergency is not None:
             _emergency.unregister(self._emergency)
             self._emergency = None
+
+    async def _resolve_spec(self, spec: SandboxSpec) -> SlotSpec:
+        """Check binds against the policy, find or export the rootfs, check its shell."""
+        return await anyio.to_thread.run_sync(self._resolve_blocking, spec)
+
+    def _resolve_blocking(self, spec: SandboxSpec) -> SlotSpec:
+        from .._spec import Bind, check_bind
+        from ..sandbox._rootfs import rootfs_shell
+        from ._images import cache_dir
+
+        plain = plain_slot_spec(spec)
+        needs_bwrap = spec.rootfs or spec.image or spec.dockerfile or spec.binds
+        if needs_bwrap and self._mode != "bwrap":
+            raise ConfigError("a spec with a rootfs, an image or binds needs bwrap isolation")
+        cache = cache_dir()
+        policy: dict[str, list[str]] = {
+            "denied": [p for p in (self._root, self._workdir_opt, cache) if p],
+            "denied_prefixes": [os.path.join(default_base() or "/tmp", WORKDIR_PREFIX)],
+        }
+        binds = tuple((check_bind(b, **policy), b.target) for b in spec.binds)
+        rootfs: str | None = None
+        env = dict(plain.env)
+        if spec.rootfs:
+            rootfs = check_bind(Bind(source=spec.rootfs, target="/rootfs"), **policy)
+        elif spec.image or spec.dockerfile:
+            from ._images import build_dockerfile, export_rootfs
+
+            image = spec.image or build_dockerfile(str(spec.dockerfile), spec.context)
+            rootfs, image_env = export_rootfs(image, cache)
+            env = {**image_env, **env}
+        if rootfs is None:
+            return dataclasses.replace(plain, binds=binds)
+        try:
+            rootfs_shell(rootfs)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        path = ":".join([*spec.path, env.pop("PATH", DEFAULT_PATH)])
+        return dataclasses.replace(
+            plain, rootfs=rootfs, binds=binds, env=tuple(sorted(env.items())), path=path
+        )
 
     def workspace_path(self, slot: Slot) -> str:
         """Host directory of a slot's workspace (for diagnostics and tests; never shared

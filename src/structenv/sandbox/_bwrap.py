@@ -48,6 +48,8 @@ __all__ = [
     "write_accounts",
 ]
 
+#: ``PATH`` of a slot by default (the interpreter's directory is put first, see ``slot_argv``).
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: Path of the slot's workspace inside the sandbox.
 WORKSPACE = "/workspace"
 #: Host files that could hold secrets readable by uid 0 inside; masked with /dev/null.
@@ -177,6 +179,9 @@ def bwrap_argv(
     tmp_size: int = 1 << 30,
     shm_size: int = 64 << 20,
     accounts: str | None = None,
+    rootfs: str | None = None,
+    binds: Sequence[tuple[str, str]] = (),
+    path: str = DEFAULT_PATH,
 ) -> list[str]:
     """The command line that runs ``command`` as PID 1 of a fresh slot sandbox.
 
@@ -192,6 +197,11 @@ def bwrap_argv(
         shm_size: Bytes of the private tmpfs at ``/dev/shm``.
         accounts: Directory holding ``passwd`` and ``group`` to bind over the host's (see
             :func:`write_accounts`), so the slot's uid has a name.
+        rootfs: Host directory to use as the slot's read-only ``/`` instead of the host's
+            system (see ``_rootfs``); ``command`` must then run through the host loader.
+        binds: Extra read-only ``(host path, sandbox path)`` binds of the spec, already
+            checked against the bind policy (``structenv._spec.check_bind``).
+        path: ``PATH`` of the sandbox's first process.
     """
     if uid is None and os.geteuid() == 0:
         raise ValueError("root must run a sandbox under an unprivileged uid (see slot_uid)")
@@ -220,38 +230,32 @@ def bwrap_argv(
         "--new-session",
         "--as-pid-1",
         "--hostname", "sandbox",
-        "--ro-bind", "/usr", "/usr",
     ]  # fmt: skip
     if seccomp_fd is not None:
         argv += ["--seccomp", str(seccomp_fd)]
     if iso.allow_network:
         argv.append("--share-net")
-    for link in ("bin", "lib", "lib32", "lib64", "libx32", "sbin"):
-        target = os.path.join("/", link)
-        if os.path.islink(target):
-            argv += ["--symlink", os.readlink(target), target]
-        elif os.path.isdir(target):
-            argv += ["--ro-bind", target, target]
-    argv += ["--ro-bind", "/etc", "/etc"]
-    if accounts is not None:
-        for name in ("passwd", "group"):
-            argv += ["--ro-bind", os.path.join(accounts, name), f"/etc/{name}"]
-    for secret in _MASKED + tuple(glob.glob("/etc/ssh/ssh_host_*_key")):
-        if os.path.isfile(secret):
-            argv += ["--ro-bind", "/dev/null", secret]
-    made: set[str] = set()
-    for src, dst in [(p, p) for p in host_prefixes()] + list(extra_ro):
-        # bwrap would create missing parents as private as the host's (/root is 0700): make
-        # them traversable, since the slot's uid must reach the interpreter it runs.
-        parent = os.path.dirname(dst)
-        chain = []
-        while parent not in ("/", "") and parent not in made:
-            chain.append(parent)
-            parent = os.path.dirname(parent)
-        for directory in reversed(chain):
-            made.add(directory)
-            argv += ["--perms", "0755", "--dir", directory]
-        argv += ["--ro-bind", src, dst]
+    prefixes: list[tuple[str, str]] = []
+    if rootfs is not None:
+        from ._rootfs import rootfs_argv
+
+        argv += rootfs_argv(rootfs, accounts)
+    else:
+        argv += ["--ro-bind", "/usr", "/usr"]
+        for link in ("bin", "lib", "lib32", "lib64", "libx32", "sbin"):
+            target = os.path.join("/", link)
+            if os.path.islink(target):
+                argv += ["--symlink", os.readlink(target), target]
+            elif os.path.isdir(target):
+                argv += ["--ro-bind", target, target]
+        argv += ["--ro-bind", "/etc", "/etc"]
+        if accounts is not None:
+            for name in ("passwd", "group"):
+                argv += ["--ro-bind", os.path.join(accounts, name), f"/etc/{name}"]
+        for secret in _MASKED + tuple(glob.glob("/etc/ssh/ssh_host_*_key")):
+            if os.path.isfile(secret):
+                argv += ["--ro-bind", "/dev/null", secret]
+        prefixes = [(p, p) for p in host_prefixes()]
     argv += [
         "--proc", "/proc",
         # bwrap covers only /proc/sys/irq and /proc/bus: the rest of /proc/sys is read-only
@@ -264,6 +268,20 @@ def bwrap_argv(
         argv += ["--perms", "1777", "--size", str(tmp_size), "--tmpfs", "/tmp"]
     else:
         argv += ["--bind", tmp, "/tmp"]
+    # After /tmp: an interpreter prefix (a venv) under the host's /tmp stays visible.
+    made: set[str] = set()
+    for src, dst in [*prefixes, *extra_ro, *binds]:
+        # bwrap would create missing parents as private as the host's (/root is 0700): make
+        # them traversable, since the slot's uid must reach the interpreter it runs.
+        parent = os.path.dirname(dst)
+        chain = []
+        while parent not in ("/", "") and parent not in made:
+            chain.append(parent)
+            parent = os.path.dirname(parent)
+        for directory in reversed(chain):
+            made.add(directory)
+            argv += ["--perms", "0755", "--dir", directory]
+        argv += ["--ro-bind", src, dst]
     argv += [
         "--bind", workspace, WORKSPACE,
         # Nothing outside /workspace, /tmp and /dev/shm is writable: a slot can leave no file
@@ -272,7 +290,7 @@ def bwrap_argv(
         "--remount-ro", "/",
         "--chdir", WORKSPACE,
         "--clearenv",
-        "--setenv", "PATH", "/usr/local/bin:/usr/bin:/bin",
+        "--setenv", "PATH", path,
         "--",
         *command,
     ]  # fmt: skip

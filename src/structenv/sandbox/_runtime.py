@@ -27,6 +27,7 @@ from .._process import kill_child
 from .._types import ExecRequest, ExecResult
 from . import _seccomp, _worker
 from ._bwrap import (
+    DEFAULT_PATH,
     WORKSPACE,
     Isolation,
     SlotCgroup,
@@ -39,8 +40,9 @@ from ._bwrap import (
     unmount,
 )
 from ._files import remove_tree
+from ._rootfs import rootfs_accounts, rootfs_shell
 
-__all__ = ["Limits", "SlotBroken", "SlotRuntime", "slot_argv"]
+__all__ = ["Limits", "SlotBroken", "SlotRuntime", "SlotSpec", "slot_argv"]
 
 _HEADER = struct.Struct(">I")
 #: Extra seconds past a command's own deadline before the server stops trusting the worker.
@@ -81,6 +83,103 @@ class Limits:
     disk: int = 2 << 30
 
 
+_LIMIT_FIELDS = ("memory", "pids", "cpus", "file_size", "cpu_seconds")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SlotSpec:
+    """A slot's environment as the server builds it (a resolved ``SandboxSpec``).
+
+    The backend resolves a spec (exports its image, checks its binds against the policy)
+    and sends this over the wire; the server checks the rootfs again (a ``/bin/sh``) and
+    builds the slot from it.
+
+    Attributes:
+        key: The spec's key (``SandboxSpec.key``); ``""`` for the default slot.
+        rootfs: Root filesystem directory as the server sees it (``None``: the host system).
+        binds: Extra read-only ``(server path, slot path)`` binds.
+        env: Environment variables of every command.
+        path: ``PATH`` (``""``: the default, the interpreter's directory first).
+        workdir: Where commands start, relative to the workspace.
+        limits: Overrides of the server's :class:`Limits` (``memory``, ``pids``, ``cpus``,
+            ``file_size``, ``cpu_seconds``).
+    """
+
+    key: str = ""
+    rootfs: str | None = None
+    binds: tuple[tuple[str, str], ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    path: str = ""
+    workdir: str | None = None
+    limits: tuple[tuple[str, float], ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON form sent with ``/v1/reset``."""
+        return {
+            "key": self.key,
+            "rootfs": self.rootfs,
+            "binds": [list(b) for b in self.binds],
+            "env": dict(self.env),
+            "path": self.path,
+            "workdir": self.workdir,
+            "limits": dict(self.limits),
+        }
+
+    @classmethod
+    def from_wire(cls, data: Any) -> SlotSpec:
+        """Inverse of :meth:`to_wire`; ``ValueError``/``TypeError`` on bad input."""
+        if not isinstance(data, dict):
+            raise TypeError("spec must be an object")
+        rootfs = data.get("rootfs")
+        if rootfs is not None and (not isinstance(rootfs, str) or not os.path.isabs(rootfs)):
+            raise ValueError("spec rootfs must be an absolute path")
+        binds = tuple((str(a), str(b)) for a, b in data.get("binds") or ())
+        for src, dst in binds:
+            if not (os.path.isabs(src) and os.path.isabs(dst)):
+                raise ValueError("spec binds must be absolute paths")
+        env = tuple(sorted((str(k), str(v)) for k, v in dict(data.get("env") or {}).items()))
+        limits = tuple(
+            sorted((str(k), float(v)) for k, v in dict(data.get("limits") or {}).items())
+        )
+        if any(k not in _LIMIT_FIELDS or v < 0 for k, v in limits):
+            raise ValueError(f"spec limits are {', '.join(_LIMIT_FIELDS)} (>= 0)")
+        workdir = data.get("workdir")
+        if workdir is not None:
+            norm = os.path.normpath(str(workdir))
+            if os.path.isabs(norm) or norm.startswith(".."):
+                raise ValueError("spec workdir must be relative to the workspace")
+            workdir = norm
+        return cls(
+            key=str(data.get("key") or ""),
+            rootfs=rootfs,
+            binds=binds,
+            env=env,
+            path=str(data.get("path") or ""),
+            workdir=workdir,
+            limits=limits,
+        )
+
+    def apply(self, limits: Limits) -> Limits:
+        """``limits`` with this spec's overrides."""
+        if not self.limits:
+            return limits
+        changes: dict[str, Any] = {
+            k: (v if k == "cpus" else int(v)) for k, v in self.limits
+        }
+        return dataclasses.replace(limits, **changes)
+
+
+#: The default slot: the host's read-only system.
+DEFAULT_SPEC = SlotSpec()
+
+
+def default_path() -> str:
+    """``PATH`` of a default slot: the interpreter's directory first, so ``python3``,
+    ``pytest`` and ``pip`` are the ones the host runs structenv with."""
+    here = os.path.dirname(sys.executable)
+    return DEFAULT_PATH if here in DEFAULT_PATH.split(":") else f"{here}:{DEFAULT_PATH}"
+
+
 def slot_argv(
     iso: Isolation,
     workspace: str,
@@ -90,6 +189,8 @@ def slot_argv(
     uid: int | None = None,
     seccomp_fd: int | None = None,
     accounts: str | None = None,
+    spec: SlotSpec = DEFAULT_SPEC,
+    shell: str = "/bin/bash",
 ) -> list[str]:
     """The command line of a slot: its worker, as PID 1 of a bwrap sandbox if sandboxed.
 
@@ -97,20 +198,25 @@ def slot_argv(
     ``uid`` is the slot's host uid (see ``_bwrap.slot_uid``), ``seccomp_fd`` a descriptor of
     the seccomp program that the spawned process must inherit.
     """
+    path = spec.path or default_path()
+    env = {
+        "PATH": path,
+        "HOME": WORKSPACE if iso.sandboxed else workspace,
+        "LANG": "C.UTF-8",
+        "TERM": "xterm-256color",
+        "SHELL": shell,
+        # The name the slot's uid has inside (see _bwrap.write_accounts).
+        "USER": "sandbox" if iso.sandboxed and switch_uid(uid) is not None else "root",
+    }
+    env.update(spec.env)
     config = {
         "pid1": iso.sandboxed,
+        "shell": shell,
+        "workdir": spec.workdir,
         "uid": switch_uid(uid) if iso.sandboxed else None,
         "workspace": WORKSPACE if iso.sandboxed else workspace,
         "tag": name,
-        "env": {
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
-            "HOME": WORKSPACE if iso.sandboxed else workspace,
-            "LANG": "C.UTF-8",
-            "TERM": "xterm-256color",
-            "SHELL": "/bin/bash",
-            # The name the slot's uid has inside (see _bwrap.write_accounts).
-            "USER": "sandbox" if iso.sandboxed and switch_uid(uid) is not None else "root",
-        },
+        "env": env,
         "limits": {
             "as": limits.memory,
             "fsize": limits.file_size,
@@ -120,13 +226,18 @@ def slot_argv(
         },
     }
     program = WORKER_PATH if iso.sandboxed else WORKER_FILE
-    argv = [os.path.realpath(sys.executable), "-I", "-S", program, json.dumps(config)]
+    if iso.sandboxed and spec.rootfs is not None:
+        from ._rootfs import host_loader_argv
+
+        argv = host_loader_argv(["-I", "-S", program, json.dumps(config)])
+    else:
+        argv = [os.path.realpath(sys.executable), "-I", "-S", program, json.dumps(config)]
     if not iso.sandboxed:
         return argv
     return bwrap_argv(
         iso, workspace, argv, extra_ro=[(WORKER_FILE, WORKER_PATH)], uid=uid,
         seccomp_fd=seccomp_fd, tmp_size=limits.tmp_size, shm_size=limits.shm_size,
-        accounts=accounts,
+        accounts=accounts, rootfs=spec.rootfs, binds=spec.binds, path=path,
     )  # fmt: skip
 
 
@@ -221,8 +332,11 @@ class SlotRuntime:
         uid: int | None = None,
         seccomp_path: str = "",
         accounts: str | None = None,
+        spec: SlotSpec = DEFAULT_SPEC,
     ) -> None:
         self.index = index
+        #: What the slot's sandbox is built from; changed only by :meth:`hard_reset`.
+        self.spec = spec
         self.name = name
         self.cgroup_name = cgroup_name or name
         self.workspace = workspace
@@ -263,20 +377,26 @@ class SlotRuntime:
             await anyio.to_thread.run_sync(
                 functools.partial(mount_quota, self.workspace, size=self.limits.disk, uid=self.uid)
             )
-        await anyio.to_thread.run_sync(_own_workspace, self.workspace, self.uid)
+        spec = self.spec
+        await anyio.to_thread.run_sync(_own_workspace, self.workspace, self.uid, spec.workdir)
+        shell, accounts = "/bin/bash", self.accounts
+        if spec.rootfs is not None:
+            shell, accounts = await anyio.to_thread.run_sync(self._rootfs_setup, spec)
+        limits = spec.apply(self.limits)
         seccomp_fd = -1
         if self.iso.sandboxed:
             seccomp_fd = await anyio.to_thread.run_sync(_seccomp.open_program, self.seccomp_path)
         argv = slot_argv(
-            self.iso, self.workspace, name=self.name, limits=self.limits, uid=self.uid,
-            seccomp_fd=seccomp_fd if seccomp_fd >= 0 else None, accounts=self.accounts,
+            self.iso, self.workspace, name=self.name, limits=limits, uid=self.uid,
+            seccomp_fd=seccomp_fd if seccomp_fd >= 0 else None, accounts=accounts,
+            spec=spec, shell=shell,
         )  # fmt: skip
         if self.use_cgroup:
             self._cgroup = SlotCgroup(
                 self.cgroup_name,
-                pids_max=self.limits.pids,
-                memory_max=self.limits.memory,
-                cpus=self.limits.cpus,
+                pids_max=limits.pids,
+                memory_max=limits.memory,
+                cpus=limits.cpus,
                 root=self.cgroup_root,
             )
             argv = self._cgroup.wrap(argv)
@@ -323,6 +443,19 @@ class SlotRuntime:
             with anyio.move_on_after(KILL_GRACE, shield=True):
                 await self._kill_sandbox()
             raise
+
+    def _rootfs_setup(self, spec: SlotSpec) -> tuple[str, str | None]:
+        """The rootfs's shell and accounts files naming this slot's uid (blocking)."""
+        assert spec.rootfs is not None
+        try:
+            shell = rootfs_shell(spec.rootfs)
+        except ValueError as exc:
+            raise SlotBroken(str(exc)) from None
+        accounts = None
+        if self.accounts is not None and self.uid is not None:
+            directory = os.path.join(os.path.dirname(self.accounts), f".accounts-{self.index}")
+            accounts = rootfs_accounts(spec.rootfs, directory, [self.uid])
+        return shell, accounts
 
     def stderr(self) -> str:
         """The last bytes the sandbox (bwrap or the worker) wrote to its stderr."""
@@ -513,12 +646,15 @@ class SlotRuntime:
             return not await anyio.to_thread.run_sync(descendants, self._worker_pid)
         return True
 
-    async def hard_reset(self) -> None:
-        """Destroy the sandbox, wipe the workspace from outside and start a fresh one.
+    async def hard_reset(self, spec: SlotSpec | None = None) -> None:
+        """Destroy the sandbox, wipe the workspace from outside and start a fresh one (built
+        from ``spec`` when given: how a slot changes spec).
 
         Cancellation: the slot is left down (``state != "ready"``); a later reset retries.
         """
         self.terminal_state.clear()
+        if spec is not None:
+            self.spec = spec
         await self._kill_sandbox()
         if self.quota:
             # Every process of the slot is dead: drop the whole tmpfs (whatever its depth,
@@ -565,13 +701,22 @@ def _check_result(frame: dict[str, Any] | None, cap: int, sandboxed: bool) -> di
     }
 
 
-def _own_workspace(path: str, uid: int | None) -> None:
+def _own_workspace(path: str, uid: int | None, workdir: str | None = None) -> None:
     """Create the workspace, owned by the slot's uid (0755: bwrap, capability-less root,
-    must enter it; no other slot ever sees its host path)."""
+    must enter it; no other slot ever sees its host path), and the spec's ``workdir`` in it
+    (the workspace is empty here: just wiped, nothing of the slot runs)."""
     os.makedirs(path, mode=0o755, exist_ok=True)
     if uid is not None:
         os.chown(path, uid, uid)
     os.chmod(path, 0o755)
+    if workdir:
+        parts = [p for p in workdir.split("/") if p and p != "."]
+        here = path
+        for part in parts:
+            here = os.path.join(here, part)
+            os.makedirs(here, mode=0o755, exist_ok=True)
+            if uid is not None:
+                os.chown(here, uid, uid)
 
 
 #: Inode flags (``chattr``) the owner of a directory may set without a capability: none

@@ -10,7 +10,8 @@ when the server has a token; TCP servers must have one)::
                                                   -> 200 NDJSON, one line per call as it
                                                      finishes: {index, result} |
                                                      {index, error: {status, kind, message}}
-    POST /v1/reset       {slot, lease, hard}      -> {lease, mode: "soft"|"hard"}
+    POST /v1/reset       {slot, lease, hard, spec?} -> {lease, mode: "soft"|"hard"}
+                         (spec: rebuild the slot from it; 422 bad_spec + lease if it fails)
                                                      (lease null + hard: control-plane
                                                      destroy of an unleased slot)
     POST /v1/files/read?slot&lease&path&max_bytes -> raw bytes
@@ -65,7 +66,7 @@ from ._bwrap import (
     switch_uid,
     write_accounts,
 )
-from ._runtime import Limits, SlotBroken, SlotRuntime
+from ._runtime import Limits, SlotBroken, SlotRuntime, SlotSpec
 from ._terminal import terminal_action
 
 __all__ = ["ServerConfig", "SandboxServer"]
@@ -289,7 +290,10 @@ class SandboxServer:
     # -- routes ---------------------------------------------------------------------------
 
     async def _health(self, request: Request, respond: Responder) -> None:
-        slots = [{"index": rt.index, "lease": rt.lease, "state": rt.state} for rt in self.slots]
+        slots = [
+            {"index": rt.index, "lease": rt.lease, "state": rt.state, "spec": rt.spec.key}
+            for rt in self.slots
+        ]
         await respond.send_json(
             200,
             {
@@ -377,6 +381,16 @@ class SandboxServer:
                 raise HTTPError(404, "no_slot", "no such slot") from exc
         else:
             rt = self._slot(body.get("slot"), lease)
+        spec = None
+        if body.get("spec") is not None:
+            try:
+                spec = SlotSpec.from_wire(body["spec"])
+            except (TypeError, ValueError) as exc:
+                raise HTTPError(400, "bad_request", f"bad spec: {exc}") from exc
+            if spec.rootfs is not None and not self.config.isolation.sandboxed:
+                raise HTTPError(400, "bad_request", "a rootfs spec needs isolation (bwrap)")
+            if spec != rt.spec:
+                hard = True
         async with rt.reset_lock:
             if lease is not None:
                 self._slot(rt.index, lease)  # re-check: a concurrent reset may have won
@@ -389,13 +403,32 @@ class SandboxServer:
                     ok = await rt.soft_reset()
             if not ok:
                 mode = "hard"
+                previous = rt.spec
                 try:
                     with anyio.fail_after(60):
-                        await rt.hard_reset()
+                        await rt.hard_reset(spec)
                 except (TimeoutError, OSError, SlotBroken) as exc:
-                    rt.state = "broken"
-                    raise HTTPError(503, "slot_broken", f"cannot rebuild slot: {exc}") from exc
-        await respond.send_json(200, {"lease": rt.lease, "mode": mode})
+                    if spec is None or spec == previous:
+                        rt.state = "broken"
+                        raise HTTPError(503, "slot_broken", f"cannot rebuild slot: {exc}") from exc
+                    # The new spec cannot run here: give the slot its old one back, so a
+                    # bad spec costs its caller an error and the slot nothing.
+                    try:
+                        with anyio.fail_after(60):
+                            await rt.hard_reset(previous)
+                    except (TimeoutError, OSError, SlotBroken) as again:
+                        rt.state = "broken"
+                        raise HTTPError(503, "slot_broken", f"cannot rebuild slot: {again}") from again
+                    await respond.send_json(
+                        422,
+                        {
+                            "error": "bad_spec",
+                            "message": f"cannot start a slot of this spec: {exc}",
+                            "lease": rt.lease,
+                        },
+                    )
+                    return
+        await respond.send_json(200, {"lease": rt.lease, "mode": mode, "spec": rt.spec.key})
 
     async def _fs(self, func: Callable[..., Any], *args: Any) -> Any:
         try:

@@ -131,6 +131,10 @@ class Worker:
     def __init__(self, config: dict[str, Any]) -> None:
         self.pid1 = bool(config.get("pid1"))
         self.workspace = str(config["workspace"])
+        #: The shell of commands: bash, or /bin/sh in an image without bash.
+        self.shell = str(config.get("shell") or "/bin/bash")
+        #: Where commands start when the request names no cwd (relative to the workspace).
+        self.workdir = str(config.get("workdir") or "")
         self.base_env = {str(k): str(v) for k, v in config.get("env", {}).items()}
         self.base_env_bashy = any(map(_bash_reads, self.base_env))
         self.tag = str(config.get("tag", "se"))
@@ -258,7 +262,7 @@ class Worker:
                 path = self._which(first, env.get("PATH"))
                 if path is not None:
                     return path, words
-        return "/bin/bash", ["/bin/bash", "-c", command]
+        return self.shell, [self.shell, "-c", command]
 
     def _which(self, name: str, path: str | None) -> str | None:
         """The first ``name`` in ``path`` that is executable (bash's lookup, give or take:
@@ -284,7 +288,7 @@ class Worker:
         now = time.monotonic()
         tag = f"{self.tag}.{cid}"
         cmd = Command(cid, int(msg["max_output"]), now, now + float(msg["timeout"]), tag)
-        sub = msg.get("cwd")
+        sub = msg.get("cwd") or self.workdir
         cwd = os.path.join(self.workspace, sub) if sub else self.workspace
         env = self.base_env.copy()
         extra = msg.get("env")
@@ -319,9 +323,9 @@ class Worker:
                         setsigdef=self.sigdef, setsigmask=(),
                     )  # fmt: skip
                 except OSError:
-                    if program == "/bin/bash":
+                    if program == self.shell:
                         raise
-                    argv = ["/bin/bash", "-c", command]
+                    argv = [self.shell, "-c", command]
                     cmd.pid = os.posix_spawn(
                         argv[0], argv, env, file_actions=actions, setsid=True,
                         setsigdef=self.sigdef, setsigmask=(),

@@ -26,6 +26,7 @@ from typing import Protocol
 
 import anyio
 
+from .._spec import SandboxSpec
 from .._exceptions import BackendError, SlotBrokenError, StaleLeaseError
 from .._types import ExecRequest, ExecResult
 from ..abc import BackendStatistics, FileEntry, ResultCallback, SandboxBackend, Slot
@@ -217,8 +218,10 @@ class FakeBackend(SandboxBackend):
         )
 
     # -- slots -----------------------------------------------------------------------------
-    async def acquire_slot(self) -> FakeSlot:
-        """Lease a free fake slot. Cancellation: nothing is leased."""
+    async def acquire_slot(self, spec: SandboxSpec | None = None) -> FakeSlot:
+        """Lease a free fake slot (default spec only). Cancellation: nothing is leased."""
+        if spec is not None:
+            await self.prepare_spec(spec)
         if not self.started or self.closed:
             raise BackendError("FakeBackend is not running")
         if self.acquire_latency:

@@ -1,0 +1,235 @@
+"""Task images without a registry: build a Dockerfile once per content hash, export an image's
+root filesystem once into a content-addressed cache.
+
+Only the local engine is asked (through the docker SDK); nothing is ever pulled. An exported
+rootfs lives in ``<cache>/rootfs/<image id>/root`` beside ``meta.json`` (the image's
+environment). It is extracted into a temporary directory and renamed into place, so the cache
+holds complete entries or none: an export that fails, is cancelled or whose process dies
+leaves at most a ``.tmp-<pid>-*`` directory, removed by the next export once that pid is gone.
+
+Extraction is defensive, the image being untrusted: device nodes and FIFOs are dropped,
+setuid/setgid bits and group/other write bits cleared, members that would land outside the
+destination (through ``..``, an absolute name or a symlink extracted earlier) and hard links
+out of the archive refused, owners kept as numbers (never looked up on the host).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import secrets
+import shutil
+import tarfile
+from collections.abc import Iterator
+from typing import Any
+
+from .._exceptions import ConfigError
+
+__all__ = ["build_dockerfile", "cache_dir", "export_rootfs"]
+
+#: Tag prefix of images built from a spec's Dockerfile (``structenv-task:<content hash>``).
+TASK_TAG = "structenv-task"
+
+
+def cache_dir() -> str:
+    """``$STRUCTENV_CACHE_DIR`` or ``$XDG_CACHE_HOME/structenv`` or ``~/.cache/structenv``."""
+    base = os.environ.get("STRUCTENV_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "structenv"
+    )
+    return os.path.realpath(base)
+
+
+def _client() -> Any:
+    import docker
+    import docker.errors
+
+    try:
+        return docker.from_env()
+    except docker.errors.DockerException as exc:
+        raise ConfigError(f"a spec with an image needs a Docker Engine: {exc}") from None
+
+
+def context_hash(dockerfile: str, context: str) -> str:
+    """Digest of a Dockerfile and every file of its context (names, modes, contents)."""
+    h = hashlib.sha256()
+    with open(dockerfile, "rb") as f:
+        h.update(f.read())
+    for top, dirs, files in os.walk(context):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(top, name)
+            st = os.lstat(path)
+            h.update(f"\0{os.path.relpath(path, context)}\0{st.st_mode:o}\0".encode())
+            if os.path.islink(path):
+                h.update(os.readlink(path).encode())
+            elif os.path.isfile(path):
+                with open(path, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def build_dockerfile(dockerfile: str, context: str | None = None) -> str:
+    """Build ``dockerfile`` once per content hash (blocking); return the image's tag.
+
+    Raises:
+        ConfigError: The file or context is missing, or the build fails (with the tail of
+            its log).
+    """
+    import docker.errors
+
+    context = context or os.path.dirname(dockerfile)
+    if not os.path.isfile(dockerfile):
+        raise ConfigError(f"Dockerfile {dockerfile} does not exist")
+    if not os.path.isdir(context):
+        raise ConfigError(f"build context {context} is not a directory")
+    tag = f"{TASK_TAG}:{context_hash(dockerfile, context)}"
+    client = _client()
+    try:
+        try:
+            client.images.get(tag)
+            return tag
+        except docker.errors.ImageNotFound:
+            pass
+        try:
+            client.images.build(
+                path=context,
+                dockerfile=os.path.relpath(dockerfile, context),
+                tag=tag,
+                rm=True,
+                forcerm=True,
+                pull=False,
+                network_mode="none",
+                labels={"org.structenv.image": "task"},
+            )
+        except docker.errors.BuildError as exc:
+            lines = [str(c.get("stream") or c.get("error") or "").strip() for c in exc.build_log]
+            tail = " | ".join(x for x in lines if x)[-600:]
+            raise ConfigError(f"building {dockerfile} failed: {exc.msg}; log: {tail}") from None
+        except docker.errors.APIError as exc:
+            raise ConfigError(f"building {dockerfile} failed: {exc}") from None
+        return tag
+    finally:
+        client.close()
+
+
+class _ChunkReader(io.RawIOBase):
+    """A file object over the byte chunks of ``container.export()``."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buf = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buf:
+            try:
+                self._buf = next(self._chunks)
+            except StopIteration:
+                return 0
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+
+def _member_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
+    if member.ischr() or member.isblk() or member.isfifo():
+        return None
+    if member.islnk():
+        target = os.path.normpath(member.linkname)
+        if os.path.isabs(target) or target == ".." or target.startswith("../"):
+            return None
+    return tarfile.tar_filter(member, dest)
+
+
+def _sweep(root: str) -> None:
+    """Remove temporary directories of exports whose process is gone."""
+    for name in os.listdir(root):
+        if not name.startswith(".tmp-"):
+            continue
+        try:
+            pid = int(name.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def export_rootfs(image: str, cache: str | None = None) -> tuple[str, dict[str, str]]:
+    """The rootfs directory of local image ``image`` and the image's environment (blocking).
+
+    Exported on first use into ``<cache>/rootfs/<image id>``; later calls only look it up.
+
+    Raises:
+        ConfigError: The image does not exist in the local engine (no registry is asked).
+    """
+    import docker.errors
+
+    root = os.path.join(cache or cache_dir(), "rootfs")
+    os.makedirs(root, mode=0o755, exist_ok=True)
+    client = _client()
+    try:
+        try:
+            img = client.images.get(image)
+        except docker.errors.ImageNotFound:
+            raise ConfigError(
+                f"image {image!r} does not exist in the local Docker Engine "
+                "(structenv never pulls: build or load it first)"
+            ) from None
+        except docker.errors.APIError as exc:
+            raise ConfigError(f"cannot look up image {image!r}: {exc}") from None
+        digest = str(img.id).split(":")[-1]
+        final = os.path.join(root, digest)
+        env = _image_env(img.attrs)
+        if os.path.isdir(final):
+            return os.path.join(final, "root"), env
+        _sweep(root)
+        tmp = os.path.join(root, f".tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        os.makedirs(os.path.join(tmp, "root"), mode=0o755)
+        container = None
+        try:
+            container = client.containers.create(img.id, entrypoint=["/"], command=[])
+            reader = io.BufferedReader(_ChunkReader(iter(container.export())), 1 << 20)
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
+                for member in tar:
+                    try:
+                        tar.extract(
+                            member,
+                            os.path.join(tmp, "root"),
+                            numeric_owner=True,
+                            filter=_member_filter,
+                        )
+                    except tarfile.FilterError:
+                        continue  # a member that would escape the rootfs: not extracted
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump({"image": image, "id": img.id, "env": env}, f)
+            os.chmod(os.path.join(tmp, "root"), 0o755)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not os.path.isdir(final):  # another process won the race: keep theirs
+                    raise
+        finally:
+            if container is not None:
+                try:
+                    container.remove(force=True)
+                except docker.errors.APIError:
+                    pass
+            shutil.rmtree(tmp, ignore_errors=True)
+        return os.path.join(final, "root"), env
+    finally:
+        client.close()
+
+
+def _image_env(attrs: dict[str, Any]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in (attrs.get("Config") or {}).get("Env") or []:
+        key, _, value = str(item).partition("=")
+        if key and key != "HOSTNAME":
+            env[key] = value
+    return env

@@ -1,0 +1,56 @@
+"""Helpers shared by the sandbox-spec tests (no tests here): tiny root filesystems made from
+the host's own programs, so no image or registry is needed."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+#: Programs a test rootfs holds (with the libraries they load).
+PROGRAMS = ("bash", "sh", "cat", "ls", "id", "echo", "touch", "ln", "readlink", "stat", "mkdir")
+
+
+def _libraries(program: str) -> list[str]:
+    out = subprocess.run(["ldd", program], capture_output=True, text=True, check=False).stdout
+    libs = []
+    for line in out.splitlines():
+        parts = line.split()
+        for part in parts:
+            if part.startswith("/"):
+                libs.append(part)
+    return libs
+
+
+def _copy(path: str, dest: str) -> None:
+    target = os.path.join(dest, path.lstrip("/"))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if not os.path.exists(target):
+        shutil.copy2(os.path.realpath(path), target)
+
+
+def make_rootfs(dest: str, programs: tuple[str, ...] = PROGRAMS, *, marker: str = "") -> str:
+    """A minimal rootfs at ``dest``: the host's ``programs`` and their libraries under
+    ``/usr``, ``/bin`` and ``/lib*`` as symlinks (merged /usr), ``/etc/passwd``, and
+    ``/etc/marker`` holding ``marker``. Returns ``dest``."""
+    os.makedirs(os.path.join(dest, "usr", "bin"), exist_ok=True)
+    for link in ("bin", "lib", "lib64", "sbin"):
+        if not os.path.lexists(os.path.join(dest, link)):
+            os.symlink(f"usr/{link}", os.path.join(dest, link))
+    for name in ("lib", "lib64", "sbin"):
+        os.makedirs(os.path.join(dest, "usr", name), exist_ok=True)
+    for program in programs:
+        path = shutil.which(program)
+        assert path is not None, program
+        real = os.path.realpath(path)
+        shutil.copy2(real, os.path.join(dest, "usr", "bin", program))
+        for lib in _libraries(real):
+            _copy(lib, dest)
+    os.makedirs(os.path.join(dest, "etc"), exist_ok=True)
+    with open(os.path.join(dest, "etc", "passwd"), "w") as f:
+        f.write("root:x:0:0:root:/root:/bin/sh\n")
+    with open(os.path.join(dest, "etc", "group"), "w") as f:
+        f.write("root:x:0:\n")
+    with open(os.path.join(dest, "etc", "marker"), "w") as f:
+        f.write(marker)
+    return dest
