@@ -45,7 +45,7 @@ class _NoLeaseBump(FakeBackend):
 class _LeakyAcquire(FakeBackend):
     """A broken backend: a cancelled acquire after the pop leaks the slot."""
 
-    async def acquire_slot(self):  # type: ignore[no-untyped-def]
+    async def acquire_slot(self, spec=None):  # type: ignore[no-untyped-def]
         phys = self._free.popleft()
         self._leased.add(phys)
         self.acquires += 1

@@ -17,6 +17,7 @@ from ._batcher import Batcher, BatcherStatistics
 from ._config import ExecutorConfig
 from ._exceptions import ConfigError, SandboxUnavailableError, SlotError, StaleLeaseError
 from ._pool import PoolStatistics, SlotPool
+from ._spec import SandboxSpec
 from ._types import ExecRequest, ExecResult, ToolCall, ToolResult
 from .abc import SandboxBackend, Slot
 from .tools import ToolRegistry, ToolServerClient, default_registry
@@ -212,8 +213,11 @@ class ToolExecutor:
         return await tg.__aexit__(exc_type, exc, tb)
 
     @asynccontextmanager
-    async def trajectory(self, trajectory_id: str | None = None) -> AsyncIterator[Trajectory]:
-        """Lease a slot for one trajectory, under the trajectory deadline.
+    async def trajectory(
+        self, trajectory_id: str | None = None, *, spec: SandboxSpec | None = None
+    ) -> AsyncIterator[Trajectory]:
+        """Lease a slot of ``spec`` (default: the backend's) for one trajectory, under the
+        trajectory deadline.
 
         The slot is acquired inside the trajectory's own scope (never lazily by the batcher)
         and released and reset on exit whatever happened. With ``trajectory_timeout`` set, the
@@ -232,7 +236,7 @@ class ToolExecutor:
             raise anyio.ClosedResourceError("the executor has exited: no new trajectory")
         tid = trajectory_id if trajectory_id is not None else f"traj-{next(_ids)}"
         with anyio.fail_after(self.config.trajectory_timeout):
-            async with self.pool.slot() as slot:
+            async with self.pool.slot(spec) as slot:
                 traj = Trajectory(self, slot, tid)
                 self._active += 1
                 try:

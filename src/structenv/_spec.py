@@ -250,7 +250,9 @@ def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def check_bind(bind: Bind, *, denied: Iterable[str] = (), denied_prefixes: Iterable[str] = ()) -> str:
+def check_bind(
+    bind: Bind, *, denied: Iterable[str] = (), denied_prefixes: Iterable[str] = ()
+) -> str:
     """Apply the bind policy; return the bind's real host source path.
 
     Refused: a missing source; ``/``; a source inside, or containing, a sensitive path (the

@@ -19,6 +19,7 @@ import anyio.lowlevel
 from pydantic import BaseModel, ConfigDict, Field
 
 from .._exceptions import PolicyError, ProtocolError
+from .._spec import SandboxSpec
 from .._types import ToolCall, ToolResult
 from ._parsing import ParsedMessage, ParseError, parse_hermes, parse_message
 from ._policy import Completion, Policy
@@ -54,11 +55,14 @@ class AgentTask:
         prompt: The user message.
         system: Instructions placed before the tool definitions in the system prompt.
         id: Identifier for logs and results.
+        sandbox: The sandbox spec this item's slot is built from (its image, binds, env...);
+            ``None``: the env's default (``AgentEnvConfig.sandbox``).
     """
 
     prompt: str
     system: str = ""
     id: str = ""
+    sandbox: SandboxSpec | None = None
 
 
 class AgentConfig(BaseModel):

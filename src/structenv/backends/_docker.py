@@ -72,9 +72,12 @@ import tenacity
 
 from .._exceptions import BackendError, ConfigError, SandboxUnavailableError
 from .._image import DEFAULT_TAG
+from .._spec import SandboxSpec
 from .._types import DEFAULT_MAX_OUTPUT
 from ..sandbox import _seccomp
+from ..sandbox._bwrap import DEFAULT_PATH
 from ..sandbox._client import HostClient
+from ..sandbox._runtime import SlotSpec
 from ._docker_reap import (
     DOCKER_CGROUP_PARENT,
     DOCKER_MOUNT,
@@ -82,7 +85,7 @@ from ._docker_reap import (
     reap_docker,
     remove_docker_cgroups,
 )
-from ._hosted import Host, HostedBackend
+from ._hosted import Host, HostedBackend, plain_slot_spec
 from ._ownership import LABEL_RUN, ReapReport, owner_labels
 
 __all__ = ["DEFAULT_IMAGE", "DockerBackend", "reap_containers"]
@@ -97,6 +100,9 @@ _PORT = 8765
 _WORKDIR = "/var/tmp/structenv-sandbox"
 #: Where a container sees the ``slots`` cgroup directories delegated to its server.
 _CGROUP_MOUNT = "/run/structenv-cgroup"
+#: Where a container sees the host's rootfs cache (read-only): a task image's exported root
+#: filesystem becomes a slot's ``/`` inside the sandbox-image container.
+_ROOTFS_MOUNT = "/.structenv-rootfs"
 _CGROUP_V1 = "/sys/fs/cgroup"
 _SLOT_CONTROLLERS = ("pids", "memory", "cpu")
 _CFS_PERIOD = 100_000
@@ -339,6 +345,9 @@ class DockerBackend(HostedBackend):
         self._sdk = (sdk_concurrency, sdk_attempts, api_timeout, docker_url)
         self._workdir_opt = workdir
         self._root = ""
+        #: The host's rootfs cache, mounted read-only into every container ("": none, the
+        #: engine is not local, so task images cannot be used).
+        self._rootfs_cache = ""
         self._token = secrets.token_urlsafe(32)
         self._engine: _Engine | None = None
         self._counter = 0
@@ -386,6 +395,14 @@ class DockerBackend(HostedBackend):
         except docker.errors.DockerException as exc:
             raise BackendError(f"cannot reach the Docker Engine: {exc}") from exc
         self._engine = engine = _Engine(client, concurrency=concurrency, attempts=attempts)
+        if not url or url.startswith("unix://"):
+            from ._images import cache_dir
+
+            cache = os.path.join(cache_dir(), "rootfs")
+            await anyio.to_thread.run_sync(
+                functools.partial(os.makedirs, cache, mode=0o755, exist_ok=True)
+            )
+            self._rootfs_cache = cache
         try:
             await engine.call(client.images.get, self.image)
         except docker.errors.ImageNotFound as exc:
@@ -450,6 +467,31 @@ class DockerBackend(HostedBackend):
             return tempfile.mkdtemp(prefix="docker-", dir=self._workdir_opt)
         base = "/var/tmp" if os.path.isdir("/var/tmp") else None
         return tempfile.mkdtemp(prefix=f"structenv-docker-{os.getpid()}-", dir=base)
+
+    async def _resolve_spec(self, spec: SandboxSpec) -> SlotSpec:
+        """Build or export the spec's image into the rootfs cache (the containers see it
+        read-only); refuse what a container cannot get (host binds, a rootfs directory)."""
+        if spec.binds or spec.rootfs:
+            raise ConfigError(
+                "DockerBackend takes a spec's image or Dockerfile, not host binds or a rootfs "
+                "directory (bake them into the image, or use LocalBackend)"
+            )
+        plain = plain_slot_spec(spec)
+        if not (spec.image or spec.dockerfile):
+            return plain
+        if self._mode != "bwrap" or not self._rootfs_cache:
+            raise ConfigError("a spec with an image needs bwrap isolation in the containers")
+        from ._images import build_dockerfile, export_rootfs
+
+        def resolve() -> tuple[str, dict[str, str]]:
+            image = spec.image or build_dockerfile(str(spec.dockerfile), spec.context)
+            return export_rootfs(image, os.path.dirname(self._rootfs_cache))
+
+        root, image_env = await anyio.to_thread.run_sync(resolve)
+        inside = _ROOTFS_MOUNT + root[len(self._rootfs_cache) :]
+        env = {**image_env, **dict(plain.env)}
+        path = ":".join([*spec.path, env.pop("PATH", DEFAULT_PATH)])
+        return dataclasses.replace(plain, rootfs=inside, env=tuple(sorted(env.items())), path=path)
 
     async def _launch_host(self) -> Host:
         """Create one container and wait until its server serves.
@@ -571,6 +613,8 @@ class DockerBackend(HostedBackend):
             "volumes": [_MOUNT],
         }
         binds: dict[str, dict[str, str]] = {hostdir: {"bind": _MOUNT, "mode": "rw"}}
+        if self._mode == "bwrap" and self._rootfs_cache:
+            binds[self._rootfs_cache] = {"bind": _ROOTFS_MOUNT, "mode": "ro"}
         if cgroups:
             for controller in _SLOT_CONTROLLERS:
                 slots = os.path.join(_CGROUP_V1, controller, DOCKER_CGROUP_PARENT, name, "slots")

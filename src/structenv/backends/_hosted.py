@@ -519,7 +519,7 @@ class HostedBackend(SandboxBackend):
         state.state = "resetting"
         return host, state
 
-    def _count(self, key: str, what: str, amount: float = 1) -> None:
+    def _spec_count(self, key: str, what: str, amount: float = 1) -> None:
         counters = self._spec_stats.setdefault(key, {})
         counters[what] = counters.get(what, 0) + amount
 
@@ -549,7 +549,7 @@ class HostedBackend(SandboxBackend):
                 resolved = await self._resolve_spec(spec)
                 self._specs[key] = dataclasses.replace(resolved, key=key)
                 self._spec_labels[key] = spec.label
-                self._count(key, "prepare_seconds", anyio.current_time() - start)
+                self._spec_count(key, "prepare_seconds", anyio.current_time() - start)
         return key
 
     async def acquire_slot(self, spec: SandboxSpec | None = None) -> Slot:
@@ -577,11 +577,11 @@ class HostedBackend(SandboxBackend):
                     raise BackendError("backend is closed")
                 slot = self._take_free(key)
                 if slot is not None:
-                    self._count(key, "hits")
+                    self._spec_count(key, "hits")
                     return slot
                 coldest = self._take_coldest()
                 if coldest is not None:
-                    self._count(key, "misses")
+                    self._spec_count(key, "misses")
                     slot = await self._respec(*coldest, key)
                     if slot is not None:
                         return slot
@@ -607,8 +607,8 @@ class HostedBackend(SandboxBackend):
 
         Cancellation: the slot is destroyed and rebuilt in the background.
         """
-        body = {"slot": state.index, "lease": state.lease, "hard": True}
-        body["spec"] = self._specs[key].to_wire()
+        spec = self._specs[key].to_wire()
+        body = {"slot": state.index, "lease": state.lease, "hard": True, "spec": spec}
         done = False
         try:
             with anyio.fail_after(self.reset_timeout):
@@ -625,7 +625,7 @@ class HostedBackend(SandboxBackend):
                 raise error_from_response(status, data)
             state.lease = int(json.loads(data)["lease"])
             state.spec = key
-            self._count(key, "cold_starts")
+            self._spec_count(key, "cold_starts")
             done = True
         except Exception as exc:
             if isinstance(exc, ConfigError):

@@ -35,13 +35,13 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from .. import _emergency
 from .._exceptions import BackendError, ConfigError, SandboxUnavailableError, SlotBrokenError
 from .._process import kill_child
-from .._types import DEFAULT_MAX_OUTPUT
 from .._spec import SandboxSpec
+from .._types import DEFAULT_MAX_OUTPUT
 from ..abc import Slot
 from ..sandbox._bwrap import DEFAULT_PATH, remove_cgroup_tree
-from ..sandbox._runtime import SlotSpec
 from ..sandbox._client import HostClient
 from ..sandbox._files import remove_tree
+from ..sandbox._runtime import SlotSpec
 from ._hosted import Host, HostedBackend, plain_slot_spec
 from ._ownership import ReapReport, owner_labels, owner_state
 

@@ -163,9 +163,7 @@ class SlotSpec:
         """``limits`` with this spec's overrides."""
         if not self.limits:
             return limits
-        changes: dict[str, Any] = {
-            k: (v if k == "cpus" else int(v)) for k, v in self.limits
-        }
+        changes: dict[str, Any] = {k: (v if k == "cpus" else int(v)) for k, v in self.limits}
         return dataclasses.replace(limits, **changes)
 
 

@@ -418,7 +418,9 @@ class SandboxServer:
                             await rt.hard_reset(previous)
                     except (TimeoutError, OSError, SlotBroken) as again:
                         rt.state = "broken"
-                        raise HTTPError(503, "slot_broken", f"cannot rebuild slot: {again}") from again
+                        raise HTTPError(
+                            503, "slot_broken", f"cannot rebuild slot: {again}"
+                        ) from again
                     await respond.send_json(
                         422,
                         {

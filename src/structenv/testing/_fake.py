@@ -26,8 +26,8 @@ from typing import Protocol
 
 import anyio
 
-from .._spec import SandboxSpec
 from .._exceptions import BackendError, SlotBrokenError, StaleLeaseError
+from .._spec import SandboxSpec
 from .._types import ExecRequest, ExecResult
 from ..abc import BackendStatistics, FileEntry, ResultCallback, SandboxBackend, Slot
 

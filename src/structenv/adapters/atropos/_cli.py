@@ -37,6 +37,7 @@ from ..._main import report_error, run_until_signal
 
 __all__ = [
     "accept_list_flags",
+    "fold_model_flags",
     "list_fields",
     "normalize_argv",
     "parse_list_flag",
@@ -128,6 +129,53 @@ def normalize_argv(argv: list[str], fields: set[str]) -> list[str]:
     ]
 
 
+def fold_model_flags(argv: list[str], prefix: str) -> list[str]:
+    """Fold ``--<prefix>.<key>[.<key>] VALUE`` flags (and a ``--<prefix> JSON`` one) into a
+    single ``--<prefix>=<JSON object>`` at the place of the first one (values stay text:
+    the model parses them). Used for ``--env.sandbox.*``.
+
+    Raises:
+        ConfigError: ``--<prefix>`` is given text that is not a JSON object.
+    """
+    out: list[str | None] = []
+    data: dict[str, Any] = {}
+    seen = False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, inline = arg[2:].partition("=")
+        if not arg.startswith("--") or not (name == prefix or name.startswith(prefix + ".")):
+            out.append(arg)
+            i += 1
+            continue
+        i += 1
+        if eq:
+            value = inline
+        elif i < len(argv) and not argv[i].startswith("--"):
+            value = argv[i]
+            i += 1
+        else:
+            value = ""
+        if not seen:
+            out.append(None)
+            seen = True
+        if name == prefix:
+            try:
+                whole = json.loads(value) if value.strip() else {}
+            except ValueError as exc:
+                raise ConfigError(f"--{prefix}: not a JSON object: {value!r} ({exc})") from exc
+            if not isinstance(whole, dict):
+                raise ConfigError(f"--{prefix}: not a JSON object: {value!r}")
+            data.update(whole)
+            continue
+        keys = name[len(prefix) + 1 :].split(".")
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return [a if a is not None else f"--{prefix}={json.dumps(data)}" for a in out]
+
+
 def accept_list_flags(cli_model: type[BaseModel]) -> type[BaseModel]:
     """A subclass of pydantic-cli's command model whose list fields accept the JSON text
     :func:`normalize_argv` produced (pydantic-cli passes it as a string or a 1-item list)."""
@@ -164,6 +212,7 @@ def run_cli(env_cls: Any, base_cli: Callable[[], None]) -> None:
     prefixes = {config_cls.__name__: "env.", "APIServerConfig": "openai."}
     try:
         fields = {f"env.{name}" for name in list_fields(config_cls)}
+        argv = fold_model_flags(argv, "env.sandbox")
         sys.argv = [sys.argv[0], *normalize_argv(argv, fields)]
         token = _cli_prog.set(prog)
         try:

@@ -6,12 +6,14 @@ Imports atroposlib (``BaseEnvConfig``); part of the :mod:`structenv.adapters.atr
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Literal
 
 from atroposlib.envs.base import BaseEnvConfig
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..._executor import ExecutorStatistics
+from ..._spec import SandboxSpec
 from .._backends import KNOWN_BACKENDS
 from ._cli import list_fields, parse_list_flag
 
@@ -102,6 +104,13 @@ class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]  # atroposlib is unty
         ge=1,
         description="Abort after this many dropped groups in a row instead of looping forever.",
     )
+    sandbox: SandboxSpec = Field(
+        default_factory=SandboxSpec,
+        description="Default sandbox spec of every item's slot (an item's AgentTask.sandbox "
+        "wins): image, dockerfile, context, rootfs, binds, env, path, workdir, limits. As flags: "
+        "--env.sandbox.image IMG, --env.sandbox.binds /a,/b:/c, --env.sandbox.env K=V,K2=V2, "
+        "--env.sandbox.limits.memory N, or --env.sandbox '<JSON object>'.",
+    )
     shutdown_grace_s: float = Field(
         default=30.0, gt=0, description="Seconds the executor and backend may take to stop."
     )
@@ -114,6 +123,18 @@ class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]  # atroposlib is unty
             if texts:
                 data = {**data, **{k: parse_list_flag(data[k]) for k in texts}}
         return data
+
+    @field_validator("sandbox", mode="before")
+    @classmethod
+    def _sandbox_from_text(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+            value = value[0]  # pydantic-cli passes a flag's text as a one-item list
+        if isinstance(value, str):
+            try:
+                return json.loads(value) if value.strip() else {}
+            except ValueError as exc:
+                raise ValueError(f"sandbox: not a JSON object: {value!r} ({exc})") from None
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> AgentEnvConfig:

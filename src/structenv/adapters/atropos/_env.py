@@ -247,6 +247,10 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
         # nesting of those task groups).
         try:
             async with self.create_backend() as backend, AsyncExitStack() as stack:
+                if not self.config.sandbox.is_default:
+                    # A bad default spec (no such image, a refused bind) fails here, once,
+                    # before any item runs.
+                    await backend.prepare_spec(self.config.sandbox)
                 tool_server = None
                 registry = self.registry
                 if self.config.tool_server_url:
@@ -548,7 +552,8 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
         member: _Member,
     ) -> None:
         tid = member.trajectory_id
-        async with executor.trajectory(tid) as traj:
+        spec = task.sandbox if task.sandbox is not None else self.config.sandbox
+        async with executor.trajectory(tid, spec=spec) as traj:
             exec_tool = ExecTool(traj)
             await self.setup_trajectory_workspace(item, trajectory_id=tid, exec_tool=exec_tool)
             async with self.open_policy(item) as policy:
