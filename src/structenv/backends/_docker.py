@@ -490,7 +490,7 @@ class DockerBackend(HostedBackend):
         root, image_env = await anyio.to_thread.run_sync(resolve)
         inside = _ROOTFS_MOUNT + root[len(self._rootfs_cache) :]
         env = {**image_env, **dict(plain.env)}
-        path = ":".join([*spec.path, env.pop("PATH", DEFAULT_PATH)])
+        path = env.pop("PATH", DEFAULT_PATH)
         return dataclasses.replace(plain, rootfs=inside, env=tuple(sorted(env.items())), path=path)
 
     async def _launch_host(self) -> Host:

@@ -745,7 +745,7 @@ def plain_slot_spec(spec: SandboxSpec) -> SlotSpec:
     return SlotSpec(
         key=spec.key,
         env=tuple(sorted(spec.env.items())),
-        path=":".join(spec.path),
+        path_prefix=spec.path,
         workdir=spec.workdir,
         limits=tuple(sorted((k, float(v)) for k, v in limits.items())),
     )

@@ -314,7 +314,7 @@ class LocalBackend(HostedBackend):
             rootfs_shell(rootfs)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        path = ":".join([*spec.path, env.pop("PATH", DEFAULT_PATH)])
+        path = env.pop("PATH", DEFAULT_PATH)
         return dataclasses.replace(
             plain, rootfs=rootfs, binds=binds, env=tuple(sorted(env.items())), path=path
         )

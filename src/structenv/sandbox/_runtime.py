@@ -100,6 +100,7 @@ class SlotSpec:
         binds: Extra read-only ``(server path, slot path)`` binds.
         env: Environment variables of every command.
         path: ``PATH`` (``""``: the default, the interpreter's directory first).
+        path_prefix: Directories put before ``path``.
         workdir: Where commands start, relative to the workspace.
         limits: Overrides of the server's :class:`Limits` (``memory``, ``pids``, ``cpus``,
             ``file_size``, ``cpu_seconds``).
@@ -110,6 +111,7 @@ class SlotSpec:
     binds: tuple[tuple[str, str], ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     path: str = ""
+    path_prefix: tuple[str, ...] = ()
     workdir: str | None = None
     limits: tuple[tuple[str, float], ...] = ()
 
@@ -121,6 +123,7 @@ class SlotSpec:
             "binds": [list(b) for b in self.binds],
             "env": dict(self.env),
             "path": self.path,
+            "path_prefix": list(self.path_prefix),
             "workdir": self.workdir,
             "limits": dict(self.limits),
         }
@@ -155,6 +158,7 @@ class SlotSpec:
             binds=binds,
             env=env,
             path=str(data.get("path") or ""),
+            path_prefix=tuple(str(p) for p in data.get("path_prefix") or ()),
             workdir=workdir,
             limits=limits,
         )
@@ -196,7 +200,7 @@ def slot_argv(
     ``uid`` is the slot's host uid (see ``_bwrap.slot_uid``), ``seccomp_fd`` a descriptor of
     the seccomp program that the spawned process must inherit.
     """
-    path = spec.path or default_path()
+    path = ":".join([*spec.path_prefix, spec.path or default_path()])
     env = {
         "PATH": path,
         "HOME": WORKSPACE if iso.sandboxed else workspace,
