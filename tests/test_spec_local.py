@@ -5,18 +5,22 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from pathlib import Path
 
 import anyio
 import pytest
 
+from spec_support import make_rootfs
 from structenv import ConfigError, ExecRequest, SandboxSpec, SlotPool
 from structenv.backends import LocalBackend
 from structenv.testing import child_processes
-from spec_support import make_rootfs
 from test_sandbox_support import local_backend
 
 pytestmark = pytest.mark.anyio
+
+#: The interpreter structenv runs with: a default slot's python3 is this one.
+PREFIX = os.path.realpath(sys.prefix)
 
 
 @pytest.fixture(scope="module")
@@ -93,9 +97,7 @@ async def test_default_slot_has_a_working_toolchain() -> None:
             assert got.exit_code == 0, got.stderr
             out = got.stdout.decode()
             assert "pytest" in out and "git version" in out and "bash\ny\n.\n" in out
-            import sys
-
-            assert out.rstrip().endswith(os.path.realpath(sys.prefix))
+            assert out.rstrip().endswith(PREFIX)
         finally:
             await backend.release_slot(slot, reusable=True)
 
@@ -142,8 +144,8 @@ async def test_attacks_from_an_image_rootfs_slot_fail(
             got = await slot.exec(sh("ls /proc"))
             assert 1 <= sum(n.isdigit() for n in got.stdout.decode().split()) <= 4
         # Nothing the slot did reached its rootfs on the host.
-        assert Path(roots["evil"], "etc", "marker").read_text() == "evil"
-        assert not Path(roots["evil"], "newfile").exists()
+        assert await anyio.Path(roots["evil"], "etc", "marker").read_text() == "evil"
+        assert not await anyio.Path(roots["evil"], "newfile").exists()
 
 
 async def test_bad_specs_fail_before_anything_runs(tmp_path: Path) -> None:
