@@ -1,0 +1,129 @@
+"""Task images without a registry, on the real Docker Engine: an image's rootfs as a Local slot's
+``/`` (exported once into the content-addressed cache), Dockerfiles built once per content
+hash, and the same task image as a slot root inside the DockerBackend's sandbox container.
+
+The test image is built here ``FROM scratch`` out of the host's own programs (no registry).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import pytest
+
+from spec_support import make_rootfs
+from structenv import ConfigError, ExecRequest, SandboxSpec, SlotPool
+from structenv.backends._images import TASK_TAG, cache_dir, context_hash
+from test_docker_support import docker_backend, docker_image
+from test_sandbox_support import local_backend
+
+_ = docker_image
+pytestmark = [pytest.mark.anyio, pytest.mark.docker]
+
+
+def rootfs_entry(image: str) -> str:
+    """Where the rootfs cache keeps ``image``'s export (by image id)."""
+    client = docker.from_env()
+    try:
+        digest = str(client.images.get(image).id).split(":")[-1]
+    finally:
+        client.close()
+    return os.path.join(cache_dir(), "rootfs", digest)
+
+
+@pytest.fixture(scope="module")
+def task_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A tiny task image (bash, coreutils bits, a setuid-root ``id``), built FROM scratch."""
+    context = tmp_path_factory.mktemp("image")
+    root = make_rootfs(str(context / "rootfs"), marker="image")
+    os.chmod(os.path.join(root, "usr", "bin", "id"), 0o4755)
+    (context / "Dockerfile").write_text("FROM scratch\nCOPY rootfs/ /\nENV TASK=yes\n")
+    digest = hashlib.sha256()
+    for top, _, files in sorted(os.walk(context)):
+        for name in sorted(files):
+            digest.update(name.encode() + Path(top, name).read_bytes())
+    tag = f"structenv-spectest:{digest.hexdigest()[:12]}"
+    client = docker.from_env()
+    try:
+        client.images.build(path=str(context), tag=tag, rm=True, pull=False, network_mode="none")
+        yield tag
+    finally:
+        client.close()
+
+
+async def test_image_rootfs_on_local_and_dockerfiles(task_image: str, tmp_path: Path) -> None:
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "Dockerfile").write_text(f"FROM {task_image}\nRUN echo built > /etc/built\n")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "Dockerfile").write_text(f"FROM {task_image}\nRUN echo the-reason >&2; exit 3\n")
+    async with local_backend(slots_per_host=1) as backend:
+        pool = SlotPool(backend)
+        spec = SandboxSpec(image=task_image, name="image")
+        async with pool.slot(spec) as slot:
+            got = await slot.exec(ExecRequest('cat /etc/marker; echo " $TASK"; id -u'))
+            marker, uid = got.stdout.decode().splitlines()
+            assert marker == "image yes" and uid != "0"
+        built = SandboxSpec(dockerfile=str(good / "Dockerfile"), name="built")
+        async with pool.slot(built) as slot:
+            assert (await slot.exec(ExecRequest("cat /etc/built"))).stdout == b"built\n"
+        with pytest.raises(ConfigError, match=r"building .* failed: .*the-reason"):
+            await backend.prepare_spec(SandboxSpec(dockerfile=str(bad / "Dockerfile")))
+        with pytest.raises(ConfigError, match="does not exist in the local Docker Engine"):
+            await backend.prepare_spec(SandboxSpec(image="structenv-no-such-image:0"))
+        specs = backend.statistics().specs
+        assert specs["image"].cold_starts == 1 and specs["built"].cold_starts == 1
+    # The cache holds complete entries only, one per image, without setuid bits.
+    built_tag = f"{TASK_TAG}:{context_hash(str(good / 'Dockerfile'), str(good))}"
+    entries = [rootfs_entry(task_image), rootfs_entry(built_tag)]
+    for entry in entries:
+        mode = os.stat(os.path.join(entry, "root", "usr", "bin", "id")).st_mode
+        assert not mode & (stat.S_ISUID | stat.S_ISGID)
+    leftovers = os.listdir(os.path.dirname(entries[0]))
+    assert not [e for e in leftovers if e.startswith(f".tmp-{os.getpid()}-")]
+    # A second backend finds the export in the cache (nothing exported again).
+    before = [os.stat(e).st_mtime_ns for e in entries]
+    async with local_backend(slots_per_host=1) as backend:
+        await backend.prepare_spec(SandboxSpec(image=task_image))
+        await backend.prepare_spec(SandboxSpec(dockerfile=str(good / "Dockerfile")))
+    assert [os.stat(e).st_mtime_ns for e in entries] == before
+
+
+async def test_docker_default_toolchain_and_task_image_slots(
+    task_image: str, docker_image: str
+) -> None:
+    del docker_image
+    async with docker_backend(slots_per_container=2) as backend:
+        pool = SlotPool(backend)
+        async with pool.slot() as slot:
+            got = await slot.exec(
+                ExecRequest(
+                    "set -e; python3 -m pytest --version; pytest --version; git --version; "
+                    "echo a | grep a | sed s/a/b/; find . -maxdepth 0",
+                    timeout=60,
+                )
+            )
+            assert got.exit_code == 0, got.stderr
+            assert b"pytest" in got.stdout and b"git version" in got.stdout
+        spec = SandboxSpec(image=task_image, name="image")
+        async with pool.slot(spec) as slot:
+            got = await slot.exec(ExecRequest('cat /etc/marker; echo " $TASK"'))
+            assert got.stdout == b"image yes\n"
+            # uid 0 of a user namespace, with no capability and no way to gain one (the
+            # setuid bit was dropped at export, and no_new_privs holds).
+            got = await slot.exec(ExecRequest("cat /proc/self/status; ls -A /"))
+            text = got.stdout.decode()
+            assert "CapEff:\t0000000000000000" in text and "NoNewPrivs:\t1" in text
+            assert "workspace" in text and "structenv-rootfs" not in text
+        async with pool.slot(spec) as slot:
+            assert (await slot.exec(ExecRequest("cat /etc/marker"))).stdout == b"image"
+        with pytest.raises(ConfigError, match="not host binds"):
+            await backend.prepare_spec(SandboxSpec(binds=["/usr/share:/data"]))
+        specs = backend.statistics().specs
+        assert (specs["image"].hits, specs["image"].cold_starts) == (1, 1)
