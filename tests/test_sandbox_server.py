@@ -259,6 +259,8 @@ def test_doctor_reports_every_property() -> None:
     checks = {c.name: c for c in doctor()}
     for name in ("no host uid 0", "seccomp filter", "read-only kernel settings", "ptrace refused"):
         assert checks[name].ok, checks[name]
+    toolchain = checks["sandbox toolchain"]
+    assert toolchain.ok and "pytest" in toolchain.detail and "git version" in toolchain.detail
     assert "LocalBackend isolation: available" in format_report(list(checks.values()))
     missing = doctor(bwrap="/nonexistent/bwrap")
     assert not missing[0].ok and "not installed" in missing[0].detail

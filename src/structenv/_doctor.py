@@ -102,16 +102,55 @@ def _docker_check() -> Check:
     return Check("docker engine", ok, "reachable" if ok else reply[:80].decode(errors="replace"))
 
 
+#: What a default slot must run (issue 10): each is looked up on the slot's own PATH.
+TOOLCHAIN = ("python3", "pytest", "git", "bash", "ls", "cat", "grep", "sed", "find")
+
+_TOOLCHAIN_SCRIPT = (
+    "for t in " + " ".join(TOOLCHAIN) + "; do command -v $t >/dev/null || echo \"missing $t\"; "
+    "done; python3 -c 'import platform; print(\"python3\", platform.python_version())'; "
+    "python3 -m pytest --version 2>&1 | head -1; git --version"
+)
+
+
+async def _toolchain(bwrap: str) -> Check:
+    from ._types import ExecRequest
+    from .backends import LocalBackend
+
+    async with LocalBackend(hosts=1, slots_per_host=1, bwrap_path=bwrap) as backend:
+        slot = await backend.acquire_slot()
+        try:
+            got = await slot.exec(ExecRequest(_TOOLCHAIN_SCRIPT, timeout=60))
+        finally:
+            await backend.release_slot(slot, reusable=False)
+    lines = got.stdout.decode(errors="replace").split("\n")
+    missing = [line.split()[1] for line in lines if line.startswith("missing ")]
+    found = ", ".join(line.strip() for line in lines if line and not line.startswith("missing "))
+    if missing:
+        return Check("sandbox toolchain", False, f"missing in a default slot: {missing}; {found}")
+    return Check("sandbox toolchain", True, f"{found}, bash, coreutils, grep, sed, find")
+
+
+def _toolchain_check(bwrap: str) -> Check:
+    """Run a real default LocalBackend slot and look for the tools it promises."""
+    try:
+        return anyio.run(_toolchain, bwrap)
+    except Exception as exc:  # reported, never raised: the doctor lists what fails
+        return Check("sandbox toolchain", False, f"{type(exc).__name__}: {exc}"[-300:])
+
+
 #: Checks whose failure does not stop LocalBackend from isolating slots.
-_OPTIONAL = ("tmux", "docker engine")
+_OPTIONAL = ("tmux", "docker engine", "sandbox toolchain")
 
 
 def doctor(*, bwrap: str = "bwrap") -> list[Check]:
-    """Run every isolation check (blocking; a few hundred milliseconds)."""
+    """Run every isolation check and the default slot's toolchain (blocking; a second or
+    two: the toolchain runs in a real slot)."""
     with tempfile.TemporaryDirectory(prefix="structenv-doctor-") as scratch:
         checks = _bwrap_checks(bwrap, scratch)
         checks.append(_cgroup_check())
         checks.append(_tmux_check(scratch))
+    if all(c.ok for c in checks if c.name not in _OPTIONAL):
+        checks.append(_toolchain_check(bwrap))
     checks.append(_docker_check())
     return checks
 
