@@ -106,7 +106,7 @@ def _docker_check() -> Check:
 TOOLCHAIN = ("python3", "pytest", "git", "bash", "ls", "cat", "grep", "sed", "find")
 
 _TOOLCHAIN_SCRIPT = (
-    "for t in " + " ".join(TOOLCHAIN) + "; do command -v $t >/dev/null || echo \"missing $t\"; "
+    "for t in " + " ".join(TOOLCHAIN) + '; do command -v $t >/dev/null || echo "missing $t"; '
     "done; python3 -c 'import platform; print(\"python3\", platform.python_version())'; "
     "python3 -m pytest --version 2>&1 | head -1; git --version"
 )

@@ -23,12 +23,16 @@ import os
 import resource
 import select
 import signal
-import string
 import struct
 import sys
 import time
 from binascii import a2b_base64, b2a_base64
-from typing import Any
+
+# Not ``from typing import ...``: typing (like string, which imports re) costs a slot's cold
+# start more than anything else this module imports (tens of ms on a loaded machine).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 64 << 20
@@ -41,7 +45,7 @@ READ_CHUNK = 1 << 16
 #: of such words (separated by blanks) is run by bash as a plain exec, so the worker execs it
 #: directly and saves bash's own start-up (~0.8 ms here), which is most of an exec round trip.
 #: (Checked with ``str.strip``: a regex match costs more, with the engine cold every command.)
-_WORD_CHARS = string.ascii_letters + string.digits + "_@%+=:,./-"
+_WORD_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789" + "_@%+=:,./-"
 _BLANKS = " \t"
 _BUILTIN_WORDS = (
     ". : [ alias bg bind break builtin caller case cd command compgen complete compopt "
