@@ -58,7 +58,7 @@ import anyio
 
 __all__ = ["main"]
 
-_EXAMPLES = ("shell-tasks", "data-wrangling")
+_EXAMPLES = ("shell-tasks", "data-wrangling", "swe", "swe-images")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -76,6 +76,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--hosts", type=int, default=1, help="sandbox host processes")
     parser.add_argument("--max-steps", type=int, default=8, help="policy calls per trajectory")
     parser.add_argument("--max-tokens", type=int, default=2048, help="tokens per assistant turn")
+    parser.add_argument(
+        "--backend", choices=["local", "docker"], default="local", help="sandbox backend"
+    )
+    parser.add_argument(
+        "--image",
+        default=None,
+        help="swe-images: the first task image (default: the sandbox image); the second is "
+        "built from a Dockerfile on top of it",
+    )
     parser.add_argument(
         "--tokenizer", default=None, help="tokenizer dir or hub id (default: the tiny one)"
     )
@@ -202,6 +211,19 @@ def _solutions(example: str) -> dict[str, Any]:
     return dict(shell_task_solutions())
 
 
+def _two_images(image: str | None, out: Path) -> dict[str, Any]:
+    """swe-images: the sandbox image as one task image, and a second one built from a
+    Dockerfile on top of it (no registry: both are local)."""
+    from ._image import DEFAULT_TAG
+
+    first = image or os.environ.get("STRUCTENV_TEST_IMAGE") or DEFAULT_TAG
+    context = out / "swe-image-b"
+    context.mkdir(parents=True, exist_ok=True)
+    dockerfile = context / "Dockerfile"
+    dockerfile.write_text(f"FROM {first}\nENV SWE_IMAGE=b\nRUN echo b > /etc/swe-image\n")
+    return {"images": [first], "dockerfiles": [str(dockerfile)]}
+
+
 async def _collect(
     args: argparse.Namespace, base_url: str, tokenizer: str, out: Path, console: Any
 ) -> dict[str, Any]:
@@ -226,12 +248,19 @@ async def _collect(
         agent_max_tokens=args.max_tokens,
         trajectory_timeout_s=120.0,
         vllm_api=args.vllm_api,
+        backend=args.backend,
     )
     if args.example == "data-wrangling":
         from .adapters.atropos import AgentEnvConfig
         from .examples.data_wrangling import DataWranglingEnv
 
         env_cls, config = DataWranglingEnv, AgentEnvConfig(**fields)
+    elif args.example in ("swe", "swe-images"):
+        from .examples.swe_tasks import SweTasksEnv, SweTasksEnvConfig
+
+        if args.example == "swe-images":
+            fields.update(await anyio.to_thread.run_sync(_two_images, args.image, out))
+        env_cls, config = SweTasksEnv, SweTasksEnvConfig(**fields)
     else:
         from .examples.shell_tasks import ShellTasksEnv, ShellTasksEnvConfig
 
