@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 
+import anyio
 import docker
 import pytest
 
@@ -127,3 +129,21 @@ async def test_docker_default_toolchain_and_task_image_slots(
             await backend.prepare_spec(SandboxSpec(binds=["/usr/share:/data"]))
         specs = backend.statistics().specs
         assert (specs["image"].hits, specs["image"].cold_starts) == (1, 1)
+
+
+async def test_a_cancelled_export_leaves_a_complete_entry_or_none(task_image: str) -> None:
+    """Cancelled before, during and after the export: the cache entry is complete or absent,
+    and no temporary directory of this process is left (prepare_spec needs no running host)."""
+    entry = rootfs_entry(task_image)
+    await anyio.to_thread.run_sync(shutil.rmtree, entry, True)
+    backend = local_backend(slots_per_host=1)
+    for delay in (0.0, 0.02, 0.2):
+        with anyio.move_on_after(delay):
+            await backend.prepare_spec(SandboxSpec(image=task_image))
+        if await anyio.Path(entry).exists():
+            assert await anyio.Path(entry, "meta.json").is_file()
+            assert await anyio.Path(entry, "root", "bin").exists()
+        names = os.listdir(os.path.dirname(entry))
+        assert not [n for n in names if n.startswith(f".tmp-{os.getpid()}-")]
+    await backend.prepare_spec(SandboxSpec(image=task_image))
+    assert await anyio.Path(entry, "meta.json").is_file()

@@ -91,7 +91,7 @@ async def test_default_slot_has_a_working_toolchain() -> None:
             script = (
                 "set -e; python3 -m pytest --version; pytest --version; git --version; "
                 "bash -c 'echo bash'; ls / >/dev/null; echo x | grep x | sed s/x/y/; "
-                "find . -maxdepth 0; python3 -c 'import sys; print(sys.prefix)'"
+                "find . -maxdepth 0; python3 -c 'import structenv, sys; print(sys.prefix)'"
             )
             got = await slot.exec(sh(script))
             assert got.exit_code == 0, got.stderr

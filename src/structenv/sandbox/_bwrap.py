@@ -95,6 +95,57 @@ def host_prefixes() -> list[str]:
     return found
 
 
+_EDITABLE: list[str] | None = None
+#: Never bound as an editable install's source, whatever a ``.pth`` file says.
+_NOT_SOURCES = ("/", "/proc", "/sys", "/dev", "/run", "/var/run", "/etc", "/root", "/home", "/tmp")
+
+
+def editable_sources() -> list[str]:
+    """Source directories of packages installed in editable mode into this interpreter.
+
+    Read from its site-packages: absolute directories listed in ``*.pth`` files and the
+    ``MAPPING`` of setuptools' ``__editable___*_finder.py`` modules. Bound read-only into
+    default slots, so ``python3 -c "import mypkg"`` works there as on the host. Whole homes,
+    ``/etc``, ``/tmp`` and kernel directories are never bound this way.
+    """
+    global _EDITABLE
+    if _EDITABLE is not None:
+        return _EDITABLE
+    import ast
+    import re
+    import sysconfig
+
+    found: list[str] = []
+    site = sysconfig.get_paths().get("purelib", "")
+    candidates: list[str] = []
+    for pth in sorted(glob.glob(os.path.join(site, "*.pth"))):
+        try:
+            with open(pth) as f:
+                lines = f.read(1 << 16).splitlines()
+        except OSError:
+            continue
+        candidates += [ln.strip() for ln in lines if ln.startswith("/")]
+    for finder in sorted(glob.glob(os.path.join(site, "__editable___*_finder.py"))):
+        try:
+            with open(finder) as f:
+                text = f.read(1 << 20)
+            match = re.search(r"^MAPPING\s*(?::[^=]*)?=\s*(\{.*?\})\s*$", text, re.M | re.S)
+            mapping = ast.literal_eval(match.group(1)) if match else {}
+        except (OSError, ValueError, SyntaxError):
+            continue
+        candidates += [os.path.dirname(str(v)) for v in dict(mapping).values()]
+    for path in candidates:
+        real = os.path.realpath(path)
+        if not os.path.isdir(real) or real in _NOT_SOURCES:
+            continue
+        if any(real.startswith(p + "/") for p in _NOT_SOURCES[1:7]):
+            continue
+        if real not in found and not any(real.startswith(f + "/") for f in found):
+            found.append(real)
+    _EDITABLE = found
+    return found
+
+
 def _effective_caps() -> int:
     with open("/proc/self/status") as f:
         return next(int(ln.split()[1], 16) for ln in f if ln.startswith("CapEff:"))
@@ -256,6 +307,11 @@ def bwrap_argv(
             if os.path.isfile(secret):
                 argv += ["--ro-bind", "/dev/null", secret]
         prefixes = [(p, p) for p in host_prefixes()]
+        prefixes += [
+            (p, p)
+            for p in editable_sources()
+            if not any(p == q or p.startswith(q + "/") for q, _ in prefixes)
+        ]
     argv += [
         "--proc", "/proc",
         # bwrap covers only /proc/sys/irq and /proc/bus: the rest of /proc/sys is read-only
