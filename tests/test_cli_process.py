@@ -197,6 +197,29 @@ def test_list_flag_as_json_reaches_the_env_and_bad_ids_are_one_line(tmp_path: Pa
     assert "['no,such', 'task']" in last
 
 
+def test_sandbox_flags_reach_the_env_and_a_refused_bind_is_one_line(
+    tmp_path: Path, tokenizer: str
+) -> None:
+    """``--env.sandbox.*`` flags become the env's default spec, prepared when the backend
+    starts: a refused bind stops the run before any item, in one line."""
+    proc = subprocess.run(
+        [sys.executable, "-m", ENV_MODULE, "process", "--env.sandbox.binds", "/etc:/mnt/etc",
+         "--env.sandbox.env", "A=1", "--env.tokenizer_name", tokenizer,
+         "--env.use_wandb", "False", "--env.data_path_to_save_groups", str(tmp_path / "g.jsonl"),
+         "--env.total_steps", "1", "--env.group_size", "1",
+         "--openai.base_url", "http://127.0.0.1:9/v1", "--openai.api_key", "x",
+         "--openai.health_check", "False", "--openai.tokenizer_name", tokenizer],
+        capture_output=True, text=True, env=fresh_env(), timeout=START_DEADLINE, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (
+        "ShellTasksEnv process: error: ConfigError: bind /etc:/mnt/etc: refused, it exposes "
+        "/etc/shadow"
+    )
+
+
 # -- 11.8: signals --------------------------------------------------------------------------
 
 

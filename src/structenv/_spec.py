@@ -156,6 +156,20 @@ class SandboxSpec(BaseModel):
     limits: ResourceLimits = Field(default_factory=ResourceLimits)
     name: str = Field(default="", exclude=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_json(cls, data: Any) -> Any:
+        # A flag's text (``--env.sandbox '{...}'`` or the folded ``--env.sandbox.*`` flags),
+        # wherever the annotation is copied to (atroposlib rebuilds the config models).
+        if isinstance(data, list) and len(data) == 1 and isinstance(data[0], str):
+            data = data[0]
+        if isinstance(data, str):
+            try:
+                return json.loads(data) if data.strip() else {}
+            except ValueError as exc:
+                raise ValueError(f"a sandbox spec as text must be a JSON object ({exc})") from None
+        return data
+
     @field_validator("binds", "path", mode="before")
     @classmethod
     def _list_from_text(cls, value: Any) -> Any:
