@@ -41,10 +41,21 @@ def cache_dir() -> str:
     return os.path.realpath(base)
 
 
-def _client() -> Any:
-    import docker
-    import docker.errors
+def _sdk() -> Any:
+    """The docker SDK module (an extra: ``pip install 'structenv[docker]'``)."""
+    try:
+        import docker
+        import docker.errors
+    except ImportError:
+        raise ConfigError(
+            "a spec with an image or Dockerfile needs the docker SDK: "
+            "pip install 'structenv[docker]'"
+        ) from None
+    return docker
 
+
+def _client() -> Any:
+    docker = _sdk()
     try:
         return docker.from_env()
     except docker.errors.DockerException as exc:
@@ -78,8 +89,7 @@ def build_dockerfile(dockerfile: str, context: str | None = None) -> str:
         ConfigError: The file or context is missing, or the build fails (with the tail of
             its log).
     """
-    import docker.errors
-
+    docker = _sdk()
     context = context or os.path.dirname(dockerfile)
     if not os.path.isfile(dockerfile):
         raise ConfigError(f"Dockerfile {dockerfile} does not exist")
@@ -168,8 +178,7 @@ def export_rootfs(image: str, cache: str | None = None) -> tuple[str, dict[str, 
     Raises:
         ConfigError: The image does not exist in the local engine (no registry is asked).
     """
-    import docker.errors
-
+    docker = _sdk()
     root = os.path.join(cache or cache_dir(), "rootfs")
     os.makedirs(root, mode=0o755, exist_ok=True)
     client = _client()
