@@ -47,12 +47,11 @@ __all__ = ["Limits", "SlotBroken", "SlotRuntime", "SlotSpec", "slot_argv"]
 _HEADER = struct.Struct(">I")
 #: Extra seconds past a command's own deadline before the server stops trusting the worker.
 BACKSTOP = 5.0
-#: Where the worker program is bound (read-only) inside the sandbox.
-WORKER_PATH = "/.structenv/worker.py"
-#: The worker program on the host (bound read-only into every slot at :data:`WORKER_PATH`).
+#: Where the worker is bound (read-only) inside the sandbox: its bytecode, compiled once per
+#: server (see :func:`compiled_worker`).
+WORKER_PATH = "/.structenv/worker.pyc"
+#: The worker program on the host (compiled and bound into every slot at :data:`WORKER_PATH`).
 WORKER_FILE = os.path.realpath(_worker.__file__)
-#: Where the worker's bytecode is bound inside the sandbox (see :func:`compiled_worker`).
-COMPILED_WORKER_PATH = "/.structenv/worker.pyc"
 _COMPILED: dict[str, str] = {}
 
 
@@ -254,7 +253,7 @@ def slot_argv(
             "nproc": limits.pids if uid is not None else 0,
         },
     }
-    program = COMPILED_WORKER_PATH if iso.sandboxed else WORKER_FILE
+    program = WORKER_PATH if iso.sandboxed else WORKER_FILE
     if iso.sandboxed and spec.rootfs is not None:
         from ._rootfs import host_loader_argv
 
@@ -265,7 +264,7 @@ def slot_argv(
         return argv
     return bwrap_argv(
         iso, workspace, argv, extra_ro=[(compiled_worker(os.path.dirname(workspace)),
-        COMPILED_WORKER_PATH)], uid=uid,
+        WORKER_PATH)], uid=uid,
         seccomp_fd=seccomp_fd, tmp_size=limits.tmp_size, shm_size=limits.shm_size,
         accounts=accounts, rootfs=spec.rootfs, binds=spec.binds, path=path,
     )  # fmt: skip
