@@ -13,7 +13,8 @@ rootfs with python3, git and pytest, used as a *task* image):
   same command lines: bwrap running ``/bin/true`` with the host's system vs with the image
   rootfs, and bwrap running the worker up to its hello (host interpreter vs host loader).
 
-Writes ``<out>/specs.json`` (``structenv bench specs --out DIR``). Needs the sandbox image (``structenv image build``).
+Writes ``<out>/specs.json`` (``structenv bench specs --out DIR``). Needs the sandbox image
+(``structenv image build``).
 """
 
 from __future__ import annotations
