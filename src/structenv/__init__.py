@@ -6,6 +6,7 @@ from ._config import ExecutorConfig as ExecutorConfig
 from ._exceptions import BackendError as BackendError
 from ._exceptions import ConfigError as ConfigError
 from ._exceptions import HostCrashedError as HostCrashedError
+from ._exceptions import ContextExhaustedError as ContextExhaustedError
 from ._exceptions import PolicyError as PolicyError
 from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import SandboxUnavailableError as SandboxUnavailableError
@@ -38,6 +39,7 @@ __all__ = [
     "Bind",
     "BatcherStatistics",
     "ConfigError",
+    "ContextExhaustedError",
     "ExecRequest",
     "ExecResult",
     "ExecutorConfig",

@@ -14,6 +14,7 @@ Everything structenv raises on purpose derives from :class:`StructEnvError`::
     │   └── SlotBrokenError         the slot's sandbox is gone or quarantined
     ├── ProtocolError               a peer (sandbox server, tool server, LLM) spoke nonsense
     └── PolicyError                 an LLM endpoint failed after the allowed retries
+        └── ContextExhaustedError   the conversation no longer fits the model's context
 
 Deliberately *not* in the tree: cancellation (never converted), the builtin ``TimeoutError`` for
 deadlines the caller set, anyio's ``ClosedResourceError`` (we closed it) and
@@ -26,6 +27,7 @@ from __future__ import annotations
 __all__ = [
     "BackendError",
     "ConfigError",
+    "ContextExhaustedError",
     "HostCrashedError",
     "PolicyError",
     "ProtocolError",
@@ -97,3 +99,12 @@ class ProtocolError(StructEnvError):
 
 class PolicyError(StructEnvError):
     """The policy (LLM) endpoint failed after the retries the config allows."""
+
+
+class ContextExhaustedError(PolicyError):
+    """The conversation no longer fits the model's context window.
+
+    Raised by a policy when the server refuses the prompt as too long (or a configured
+    context budget is used up). The agent loop ends the trajectory with the finish reason
+    ``"context_exhausted"``: an outcome of the trajectory, not an endpoint failure.
+    """

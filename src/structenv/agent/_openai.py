@@ -5,7 +5,10 @@ answer was complete, transport read timeouts, HTTP 429 and 5xx. A completed answ
 wrong is never retried: a 2xx body that is not a valid completion raises
 :class:`~structenv.ProtocolError` at once, another 4xx raises :class:`~structenv.PolicyError`
 at once. Cancellation and the request deadline are never retried either. When the retries are
-used up the last transient failure surfaces as :class:`~structenv.PolicyError`.
+used up the last transient failure surfaces as :class:`~structenv.PolicyError`. A 4xx whose
+message says the prompt does not fit the model's context (vLLM, SGLang and OpenAI wordings) is
+:class:`~structenv.ContextExhaustedError` (:func:`is_context_overflow`): the agent loop ends the
+trajectory with ``"context_exhausted"``.
 
 Token ids (``token_ids``): ``"none"`` asks for chat completions as they are; ``"chat"`` adds
 ``return_token_ids`` (vLLM >= 0.10.2) so each completion carries the prompt and completion
@@ -25,6 +28,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -39,12 +43,18 @@ from tenacity import (
     stop_after_attempt,
 )
 
-from .._exceptions import PolicyError, ProtocolError
+from .._exceptions import ContextExhaustedError, PolicyError, ProtocolError
 from ._parsing import parse_openai_tool_calls
 from ._policy import Completion
 from ._tokens import PromptRenderer, TrackedPolicy, parse_token_completion, with_chat_token_ids
 
-__all__ = ["OpenAIPolicy", "OpenAIPolicyConfig", "PolicyStatistics", "TrackedPolicy"]
+__all__ = [
+    "OpenAIPolicy",
+    "OpenAIPolicyConfig",
+    "PolicyStatistics",
+    "TrackedPolicy",
+    "is_context_overflow",
+]
 
 #: Transport failures that mean "no complete answer arrived": safe and useful to retry.
 _TRANSIENT_TRANSPORT = (
@@ -57,6 +67,17 @@ _TRANSIENT_TRANSPORT = (
     httpx.RemoteProtocolError,
 )
 _ERROR_EXCERPT = 2048
+_CONTEXT_OVERFLOW = re.compile(
+    r"maximum context length|context length|context window|context_length_exceeded"
+    r"|prompt is too long|too many tokens|longer than the model",
+    re.IGNORECASE,
+)
+
+
+def is_context_overflow(status: int | None, text: str) -> bool:
+    """An HTTP error answer that means "the prompt does not fit the model's context"
+    (HTTP 400/413/422 with vLLM's, SGLang's or OpenAI's wording)."""
+    return status in (400, 413, 422) and bool(_CONTEXT_OVERFLOW.search(text))
 
 
 class OpenAIPolicyConfig(BaseModel):
@@ -315,6 +336,7 @@ class OpenAIPolicy:
         Raises:
             PolicyError: Transient failures outlasted ``max_retries``, or a non-retryable HTTP
                 error status (4xx other than 429) came back.
+            ContextExhaustedError: The server refused the prompt as too long for its context.
             ProtocolError: A 2xx answer that is not a valid chat completion (never retried).
             TimeoutError: ``request_deadline`` passed.
             anyio.ClosedResourceError: The policy was closed.
@@ -411,10 +433,9 @@ class OpenAIPolicy:
         except httpx.HTTPError as exc:  # bad URL/protocol, decoding, redirects: not transient
             raise PolicyError(f"{self.config.base_url}: {type(exc).__name__}: {exc}") from exc
         if status >= 300:
-            raise PolicyError(
-                f"{self.config.base_url}: HTTP {status} (not retried): "
-                f"{body.decode(errors='replace')}"
-            )
+            text = body.decode(errors="replace")
+            error = ContextExhaustedError if is_context_overflow(status, text) else PolicyError
+            raise error(f"{self.config.base_url}: HTTP {status} (not retried): {text}")
         return body
 
     def _parse(self, body: bytes, *, completions: bool) -> Completion:

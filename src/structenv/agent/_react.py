@@ -18,7 +18,7 @@ import anyio
 import anyio.lowlevel
 from pydantic import BaseModel, ConfigDict, Field
 
-from .._exceptions import PolicyError, ProtocolError
+from .._exceptions import ContextExhaustedError, PolicyError, ProtocolError
 from .._spec import SandboxSpec
 from .._types import ToolCall, ToolResult
 from ._parsing import ParsedMessage, ParseError, parse_hermes, parse_message
@@ -27,7 +27,9 @@ from ._prompts import format_parse_error, format_tool_response, hermes_system_pr
 
 __all__ = ["AgentConfig", "AgentResult", "AgentTask", "FinishReason", "ToolRunner", "run_agent"]
 
-FinishReason = Literal["final_answer", "max_steps", "parse_errors", "policy_error", "timeout"]
+FinishReason = Literal[
+    "final_answer", "max_steps", "parse_errors", "policy_error", "timeout", "context_exhausted"
+]
 
 
 class ToolRunner(Protocol):
@@ -82,6 +84,10 @@ class AgentConfig(BaseModel):
         tools_in_system_prompt: Put the tool definitions in the system prompt (Hermes). Turn
             off when the server receives the tools natively and renders them itself.
         max_observation_chars: Tool output shown to the model is cut to this many characters.
+        context_tokens: The model's context budget in tokens (``None``: only the server
+            decides). When a turn's prompt plus completion reaches it (counted from the
+            completion's token ids, when the policy returns them) the loop ends with
+            ``"context_exhausted"`` instead of sending a prompt that cannot fit.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -93,6 +99,7 @@ class AgentConfig(BaseModel):
     tool_response_role: Literal["tool", "user"] = "tool"
     tools_in_system_prompt: bool = True
     max_observation_chars: int = Field(default=32_000, gt=0)
+    context_tokens: int | None = Field(default=None, gt=0)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -101,7 +108,9 @@ class AgentResult:
 
     Attributes:
         finish_reason: ``"final_answer"``, ``"max_steps"``, ``"parse_errors"``,
-            ``"policy_error"`` or ``"timeout"``.
+            ``"policy_error"``, ``"timeout"`` or ``"context_exhausted"`` (the conversation no
+            longer fits the model's context: the server refused the prompt as too long, or
+            ``AgentConfig.context_tokens`` were used up).
         final_answer: The final answer text (``<think>`` blocks removed), if one was given.
         messages: The whole conversation as plain JSON dicts (role, content, and for tool
             messages ``tool_call_id``/``name``), system prompt first.
@@ -198,6 +207,12 @@ class _Run:
             self.messages.append(message)
 
 
+def _context_used(completion: Completion) -> int | None:
+    if completion.prompt_tokens is None or completion.completion_tokens is None:
+        return None
+    return len(completion.prompt_tokens) + len(completion.completion_tokens)
+
+
 def _spec_name(spec: Mapping[str, Any]) -> str:
     function = spec.get("function")
     name = function.get("name") if isinstance(function, Mapping) else spec.get("name")
@@ -247,6 +262,8 @@ async def _loop(policy: Policy, tools: ToolRunner, run: _Run) -> AgentResult:
             return run.result(
                 "timeout", error=f"policy call of step {step + 1} exceeded its deadline"
             )
+        except ContextExhaustedError as exc:
+            return run.result("context_exhausted", error=f"{type(exc).__name__}: {exc}")
         except (PolicyError, ProtocolError) as exc:
             return run.result("policy_error", error=f"{type(exc).__name__}: {exc}")
         run.completions.append(completion)
@@ -254,6 +271,13 @@ async def _loop(policy: Policy, tools: ToolRunner, run: _Run) -> AgentResult:
         parsed = run.parse(completion)
         if parsed.is_final_answer:
             return run.result("final_answer", answer=parsed.content)
+        used = _context_used(completion)
+        if config.context_tokens is not None and used is not None and used >= config.context_tokens:
+            return run.result(
+                "context_exhausted",
+                error=f"{used} tokens after step {step + 1} reach the context budget of "
+                f"{config.context_tokens}",
+            )
 
         run.parse_errors += len(parsed.errors)
         run.consecutive_parse_errors = run.consecutive_parse_errors + 1 if parsed.errors else 0

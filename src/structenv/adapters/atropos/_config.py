@@ -111,6 +111,32 @@ class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]  # atroposlib is unty
         "--env.sandbox.image IMG, --env.sandbox.binds /a,/b:/c, --env.sandbox.env K=V,K2=V2, "
         "--env.sandbox.limits.memory N, or --env.sandbox '<JSON object>'.",
     )
+    max_consecutive_inference_failures: int = Field(
+        default=16,
+        ge=1,
+        description="Stop the run (InferenceFailedError, exit status 1) after this many "
+        "trajectories in a row failed on inference (endpoint down, HTTP errors, garbage).",
+    )
+    inference_max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Attempts per inference request; only transient failures (connect errors, "
+        "timeouts, HTTP 408/429/5xx) are retried, another 4xx never.",
+    )
+    inference_backoff_max_s: float = Field(
+        default=10.0, ge=0, description="Longest random exponential backoff between attempts."
+    )
+    agent_context_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description="The model's context budget in tokens: a trajectory whose prompt plus "
+        "completion reach it ends with 'context_exhausted' (None: only the server decides).",
+    )
+    on_context_exhausted: Literal["score", "mask"] = Field(
+        default="score",
+        description="A trajectory that ran out of context is verified and scored like any "
+        "other ending ('score') or becomes a masked failed member ('mask').",
+    )
     shutdown_grace_s: float = Field(
         default=30.0, gt=0, description="Seconds the executor and backend may take to stop."
     )
@@ -153,9 +179,14 @@ class GroupReport:
         group: Sequence number of the group in this env (from 0).
         scores: Member scores (failed members carry the failure score).
         failed: Members that failed.
-        dropped: The group was dropped (``failure_policy="drop_group"``).
+        dropped: The group was dropped (see ``drop_reason``).
         tool_calls: Tool calls the members' models made.
         duration: Wall-clock seconds of the group.
+        drop_reason: Why it was dropped: ``"inference"`` (every member failed on inference),
+            ``"failure_policy"`` (a member failed under ``failure_policy="drop_group"``),
+            ``"tokenize"`` (a conversation could not be tokenized); ``None`` if kept.
+        failures: Each member's failure reason (``None`` for a member that did not fail).
+        finish_reasons: Each member's agent finish reason (``None`` if the agent never ran).
     """
 
     group: int
@@ -164,6 +195,9 @@ class GroupReport:
     dropped: bool
     tool_calls: int
     duration: float
+    drop_reason: str | None = None
+    failures: list[str | None] = dataclasses.field(default_factory=list)
+    finish_reasons: list[str | None] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -172,7 +206,11 @@ class AgentEnvStatistics:
 
     Attributes:
         groups: Groups collected (including dropped ones).
-        dropped_groups: Groups returned as ``None``.
+        dropped_groups: Groups not used for training: returned as ``None`` (see
+            ``GroupReport.drop_reason``) or dropped by atroposlib for equal scores
+            (``ensure_scores_are_not_same``).
+        inference_failures: Members that failed on inference (the endpoint).
+        context_exhausted: Members whose conversation ran out of context.
         cancelled_groups: Groups whose worker was cancelled (by BaseEnv or a deadline).
         running_groups: Groups running right now (their slots are leased or being released).
         failed_members: Members that failed.
@@ -187,3 +225,5 @@ class AgentEnvStatistics:
     failed_members: int
     tool_calls: int
     executor: ExecutorStatistics | None
+    inference_failures: int = 0
+    context_exhausted: int = 0

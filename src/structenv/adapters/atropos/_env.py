@@ -21,9 +21,19 @@ What the environment guarantees:
   teardown.
 * ``collect_trajectories`` runs the group in one task group. A member that fails (trajectory
   deadline, slot or sandbox failure, inference endpoint failure) becomes a fully masked item
-  with ``failure_score`` and its real tokens, or drops the group (``failure_policy``). Exactly
-  ``group_size`` sequences or ``None``; never an empty sequence; ``inference_logprobs`` only
-  when real; ``messages`` plain JSON dicts.
+  with ``failure_score`` and its real tokens, or drops the group (``failure_policy``). A group
+  whose members *all* failed on inference is never a training group: it is dropped
+  (``drop_reason="inference"``). Exactly ``group_size`` sequences or ``None``; never an empty
+  sequence; ``inference_logprobs`` only when real; ``messages`` plain JSON dicts; each group
+  carries ``structenv: {"task_id", "failures"}`` (every member's failure reason or ``None``).
+* Inference failures are loud (:mod:`._errors`): only transient failures are retried, the
+  first failure is logged at WARNING with its URL, status and attempt, every failed member
+  names them, and ``max_consecutive_inference_failures`` trajectories failing in a row stop
+  the manager with :class:`InferenceFailedError` (serve mode included).
+* A trajectory that runs out of context ends with ``context_exhausted`` and is scored
+  (``on_context_exhausted="score"``, the default) or masked (``"mask"``).
+* A group that cannot get a slot for every member at once is refused at start-up
+  (:class:`~structenv.ConfigError` with the numbers), never failed member by member.
 * When BaseEnv cancels a worker (``worker_timeout``, evals, back-pressure), every slot of
   that group is released before the cancellation finishes propagating.
 """
@@ -34,8 +44,10 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -44,7 +56,7 @@ import anyio
 from atroposlib.envs.base import APIServerConfig, BaseEnv
 
 from ..._config import ExecutorConfig
-from ..._exceptions import StructEnvError
+from ..._exceptions import ConfigError, StructEnvError
 from ..._executor import ExecutorStatistics, ToolExecutor
 from ..._runner import run_group
 from ...abc import SandboxBackend
@@ -63,6 +75,7 @@ from .._workspace import ExecTool
 from ._cli import accept_list_flags, run_cli, with_cli_signals
 from ._config import AgentEnvConfig, AgentEnvStatistics, GroupReport
 from ._html import structenv_html
+from ._errors import InferenceFailedError, install_retry_policy
 from ._inference import OpenAITrajectoryPolicy, TrajectoryPolicy, open_token_policies
 from ._policy import open_atropos_policy
 
@@ -81,6 +94,46 @@ class _Member:
     result: AgentResult | None = None
     score: float = 0.0
     failure: str | None = None
+
+    @property
+    def inference_failed(self) -> bool:
+        """The member failed because the inference endpoint did (not a deadline or bug)."""
+        return self.result is not None and self.result.finish_reason == "policy_error"
+
+
+def _free_path(path: str) -> str:
+    """``path``, or ``stem_1``, ``stem_2``, ... if it exists (atroposlib's naming)."""
+    original = Path(path)
+    candidate, counter = original, 1
+    while candidate.exists():
+        candidate = original.with_stem(f"{original.stem}_{counter}")
+        counter += 1
+    return str(candidate)
+
+
+class _LazyJsonl:
+    """atroposlib's jsonl writer, opened on the first group written.
+
+    BaseEnv opens the file in its constructor, so a run that fails before its first group
+    left an empty file behind that shifted the next run's file name to ``_1``.
+    """
+
+    def __init__(self, env: AgentEnv) -> None:
+        self._env = env
+        self._writer: Any | None = None
+
+    def write(self, obj: Any) -> None:
+        if self._writer is None:
+            import jsonlines
+
+            config = self._env.config
+            config.data_path_to_save_groups = _free_path(config.data_path_to_save_groups)
+            self._writer = jsonlines.open(config.data_path_to_save_groups, "w", flush=True)
+        self._writer.write(obj)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
 
 
 class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
@@ -121,12 +174,33 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
         check_backend(config.backend)
         self.registry: ToolRegistry = self.build_tools(config)
         super().__init__(config, server_configs, slurm=slurm, testing=testing)
+        if self.jsonl_writer is not None:  # opened by BaseEnv: reopen it lazily instead
+            self.jsonl_writer.close()
+            path = self.config.data_path_to_save_groups
+            if os.path.isfile(path) and os.path.getsize(path) == 0:
+                os.unlink(path)
+            self.jsonl_writer = _LazyJsonl(self)
+        # Programmatic process mode (``await env.process_manager()``) as the docs show it:
+        # atroposlib's CLI sets these after construction; default them from the config.
+        self.process_mode = False
+        self.n_groups_to_process = int(config.total_steps)
+        self.group_size_to_process = int(config.group_size)
+        install_retry_policy(
+            self.server,
+            max_attempts=config.inference_max_attempts,
+            backoff_max=config.inference_backoff_max_s,
+        )
         self._executor: ToolExecutor | None = None
         self._last_stats: ExecutorStatistics | None = None
         self._group_listeners: list[Callable[[GroupReport], None]] = []
         self._groups = itertools.count()
-        self._counts = dict(groups=0, dropped=0, cancelled=0, failed=0, tool_calls=0)
+        self._counts = dict(
+            groups=0, dropped=0, cancelled=0, failed=0, tool_calls=0, inference=0, context=0
+        )
         self._dropped_in_a_row = 0
+        self._inference_failures_in_a_row = 0
+        self._fatal: BaseException | None = None
+        self._manager_scope: anyio.CancelScope | None = None
         self._live: set[asyncio.Task[Any]] = set()
         self._live_changed: anyio.Event | None = None
         self._token_policies: list[OpenAIPolicy] = []
@@ -288,12 +362,7 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
         await with_cli_signals(self._env_manager)
 
     async def _env_manager(self) -> None:
-        async with self.sandbox_session():
-            try:
-                await super().env_manager()
-            finally:
-                await self._stop_groups()
-                await self.aclose()
+        await self._run_manager(super().env_manager)
 
     async def process_manager(self) -> None:
         """BaseEnv's ``process`` mode inside a sandbox session.
@@ -303,13 +372,52 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
         await with_cli_signals(self._process_manager)
 
     async def _process_manager(self) -> None:
+        base = super().process_manager
+
+        async def process() -> None:
+            with structenv_html():  # our escaped viewer, not atroposlib's generate_html
+                await base()
+
+        await self._run_manager(process)
+
+    async def _run_manager(self, manager: Callable[[], Any]) -> None:
+        """Run a BaseEnv manager in a sandbox session; a fatal error (too many inference
+        failures) raised in any worker cancels it and is raised here, after the teardown."""
+        self.check_slot_capacity()
+        self._fatal = None
         async with self.sandbox_session():
             try:
-                with structenv_html():  # our escaped viewer, not atroposlib's generate_html
-                    await super().process_manager()
+                with anyio.CancelScope() as scope:
+                    self._manager_scope = scope
+                    await manager()
             finally:
+                self._manager_scope = None
                 await self._stop_groups()
                 await self.aclose()
+                if self.jsonl_writer is not None:
+                    self.jsonl_writer.close()
+        if self._fatal is not None:
+            raise self._fatal
+
+    def check_slot_capacity(self) -> None:
+        """Refuse a group that cannot hold a slot for every member at once.
+
+        The members of a group run together; with fewer slots than members the rest wait
+        for ``acquire_timeout_s`` and fail (a silent score that also skews the group's
+        baseline). Called before a manager starts.
+
+        Raises:
+            ConfigError: ``group_size`` exceeds ``slots_per_host * max_hosts``.
+        """
+        c = self.config
+        size = max(int(c.group_size), int(getattr(self, "group_size_to_process", 0) or 0))
+        capacity = c.slots_per_host * c.max_hosts
+        if size > capacity:
+            raise ConfigError(
+                f"group_size {size} needs {size} sandbox slots at once but the backend has "
+                f"{capacity} (slots_per_host {c.slots_per_host} x max_hosts {c.max_hosts}): "
+                f"raise --env.slots_per_host or --env.max_hosts, or lower --env.group_size"
+            )
 
     async def aclose(self) -> None:
         """Release what atroposlib's inference servers leave open: their OpenAI HTTP clients
@@ -405,6 +513,7 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
             max_steps=c.agent_max_steps,
             step_deadline=c.agent_step_timeout_s,
             max_consecutive_parse_errors=c.agent_max_parse_errors,
+            context_tokens=c.agent_context_tokens,
         )
 
     async def setup_trajectory_workspace(
@@ -486,7 +595,18 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
             failed_members=c["failed"],
             tool_calls=c["tool_calls"],
             executor=self._executor.statistics() if self._executor else self._last_stats,
+            inference_failures=c["inference"],
+            context_exhausted=c["context"],
         )
+
+    async def handle_send_to_api(self, scored_data: Any, *args: Any, **kwargs: Any) -> Any:
+        """BaseEnv's, counting the groups it drops for equal scores in ``dropped_groups``."""
+        if self.config.ensure_scores_are_not_same:
+            groups = scored_data if isinstance(scored_data, list) else [scored_data]
+            for group in groups:
+                if group is not None and len(set(group.get("scores") or [None])) == 1:
+                    self._counts["dropped"] += 1
+        return await super().handle_send_to_api(scored_data, *args, **kwargs)
 
     # -- the group -------------------------------------------------------------------------
 
@@ -502,6 +622,9 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
                 members are cancelled and their slots released first. Each member's error is
                 logged, since BaseEnv's ``serve`` mode swallows it with a one-line log.
             StructEnvError: ``max_consecutive_dropped_groups`` groups were dropped in a row.
+            InferenceFailedError: ``max_consecutive_inference_failures`` trajectories in a row
+                failed on inference (the manager is stopped too: BaseEnv's serve workers
+                swallow exceptions).
 
         Cancellation: every member is cancelled and every slot released (shielded) before
         the cancellation propagates; nothing is returned.
@@ -537,10 +660,10 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
         for m, outcome in zip(members, outcomes, strict=True):
             if outcome.error is not None and m.failure is None:
                 m.failure = f"{type(outcome.error).__name__}: {outcome.error}"
-        scored = self._assemble(task, members)
+        scored, drop_reason = self._assemble(task, members)
         if scored is not None:  # for the jsonl and the viewer; the API ignores unknown keys
             scored["structenv"] = {"task_id": task.id, "failures": [m.failure for m in members]}
-        self._report(number, members, scored, time.monotonic() - start)
+        self._report(number, members, scored, time.monotonic() - start, drop_reason)
         return scored, []
 
     async def _run_member(
@@ -560,7 +683,10 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
                 member.policy = policy
                 result = await run_agent(policy, traj, task, config=agent_config)
             member.result = result
-            if result.finish_reason in _FAILED_FINISHES:
+            if result.finish_reason in _FAILED_FINISHES or (
+                result.finish_reason == "context_exhausted"
+                and self.config.on_context_exhausted == "mask"
+            ):
                 member.failure = f"{result.finish_reason}: {result.error}"
                 return
             member.score = float(
@@ -574,7 +700,12 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
         messages = [{"role": "system", "content": system}] if system else []
         return [*messages, {"role": "user", "content": task.prompt}]
 
-    def _assemble(self, task: AgentTask, members: list[_Member]) -> dict[str, Any] | None:
+    def _assemble(
+        self, task: AgentTask, members: list[_Member]
+    ) -> tuple[dict[str, Any] | None, str | None]:
+        """The scored group and, when it is dropped, why."""
+        if all(m.inference_failed for m in members):
+            return None, "inference"  # nothing the model did: not a training group
         outcomes: list[MemberOutcome] = []
         for m in members:
             messages = m.result.messages if m.result is not None else self._initial_messages(task)
@@ -584,7 +715,7 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
                     sequence = retokenize_messages(self.tokenizer, messages)
                 except ValueError as exc:
                     log.error("%s: cannot tokenize the conversation (%s)", m.trajectory_id, exc)
-                    return None
+                    return None, "tokenize"
             if m.failure is not None:
                 log.info("%s failed: %s", m.trajectory_id, m.failure)
             outcomes.append(
@@ -596,16 +727,22 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
                     error=m.failure,
                 )
             )
-        return build_scored_group(
+        scored = build_scored_group(
             outcomes,
             group_size=len(members),
             failure_policy=self.config.failure_policy,
             failure_score=self.config.failure_score,
             include_messages=True,
         )
+        return scored, None if scored is not None else "failure_policy"
 
     def _report(
-        self, number: int, members: list[_Member], scored: dict[str, Any] | None, took: float
+        self,
+        number: int,
+        members: list[_Member],
+        scored: dict[str, Any] | None,
+        took: float,
+        drop_reason: str | None,
     ) -> None:
         failed = sum(m.failure is not None for m in members)
         tool_calls = sum(m.result.tool_calls for m in members if m.result is not None)
@@ -613,6 +750,18 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
         c["groups"] += 1
         c["failed"] += failed
         c["tool_calls"] += tool_calls
+        c["context"] += sum(
+            m.result is not None and m.result.finish_reason == "context_exhausted"
+            for m in members
+        )
+        last_inference_failure = None
+        for m in members:  # in member order: the group's members finish together
+            if m.inference_failed:
+                c["inference"] += 1
+                self._inference_failures_in_a_row += 1
+                last_inference_failure = m.failure
+            elif m.result is not None:
+                self._inference_failures_in_a_row = 0
         if scored is None:
             c["dropped"] += 1
             self._dropped_in_a_row += 1
@@ -625,11 +774,29 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
             dropped=scored is None,
             tool_calls=tool_calls,
             duration=took,
+            drop_reason=drop_reason,
+            failures=[m.failure for m in members],
+            finish_reasons=[m.result.finish_reason if m.result else None for m in members],
         )
+        if drop_reason == "inference":
+            log.warning("group %d dropped: every member failed on inference (%s)", number,
+                        last_inference_failure)  # fmt: skip
         for listener in self._group_listeners:
             listener(report)
+        limit = self.config.max_consecutive_inference_failures
+        if self._inference_failures_in_a_row >= limit:
+            self._fail(InferenceFailedError(self._inference_failures_in_a_row,
+                                            str(last_inference_failure)))  # fmt: skip
         if self._dropped_in_a_row >= self.config.max_consecutive_dropped_groups:
-            raise StructEnvError(
+            self._fail(StructEnvError(
                 f"{self._dropped_in_a_row} groups in a row were dropped; giving up "
                 "(raise max_consecutive_dropped_groups or fix the failures above)"
-            )
+            ))  # fmt: skip
+
+    def _fail(self, error: StructEnvError) -> None:
+        """Stop the run: remember ``error`` for the manager, cancel it, and raise."""
+        if self._fatal is None:
+            self._fatal = error
+        if self._manager_scope is not None:
+            self._manager_scope.cancel()
+        raise error

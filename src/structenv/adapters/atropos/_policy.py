@@ -18,9 +18,10 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from ..._exceptions import PolicyError, ProtocolError
+from ..._exceptions import ProtocolError
 from ...agent import Completion
 from .._sequence import MASK, TokenSequence
+from ._errors import inference_error
 
 __all__ = ["AtroposPolicy", "open_atropos_policy", "server_tracks_tokens"]
 
@@ -61,6 +62,9 @@ class AtroposPolicy:
         self._node: Any | None = None
         self.tracks_tokens = managed is not None
         self.branched = False
+        servers = getattr(server_manager, "servers", None) or []
+        base = getattr(getattr(servers[0], "config", None), "base_url", None) if servers else None
+        self._url = str(base) if base else None
 
     async def complete(
         self, messages: Sequence[Mapping[str, Any]], *, tools: Sequence[Mapping[str, Any]]
@@ -68,7 +72,8 @@ class AtroposPolicy:
         """Produce the next assistant turn (tools are already in the Hermes system prompt).
 
         Raises:
-            PolicyError: The server failed after atroposlib's own retries.
+            InferenceError: The server failed (after retries, for transient failures).
+            ContextExhaustedError: The server refused the prompt as too long.
             ProtocolError: The server's answer holds no usable choice.
 
         Cancellation: the request is abandoned; the tracked sequence is left as it was
@@ -83,7 +88,9 @@ class AtroposPolicy:
         except TimeoutError:
             raise
         except Exception as exc:  # atroposlib surfaces aiohttp/openai/tenacity errors
-            raise PolicyError(f"inference server failed: {type(exc).__name__}: {exc}") from exc
+            # One line naming the URL, the status or exception and the attempts (never a bare
+            # RetryError); a context overflow becomes ContextExhaustedError.
+            raise inference_error(exc, url=self._url) from exc
         choices = getattr(response, "choices", None) or []
         if not choices:
             raise ProtocolError("the inference server returned no choices")
