@@ -86,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Commands that own their whole argument list (they parse atroposlib-style flags).
     forwarded = {
         "demo": "structenv._demo",
+        "run": "structenv.adapters.atropos._run",
         "policy-server": "structenv.testing._policy_server",
         "image": "structenv._image",
         "reap": "structenv._reap",
@@ -100,6 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="run the shell-tasks example env end to end (offline)")
+    sub.add_parser("run", help="run any AgentEnv end to end: structenv run MODULE:Env --offline")
     sub.add_parser("policy-server", help="run the scripted policy server")
     sub.add_parser("image", help="build the sandbox image locally (no registry needed)")
     sub.add_parser("reap", help="remove work dirs and containers left behind by dead runs")

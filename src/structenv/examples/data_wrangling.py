@@ -228,6 +228,12 @@ class DataWranglingEnv(AgentEnv):
         super().__init__(config, server_configs, slurm=slurm, testing=testing)
         self._items = itertools.cycle(list(self.tasks))
 
+    @classmethod
+    def offline_solutions(cls, config: AgentEnvConfig) -> dict[str, list[ReplayStep]]:
+        """The reference solutions (``structenv run ...:DataWranglingEnv --offline``)."""
+        del config
+        return data_wrangling_solutions()
+
     async def get_next_item(self) -> str:
         """The next task id (cycling in order).
 

@@ -46,8 +46,8 @@ from .. import ConfigError
 from ..adapters import ExecTool
 from ..adapters.atropos import AgentEnv, AgentEnvConfig, APIServerConfig
 from ..agent import AgentResult, AgentTask
-from ..testing import task_marker
-from ._shell_data import SHELL_TASKS, ShellTask
+from ..testing import ReplayStep, task_marker
+from ._shell_data import SHELL_TASKS, ShellTask, shell_task_solutions
 
 __all__ = ["ShellTasksEnv", "ShellTasksEnvConfig", "main"]
 
@@ -167,6 +167,12 @@ class ShellTasksEnv(AgentEnv):
                     log.warning("pytest is not available in the sandbox: using the built-in runner")
                     return
         raise ConfigError("no Python interpreter is usable inside the sandbox")
+
+    @classmethod
+    def offline_solutions(cls, config: AgentEnvConfig) -> dict[str, list[ReplayStep]]:
+        """The reference solutions (``structenv run ...:ShellTasksEnv --offline``)."""
+        del config
+        return shell_task_solutions()
 
     async def get_next_item(self) -> str:
         """The next task id (cycling through the tasks in order).

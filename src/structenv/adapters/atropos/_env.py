@@ -48,9 +48,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from atroposlib.envs.base import APIServerConfig, BaseEnv
@@ -78,6 +78,9 @@ from ._html import structenv_html
 from ._errors import InferenceFailedError, install_retry_policy
 from ._inference import OpenAITrajectoryPolicy, TrajectoryPolicy, open_token_policies
 from ._policy import open_atropos_policy
+
+if TYPE_CHECKING:
+    from ...testing import ReplayStep
 
 __all__ = ["AgentEnv"]
 
@@ -500,6 +503,26 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
 
         Cancellation: propagates; the session is torn down by the manager.
         """
+
+    @classmethod
+    def offline_solutions(cls, config: AgentEnvConfig) -> Mapping[str, Sequence[str | ReplayStep]]:
+        """Reference solutions for ``structenv run MODULE:Env --offline``.
+
+        Task id -> the assistant turns that solve it (Hermes ``<tool_call>`` blocks, then a
+        final answer; a :class:`~structenv.testing.ReplayStep` may carry a plausible wrong
+        turn). The scripted policy server finds the task by the :func:`~structenv.testing.
+        task_marker` that :meth:`build_task` puts in the prompt, and replays its solution
+        with seeded mistakes so a group's scores vary.
+
+        Raises:
+            ConfigError: (default) the env has no offline solutions.
+        """
+        del config
+        raise ConfigError(
+            f"{cls.__name__} defines no offline_solutions(): override it (task id -> turns, "
+            "and put task_marker(task_id) in build_task's prompt) to run it --offline; "
+            "see docs/writing-an-env.md"
+        )
 
     def build_task(self, item: Any) -> AgentTask:
         """The task the agent gets for ``item``."""
