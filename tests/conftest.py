@@ -30,3 +30,67 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
 
 #: The testing kit's plugin is opt-in (docs/testing.md); this suite uses its fixtures.
 pytest_plugins = ["pytester", "structenv.testing.pytest_plugin"]
+
+
+class ErrorServer:
+    """A real HTTP server on 127.0.0.1 (a thread) answering each path with a fixed reply,
+    counting requests: the misbehaving inference servers of the failure tests.
+
+    ``routes`` maps a path (``/generate``, ``/v1/chat/completions``) to ``(status, body)``;
+    any other path is a 404 as stock vLLM answers it.
+    """
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        self.routes: dict[str, tuple[int, bytes]] = {}
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _reply(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                self.rfile.read(length)
+                server.requests.append(self.path)
+                status, body = server.routes.get(self.path, (404, b'{"detail":"Not Found"}'))
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = _reply
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+        self.base_url = f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+
+
+@pytest.fixture
+def error_server() -> Iterator[ErrorServer]:
+    server = ErrorServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def closed_port_url() -> str:
+    """A base URL on 127.0.0.1 where nothing listens (connections are refused)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
