@@ -125,16 +125,25 @@ class _LazyJsonl:
         self._env = env
         self._writer: Any | None = None
 
-    def write(self, obj: Any) -> None:
+    def _open(self) -> Any:
         if self._writer is None:
             import jsonlines
 
             config = self._env.config
             config.data_path_to_save_groups = _free_path(config.data_path_to_save_groups)
             self._writer = jsonlines.open(config.data_path_to_save_groups, "w", flush=True)
-        self._writer.write(obj)
+        return self._writer
+
+    def write(self, obj: Any) -> None:
+        self._open().write(obj)
 
     def close(self) -> None:
+        """BaseEnv's ``process_manager`` closes the writer when it completed, then renders
+        the file: a completed run with no group kept (all dropped) gets its empty file."""
+        self._open().close()
+
+    def release(self) -> None:
+        """Close the file if one was opened (a run that failed leaves no empty file)."""
         if self._writer is not None:
             self._writer.close()
 
@@ -388,17 +397,22 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
         failures) raised in any worker cancels it and is raised here, after the teardown."""
         self.check_slot_capacity()
         self._fatal = None
-        async with self.sandbox_session():
-            try:
-                with anyio.CancelScope() as scope:
-                    self._manager_scope = scope
-                    await manager()
-            finally:
-                self._manager_scope = None
-                await self._stop_groups()
-                await self.aclose()
-                if self.jsonl_writer is not None:
-                    self.jsonl_writer.close()
+        try:
+            async with self.sandbox_session():
+                try:
+                    with anyio.CancelScope() as scope:
+                        self._manager_scope = scope
+                        await manager()
+                finally:
+                    self._manager_scope = None
+                    await self._stop_groups()
+                    await self.aclose()
+                    if isinstance(self.jsonl_writer, _LazyJsonl):
+                        self.jsonl_writer.release()
+        except BaseExceptionGroup as group:
+            if self._fatal is not None:  # the reason the run stopped, not the task groups'
+                raise self._fatal from group
+            raise
         if self._fatal is not None:
             raise self._fatal
 

@@ -1,0 +1,189 @@
+"""``structenv run MODULE:Env --offline`` and the programmatic ``await env.process_manager()``,
+as a user runs them: a new env module in a fresh directory, a fresh process, no model hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import atroposlib  # noqa: F401  (the atropos extra is part of the dev install)
+
+from structenv.testing import child_processes
+
+#: The smallest env of docs/writing-an-env.md, plus what --offline needs: a task marker in
+#: the prompt and offline_solutions().
+HELLO_ENV = textwrap.dedent(
+    '''
+    from structenv.adapters import ExecTool
+    from structenv.adapters.atropos import AgentEnv, AgentEnvConfig
+    from structenv.agent import AgentResult, AgentTask
+    from structenv.testing import task_marker
+
+
+    def tool_call(name, **arguments):
+        import json
+        call = json.dumps({"name": name, "arguments": arguments})
+        return f"<tool_call>\\n{call}\\n</tool_call>"
+
+
+    class HelloFileEnv(AgentEnv):
+        name = "hello_file"
+        env_config_cls = AgentEnvConfig
+
+        async def get_next_item(self):
+            return {"name": "world"}
+
+        def build_task(self, item) -> AgentTask:
+            return AgentTask(
+                prompt=f"Create hello.txt containing 'hello {item['name']}'. {task_marker('hello')}"
+            )
+
+        @classmethod
+        def offline_solutions(cls, config):
+            return {"hello": [
+                tool_call("write_file", path="hello.txt", content="hello world\\n"),
+                "Done.",
+            ]}
+
+        async def verify_and_score_trajectory(self, item, result, *, trajectory_id, exec_tool):
+            check = await exec_tool.run(f"grep -qx 'hello {item['name']}' hello.txt")
+            return 1.0 if check.exit_code == 0 else 0.0
+    '''
+)
+
+
+def _structenv() -> str:
+    exe = shutil.which("structenv")
+    assert exe is not None, "the structenv console script is not installed"
+    return exe
+
+
+def _user_env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["STRUCTENV_CACHE_DIR"] = str(tmp_path / "cache")  # a fresh machine's cache
+    env["HF_HUB_OFFLINE"] = "1"  # any hub access would fail instead of waiting
+    return env
+
+
+def test_run_offline_a_new_env_from_a_fresh_process(tmp_path: Path) -> None:
+    (tmp_path / "hello_env.py").write_text(HELLO_ENV)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [_structenv(), "run", "hello_env:HelloFileEnv", "--offline", "--groups", "2",
+         "--group-size", "2", "--mistake-rate", "0", "--out", str(out), "--quiet",
+         "--env.agent_max_steps", "4", "--env.enabled_toolsets", "default"],
+        capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,
+        env=_user_env(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    groups = [json.loads(line) for line in (out / "HelloFileEnv.jsonl").read_text().splitlines()]
+    assert len(groups) == 2
+    assert [g["scores"] for g in groups] == [[1.0, 1.0], [1.0, 1.0]]
+    assert all(g["structenv"]["failures"] == [None, None] for g in groups)
+    assert "groups" in proc.stdout and str(out / "HelloFileEnv.jsonl") in proc.stdout
+
+
+def test_run_refuses_bad_input_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from structenv.adapters.atropos._run import main
+
+    (tmp_path / "hello_env.py").write_text(
+        HELLO_ENV.replace("@classmethod\n    def offline_solutions", "@classmethod\n    def _x")
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("STRUCTENV_CACHE_DIR", str(tmp_path / "cache"))
+
+    def run(*argv: str) -> tuple[int, str]:
+        code = main(list(argv))
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return code, err.strip().splitlines()[-1]
+
+    # No offline solutions; a group larger than the slots (11.5); bad spec; bad field value.
+    code, line = run("hello_env.py:HelloFileEnv", "--offline", "--groups", "1", "--quiet")
+    assert code == 1 and "HelloFileEnv defines no offline_solutions()" in line
+    code, line = run("structenv.examples.shell_tasks:ShellTasksEnv", "--offline", "--groups",
+                     "1", "--group-size", "6", "--env.slots_per_host", "2", "--quiet")  # fmt: skip
+    assert code == 1
+    assert line == (
+        "structenv run: error: ConfigError: group_size 6 needs 6 sandbox slots at once but the "
+        "backend has 2 (slots_per_host 2 x max_hosts 1): raise --env.slots_per_host or "
+        "--env.max_hosts, or lower --env.group_size"
+    )
+    code, line = run("no_such_module:Env", "--offline")
+    assert code == 1 and "cannot import 'no_such_module'" in line
+    code, line = run("hello_env.py:HelloFileEnv", "--offline", "--env.failure_policy", "drop")
+    assert code == 1 and "failure_policy" in line
+    assert run("hello_env.py:HelloFileEnv")[0] == 2  # neither --offline nor an endpoint
+    assert not list(tmp_path.glob("structenv-out/*.jsonl"))
+    assert not child_processes()
+
+
+PROGRAMMATIC = textwrap.dedent(
+    """
+    import asyncio, json, os, sys
+    from structenv.adapters.atropos import APIServerConfig
+    from structenv.agent import build_tiny_tokenizer
+    from structenv.examples.shell_tasks import ShellTasksEnv, ShellTasksEnvConfig
+    from structenv.testing import ReplayScript, serve_policy_server
+
+    OUT = sys.argv[1]
+    TOKENIZER = str(build_tiny_tokenizer())
+
+    def make_env(base_url, **fields):
+        config = ShellTasksEnvConfig(
+            task_ids=["fix-add"], group_size=2, total_steps=1, tokenizer_name=TOKENIZER,
+            use_wandb=False, data_path_to_save_groups=os.path.join(OUT, "groups.jsonl"),
+            ensure_scores_are_not_same=False,
+            inference_backoff_max_s=0.0, **fields,
+        )
+        server = APIServerConfig(server_type="vllm", base_url=base_url, model_name="m",
+                                 tokenizer_name=TOKENIZER, api_key="x", health_check=False)
+        return ShellTasksEnv(config, [server])
+
+    async def main():
+        # 1. An endpoint that is down: the run stops, and leaves no (empty) jsonl behind.
+        env = make_env("http://127.0.0.1:1/v1", max_consecutive_inference_failures=2)
+        try:
+            await env.process_manager()
+        except Exception as exc:
+            print("FAILED", type(exc).__name__)
+        print("FILES", sorted(os.listdir(OUT)))
+        # 2. As docs/writing-an-env.md shows it: construct, then await process_manager().
+        solutions = ShellTasksEnv.offline_solutions(None)
+        async with serve_policy_server(ReplayScript(solutions)) as server:
+            env = make_env(server.base_url)
+            await env.process_manager()
+        print("PATH", env.config.data_path_to_save_groups)
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_programmatic_process_manager_from_a_fresh_process(tmp_path: Path) -> None:
+    script = tmp_path / "programmatic.py"
+    script.write_text(PROGRAMMATIC)
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=300,
+        check=False, cwd=tmp_path, env=_user_env(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "AttributeError" not in proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "FAILED InferenceFailedError" in lines
+    assert "FILES []" in lines  # the failed run left no empty jsonl
+    jsonl = out / "groups.jsonl"
+    assert f"PATH {jsonl}" in lines  # so the next run's file name did not shift
+    assert len(jsonl.read_text().splitlines()) == 1
+    assert not child_processes()
