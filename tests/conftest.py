@@ -5,7 +5,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -46,6 +46,8 @@ class ErrorServer:
 
         self.routes: dict[str, tuple[int, bytes]] = {}
         self.requests: list[str] = []
+        #: Called (in the server's thread) after each request is recorded.
+        self.on_request: Callable[[], object] | None = None
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -53,6 +55,8 @@ class ErrorServer:
                 length = int(self.headers.get("content-length") or 0)
                 self.rfile.read(length)
                 server.requests.append(self.path)
+                if server.on_request is not None:
+                    server.on_request()
                 status, body = server.routes.get(self.path, (404, b'{"detail":"Not Found"}'))
                 self.send_response(status)
                 self.send_header("content-type", "application/json")

@@ -32,14 +32,17 @@ from structenv.agent import build_tiny_tokenizer
 from structenv.examples._shell_data import shell_task_solutions
 from structenv.testing import Fault, ReplayScript, child_processes, serve_policy_server
 
-
-
 # atroposlib is asyncio-only (aiohttp, asyncio.create_task).
 asyncio_only = pytest.mark.parametrize("anyio_backend", ["asyncio"])
 
 CONTEXT_400 = json.dumps(
-    {"error": {"message": "This model's maximum context length is 4096 tokens. However, you "
-               "requested 5000 tokens in the messages.", "code": 400}}  # fmt: skip
+    {
+        "error": {
+            "message": "This model's maximum context length is 4096 tokens. However, you "
+            "requested 5000 tokens in the messages.",
+            "code": 400,
+        }
+    }
 ).encode()
 
 
@@ -269,3 +272,37 @@ def test_demo_against_a_server_without_generate_exits_1_with_the_fix(
     assert "policy_error: InferenceError" in proc.stdout  # the failed members' reasons
     assert error_server.requests == ["/generate", "/generate"]  # a 404 is never retried
     assert not list(out.glob("*.jsonl"))  # no empty file shifting the next run's name
+
+
+@pytest.mark.anyio
+@asyncio_only
+async def test_cancelling_a_request_between_attempts_propagates_and_leaves_nothing(
+    anyio_backend: str, error_server: Any, tokenizer_dir: Path
+) -> None:
+    import asyncio
+
+    error_server.routes["/generate"] = (503, b'{"error": {"message": "busy"}}')
+    manager = _manager(error_server.base_url, tokenizer_dir, "vllm")
+    install_retry_policy(manager)  # idempotent: the first policy stays
+    before = set(asyncio.all_tasks())
+    outcome: list[BaseException] = []
+
+    async def complete() -> None:
+        try:
+            await _complete(manager, tokenizer_dir)
+        except BaseException as exc:
+            outcome.append(exc)
+            raise
+
+    loop = asyncio.get_running_loop()
+    answered = asyncio.Event()
+    error_server.on_request = lambda: loop.call_soon_threadsafe(answered.set)
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(complete)
+            await answered.wait()  # the first attempt failed: retrying now
+            tg.cancel_scope.cancel()
+    assert len(outcome) == 1 and isinstance(outcome[0], asyncio.CancelledError)
+    assert len(error_server.requests) <= 3
+    await anyio.lowlevel.checkpoint()
+    assert set(asyncio.all_tasks()) <= before | {asyncio.current_task()}

@@ -26,9 +26,13 @@ from structenv.testing import ReplayScript, serve_policy_server
 
 TASK = AgentTask(prompt="Do the thing.", id="t")
 VLLM_400 = json.dumps(
-    {"object": "error", "message": "This model's maximum context length is 4096 tokens. "
-     "However, you requested 5012 tokens (4500 in the messages, 512 in the completion).",
-     "type": "BadRequestError", "code": 400}  # fmt: skip
+    {
+        "object": "error",
+        "message": "This model's maximum context length is 4096 tokens. "
+        "However, you requested 5012 tokens (4500 in the messages, 512 in the completion).",
+        "type": "BadRequestError",
+        "code": 400,
+    }
 ).encode()
 
 

@@ -11,16 +11,15 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 import atroposlib  # noqa: F401  (the atropos extra is part of the dev install)
+import pytest
 
 from structenv.testing import child_processes
 
 #: The smallest env of docs/writing-an-env.md, plus what --offline needs: a task marker in
 #: the prompt and offline_solutions().
 HELLO_ENV = textwrap.dedent(
-    '''
+    """
     from structenv.adapters import ExecTool
     from structenv.adapters.atropos import AgentEnv, AgentEnvConfig
     from structenv.agent import AgentResult, AgentTask
@@ -55,7 +54,7 @@ HELLO_ENV = textwrap.dedent(
         async def verify_and_score_trajectory(self, item, result, *, trajectory_id, exec_tool):
             check = await exec_tool.run(f"grep -qx 'hello {item['name']}' hello.txt")
             return 1.0 if check.exit_code == 0 else 0.0
-    '''
+    """
 )
 
 

@@ -5,8 +5,8 @@ from ._batcher import BatcherStatistics as BatcherStatistics
 from ._config import ExecutorConfig as ExecutorConfig
 from ._exceptions import BackendError as BackendError
 from ._exceptions import ConfigError as ConfigError
-from ._exceptions import HostCrashedError as HostCrashedError
 from ._exceptions import ContextExhaustedError as ContextExhaustedError
+from ._exceptions import HostCrashedError as HostCrashedError
 from ._exceptions import PolicyError as PolicyError
 from ._exceptions import ProtocolError as ProtocolError
 from ._exceptions import SandboxUnavailableError as SandboxUnavailableError

@@ -47,9 +47,9 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -186,12 +186,13 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
         check_backend(config.backend)
         self.registry: ToolRegistry = self.build_tools(config)
         super().__init__(config, server_configs, slurm=slurm, testing=testing)
-        if self.jsonl_writer is not None:  # opened by BaseEnv: reopen it lazily instead
-            self.jsonl_writer.close()
+        opened: Any = self.jsonl_writer
+        if opened is not None:  # opened by BaseEnv: reopen it lazily instead
+            opened.close()
             path = self.config.data_path_to_save_groups
             if os.path.isfile(path) and os.path.getsize(path) == 0:
                 os.unlink(path)
-            self.jsonl_writer = _LazyJsonl(self)
+            self.jsonl_writer: Any = _LazyJsonl(self)
         # Programmatic process mode (``await env.process_manager()``) as the docs show it:
         # atroposlib's CLI sets these after construction; default them from the config.
         self.process_mode = False
@@ -788,8 +789,7 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
         c["failed"] += failed
         c["tool_calls"] += tool_calls
         c["context"] += sum(
-            m.result is not None and m.result.finish_reason == "context_exhausted"
-            for m in members
+            m.result is not None and m.result.finish_reason == "context_exhausted" for m in members
         )
         last_inference_failure = None
         for m in members:  # in member order: the group's members finish together
