@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -306,3 +307,30 @@ async def test_cancelling_a_request_between_attempts_propagates_and_leaves_nothi
     assert len(error_server.requests) <= 3
     await anyio.lowlevel.checkpoint()
     assert set(asyncio.all_tasks()) <= before | {asyncio.current_task()}
+
+
+def test_env_process_cli_against_a_closed_port_exits_1_in_one_line(
+    tmp_path: Path, tokenizer_dir: Path, closed_port_url: str
+) -> None:
+    """``python my_env.py process`` (atroposlib's CLI) stops instead of writing masked zeros,
+    and leaves no empty jsonl behind."""
+    out = tmp_path / "out"
+    tok = str(tokenizer_dir)
+    proc = subprocess.run(
+        [sys.executable, "-m", "structenv.examples.shell_tasks", "process",
+         "--env.tokenizer_name", tok, "--env.use_wandb", "False",
+         "--env.data_path_to_save_groups", str(out / "groups.jsonl"),
+         "--env.total_steps", "3", "--env.group_size", "2", "--env.slots_per_host", "2",
+         "--env.max_consecutive_inference_failures", "2", "--env.inference_backoff_max_s", "0",
+         "--openai.base_url", closed_port_url, "--openai.model_name", "m",
+         "--openai.api_key", "x", "--openai.tokenizer_name", tok],
+        capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,
+        env=dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled"),
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    host = closed_port_url.removesuffix("/v1")
+    assert last.startswith("ShellTasksEnv process: error: InferenceFailedError: inference failed")
+    assert f"{host}/generate: ClientConnectorError" in last and "(after 3 attempts)" in last
+    assert "Traceback" not in proc.stderr
+    assert not list(out.glob("*"))

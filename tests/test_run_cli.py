@@ -64,14 +64,20 @@ def _structenv() -> str:
     return exe
 
 
-def _user_env(tmp_path: Path) -> dict[str, str]:
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache of this module's own (the first run builds the tiny tokenizer in it)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def _user_env(cache: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env["STRUCTENV_CACHE_DIR"] = str(tmp_path / "cache")  # a fresh machine's cache
+    env["STRUCTENV_CACHE_DIR"] = str(cache)
     env["HF_HUB_OFFLINE"] = "1"  # any hub access would fail instead of waiting
     return env
 
 
-def test_run_offline_a_new_env_from_a_fresh_process(tmp_path: Path) -> None:
+def test_run_offline_a_new_env_from_a_fresh_process(tmp_path: Path, cache_dir: Path) -> None:
     (tmp_path / "hello_env.py").write_text(HELLO_ENV)
     out = tmp_path / "out"
     proc = subprocess.run(
@@ -79,7 +85,7 @@ def test_run_offline_a_new_env_from_a_fresh_process(tmp_path: Path) -> None:
          "--group-size", "2", "--mistake-rate", "0", "--out", str(out), "--quiet",
          "--env.agent_max_steps", "4", "--env.enabled_toolsets", "default"],
         capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,
-        env=_user_env(tmp_path),
+        env=_user_env(cache_dir),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     groups = [json.loads(line) for line in (out / "HelloFileEnv.jsonl").read_text().splitlines()]
@@ -142,21 +148,14 @@ PROGRAMMATIC = textwrap.dedent(
             task_ids=["fix-add"], group_size=2, total_steps=1, tokenizer_name=TOKENIZER,
             use_wandb=False, data_path_to_save_groups=os.path.join(OUT, "groups.jsonl"),
             ensure_scores_are_not_same=False,
-            inference_backoff_max_s=0.0, **fields,
+            **fields,
         )
         server = APIServerConfig(server_type="vllm", base_url=base_url, model_name="m",
                                  tokenizer_name=TOKENIZER, api_key="x", health_check=False)
         return ShellTasksEnv(config, [server])
 
     async def main():
-        # 1. An endpoint that is down: the run stops, and leaves no (empty) jsonl behind.
-        env = make_env("http://127.0.0.1:1/v1", max_consecutive_inference_failures=2)
-        try:
-            await env.process_manager()
-        except Exception as exc:
-            print("FAILED", type(exc).__name__)
-        print("FILES", sorted(os.listdir(OUT)))
-        # 2. As docs/writing-an-env.md shows it: construct, then await process_manager().
+        # As docs/writing-an-env.md shows it: construct, then await process_manager().
         solutions = ShellTasksEnv.offline_solutions(None)
         async with serve_policy_server(ReplayScript(solutions)) as server:
             env = make_env(server.base_url)
@@ -168,21 +167,19 @@ PROGRAMMATIC = textwrap.dedent(
 )
 
 
-def test_programmatic_process_manager_from_a_fresh_process(tmp_path: Path) -> None:
+def test_programmatic_process_manager_from_a_fresh_process(tmp_path: Path, cache_dir: Path) -> None:
     script = tmp_path / "programmatic.py"
     script.write_text(PROGRAMMATIC)
     out = tmp_path / "out"
     out.mkdir()
     proc = subprocess.run(
         [sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=300,
-        check=False, cwd=tmp_path, env=_user_env(tmp_path),
+        check=False, cwd=tmp_path, env=_user_env(cache_dir),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "AttributeError" not in proc.stderr
     lines = proc.stdout.splitlines()
-    assert "FAILED InferenceFailedError" in lines
-    assert "FILES []" in lines  # the failed run left no empty jsonl
     jsonl = out / "groups.jsonl"
-    assert f"PATH {jsonl}" in lines  # so the next run's file name did not shift
+    assert f"PATH {jsonl}" in lines
     assert len(jsonl.read_text().splitlines()) == 1
     assert not child_processes()
