@@ -397,7 +397,7 @@ def test_missing_bwrap_is_one_line_with_the_fix(tmp_path: Path, tokenizer: str) 
     runs = {
         "ShellTasksEnv process": [
             sys.executable, "-m", ENV_MODULE, "process",
-            *env_args(tokenizer, "http://127.0.0.1:9/v1", tmp_path),
+            *env_args(tokenizer, "http://127.0.0.1:9/v1", tmp_path, "--env.group_size", "2"),
         ],
         "structenv demo": [
             sys.executable, STRUCTENV, "demo", "--groups", "1", "--group-size", "1",
@@ -433,8 +433,9 @@ def test_bug_in_a_user_hook_is_one_line_and_debug_shows_the_traceback(
 ) -> None:
     module = tmp_path / "buggy_env.py"
     module.write_text(_BUGGY_ENV)
+    url = "http://127.0.0.1:9/v1"
     argv = [sys.executable, str(module), "process",
-            *env_args(tokenizer, "http://127.0.0.1:9/v1", tmp_path)]  # fmt: skip
+            *env_args(tokenizer, url, tmp_path, "--env.group_size", "2")]  # fmt: skip
     proc = subprocess.run(
         argv, capture_output=True, text=True, env=fresh_env(), timeout=START_DEADLINE, check=False
     )
