@@ -24,6 +24,7 @@ no status, an HTTP 400 (a prompt too long for the model) tried nine times. This 
 from __future__ import annotations
 
 import asyncio
+import http
 import logging
 import types
 from collections.abc import Awaitable, Callable
@@ -155,7 +156,15 @@ def _body_excerpt(exc: BaseException) -> str:
     if isinstance(body, str) and body:
         return body
     message = getattr(exc, "message", None)  # aiohttp: the reason phrase; openai: the text
-    return str(message or exc)
+    if message:
+        return str(message)
+    status = http_status(exc)
+    if status is not None:  # aiohttp with an empty reason phrase: the standard one
+        try:
+            return http.HTTPStatus(status).phrase
+        except ValueError:
+            return "(no reason given)"
+    return str(exc)
 
 
 def _url_of(exc: BaseException) -> str | None:
