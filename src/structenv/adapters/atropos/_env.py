@@ -74,8 +74,8 @@ from .._sequence import MemberOutcome, TokenSequence, build_scored_group, retoke
 from .._workspace import ExecTool
 from ._cli import accept_list_flags, run_cli, with_cli_signals
 from ._config import AgentEnvConfig, AgentEnvStatistics, GroupReport
-from ._html import structenv_html
 from ._errors import InferenceFailedError, install_retry_policy
+from ._html import structenv_html
 from ._inference import OpenAITrajectoryPolicy, TrajectoryPolicy, open_token_policies
 from ._policy import open_atropos_policy
 
