@@ -404,10 +404,10 @@ def test_probe_waits_for_the_server_then_names_it(backend: str) -> None:
 
 def test_demo_command_against_stock_vllm_shape(tmp_path: Path, tokenizer_dir: Path) -> None:
     """The README's real-endpoint command (no --tokenizer: the server's model names it)."""
-    from structenv._demo import _solutions
     from structenv._demo import main as demo_main
+    from structenv.examples._shell_data import shell_task_solutions
 
-    script = ReplayScript(_solutions("shell-tasks"), mistake_rate=0.3, seed=1)
+    script = ReplayScript(shell_task_solutions(), mistake_rate=0.3, seed=1)
     out = tmp_path / "out"
     with anyio.from_thread.start_blocking_portal() as portal:
         cm = serve_policy_server(script, generate_endpoint=False, root=str(tokenizer_dir))
