@@ -136,7 +136,7 @@ def _env(base_url: str, tokenizer: Path, tmp_path: Path, **fields: Any) -> Any:
         task_ids=["fix-add"], group_size=2, total_steps=2, tokenizer_name=str(tokenizer),
         use_wandb=False, include_messages=True, ensure_scores_are_not_same=False,
         data_path_to_save_groups=str(tmp_path / "groups.jsonl"), slots_per_host=2,
-        agent_max_steps=6, inference_backoff_max_s=0.0, **fields,
+        agent_max_steps=6, inference_backoff_max_s=0.0, vllm_api="generate", **fields,
     )  # fmt: skip
     server = APIServerConfig(
         server_type="vllm", base_url=base_url, model_name="scripted",
@@ -255,7 +255,7 @@ async def test_serve_mode_stops_with_inference_failed_instead_of_looping(
 
 
 def test_demo_against_a_server_without_generate_exits_1_with_the_fix(
-    tmp_path: Path, error_server: Any
+    tmp_path: Path, error_server: Any, tokenizer_dir: Path
 ) -> None:
     """The README's real-endpoint command against stock vLLM, from a fresh process."""
     exe = shutil.which("structenv")
@@ -264,8 +264,8 @@ def test_demo_against_a_server_without_generate_exits_1_with_the_fix(
     proc = subprocess.run(
         [exe, "demo", "--groups", "2", "--group-size", "2", "--out", str(out), "--quiet",
          "--openai.base_url", error_server.base_url, "--openai.model_name", "m",
-         "--env.max_consecutive_inference_failures", "2",
-         "--env.inference_backoff_max_s", "0"],
+         "--env.max_consecutive_inference_failures", "2", "--vllm-api", "generate",
+         "--tokenizer", str(tokenizer_dir), "--env.inference_backoff_max_s", "0"],
         capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr[-3000:]
@@ -325,6 +325,7 @@ def test_env_process_cli_against_a_closed_port_exits_1_in_one_line(
          "--env.data_path_to_save_groups", str(out / "groups.jsonl"),
          "--env.total_steps", "3", "--env.group_size", "2", "--env.slots_per_host", "2",
          "--env.max_consecutive_inference_failures", "2", "--env.inference_backoff_max_s", "0",
+         "--env.vllm_api", "generate",
          "--openai.base_url", closed_port_url, "--openai.model_name", "m",
          "--openai.api_key", "x", "--openai.tokenizer_name", tok],
         capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,

@@ -51,8 +51,8 @@ log = logging.getLogger("structenv.adapters.atropos")
 TRANSIENT_STATUSES = frozenset({408, 425, 429})
 
 _GENERATE_HINT = (
-    "this server has no /generate: use --openai.server_type openai (or serve the model with "
-    "SGLang or atroposlib's vLLM /generate server for exact tokens)"
+    "this server has no /generate: use --openai.server_type openai, or --env.vllm_api auto "
+    "for a stock vLLM server (exact tokens through /v1/completions)"
 )
 
 
