@@ -434,8 +434,12 @@ def test_bug_in_a_user_hook_is_one_line_and_debug_shows_the_traceback(
     module = tmp_path / "buggy_env.py"
     module.write_text(_BUGGY_ENV)
     url = "http://127.0.0.1:9/v1"
-    argv = [sys.executable, str(module), "process",
-            *env_args(tokenizer, url, tmp_path, "--env.group_size", "2")]  # fmt: skip
+    argv = [
+        sys.executable,
+        str(module),
+        "process",
+        *env_args(tokenizer, url, tmp_path, "--env.group_size", "2", "--env.vllm_api", "generate"),
+    ]  # fmt: skip (no start-up probe of port 9)
     proc = subprocess.run(
         argv, capture_output=True, text=True, env=fresh_env(), timeout=START_DEADLINE, check=False
     )
