@@ -51,8 +51,8 @@ import argparse
 import importlib.util
 import os
 import sys
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
