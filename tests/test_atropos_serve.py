@@ -1,13 +1,19 @@
 """``serve`` mode against atroposlib's real ``run-api`` and a test trainer, worker timeouts.
 
 run-api runs as a subprocess on a free port; the test plays the trainer (POST /register, poll
-GET /batch). One task's solution runs ``sleep 60``, so BaseEnv's ``worker_timeout`` cancels
-those workers while their commands run; afterwards no slot may be leased and, once the env
-stops, no sandbox process may be left.
+GET /batch). One task's solution runs a ``sleep`` that never ends on its own, so BaseEnv's
+``worker_timeout`` cancels those workers while their commands run; afterwards no slot may be
+leased and, once the env stops, no sandbox process may be left.
+
+Conditions, not wall-clock guesses: the timeout is off (0) while the other task's groups make a
+batch at whatever pace the machine allows; the test turns it on only once a batch has arrived
+and every worker holds a group whose members all run their command in the sandbox (seen in
+/proc), so it fires for sure, and only on groups that are held.
 """
 
 from __future__ import annotations
 
+import secrets
 import socket
 import subprocess
 import sys
@@ -26,6 +32,7 @@ from structenv.testing import (
     ReplayScript,
     ReplayStep,
     child_processes,
+    cmdline,
     serve_policy_server,
 )
 
@@ -33,6 +40,11 @@ from structenv.testing import (
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tiny")
+
+
+#: Bounds every wait on a condition, so a broken run fails instead of hanging; never reached by
+#: a healthy run, however loaded the machine.
+HANG_GUARD = 120
 
 
 def _free_port() -> int:
@@ -60,7 +72,16 @@ async def test_serve_mode_batches_and_worker_timeouts_leave_nothing(
     solutions: dict[str, list[str | ReplayStep]] = {
         task: [*steps] for task, steps in shell_task_solutions().items()
     }
-    solutions["count-lines"] = [tool_call("terminal", command="sleep 60", timeout=120), "Done."]
+    marker = f"4242.{secrets.randbelow(10**6):06d}"  # seconds: it never ends on its own
+    solutions["count-lines"] = [
+        tool_call("terminal", command=f"sleep {marker}", timeout=600),
+        "Done.",
+    ]
+    needle = f"sleep\0{marker}\0".encode()
+
+    def sleeping() -> int:
+        return sum(needle in cmdline(pid) for pid in child_processes())
+
     port = _free_port()
     api_url = f"http://127.0.0.1:{port}"
     argv = [sys.executable, "-m", "atroposlib.cli.run_api", "--host", "127.0.0.1"]
@@ -72,7 +93,7 @@ async def test_serve_mode_batches_and_worker_timeouts_leave_nothing(
         serve_policy_server(ReplayScript(solutions)) as policy,
     ):
         try:
-            with anyio.fail_after(30):
+            with anyio.fail_after(HANG_GUARD):
                 while True:
                     try:
                         if (await trainer.get("/status")).status_code == 200:
@@ -95,7 +116,7 @@ async def test_serve_mode_batches_and_worker_timeouts_leave_nothing(
                 task_ids=["fix-add", "count-lines"],
                 group_size=2,
                 max_num_workers=2,
-                worker_timeout=4,
+                worker_timeout=0,  # off until the test turns it on (BaseEnv: 0 = none)
                 rollout_server_url=api_url,
                 wandb_name="structenv_serve_test",
                 use_wandb=False,
@@ -116,16 +137,23 @@ async def test_serve_mode_batches_and_worker_timeouts_leave_nothing(
             batches: list[Any] = []
             async with anyio.create_task_group() as tg:
                 tg.start_soon(env.env_manager)
-                with anyio.fail_after(60):
-                    while not batches or env.statistics().cancelled_groups < 1:
+                # Deadlines below are hang guards only: every wait is for a condition.
+                with anyio.fail_after(HANG_GUARD):
+                    # Tasks alternate, so once two fix-add groups made a batch, both workers
+                    # hold a count-lines group whose members all sleep.
+                    held = config.max_num_workers * config.group_size
+                    while not batches or sleeping() < held:
                         batch = (await trainer.get("/batch")).json().get("batch")
                         if batch:
                             batches.append(batch)
                         await anyio.sleep(0.25)
-                # Stop feeding, let the running groups finish or time out, then look.
+                # Stop feeding, then let the timeout fire: every group still running is held
+                # in its sandbox, so BaseEnv cancels it at its next loop.
                 env.feeding = False
                 env.backlog.clear()
-                with anyio.fail_after(30):
+                cancelled_before = env.statistics().cancelled_groups
+                env.config.worker_timeout = 1e-3
+                with anyio.fail_after(HANG_GUARD):
                     await env.wait_idle()
                 assert env.statistics().running_groups == 0
                 stats = env.statistics()
@@ -135,7 +163,8 @@ async def test_serve_mode_batches_and_worker_timeouts_leave_nothing(
                 assert stats.executor.pool.acquired == stats.executor.pool.released
                 tg.cancel_scope.cancel()
 
-            assert stats.cancelled_groups >= 1
+            assert stats.cancelled_groups > cancelled_before
+            assert sleeping() == 0
             ours = set(child_processes()) - {api.pid} - set(child_processes(api.pid))
             assert not ours, f"processes left behind: {ours}"
             for batch in batches:
