@@ -1,16 +1,28 @@
-"""LocalBackend: the contract, supervision, no orphans, cancellation at every await point."""
+"""LocalBackend: the contract, supervision, no orphans, cancellation at every await point, and
+the reaping of dead runs' work dirs at start."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
-from structenv import ExecRequest, SlotBrokenError
+from structenv import ExecRequest, SlotBrokenError, _emergency
 from structenv.abc import Slot
-from structenv.backends import LocalBackend
+from structenv.backends import LocalBackend, _local
+from structenv.backends._ownership import (
+    LABEL_OWNER_PID,
+    LABEL_OWNER_START,
+    owner_labels,
+    process_start_time,
+)
 from structenv.testing import check_backend, child_processes
 from test_sandbox_support import (
     find_processes,
@@ -183,3 +195,102 @@ def _processes_mentioning(names: list[str]) -> list[int]:
             if any(name in cmd for name in names):
                 found.append(int(entry))
     return found
+
+
+# -- start-up reaping of dead runs' work dirs -------------------------------------------------
+
+
+def _run_dir(base: Path, name: str, labels: dict[str, str] | None) -> Path:
+    """A run's work dir as LocalBackend leaves it: a host's workspace and the owner file."""
+    path = base / name
+    (path / "se1-1-abcd" / "slot-0" / "deep").mkdir(parents=True)
+    (path / "se1-1-abcd" / "slot-0" / "deep" / "file").write_text("data")
+    (path / "se1-1-abcd" / "slot-0" / "deep").chmod(0o500)  # slot-written: any mode
+    if labels is not None:
+        (path / _local.OWNER_FILE).write_text(json.dumps(labels))
+    return path
+
+
+def _entries(path: Path) -> set[Path]:
+    return set(path.iterdir())
+
+
+async def _dead_labels(run_id: str) -> dict[str, str]:
+    """Owner labels naming a process that has exited (its pid and start time, this host)."""
+    async with await anyio.open_process(["cat"]) as proc:
+        start = process_start_time(proc.pid)
+    assert start is not None and process_start_time(proc.pid) is None
+    labels = owner_labels(backend="local", run_id=run_id, pool="local")
+    labels.update({LABEL_OWNER_PID: str(proc.pid), LABEL_OWNER_START: start})
+    return labels
+
+
+@pytest.mark.parametrize("where", ["workdir", "default"])
+async def test_start_removes_dead_runs_work_dirs_never_a_live_one(
+    tmp_path: Path, where: str
+) -> None:
+    if where == "workdir":
+        base, prefix, options = tmp_path, "run-", {"workdir": str(tmp_path)}
+    else:  # /var/tmp/structenv-<pid>-*, where every LocalBackend without workdir= goes
+        base, prefix, options = Path(_local.default_base() or tempfile.gettempdir()), "", {}
+    tag = os.urandom(4).hex()
+    dead_labels = await _dead_labels(f"dead-{tag}")
+    dead = _run_dir(base, f"{prefix}structenv-{dead_labels[LABEL_OWNER_PID]}-{tag}", dead_labels)
+    # This process is alive: its run's directory is never touched, nor is one without an
+    # owner file (not structenv's, or a run killed while creating it).
+    live = _run_dir(
+        base,
+        f"{prefix}structenv-{os.getpid()}-live-{tag}",
+        owner_labels(backend="local", run_id="live", pool="local"),
+    )
+    stranger = _run_dir(base, f"{prefix}structenv-1-stranger-{tag}", None)
+    try:
+        async with local_backend(hosts=1, slots_per_host=1, **options) as b:
+            assert not dead.exists()
+            assert live.is_dir() and stranger.is_dir()
+            slot = await b.acquire_slot()
+            assert (await slot.exec(ExecRequest("echo ok"))).stdout == b"ok\n"
+            await b.release_slot(slot, reusable=True)
+        assert live.is_dir() and stranger.is_dir()
+        if where == "workdir":
+            assert _entries(tmp_path) == {live, stranger}  # its own dir removed on close
+    finally:
+        for path in (live, stranger):
+            (path / "se1-1-abcd" / "slot-0" / "deep").chmod(0o700)
+            _local.remove_tree(str(path), keep_root=False)
+
+
+async def test_start_cancelled_while_reaping_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while the start-up reap runs (held in its thread until the test cancels):
+    no work dir is made, no host started, no emergency cleanup left registered."""
+    started, release = threading.Event(), threading.Event()
+    real = _local.reap_workdirs
+
+    def held(**kwargs: Any) -> Any:
+        started.set()
+        release.wait(60)
+        return real(**kwargs)
+
+    monkeypatch.setattr(_local, "reap_workdirs", held)
+    before = set(child_processes())
+    registered = dict(_emergency._callbacks)
+    b = local_backend(hosts=1, slots_per_host=1, workdir=str(tmp_path / "work"))
+    entered: list[bool] = []
+
+    async def start() -> None:
+        async with b:
+            entered.append(True)
+
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(start)
+            assert await anyio.to_thread.run_sync(started.wait, 60), "the reap never started"
+            scope.cancel()
+            release.set()
+    assert scope.cancelled_caught and not entered
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())
+    assert b.statistics().hosts == 0 and b.statistics().leased == 0
+    assert set(child_processes()) == before
+    assert _emergency._callbacks == registered

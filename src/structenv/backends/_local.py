@@ -9,9 +9,11 @@ The slot bookkeeping is :class:`~structenv.backends._hosted.HostedBackend`'s.
 
 The run's work dir (``structenv-<pid>-*`` under ``/var/tmp``) holds an owner file
 (:mod:`~structenv.backends._ownership` labels). It is removed on close; if this process is
-killed outright (SIGKILL, a power cut), :func:`reap_workdirs` (``structenv reap``) removes it
-once its owner is gone. If the process is forced to exit (a second SIGINT/SIGTERM), an
-emergency cleanup (:mod:`structenv._emergency`) kills the hosts and removes it synchronously.
+killed outright (SIGKILL, a power cut), :func:`reap_workdirs` removes it once its owner is
+gone: the next LocalBackend to start in the same base directory runs it (``reap_on_start``),
+and so does ``structenv reap``. A live run's directory is never touched. If the process is
+forced to exit (a second SIGINT/SIGTERM), an emergency cleanup (:mod:`structenv._emergency`)
+kills the hosts and removes it synchronously.
 """
 
 from __future__ import annotations
@@ -100,6 +102,8 @@ class LocalBackend(HostedBackend):
         start_timeout: Seconds a host may take to start.
         health_interval: Seconds between health checks of each host (a crash is noticed at
             once anyway: the host is our child process).
+        reap_on_start: At start, remove the work dirs (and host cgroups) of runs whose owner
+            process is dead, in the base directory this backend's own goes to.
     """
 
     _watch_hosts = True
@@ -126,6 +130,7 @@ class LocalBackend(HostedBackend):
         reset_timeout: float = 20.0,
         start_timeout: float = 60.0,
         health_interval: float = 5.0,
+        reap_on_start: bool = True,
     ) -> None:
         if hosts < 1 or slots_per_host < 1:
             raise ConfigError("hosts and slots_per_host must be >= 1")
@@ -151,6 +156,7 @@ class LocalBackend(HostedBackend):
         self._slot_limits = (cpu_limit, disk_limit, tmp_limit)
         self._cgroup = cgroup
         self._workdir_opt = workdir
+        self._reap_on_start = reap_on_start
         self._root = ""
         self._token = secrets.token_urlsafe(32)
         self._mode = "bwrap" if isolation != "none" else "none"
@@ -163,6 +169,14 @@ class LocalBackend(HostedBackend):
         return self._mode == "bwrap"
 
     async def _prepare(self) -> None:
+        if self._reap_on_start:
+            report = await anyio.to_thread.run_sync(
+                functools.partial(reap_workdirs, base=self._workdir_opt)
+            )
+            if report.removed:
+                logger.warning("removed %d work dir(s) of dead runs", len(report.removed))
+            for path, error in report.failed:
+                logger.warning("cannot remove the work dir of a dead run %s: %s", path, error)
         self._root = await anyio.to_thread.run_sync(self._make_root)
         self._emergency = _emergency.register(self._force_cleanup)
 
