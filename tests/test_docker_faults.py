@@ -14,6 +14,7 @@ from structenv import ExecRequest, ExecResult, ExecutorConfig, SlotBrokenError, 
 from structenv._process import kill_child
 from structenv._reap import main as reap_main
 from structenv.backends._docker import reap_containers
+from structenv.backends._docker_reap import docker_cgroup_names
 from test_docker_support import (
     containers_of,
     docker_backend,
@@ -235,3 +236,75 @@ async def test_hung_container_is_declared_dead_and_in_flight_calls_fail() -> Non
         await b.release_slot(fresh, reusable=True)
         assert b.statistics().hosts_replaced == 1
     assert containers_of(run_id) == []
+
+
+# -- a forced exit (second signal) removes the run's containers -----------------------------
+
+_FORCED = textwrap.dedent(
+    """
+    import sys, anyio
+    sys.path.insert(0, {tests!r})
+    from structenv import ExecRequest
+    from structenv._main import Interrupted, run_until_signal
+    from test_docker_support import docker_backend
+
+    async def work():
+        async with docker_backend(run_id={run_id!r}, min_containers=2, reap_on_start=False) as b:
+            slot = await b.acquire_slot()
+            try:
+                await slot.exec(ExecRequest("echo up"))
+                print("READY", flush=True)
+                await anyio.sleep_forever()
+            finally:
+                # An orderly shutdown that never ends: only the forced exit can clean up.
+                with anyio.CancelScope(shield=True):
+                    print("STUCK", flush=True)
+                    await anyio.sleep_forever()
+
+    async def main():
+        try:
+            await run_until_signal(work, prog="owner")
+        except Interrupted as exc:
+            sys.exit(exc.exit_status)
+
+    anyio.run(main, backend={loop!r})
+    """
+)
+
+
+def test_forced_exit_removes_the_runs_containers() -> None:
+    """A second SIGTERM while the orderly shutdown hangs: the emergency cleanup removes every
+    container of the run, their cgroups and the socket dir before the process exits.
+
+    The child runs on trio; the same path on asyncio (the emergency registry run by
+    ``run_until_signal``) is covered by the double-SIGINT test of ``test_cli_process.py``.
+    """
+    run_id = new_run_id("forced")
+    code = _FORCED.format(tests=_TESTS_DIR, run_id=run_id, loop="trio")
+    with subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        try:
+            # Each line is a condition the child reports (the hang guard bounds the wait).
+            assert proc.stdout.readline() == b"READY\n"
+            containers = containers_of(run_id)
+            assert len(containers) == 2
+            assert {c.labels["org.structenv.owner.pid"] for c in containers} == {str(proc.pid)}
+            prefix = f"structenv-docker-{proc.pid}-"
+            (root,) = [p for p in os.listdir("/var/tmp") if p.startswith(prefix)]
+            proc.send_signal(signal.SIGTERM)
+            assert proc.stdout.readline() == b"STUCK\n"
+            assert len(containers_of(run_id)) == 2  # the orderly path is held: still there
+            proc.send_signal(signal.SIGTERM)
+            err = proc.stderr.read().decode()  # to end-of-file: the process has exited
+            status = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert status == 128 + signal.SIGTERM, err
+    assert "SIGTERM received; shutting down" in err and "SIGTERM received again" in err, err
+    assert containers_of(run_id) == []  # removed before the process exited: no waiting
+    assert not os.path.exists(os.path.join("/var/tmp", root))
+    assert not [n for n in docker_cgroup_names() if n.startswith(f"structenv-{run_id}-")]

@@ -49,7 +49,10 @@ once: the backend holds each container's stdin open (attached before start), the
 it with the process, and the server (``--watch-stdin``) exits, killing every sandbox. The
 stopped containers (and any left running when that switch could not work: a daemon restart,
 ``exit_with_owner=False``) are removed by the next backend that starts with ``reap_on_start``
-or by ``structenv reap``; live runs' containers are never touched."""
+or by ``structenv reap``; live runs' containers are never touched. If the process is forced to
+exit (a second SIGINT/SIGTERM while the orderly shutdown runs), an emergency cleanup
+(:mod:`structenv._emergency`) removes the run's containers, their cgroups and its socket
+directory synchronously before the process exits."""
 
 from __future__ import annotations
 
@@ -63,6 +66,7 @@ import secrets
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
@@ -70,6 +74,7 @@ import anyio
 import anyio.abc
 import tenacity
 
+from .. import _emergency
 from .._exceptions import BackendError, ConfigError, SandboxUnavailableError
 from .._image import DEFAULT_TAG
 from .._spec import SandboxSpec
@@ -108,6 +113,9 @@ _SLOT_CONTROLLERS = ("pids", "memory", "cpu")
 _CFS_PERIOD = 100_000
 #: Seconds to wait for a removed container's cgroups to empty (its processes being reaped).
 _CGROUP_PATIENCE = 5.0
+#: A forced exit's cleanup: the timeout of each Docker API call and the whole budget.
+_EMERGENCY_API_TIMEOUT = 10
+_EMERGENCY_BUDGET = 20.0
 #: What the container's sandbox server keeps: it runs as uid 65533 (never host uid 0, which
 #: could write host sysctls through the unmasked /proc bwrap needs) with these as ambient
 #: capabilities: switching each slot to its own uid (SETUID/SETGID, before bwrap), tending
@@ -351,6 +359,7 @@ class DockerBackend(HostedBackend):
         self._token = secrets.token_urlsafe(32)
         self._engine: _Engine | None = None
         self._counter = 0
+        self._emergency: int | None = None
 
     host_noun = "container"
 
@@ -430,6 +439,57 @@ class DockerBackend(HostedBackend):
                 logger.info("slots of a container share its cgroup: %s", why)
             self._slot_cgroups = not why
         self._root = await anyio.to_thread.run_sync(self._make_root)
+        self._emergency = _emergency.register(self._force_cleanup)
+
+    def _force_cleanup(self) -> None:
+        """Emergency exit (second signal): remove the run's containers (found by label, and
+        those this backend knows of), their cgroups and the socket directory, synchronously.
+
+        Runs on the event loop's thread before ``os._exit``, possibly while the orderly
+        teardown is half-way (a container already gone is fine). A client of its own, with a
+        short timeout, bounds every call; the engine's client may be busy in worker threads.
+        """
+        _, _, _, url = self._sdk
+        docker = _docker()
+        deadline = time.monotonic() + _EMERGENCY_BUDGET
+        try:
+            client = (
+                docker.DockerClient(base_url=url, timeout=_EMERGENCY_API_TIMEOUT)
+                if url
+                else docker.from_env(timeout=_EMERGENCY_API_TIMEOUT)
+            )
+        except Exception as exc:
+            logger.error("emergency cleanup: cannot reach the Docker Engine: %r", exc)
+            return
+        ids = set(self.container_ids().values())
+        try:
+            listed = client.api.containers(
+                all=True, quiet=True, filters={"label": f"{LABEL_RUN}={self.run_id}"}
+            )
+            ids.update(str(c["Id"]) for c in listed)
+            for docker_id in sorted(ids):
+                if time.monotonic() > deadline:
+                    logger.error("emergency cleanup: out of time; `structenv reap` removes them")
+                    break
+                try:
+                    client.api.remove_container(docker_id, force=True, v=True)
+                except Exception as exc:
+                    if not _is_gone(exc):
+                        logger.error("cannot remove container %s: %r", docker_id[:12], exc)
+        except Exception as exc:
+            logger.error(
+                "emergency cleanup: cannot list containers of run %s: %r", self.run_id, exc
+            )
+        finally:
+            client.close()
+        if self._slot_cgroups:
+            mine = re.compile(re.escape(f"structenv-{self.run_id}-") + r"\d+")
+            for name in sorted(filter(mine.fullmatch, docker_cgroup_names())):
+                remove_docker_cgroups(
+                    name, patience=max(0.0, min(2.0, deadline - time.monotonic()))
+                )
+        if self._root:
+            shutil.rmtree(self._root, ignore_errors=True)
 
     def _cgroups_unusable(self, info: dict[str, Any]) -> str:
         """Why this process cannot give each slot cgroups of its own ("" if it can)."""
@@ -720,6 +780,9 @@ class DockerBackend(HostedBackend):
                     tg.start_soon(self._remove_cgroups, name)
         if self._root:
             await anyio.to_thread.run_sync(shutil.rmtree, self._root, True)
+        if self._emergency is not None:
+            _emergency.unregister(self._emergency)
+            self._emergency = None
 
     async def _sweep(self) -> None:
         engine = self._engine
