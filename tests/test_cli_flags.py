@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import tenacity
 from pydantic import ValidationError
 
 from structenv._exceptions import ConfigError, SandboxUnavailableError
@@ -73,3 +74,44 @@ def test_errors_are_one_line_through_exception_groups() -> None:
     assert "\n" not in line
     assert line.startswith("KeyError: 'multi\\nline' (raised in hook at ")
     assert line.endswith("(and 1 more error(s))")
+
+
+def test_a_retry_that_gave_up_is_its_last_error_and_the_attempts() -> None:
+    """tenacity's ``RetryError`` says nothing (``RetryError[<Future ...>]``): the line shows
+    the last attempt's error (URL, status) and how many attempts were made."""
+
+    @tenacity.retry(stop=tenacity.stop_after_attempt(3), wait=tenacity.wait_none())
+    def register() -> None:
+        raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 9)")
+
+    with pytest.raises(tenacity.RetryError) as info:
+        register()
+    expected = (
+        "ConnectionRefusedError: [Errno 111] Connect call failed ('127.0.0.1', 9) "
+        "(gave up after 3 attempts)"
+    )
+    assert describe_error(info.value) == expected
+    assert describe_error(ExceptionGroup("g", [info.value])) == expected
+    assert "RetryError" not in describe_error(ExceptionGroup("g", [info.value, KeyError("x")]))
+
+
+def test_an_env_without_a_run_name_gets_its_class_name() -> None:
+    """run-api refuses ``/register-env`` without a name, and atroposlib's CLI default never
+    reaches the config: ``serve`` from the command line needs the env to fill it in."""
+    from atroposlib.envs.base import APIServerConfig
+
+    from structenv.examples.shell_tasks import ShellTasksEnv
+
+    server = APIServerConfig(base_url="http://127.0.0.1:9/v1", api_key="x", health_check=False)
+    config, _ = ShellTasksEnv.config_init()
+    assert config.wandb_name is None
+    env = ShellTasksEnv(config.model_copy(update={"tokenizer_name": _tokenizer()}), [server])
+    assert env.config.wandb_name == ShellTasksEnv.name
+    named = config.model_copy(update={"tokenizer_name": _tokenizer(), "wandb_name": "mine"})
+    assert ShellTasksEnv(named, [server]).config.wandb_name == "mine"
+
+
+def _tokenizer() -> str:
+    from structenv.agent import build_tiny_tokenizer
+
+    return str(build_tiny_tokenizer())

@@ -17,6 +17,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -302,6 +303,137 @@ def test_signal_to_the_process_group_while_trajectories_run(
         what="the run's processes to be gone",
     )
     assert not os.path.exists(workdirs[0])
+
+
+# -- 11.8: serve mode (against atroposlib's run-api) under SIGINT / SIGTERM ------------------
+
+#: A user's env module: ShellTasksEnv that writes its slot statistics when its sandbox session
+#: ends (orderly shutdown only: a forced exit would write nothing).
+_STATS_ENV = """
+import json, os
+from contextlib import asynccontextmanager
+from structenv.examples.shell_tasks import ShellTasksEnv
+
+
+class StatsEnv(ShellTasksEnv):
+    @asynccontextmanager
+    async def sandbox_session(self):
+        try:
+            async with super().sandbox_session() as executor:
+                yield executor
+        finally:
+            s = self.statistics().executor
+            with open(os.environ["STATS_FILE"], "w") as f:
+                json.dump({"in_use": s.pool.in_use, "acquired": s.pool.acquired,
+                           "released": s.pool.released, "open": s.active_trajectories}, f)
+
+
+if __name__ == "__main__":
+    StatsEnv.cli()
+"""
+
+
+@pytest.fixture(scope="module")
+def run_api() -> Iterator[str]:
+    """atroposlib's ``run-api`` on a free port, a trainer registered and started (its first
+    ``GET /batch``: envs may register from then on); yields its URL."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "atroposlib.cli.run_api", "--host", "127.0.0.1"]
+    with subprocess.Popen(
+        [*argv, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    ) as api:
+        try:
+
+            def up() -> bool:
+                try:
+                    return httpx.get(f"{url}/status").status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            wait_for(up, deadline=START_DEADLINE, what="run-api to answer")
+            trainer = {
+                "wandb_group": "g", "wandb_project": "p", "batch_size": 4,
+                "max_token_len": 1 << 20, "checkpoint_dir": "/nonexistent",
+                "save_checkpoint_interval": -1, "starting_step": 0, "num_steps": 1000,
+            }  # fmt: skip
+            assert httpx.post(f"{url}/register", json=trainer).status_code == 200
+            assert httpx.get(f"{url}/batch").status_code == 200  # the trainer has started
+            yield url
+        finally:
+            api.terminate()
+            api.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("signum", "to_group"),
+    [(signal.SIGINT, True), (signal.SIGTERM, False)],
+    ids=["sigint-to-the-group", "sigterm-to-the-process"],
+)
+def test_serve_under_a_signal_shuts_down_in_order_and_leaves_nothing(
+    tmp_path: Path,
+    tokenizer: str,
+    sleeping_policy: tuple[str, str],
+    run_api: str,
+    signum: signal.Signals,
+    to_group: bool,
+) -> None:
+    """``serve`` with every group's members running a command in their sandboxes: one signal
+    (Ctrl-C to the process group, or SIGTERM to the process as ``timeout`` and Kubernetes send
+    it) ends it with ``128 + signal``, one line, every slot released, nothing left."""
+    url, marker = sleeping_policy
+    (tmp_path / "stats_env.py").write_text(_STATS_ENV)
+    stats = tmp_path / "stats.json"
+    flags = ["--env.group_size", "2", "--env.max_num_workers", "2"]
+    flags += ["--env.rollout_server_url", run_api]
+    argv = [sys.executable, "stats_env.py", "serve", *env_args(tokenizer, url, tmp_path, *flags)]
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=dict(fresh_env(), STATS_FILE=str(stats)),
+        start_new_session=True,
+        cwd=tmp_path,
+    )
+    output = Output(proc)
+    needle = f"sleep\0{marker}\0".encode()
+    try:
+        wait_for(
+            lambda: len(processes_matching(needle)) >= 2 or proc.poll() is not None,
+            deadline=START_DEADLINE,
+            what="a group's members to run their tool call in their sandboxes",
+        )
+        assert proc.poll() is None, output.text()[-3000:]
+        (workdir,) = glob.glob(f"/var/tmp/structenv-{proc.pid}-*")
+        marks = {k: len(v) for k, v in output.lines.items()}
+        if to_group:
+            os.killpg(proc.pid, signum)
+        else:
+            os.kill(proc.pid, signum)
+        status = proc.wait(timeout=START_DEADLINE)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output.join()
+    assert status == 128 + signum, output.text()[-3000:]
+    after = output.lines["err"][marks["err"] :] + output.lines["out"][marks["out"] :]
+    expected = f"StatsEnv serve: {signum.name} received; shutting down (send it again to stop"
+    assert len(after) == 1 and after[0].startswith(expected), "\n".join(after)
+    counts = json.loads(stats.read_text())
+    assert counts["in_use"] == 0 and counts["open"] == 0, counts
+    assert counts["acquired"] == counts["released"] >= 2, counts
+    gone = [f"se{proc.pid}-".encode(), f"structenv-{proc.pid}-".encode(), needle]
+    wait_for(
+        lambda: not any(processes_matching(n) for n in gone),
+        deadline=10,
+        what="the run's processes to be gone",
+    )
+    assert not os.path.exists(workdir)
 
 
 # -- 11.8: structenv reap removes a SIGKILLed run's local work dir --------------------------

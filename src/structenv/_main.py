@@ -119,12 +119,41 @@ def _force_exit(signum: int) -> None:
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
-    """The exceptions inside (nested) exception groups, cancellations and exits left out."""
+    """The exceptions inside (nested) exception groups, cancellations and exits left out; a
+    retry that gave up (tenacity's ``RetryError``) stands for its last attempt's error."""
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
     if not isinstance(exc, Exception):  # cancellation, KeyboardInterrupt, SystemExit
         return []
+    last = _last_attempt_error(exc)
+    if last is not None:
+        return _leaves(last)
     return [exc]
+
+
+def _last_attempt_error(exc: BaseException) -> BaseException | None:
+    """The error of the last attempt of a tenacity ``RetryError`` (duck-typed: tenacity is
+    only a dependency of some paths); ``None`` for anything else."""
+    attempt = getattr(exc, "last_attempt", None)
+    if type(exc).__name__ != "RetryError" or attempt is None:
+        return None
+    try:
+        last = attempt.exception()
+    except Exception:  # a cancelled or unfinished attempt: keep the RetryError itself
+        return None
+    return last if isinstance(last, BaseException) else None
+
+
+def _attempts(exc: BaseException) -> dict[int, int]:
+    """id of each given-up retry's last error -> how many attempts were made."""
+    if isinstance(exc, BaseExceptionGroup):
+        return {k: v for sub in exc.exceptions for k, v in _attempts(sub).items()}
+    last = _last_attempt_error(exc)
+    if last is None:
+        return {}
+    found = _attempts(last)
+    found.setdefault(id(last), int(getattr(exc.last_attempt, "attempt_number", 0) or 0))  # type: ignore[attr-defined]
+    return found
 
 
 def _where(exc: BaseException) -> str:
@@ -169,6 +198,9 @@ def describe_error(exc: BaseException, *, prefixes: Mapping[str, str] | None = N
     else:
         where = _where(first)
         line = f"{type(first).__name__}: {first}" + (f" (raised in {where})" if where else "")
+    tries = _attempts(exc).get(id(first))
+    if tries:
+        line += f" (gave up after {tries} attempts)"
     if len(leaves) > 1:
         line += f" (and {len(leaves) - 1} more error(s))"
     return " ".join(line.split())  # one line, whatever the messages held

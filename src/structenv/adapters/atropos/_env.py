@@ -184,6 +184,10 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
     ) -> None:
         # Validate before BaseEnv loads tokenizers or builds server clients.
         check_backend(config.backend)
+        if config.wandb_name is None and self.name:
+            # run-api refuses a registration without a name, and atroposlib's CLI default
+            # (the class's name) never reaches the config it builds: `serve` would fail.
+            config = config.model_copy(update={"wandb_name": self.name})
         self.registry: ToolRegistry = self.build_tools(config)
         super().__init__(config, server_configs, slurm=slurm, testing=testing)
         opened: Any = self.jsonl_writer
@@ -687,6 +691,13 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
             self._counts["cancelled"] += 1
             raise
         except BaseExceptionGroup as group:
+            if current is not None and current.cancelling():
+                # The worker was cancelled (serve's shutdown, a timeout) while its members
+                # failed because of it (the executor's batches ending as it stops): that is
+                # a cancelled group, not a harness failure to print a traceback for.
+                self._counts["cancelled"] += 1
+                log.debug("group %d: cancelled while failing: %r", number, group)
+                raise asyncio.CancelledError(f"group {number} cancelled") from group
             for exc in group.exceptions:
                 log.error("group %d: harness failure", number, exc_info=exc)
             raise
