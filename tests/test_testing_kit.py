@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import textwrap
 from pathlib import Path
 from xml.etree import ElementTree
 
 import anyio
+import anyio.abc
+import anyio.lowlevel
 import pytest
 
 from structenv import ExecRequest, SlotPool
 from structenv.testing import (
     FakeBackend,
+    LeakChecker,
     LeakError,
     assert_no_leaks,
     check_backend,
@@ -84,6 +88,55 @@ async def test_child_processes_sees_a_real_child() -> None:
         proc.kill()
         await proc.wait()
     assert proc.pid not in child_processes()
+
+
+# -- the kit's own await points, cancelled ------------------------------------------------------
+
+
+async def test_leak_check_cancelled_at_each_of_its_steps_leaves_nothing() -> None:
+    """Cancel a leaky test run through the kit after k scheduling steps, for every k until the
+    kit finishes first: in the test body, in the kit's settling rounds, in its cleanup. Either
+    the leak is reported or the cancellation propagates, and nothing is left open either way:
+    the slot released, the backend the test started closed, no task of the test running."""
+    outcomes: list[str] = []
+    for k in itertools.count():
+        backend = FakeBackend(hosts=1, slots_per_host=2)
+        pool = SlotPool(backend)
+        checker = LeakChecker()
+        checker.watch(backend, pool)
+
+        async def ending() -> None:  # ends by itself: the kit settles it in its rounds
+            for _ in range(5):
+                await anyio.lowlevel.checkpoint()
+
+        async def leaky(tg: anyio.abc.TaskGroup, backend: FakeBackend, pool: SlotPool) -> None:
+            await backend.__aenter__()
+            slot = await pool.slot().__aenter__()  # never exited: the kit closes it
+            await slot.exec(ExecRequest("echo leaked"))
+            tg.start_soon(ending)
+
+        async def cancel_after(scope: anyio.CancelScope, steps: int) -> None:
+            for _ in range(steps):
+                await anyio.lowlevel.checkpoint()
+            scope.cancel()
+
+        outcome = "cancelled"
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cancel_after, scope, k)  # before the test: not the test's task
+                try:
+                    await checker._run_test(leaky, {"tg": tg, "backend": backend, "pool": pool})
+                except LeakError as exc:
+                    outcome = "reported"
+                    assert "SlotPool slot(s) left leased" in str(exc)
+                scope.cancel()
+        outcomes.append(outcome)
+        assert_no_leaks(pools=[pool], backends=[backend])
+        assert backend.statistics().hosts == 0, f"cancelled at step {k}: backend left running"
+        if outcome == "reported" and k > 0:
+            break
+        assert k < 200, outcomes
+    assert "cancelled" in outcomes and outcomes[-1] == "reported"
 
 
 # -- the pytest plugin, used as an external project would use it ------------------------------

@@ -251,6 +251,11 @@ class LeakChecker:
                 if problems:
                     exc.add_note(f"structenv leak check, also: {_message(problems)}")
                 raise
+            except BaseException:
+                # Cancelled (a crashing fixture, a deadline) or stopped: the cause is the
+                # report, but what the test left open is still closed, in this task.
+                await self._close_left_open(generators)
+                raise
         problems = await self._finish(baseline, generators)
         if problems:
             raise LeakError(_message(problems))
@@ -260,17 +265,35 @@ class LeakChecker:
     ) -> list[str]:
         # The tracker holds every generator the test opened, so letting tasks that are ending
         # anyway finish first cannot finalise an abandoned slot or trajectory behind our back.
-        left = await _settled_new_tasks(baseline) if self.tasks else []
+        try:
+            left = await _settled_new_tasks(baseline) if self.tasks else []
+        except BaseException:  # cancelled while settling: close, then let it propagate
+            await self._close_left_open(generators)
+            raise
         problems = self._problems()
         if left:
             names = ", ".join(sorted(repr(t.name) for t in left))
             problems.append(f"{len(left)} task(s) started in the test left running: {names}")
         if problems:
-            await generators.close_open()
-            await self._close_watched()
+            await self._close_left_open(generators)
         return problems
 
-    async def _close_watched(self) -> None:
+    async def _close_left_open(self, generators: _GeneratorTracker) -> None:
+        """Close the test's abandoned generators, then watched executors and backends it
+        started; every item is tried even if the test is being cancelled meanwhile.
+
+        No cancel scope of ours wraps this: the generators hold scopes of this task that
+        must unwind in order. Each object's own teardown is shielded and bounded.
+
+        Cancellation: the first cancellation seen is re-raised once everything was tried.
+        """
+        cancelled: list[BaseException] = []
+        await generators.close_open(cancelled)
+        await self._close_watched(cancelled)
+        if cancelled:
+            raise cancelled[0]
+
+    async def _close_watched(self, cancelled: list[BaseException]) -> None:
         # Executors before backends: the usual nesting. Best effort, like the generators.
         for kind in (ToolExecutor, SandboxBackend):
             for w in reversed(self._watched):
@@ -283,6 +306,8 @@ class LeakChecker:
                         await w.obj.aclose()
                 except Exception:
                     pass  # the leak is being reported already
+                except BaseException as exc:  # re-raised by _close_left_open
+                    cancelled.append(exc)
 
 
 def _task_key(task: anyio.TaskInfo) -> tuple[int, int]:
@@ -350,8 +375,9 @@ class _GeneratorTracker:
     def __exit__(self, *exc: object) -> None:
         sys.set_asyncgen_hooks(*self._saved)
 
-    async def close_open(self) -> None:
-        """Close the suspended generators, outermost (then newest) first."""
+    async def close_open(self, cancelled: list[BaseException]) -> None:
+        """Close the suspended generators, outermost (then newest) first; a cancellation
+        met on the way is appended to ``cancelled`` (for the caller to re-raise)."""
         closed: set[int] = set()
         while True:
             roots = [
@@ -370,4 +396,6 @@ class _GeneratorTracker:
                 await agen.aclose()
             except Exception:
                 pass  # the leak is being reported already; its cleanup is best effort
+            except BaseException as exc:  # re-raised by the caller once all are closed
+                cancelled.append(exc)
         self._generators.clear()
