@@ -205,6 +205,27 @@ def test_sync_child_process_left(structenv_leak_check):
     subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
 
 
+async def test_task_left_to_its_owner(owned_group, structenv_leak_check):
+    # Reported, but not cancelled by the kit: the fixture that owns the group ends it.
+    import owner_state
+
+    owner_state.CLOSING.clear()
+
+    async def runs_until_stopped():
+        try:
+            await sleep_forever()
+        finally:
+            owner_state.STOPPED_BY.append("its owner" if owner_state.CLOSING else "the kit")
+
+    owned_group.start_soon(runs_until_stopped)
+
+
+def test_sync_the_task_left_running_was_stopped_by_its_owner():
+    import owner_state
+
+    assert owner_state.STOPPED_BY and set(owner_state.STOPPED_BY) == {"its owner"}
+
+
 async def test_busy_but_clean(structenv_fake_executor):
     async def one(i):
         async with structenv_fake_executor.trajectory() as traj:
@@ -224,6 +245,12 @@ async def test_healthy_after_the_leaks(structenv_fake_executor, structenv_leak_c
     await proc.wait()
 """
 
+#: Who stopped the task a test left running: the kit reports it; its owner (a fixture) ends it.
+_OWNER_STATE = """
+CLOSING = []
+STOPPED_BY = []
+"""
+
 _TRIO_PROJECT = {
     "pyproject.toml": """
 [tool.pytest.ini_options]
@@ -238,7 +265,18 @@ import trio
 @pytest.fixture
 def task_group(nursery):
     return nursery
+
+
+@pytest.fixture
+async def owned_group():
+    import owner_state
+
+    async with trio.open_nursery() as nursery:
+        yield nursery
+        owner_state.CLOSING.append(True)
+        nursery.cancel_scope.cancel()
 """,
+    "owner_state.py": _OWNER_STATE,
     "test_leaks.py": """
 import trio
 from trio import open_nursery as create_task_group
@@ -295,7 +333,18 @@ async def task_group():
     async with anyio.create_task_group() as tg:
         yield tg
         tg.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def owned_group():
+    import owner_state
+
+    async with anyio.create_task_group() as tg:
+        yield tg
+        owner_state.CLOSING.append(True)
+        tg.cancel_scope.cancel()
 """,
+    "owner_state.py": _OWNER_STATE,
     "test_leaks.py": """
 import anyio
 from anyio import create_task_group, sleep_forever
@@ -322,6 +371,9 @@ _EXPECTED = {
     "test_raw_lease_not_released": "LeakError: 1 leak: FakeBackend slot(s) left leased: leased=1",
     "test_failure_keeps_its_message": "structenv leak check, also: 3 leaks: 1 trajectory(ies)",
     "test_sync_child_process_left": "LeakError: 1 leak: child process(es) left running:",
+    "test_task_left_to_its_owner": "LeakError: 1 leak: 1 task(s) started in the test left "
+    "running: 'test_leaks.test_task_left_to_its_owner.<locals>.runs_until_stopped'",
+    "test_sync_the_task_left_running_was_stopped_by_its_owner": None,
     "test_busy_but_clean": None,
     "test_healthy_after_the_leaks": None,
 }
