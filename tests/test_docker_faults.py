@@ -4,6 +4,8 @@ process killed with SIGKILL and the reaper (at start-up and ``structenv reap``).
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 import textwrap
 

@@ -23,6 +23,7 @@ from structenv.backends._ownership import (
     owner_labels,
     process_start_time,
 )
+from structenv.sandbox._files import remove_tree
 from structenv.testing import check_backend, child_processes
 from test_sandbox_support import (
     find_processes,
@@ -257,7 +258,7 @@ async def test_start_removes_dead_runs_work_dirs_never_a_live_one(
     finally:
         for path in (live, stranger):
             (path / "se1-1-abcd" / "slot-0" / "deep").chmod(0o700)
-            _local.remove_tree(str(path), keep_root=False)
+            remove_tree(str(path), keep_root=False)
 
 
 async def test_start_cancelled_while_reaping_leaves_nothing(
