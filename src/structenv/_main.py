@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import anyio
+import tenacity
 
 from . import _emergency
 from ._exceptions import StructEnvError
@@ -132,16 +133,25 @@ def _leaves(exc: BaseException) -> list[BaseException]:
 
 
 def _last_attempt_error(exc: BaseException) -> BaseException | None:
-    """The error of the last attempt of a tenacity ``RetryError`` (duck-typed: tenacity is
-    only a dependency of some paths); ``None`` for anything else."""
-    attempt = getattr(exc, "last_attempt", None)
-    if type(exc).__name__ != "RetryError" or attempt is None:
+    """The error of the last attempt of a tenacity ``RetryError``; ``None`` for anything else
+    (or an attempt that was cancelled or did not finish)."""
+    if not isinstance(exc, tenacity.RetryError):
         return None
     try:
-        last = attempt.exception()
-    except Exception:  # a cancelled or unfinished attempt: keep the RetryError itself
+        last = exc.last_attempt.exception()
+    except BaseException:  # a cancelled or unfinished attempt: keep the RetryError itself
         return None
     return last if isinstance(last, BaseException) else None
+
+
+def unwrap_retry(exc: BaseException) -> tuple[BaseException, int | None]:
+    r"""The innermost error behind (nested) tenacity ``RetryError``\ s and the outermost
+    retry's attempt count; ``(exc, None)`` for anything that is not a ``RetryError``."""
+    last = _last_attempt_error(exc)
+    if last is None:
+        return exc, None
+    assert isinstance(exc, tenacity.RetryError)
+    return unwrap_retry(last)[0], exc.last_attempt.attempt_number
 
 
 def _attempts(exc: BaseException) -> dict[int, int]:
@@ -152,7 +162,8 @@ def _attempts(exc: BaseException) -> dict[int, int]:
     if last is None:
         return {}
     found = _attempts(last)
-    found.setdefault(id(last), int(getattr(exc.last_attempt, "attempt_number", 0) or 0))  # type: ignore[attr-defined]
+    assert isinstance(exc, tenacity.RetryError)
+    found.setdefault(id(last), exc.last_attempt.attempt_number)
     return found
 
 

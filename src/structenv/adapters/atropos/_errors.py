@@ -34,6 +34,7 @@ import tenacity
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from ..._exceptions import ContextExhaustedError, PolicyError, StructEnvError
+from ..._main import unwrap_retry
 from ...agent._openai import is_context_overflow
 
 __all__ = [
@@ -193,16 +194,6 @@ def describe(exc: BaseException) -> str:
 def context_overflow(exc: BaseException) -> bool:
     """The server refused the request because the prompt no longer fits the context."""
     return is_context_overflow(http_status(exc), _body_excerpt(exc))
-
-
-def unwrap_retry(exc: BaseException) -> tuple[BaseException, int | None]:
-    """The last attempt's exception and the attempt count behind a tenacity ``RetryError``."""
-    if isinstance(exc, tenacity.RetryError):
-        last = exc.last_attempt
-        inner = last.exception()
-        if inner is not None:
-            return unwrap_retry(inner)[0], last.attempt_number
-    return exc, None
 
 
 def inference_error(
