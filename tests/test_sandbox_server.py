@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 import test_sandbox_support
-from structenv import ExecRequest, SandboxUnavailableError, SlotBrokenError
+from structenv import ExecRequest, ExecResult, SandboxUnavailableError, SlotBrokenError
 from structenv.backends import LocalBackend
 from structenv.sandbox import (
     HostClient,
@@ -23,6 +23,7 @@ from structenv.sandbox import (
     ServerConfig,
     _runtime,
 )
+from structenv.sandbox._client import stream_batch
 from structenv.testing import child_processes, cmdline
 
 pytestmark = pytest.mark.anyio
@@ -79,8 +80,10 @@ async def test_client_over_tcp(tcp_server: SandboxServer) -> None:
         slot = await _first_slot(client)
         result = await slot.exec(ExecRequest("echo over tcp; hostname"))
         assert result.stdout == b"over tcp\nsandbox\n" and result.sandboxed
-        results = await slot.exec_batch([ExecRequest("exit 1"), ExecRequest("echo b")])
-        assert [r.exit_code for r in results] == [1, 0]
+        results: dict[int, ExecResult | Exception] = {}
+        calls = [(i, 0, slot.lease, ExecRequest(c)) for i, c in enumerate(["exit 1", "echo b"])]
+        await stream_batch(client, calls, results.__setitem__)
+        assert [getattr(results[i], "exit_code", None) for i in range(2)] == [1, 0]
         with pytest.raises(SlotBrokenError):
             bad = RemoteSlot(client=client, index=5, id="t/5", host_id="t", lease=1, sandboxed=True)
             await bad.exec(ExecRequest("true"))

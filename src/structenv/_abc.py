@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Self
 
 import anyio
+from anyio import AsyncContextManagerMixin
 
 from ._exceptions import ConfigError
 from ._types import ExecRequest, ExecResult
@@ -135,23 +137,6 @@ class Slot(ABC):
         ``reusable = False``.
         """
 
-    async def exec_batch(self, requests: Sequence[ExecRequest]) -> list[ExecResult]:
-        """Run several commands in this slot concurrently, in one round trip where possible.
-
-        The default runs :meth:`exec` concurrently; backends with a remote host override it.
-
-        Cancellation: as :meth:`exec`, for every request of the batch.
-        """
-        results: list[ExecResult | None] = [None] * len(requests)
-
-        async def run(i: int, request: ExecRequest) -> None:
-            results[i] = await self.exec(request)
-
-        async with anyio.create_task_group() as tg:
-            for i, request in enumerate(requests):
-                tg.start_soon(run, i, request)
-        return [r for r in results if r is not None]
-
     @abstractmethod
     async def reset(self) -> None:
         """Kill every process of the slot, empty its workspace and bump its lease.
@@ -192,34 +177,44 @@ class Slot(ABC):
         """
 
 
-class SandboxBackend(ABC):
+class SandboxBackend(AsyncContextManagerMixin, ABC):
     """A control plane that hands out :class:`Slot` s. Use it as an async context manager.
 
     Entering starts it (hosts, workers); leaving tears everything down, shielded and bounded,
-    whatever happened inside. Implementers provide :meth:`_start`, :meth:`aclose`,
-    :meth:`acquire_slot`, :meth:`release_slot`, :meth:`statistics` and :attr:`capacity`.
+    whatever happened inside. A backend is entered once: entering it again (while it runs or
+    after it stopped) raises ``RuntimeError``. Implementers provide :meth:`_start`,
+    :meth:`aclose`, :meth:`acquire_slot`, :meth:`release_slot`, :meth:`statistics` and
+    :attr:`capacity`; one that needs a task group around its whole life overrides
+    :meth:`__asynccontextmanager__` and enters ``super().__asynccontextmanager__()`` inside it.
     """
 
-    #: Seconds :meth:`__aenter__` may spend cleaning up after a failed or cancelled start.
+    #: Seconds entering may spend cleaning up after a failed or cancelled start.
     close_grace: float = 30.0
 
-    async def __aenter__(self) -> Self:
+    #: Whether :meth:`Slot.exec` returns promptly when cancelled. A backend whose exec blocks
+    #: in a worker thread (``anyio.to_thread.run_sync``) sets it to ``False``: the batcher
+    #: then keeps every call's client-side deadline with its watchdog instead of a cancel
+    #: scope around exec (docs/adding-a-backend.md).
+    cancellable_exec: bool = True
+
+    _entered: bool = False
+
+    @asynccontextmanager
+    async def __asynccontextmanager__(self) -> AsyncIterator[Self]:
+        if self._entered:
+            raise RuntimeError(f"this {type(self).__name__} was already entered (enter it once)")
+        self._entered = True
         try:
             await self._start()
         except BaseException:
             with anyio.move_on_after(self.close_grace, shield=True):
                 await self.aclose()
             raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        with anyio.move_on_after(self.close_grace, shield=True):
-            await self.aclose()
+        try:
+            yield self
+        finally:
+            with anyio.move_on_after(self.close_grace, shield=True):
+                await self.aclose()
 
     @abstractmethod
     async def _start(self) -> None:

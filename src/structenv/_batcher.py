@@ -5,10 +5,8 @@ per sandbox host and starts each group as its own child task, so a slow command 
 anyone else's call. Replies go back through a one-shot slot on the call object and an
 :class:`anyio.Event`: a new memory stream per reply would cost ~4x more per call.
 
-The reply is a one-shot on the caller's own task: an asyncio future, or on trio the task itself
-parked with ``wait_task_rescheduled``. Each layer of ``anyio.Event`` costs three objects and two
-coroutine frames per call, and with 10,000 live trajectories the garbage collector's cost of
-walking them grew the per-call overhead 1.6x.
+The reply is a one-shot on the caller's own task (:mod:`structenv._wakeup`, the one module that
+knows asyncio from trio; this one imports neither).
 
 The client-side deadline of every call (its ``timeout`` plus a grace, in case the host itself
 stops answering) is kept by one watchdog task over a heap of deadlines rather than by a cancel
@@ -19,26 +17,28 @@ When the batcher is idle (no other call queued or in flight) and the window is 0
 the express lane: the caller runs ``slot.exec`` itself under one cancel scope (its deadline,
 and the batcher's shutdown). Nothing could have joined its batch anyway, and skipping the
 hand-offs to the consumer and to a batch task saves three task switches, which at low load
-(code and caches cold after every command) are a tenth of an exec round trip.
+(code and caches cold after every command) are a tenth of an exec round trip. The express lane
+keeps the deadline with a cancel scope, so it is taken only when the backend's exec reacts to
+cancellation (:attr:`SandboxBackend.cancellable_exec`); otherwise every call takes the batched
+lane, where the watchdog answers the caller at the deadline whatever the backend does.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import heapq
 import itertools
 import math
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 import anyio
 import anyio.abc
-import sniffio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._exceptions import ConfigError
 from ._types import ExecRequest, ExecResult
+from ._wakeup import LoopKit, OneShot, current_loop
 from .abc import SandboxBackend, Slot
 
 __all__ = ["Batcher", "BatcherStatistics"]
@@ -84,8 +84,8 @@ class _Batch:
         self.scope = anyio.CancelScope()
 
 
-class _Call:
-    __slots__ = ("batch", "request", "result", "slot", "start", "state", "tracked", "waiter")
+class _Call(OneShot):
+    __slots__ = ("batch", "request", "result", "slot", "start", "state", "tracked")
 
     def __init__(self, slot: Slot, request: ExecRequest, start: float) -> None:
         self.slot = slot
@@ -95,49 +95,7 @@ class _Call:
         self.batch: _Batch | None = None
         self.start = start
         self.tracked = False
-        # asyncio: a future made with the call; trio: the parked task, if it is parked.
-        self.waiter: Any = None
-
-    def abort(self, raise_cancel: object) -> Any:
-        """trio's abort callback: the parked caller is being cancelled."""
-        import trio
-
         self.waiter = None
-        return trio.lowlevel.Abort.SUCCEEDED
-
-
-class _Primitives:
-    """The running backend's clock and one-shot wake-up, bound once instead of per call."""
-
-    __slots__ = ("event_cls", "is_trio", "new_future", "now")
-
-    def __init__(self) -> None:
-        self.event_cls = type(anyio.Event())
-        self.is_trio = sniffio.current_async_library() == "trio"
-        if self.is_trio:
-            import trio
-
-            self.now: Callable[[], float] = trio.current_time
-            self.new_future: Callable[[], Any] = lambda: None
-        else:
-            loop = asyncio.get_running_loop()
-            self.now = loop.time
-            self.new_future = loop.create_future
-
-
-def _wake(call: _Call) -> None:
-    """Deliver ``call.result`` to its caller (synchronous, idempotent)."""
-    waiter = call.waiter
-    if waiter is None:
-        return
-    if isinstance(waiter, asyncio.Future):
-        if not waiter.done():
-            waiter.set_result(None)
-        return
-    import trio
-
-    call.waiter = None
-    trio.lowlevel.reschedule(waiter)
 
 
 class Batcher:
@@ -185,7 +143,9 @@ class Batcher:
         self._dropped = 0
         self._largest = 0
         self._grace = deadline_grace
-        self._prims: _Primitives | None = None
+        self._kit: LoopKit | None = None
+        #: The express lane keeps the deadline by cancelling exec: only if exec reacts to it.
+        self._express_ok = window == 0 and backend.cancellable_exec
         self._deadlines: list[tuple[float, int, _Call]] = []
         self._seq = itertools.count()
         self._waiting = 0
@@ -213,10 +173,13 @@ class Batcher:
 
     def clock(self) -> Callable[[], float]:
         """The running event loop's clock, bound once (cheaper than ``anyio.current_time``)."""
-        prims = self._prims
-        if prims is None:
-            prims = self._prims = _Primitives()
-        return prims.now
+        return self._loop().now
+
+    def _loop(self) -> LoopKit:
+        kit = self._kit
+        if kit is None:
+            kit = self._kit = current_loop()
+        return kit
 
     def close(self) -> None:
         """Stop accepting calls; :meth:`serve` returns once the queue is drained."""
@@ -237,28 +200,21 @@ class Batcher:
         Cancellation: before dispatch, the call is dropped and never executed; after
         dispatch, the command may still run, so the slot is marked ``reusable = False``.
         """
-        prims = self._prims
-        if prims is None:
-            prims = self._prims = _Primitives()
-        if not self._waiting and self._window == 0 and not self._closed:
-            return await self._exec_express(slot, request)
-        start = prims.now()
+        kit = self._kit
+        if kit is None:
+            kit = self._loop()
+        if not self._waiting and self._express_ok and not self._closed:
+            return await self._exec_express(slot, request, kit)
+        start = kit.now()
         call = _Call(slot, request, start)
-        call.waiter = prims.new_future()
+        kit.arm(call)
         try:
             try:
                 self._send.send_nowait(call)
             except anyio.WouldBlock:
                 await self._send.send(call)
             self._track(call, start + request.timeout + self._grace)
-            if prims.is_trio:
-                if call.state < _DONE:
-                    import trio
-
-                    call.waiter = trio.lowlevel.current_task()
-                    await trio.lowlevel.wait_task_rescheduled(call.abort)
-            else:
-                await call.waiter
+            await kit.park(call)
         except BaseException:
             self._abandon(call)
             raise
@@ -271,11 +227,9 @@ class Batcher:
         assert result is not None
         return result
 
-    async def _exec_express(self, slot: Slot, request: ExecRequest) -> ExecResult:
+    async def _exec_express(self, slot: Slot, request: ExecRequest, kit: LoopKit) -> ExecResult:
         """Run one call in the caller's task (see the module docstring); same contract."""
-        prims = self._prims
-        assert prims is not None
-        start = prims.now()
+        start = kit.now()
         self._waiting += 1
         self._in_flight += 1
         self._batches += 1
@@ -304,13 +258,13 @@ class Batcher:
         # back came from a backend that ignored the cancellation; it is not trusted, exactly
         # as on the batched lane, and the slot is not reused.
         slot.reusable = False
-        if self._closed and not prims.now() >= scope.deadline:
+        if self._closed and not kit.now() >= scope.deadline:
             raise anyio.ClosedResourceError("the batcher stopped before this call was answered")
         self._expired += 1
         return ExecResult(
             exit_code=None,
             timed_out=True,
-            duration=prims.now() - start,
+            duration=kit.now() - start,
             sandboxed=slot.sandboxed,
             error="no answer from the sandbox host within the deadline",
         )
@@ -361,20 +315,19 @@ class Batcher:
             error="no answer from the sandbox host within the deadline",
         )
         call.state = _DONE
-        _wake(call)
+        self._loop().wake(call)
 
     async def _watch_deadlines(self) -> None:
-        prims = self._prims
-        assert prims is not None
+        kit = self._loop()
         while True:
-            now = prims.now()
+            now = kit.now()
             deadlines = self._deadlines
             while deadlines and (deadlines[0][2].state > _DISPATCHED or deadlines[0][0] <= now):
                 _, _, call = heapq.heappop(deadlines)
                 if call.state <= _DISPATCHED:
                     self._expire(call, now)
             self._watch_target = deadlines[0][0] if deadlines else math.inf
-            self._watch_wakeup = wakeup = prims.event_cls()
+            self._watch_wakeup = wakeup = kit.event_cls()
             with anyio.move_on_at(self._watch_target):
                 await wakeup.wait()
 
@@ -391,8 +344,7 @@ class Batcher:
         """
         recv = self._recv
         batch: list[_Call] = []
-        if self._prims is None:
-            self._prims = _Primitives()
+        self._loop()
         try:
             async with anyio.create_task_group() as watchdog:
                 watchdog.start_soon(self._watch_deadlines)
@@ -478,6 +430,7 @@ class Batcher:
 
     async def _run_batch(self, calls: list[_Call], batch: _Batch) -> None:
         answered = [False] * len(calls)
+        wake = self._loop().wake
 
         def deliver(i: int, result: ExecResult | Exception) -> None:
             if answered[i]:
@@ -487,7 +440,7 @@ class Batcher:
             if call.state == _DISPATCHED:
                 call.result = result
                 call.state = _DONE
-                _wake(call)
+                wake(call)
 
         try:
             with batch.scope:
@@ -523,10 +476,9 @@ class Batcher:
                 call.slot.reusable = False
                 deliver(i, error)
 
-    @staticmethod
-    def _fail_pending(calls: list[_Call]) -> None:
+    def _fail_pending(self, calls: list[_Call]) -> None:
         for call in calls:
             if call.state == _PENDING:
                 call.result = anyio.ClosedResourceError("the batcher stopped before dispatch")
                 call.state = _DONE
-                _wake(call)
+                self._loop().wake(call)

@@ -19,6 +19,7 @@ import anyio.lowlevel
 from pydantic import BaseModel, ConfigDict, Field
 
 from .._exceptions import ContextExhaustedError, PolicyError, ProtocolError
+from .._executor import unknown_tool_result
 from .._spec import SandboxSpec
 from .._types import ToolCall, ToolResult
 from ._parsing import ParsedMessage, ParseError, parse_hermes, parse_message
@@ -296,13 +297,7 @@ async def _loop(policy: Policy, tools: ToolRunner, run: _Run) -> AgentResult:
             if call.name in run.known:
                 runnable.append((index, call))
             else:
-                available = ", ".join(sorted(run.known)) or "none"
-                results[index] = ToolResult(
-                    call_id=call.id,
-                    name=call.name,
-                    content=f"Unknown tool {call.name!r}. Available tools: {available}.",
-                    error="unknown_tool",
-                )
+                results[index] = unknown_tool_result(call, run.known)
         if runnable:
             outcomes = await tools.call_many([call for _, call in runnable])
             if len(outcomes) != len(runnable):

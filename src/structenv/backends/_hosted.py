@@ -4,7 +4,8 @@ Local processes, Docker containers, Nomad allocations and Modal sandboxes all ru
 sandbox server (``python -m structenv.sandbox``) and differ only in how one host is started,
 watched and stopped. This module owns everything else: hosts -> slots bookkeeping, leasing,
 reset/destroy on release, broken-host handling (a dead host's in-flight calls fail at once
-through :meth:`HostClient.abort`), per-host streamed ``exec_batch``, health checks, scaling
+through :meth:`HostClient.abort`), one streamed ``exec_batch`` request per batch (the batcher
+groups calls per host), health checks, scaling
 between ``min_hosts`` and ``max_hosts`` through a creation limiter, and statistics.
 
 A subclass implements :meth:`HostedBackend._launch_host` (start ONE host, wait until it
@@ -20,8 +21,8 @@ import json
 import logging
 import math
 from abc import abstractmethod
-from collections.abc import Awaitable, Callable, Sequence
-from types import TracebackType
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Self
 
 import anyio
@@ -230,37 +231,20 @@ class HostedBackend(SandboxBackend):
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    async def __aenter__(self) -> Self:
-        # The maintenance task group must enclose the ``async with`` body: entered here,
-        # exited in __aexit__ after the shielded aclose() has stopped every host.
-        tg = anyio.create_task_group()
-        await tg.__aenter__()
-        self._tg = tg
-        try:
-            return await super().__aenter__()
-        except BaseException:
-            self._tg = None
-            # Shield the (prompt, cancelled) exit from outer cancellation; a separate
-            # move_on_after scope cannot be used: it would not nest with ``tg``.
-            tg.cancel_scope.shield = True
-            tg.cancel_scope.cancel()
-            await tg.__aexit__(None, None, None)
-            raise
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            await super().__aexit__(exc_type, exc, tb)
-        finally:
-            tg, self._tg = self._tg, None
-            if tg is not None:
+    @asynccontextmanager
+    async def __asynccontextmanager__(self) -> AsyncIterator[Self]:
+        # The maintenance task group encloses the ``async with`` body; it is cancelled (and
+        # shielded from outer cancellation, so the exit is prompt and complete) only after
+        # the base class's shielded aclose() has stopped every host.
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            try:
+                async with super().__asynccontextmanager__():
+                    yield self
+            finally:
+                self._tg = None
                 tg.cancel_scope.shield = True
                 tg.cancel_scope.cancel()
-                await tg.__aexit__(None, None, None)
 
     async def _start(self) -> None:
         if self._tg is None:
@@ -713,7 +697,10 @@ class HostedBackend(SandboxBackend):
     async def exec_batch(
         self, calls: Sequence[tuple[Slot, ExecRequest]], on_result: ResultCallback
     ) -> None:
-        """Run calls with one streamed request per host; results arrive as each finishes.
+        """Run calls of one host with one streamed request; results arrive as each finishes.
+
+        Raises:
+            ValueError: The calls' slots are on more than one host (the batcher groups them).
 
         Calls on a host that dies get :class:`~structenv.SlotBrokenError` as soon as the
         backend notices (connection loss, a failed health check or the host's exit).
@@ -721,22 +708,32 @@ class HostedBackend(SandboxBackend):
         Cancellation: the hosts kill every unfinished command; ``on_result`` is not called
         for them.
         """
-        groups: dict[str, list[tuple[int, int, int, ExecRequest]]] = {}
+        if not calls:
+            await anyio.lowlevel.checkpoint()
+            return
+        host_id = calls[0][0].host_id
+        if any(slot.host_id != host_id for slot, _ in calls):
+            # The batcher groups per host; grouping again here would be a second task group
+            # per batch for nothing (one exec shape: one batch, one host, one request).
+            raise ValueError("exec_batch takes the slots of one host; the batcher groups them")
+        group: list[tuple[int, int, int, ExecRequest]] = []
+        host: Host | None = None
         for i, (slot, request) in enumerate(calls):
             host, _ = self._lookup(slot)
             if host is None or not host.alive or not isinstance(slot, RemoteSlot):
                 on_result(i, SlotBrokenError(f"slot {slot.id} has no running {self.host_noun}"))
                 continue
-            groups.setdefault(host.id, []).append((i, slot.index, slot.lease, request))
+            group.append((i, slot.index, slot.lease, request))
+        if not group or host is None:
+            await anyio.lowlevel.checkpoint()
+            return
 
         def deliver(i: int, value: ExecResult | Exception) -> None:
             if isinstance(value, SlotBrokenError):
                 self._check_now.set()
             on_result(i, value)
 
-        async with anyio.create_task_group() as tg:
-            for host_id, group in groups.items():
-                tg.start_soon(stream_batch, self._hosts[host_id].client, group, deliver)
+        await stream_batch(host.client, group, deliver)
 
 
 def plain_slot_spec(spec: SandboxSpec) -> SlotSpec:

@@ -734,27 +734,6 @@ class RemoteSlot(Slot):
         data = await self._call("POST", "/v1/exec", self._json(request=request.to_wire()))
         return ExecResult.from_wire(json.loads(data))
 
-    async def exec_batch(self, requests: Sequence[ExecRequest]) -> list[ExecResult]:
-        """Run several commands in this slot concurrently, in one round trip.
-
-        Raises the first per-call error (stale lease, broken slot), if any.
-
-        Cancellation: as :meth:`exec`, for every request of the batch.
-        """
-        results: list[ExecResult | Exception | None] = [None] * len(requests)
-
-        def on_result(i: int, value: ExecResult | Exception) -> None:
-            results[i] = value
-
-        calls = [(i, self.index, self.lease, r) for i, r in enumerate(requests)]
-        await stream_batch(self.client, calls, on_result)
-        out: list[ExecResult] = []
-        for value in results:
-            if not isinstance(value, ExecResult):
-                raise value or SlotBrokenError("missing result")
-            out.append(value)
-        return out
-
     async def reset(self) -> None:
         """Kill everything in the slot, empty it and move this handle to the new lease.
 

@@ -104,7 +104,7 @@ def _object_problems(
     problems: list[str] = []
     pools = list(pools)
     for executor in executors:
-        if executor._pool is None:
+        if not executor.entered:
             continue  # never entered: nothing to leak
         stats = executor.statistics()
         if stats.active_trajectories:
@@ -160,7 +160,7 @@ def _backend_running(backend: SandboxBackend) -> bool:
 
 
 def _executor_running(executor: ToolExecutor) -> bool:
-    return executor._tg is not None and not executor._exiting
+    return executor.running
 
 
 def _running(obj: SlotPool | SandboxBackend | ToolExecutor) -> bool:

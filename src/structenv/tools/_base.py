@@ -1,4 +1,13 @@
-"""Tool, ToolContext and ToolRegistry: what the model can call and how calls are checked."""
+r"""Tool, ToolContext and ToolRegistry: what the model can call and how calls are checked.
+
+Arguments are validated by a ``jsonschema-rs`` validator compiled once per tool at
+registration (~0.4 µs for a valid call against ~20 µs for the ``jsonschema`` library's
+``iter_errors``; docs/design.md says why this one). Only a call that fails gets its message
+from the ``jsonschema`` library's ``best_match`` (the messages models are trained on), so the
+fast path allocates nothing. ``jsonschema-rs`` evaluates ``pattern`` with ECMA-262 semantics
+(``\d`` is ASCII digits only, as JSON Schema specifies), where Python's ``re`` matches any
+Unicode digit: the compiled validator is the judge.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import jsonschema
+import jsonschema_rs
 
 from .._exceptions import ConfigError
 from .._types import ExecRequest, ExecResult, ToolCall, ToolResult
@@ -101,7 +111,8 @@ class ToolRegistry:
         toolsets: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self._tools: dict[str, Tool] = {}
-        self._validators: dict[str, jsonschema.protocols.Validator] = {}
+        self._validators: dict[str, jsonschema_rs.Validator] = {}
+        self._explainers: dict[str, jsonschema.protocols.Validator] = {}
         self.toolsets: dict[str, list[str]] = {k: list(v) for k, v in (toolsets or {}).items()}
         for tool in tools:
             self.register(tool)
@@ -118,7 +129,12 @@ class ToolRegistry:
             cls.check_schema(dict(tool.parameters))
         except jsonschema.SchemaError as exc:
             raise ConfigError(f"tool {tool.name!r} has an invalid schema: {exc.message}") from exc
-        self._validators[tool.name] = cls(tool.parameters)
+        try:
+            fast = jsonschema_rs.validator_for(_plain(tool.parameters), validate_formats=False)
+        except (jsonschema_rs.ValidationError, ValueError) as exc:
+            raise ConfigError(f"tool {tool.name!r} has an invalid schema: {exc}") from exc
+        self._validators[tool.name] = fast
+        self._explainers[tool.name] = cls(tool.parameters)
         self._tools[tool.name] = tool
 
     def __contains__(self, name: object) -> bool:
@@ -141,10 +157,26 @@ class ToolRegistry:
 
     def validate(self, call: ToolCall) -> str | None:
         """``None`` if the call's arguments match the tool's schema, else why not."""
-        validator = self._validators[call.name]
-        error = jsonschema.exceptions.best_match(validator.iter_errors(dict(call.arguments)))
+        args = call.arguments
+        try:
+            if self._validators[call.name].is_valid(args):
+                return None
+        except ValueError:
+            # Not JSON data (a tuple, a mapping proxy, ...): judge a plain copy.
+            try:
+                if self._validators[call.name].is_valid(_plain(args)):
+                    return None
+            except ValueError as exc:
+                return f"arguments are not JSON data: {exc}"
+        return self._explain(call.name, args)
+
+    def _explain(self, name: str, args: Mapping[str, Any]) -> str:
+        """Why ``args`` fail the schema of ``name`` (the slow path: failures only)."""
+        error = jsonschema.exceptions.best_match(self._explainers[name].iter_errors(dict(args)))
         if error is None:
-            return None
+            # The two disagree only where regex dialects do (ECMA vs Python ``re``).
+            first = next(iter(self._validators[name].iter_errors(_plain(args))), None)
+            return first.message if first is not None else "does not match the schema"
         where = "/".join(str(p) for p in error.absolute_path)
         return f"{where + ': ' if where else ''}{error.message}"
 
@@ -179,3 +211,12 @@ class ToolRegistry:
         for tool in chosen.values():
             out.register(tool)
         return out
+
+
+def _plain(value: Any) -> Any:
+    """A copy of JSON-like data made of plain dicts and lists (what ``jsonschema-rs`` takes)."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
