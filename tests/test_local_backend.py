@@ -14,7 +14,7 @@ from typing import Any
 import anyio
 import pytest
 
-from structenv import ExecRequest, SlotBrokenError, _emergency
+from structenv import ExecRequest, ExecResult, SlotBrokenError, _emergency
 from structenv.abc import Slot
 from structenv.backends import LocalBackend, _local
 from structenv.backends._ownership import (
@@ -47,6 +47,13 @@ async def test_slots_spread_across_hosts() -> None:
         a, c = await b.acquire_slot(), await b.acquire_slot()
         assert a.host_id != c.host_id
         assert b.statistics().hosts == 2 and b.capacity == 4
+        # One exec shape: the batcher groups calls per host; the backend does not regroup.
+        got: dict[int, ExecResult | Exception] = {}
+        with pytest.raises(ValueError, match="one host"):
+            await b.exec_batch(
+                [(a, ExecRequest("true")), (c, ExecRequest("true"))], got.__setitem__
+            )
+        assert got == {}
         for s in (a, c):
             await b.release_slot(s, reusable=True)
 
