@@ -10,9 +10,9 @@ one unknown-tool message, ``call_many``) and hands each tool the :class:`Traject
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from contextlib import asynccontextmanager
-from typing import Self
+from typing import Any, Self
 
 import anyio
 from anyio import AsyncContextManagerMixin
@@ -161,11 +161,23 @@ class Trajectory:
     Implements :class:`~structenv.tools.ToolContext` for the tools it runs.
     """
 
-    __slots__ = ("_executor", "_lease", "_now", "_registry", "exec", "id", "tool_calls")
+    __slots__ = (
+        "_executor",
+        "_lease",
+        "_now",
+        "_registry",
+        "exec",
+        "id",
+        "max_output",
+        "max_tool_timeout",
+        "tool_calls",
+        "tool_server",
+        "tool_timeout",
+    )
 
     #: Run a command in the slot through the batcher (:meth:`structenv._exec.SlotLease.exec`:
     #: the same deadline, error and cancellation contract), bound once per trajectory.
-    exec: Callable[[ExecRequest], Awaitable[ExecResult]]
+    exec: Callable[[ExecRequest], Coroutine[Any, Any, ExecResult]]
 
     def __init__(self, executor: ToolExecutor, lease: SlotLease) -> None:
         self._executor = executor
@@ -174,6 +186,17 @@ class Trajectory:
         self._now = lease._now
         self.id = lease.id
         self.tool_calls = 0
+        # ToolContext: plain attributes read on every tool call, copied once from the
+        # executor (its config is fixed once it runs).
+        config = executor.config
+        #: Default per-call deadline in seconds.
+        self.tool_timeout: float = config.tool_timeout
+        #: Largest deadline a model may ask for.
+        self.max_tool_timeout: float = config.max_tool_timeout
+        #: Byte cap for each of stdout and stderr.
+        self.max_output: int = config.max_output_bytes
+        #: The external tool server, if configured.
+        self.tool_server: ToolServerClient | None = executor.tool_server
         # Bound, not delegated: tools call it on every tool call, and a delegating method
         # would be one more coroutine frame per call.
         self.exec = lease.exec
@@ -182,22 +205,6 @@ class Trajectory:
     def slot(self) -> Slot:
         """The leased slot."""
         return self._lease.slot
-
-    @property
-    def tool_timeout(self) -> float:
-        return self._executor.config.tool_timeout
-
-    @property
-    def max_tool_timeout(self) -> float:
-        return self._executor.config.max_tool_timeout
-
-    @property
-    def max_output(self) -> int:
-        return self._executor.config.max_output_bytes
-
-    @property
-    def tool_server(self) -> ToolServerClient | None:
-        return self._executor.tool_server
 
     def specs(self) -> list[dict[str, object]]:
         """OpenAI function specs of the tools this trajectory may call."""

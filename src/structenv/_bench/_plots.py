@@ -42,23 +42,22 @@ def write_plot(name: str, data: dict[str, Any], out_dir: Path) -> Path:
 
 def _dispatch(data: dict[str, Any], plt: Any) -> Any:
     fig, ax = plt.subplots(figsize=(7, 4))
+    styles = {"exec": "o-", "call": "s-", "naive": "x--"}
     for backend in sorted({r["backend"] for r in data["results"]}):
         rows = [r for r in data["results"] if r["backend"] == backend]
-        xs = [r["trajectories"] for r in rows]
-        ax.plot(xs, [r["structured"]["us_per_call"] for r in rows], "o-", label=f"{backend}")
-        naive = [(r["trajectories"], r["naive_reply_stream"]["us_per_call"]) for r in rows]
-        naive = [(x, y) for x, y in naive if y is not None and y == y]  # not measured
-        ax.plot(
-            [x for x, _ in naive],
-            [y for _, y in naive],
-            "x--",
-            label=f"{backend}, reply stream per call",
-        )
-    ax.axhline(15, color="grey", linestyle=":", label="target (asyncio, 1,000)")
+        for path, style in styles.items():
+            points = [(r["trajectories"], r[path]["us_per_call"]) for r in rows if path in r]
+            points = [(x, y) for x, y in points if y is not None and y == y]  # not measured
+            ax.plot(
+                [x for x, _ in points], [y for _, y in points], style, label=f"{backend} {path}"
+            )
+    ax.axhline(15, color="grey", linestyle=":", label="call target (asyncio, 1,000)")
     ax.set_xscale("log")
     ax.set_xlabel("concurrent trajectories (20 sequential calls each)")
     ax.set_ylabel("µs per call")
-    ax.set_title("dispatch overhead per tool call, zero-latency backend")
+    load = (data.get("load_average") or {}).get("before")
+    where = f" (load average {load[0]:.0f})" if load else ""
+    ax.set_title(f"dispatch per call: exec, call, naive{where}")
     ax.legend(fontsize=8)
     return fig
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 
 import anyio
 import anyio.lowlevel
@@ -318,7 +318,7 @@ async def check_backend(
     factory: BackendFactory,
     *,
     only: set[str] | None = None,
-    skip: set[str] = frozenset(),
+    skip: Collection[str] = (),
     deadline: float = 60.0,
 ) -> list[str]:
     """Run the contract suite; return the names of the checks that passed.

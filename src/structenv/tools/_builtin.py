@@ -85,10 +85,10 @@ class TerminalTool(Tool):
 
     async def run(self, ctx: ToolContext, call: ToolCall) -> ToolResult:
         """Run the command. Cancellation: the command's process tree is killed."""
-        timeout = min(float(call.arguments.get("timeout", ctx.tool_timeout)), ctx.max_tool_timeout)
-        request = ExecRequest(
-            command=str(call.arguments["command"]), timeout=timeout, max_output=ctx.max_output
-        )
+        args = call.arguments
+        asked = args.get("timeout")
+        timeout = ctx.tool_timeout if asked is None else min(float(asked), ctx.max_tool_timeout)
+        request = ExecRequest(str(args["command"]), timeout=timeout, max_output=ctx.max_output)
         return exec_tool_result(call, await ctx.exec(request))
 
 
