@@ -77,6 +77,12 @@ def modules() -> dict[str, tuple[pathlib.Path, bool]]:
     return found
 
 
+@functools.cache
+def parsed(name: str) -> ast.Module:
+    path, _ = modules()[name]
+    return ast.parse(path.read_text(), str(path))
+
+
 def _type_checking_nodes(tree: ast.Module) -> set[int]:
     inside: set[int] = set()
     for node in ast.walk(tree):
@@ -91,8 +97,8 @@ def imports() -> dict[str, dict[str, bool]]:
     """module -> {imported structenv module: runtime (False if only under TYPE_CHECKING)}."""
     mods = modules()
     graph: dict[str, dict[str, bool]] = {}
-    for name, (path, is_pkg) in mods.items():
-        tree = ast.parse(path.read_text(), str(path))
+    for name, (_, is_pkg) in mods.items():
+        tree = parsed(name)
         type_only = _type_checking_nodes(tree)
         out: dict[str, bool] = {}
 
@@ -208,8 +214,7 @@ def test_no_import_circle() -> None:
 
 def test_event_loops_are_imported_only_behind_the_seam() -> None:
     for name in LOOP_NEUTRAL:
-        path, _ = modules()[name]
-        tree = ast.parse(path.read_text())
+        tree = parsed(name)
         loops = {
             alias.name.split(".")[0]
             for node in ast.walk(tree)
@@ -227,3 +232,27 @@ def test_the_layer_list_is_the_one_in_the_design_doc() -> None:
     design = (ROOT.parent.parent / "docs" / "design.md").read_text()
     drawn = " < ".join(name for name, _ in LAYERS)
     assert drawn in design, f"docs/design.md should state the layer order: {drawn}"
+
+
+#: Third-party edges and the only modules that may import them (docs/design.md, STYLE.md).
+EDGE_LIBRARIES = {
+    "atroposlib": "structenv.adapters.atropos*",
+    "docker": "structenv.backends._docker*",
+    "modal": "structenv.backends._modal",
+}
+
+
+def test_edge_libraries_have_one_importer() -> None:
+    bad = []
+    for name in modules():
+        for node in ast.walk(parsed(name)):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                roots = {(node.module or "").split(".")[0]}
+            else:
+                continue
+            for root in roots & EDGE_LIBRARIES.keys():
+                if not fnmatch.fnmatchcase(name, EDGE_LIBRARIES[root]):
+                    bad.append(f"{name} imports {root}")
+    assert not bad, bad

@@ -235,16 +235,26 @@ class HostedBackend(SandboxBackend):
     async def __asynccontextmanager__(self) -> AsyncIterator[Self]:
         # The maintenance task group encloses the ``async with`` body; it is cancelled (and
         # shielded from outer cancellation, so the exit is prompt and complete) only after
-        # the base class's shielded aclose() has stopped every host.
+        # the base class's shielded aclose() has stopped every host. What the start or the
+        # body raised is re-raised after the group, as is: the group would wrap it in an
+        # exception group, and the body's errors are not the maintenance tasks' errors.
+        raised: BaseException | None = None
         async with anyio.create_task_group() as tg:
             self._tg = tg
             try:
                 async with super().__asynccontextmanager__():
                     yield self
+            except BaseException as exc:
+                raised = exc
             finally:
                 self._tg = None
                 tg.cancel_scope.shield = True
                 tg.cancel_scope.cancel()
+        if raised is not None:
+            try:
+                raise raised
+            finally:
+                raised = None  # no reference cycle through the traceback
 
     async def _start(self) -> None:
         if self._tg is None:
