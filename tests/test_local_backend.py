@@ -43,19 +43,22 @@ async def test_contract() -> None:
 
 
 async def test_slots_spread_across_hosts() -> None:
-    async with local_backend(hosts=2, slots_per_host=2) as b:
-        a, c = await b.acquire_slot(), await b.acquire_slot()
-        assert a.host_id != c.host_id
-        assert b.statistics().hosts == 2 and b.capacity == 4
-        # One exec shape: the batcher groups calls per host; the backend does not regroup.
-        got: dict[int, ExecResult | Exception] = {}
-        with pytest.raises(ValueError, match="one host"):
-            await b.exec_batch(
-                [(a, ExecRequest("true")), (c, ExecRequest("true"))], got.__setitem__
-            )
-        assert got == {}
-        for s in (a, c):
-            await b.release_slot(s, reusable=True)
+    # The body's error comes out as it is, not wrapped by the backend's task group.
+    with pytest.raises(LookupError, match="the body's"):
+        async with local_backend(hosts=2, slots_per_host=2) as b:
+            a, c = await b.acquire_slot(), await b.acquire_slot()
+            assert a.host_id != c.host_id
+            assert b.statistics().hosts == 2 and b.capacity == 4
+            # One exec shape: the batcher groups calls per host; the backend does not regroup.
+            got: dict[int, ExecResult | Exception] = {}
+            with pytest.raises(ValueError, match="one host"):
+                await b.exec_batch(
+                    [(a, ExecRequest("true")), (c, ExecRequest("true"))], got.__setitem__
+                )
+            assert got == {}
+            for s in (a, c):
+                await b.release_slot(s, reusable=True)
+            raise LookupError("the body's error")
 
 
 async def test_host_crash_mid_command() -> None:
