@@ -374,7 +374,7 @@ _EXPECTED = {
     "test_two_trajectories_left_open": "LeakError: 3 leaks: 2 trajectory(ies) left open",
     "test_executor_not_exited": "a ToolExecutor entered in the test was not exited; 2 task(s) "
     "started in the test left running: 'structenv._batcher.Batcher._watch_deadlines', "
-    "'structenv._executor.ToolExecutor._serve_batcher'",
+    "'structenv._exec.ExecService._serve_batcher'",
     "test_task_left_running": "LeakError: 1 leak: 1 task(s) started in the test left running:",
     "test_child_process_left": "LeakError: 1 leak: child process(es) left running:",
     "test_backend_not_closed": "LeakError: 1 leak: a FakeBackend started in the test was not "

@@ -12,6 +12,7 @@ corrupt the cancel scopes of later tests or fixtures.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -300,10 +301,12 @@ class LeakChecker:
                 if w.was_running or not isinstance(w.obj, kind) or not _running(w.obj):
                     continue
                 try:
-                    if isinstance(w.obj, ToolExecutor):
-                        await w.obj.__aexit__(None, None, None)
-                    elif isinstance(w.obj, SandboxBackend):
-                        await w.obj.aclose()
+                    await w.obj.__aexit__(None, None, None)
+                except RuntimeError:
+                    # Not entered through ``async with`` (started by hand): stop it directly.
+                    if isinstance(w.obj, SandboxBackend):
+                        with contextlib.suppress(Exception):
+                            await w.obj.aclose()
                 except Exception:
                     pass  # the leak is being reported already
                 except BaseException as exc:  # re-raised by _close_left_open
@@ -364,7 +367,13 @@ class _GeneratorTracker:
                 mine = anyio.get_current_task().id == self._task
             except Exception:
                 mine = False
-            if mine and isinstance(agen, AsyncGeneratorType):
+            # An executor's or backend's own life (AsyncContextManagerMixin) is closed through
+            # its __aexit__ by _close_watched, not by throwing GeneratorExit into its task group.
+            if (
+                mine
+                and isinstance(agen, AsyncGeneratorType)
+                and agen.ag_code.co_name != "__asynccontextmanager__"
+            ):
                 parent = next((g for g, _ in reversed(self._generators) if g.ag_running), None)
                 self._generators.append((agen, parent))
             if saved.firstiter is not None:
