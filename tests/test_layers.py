@@ -32,6 +32,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "structenv._emergency",
             "structenv._runner",
             "structenv._main",
+            "structenv._process",
+            "structenv._viewer",
             "structenv._abc",
             "structenv.abc",
         ),
