@@ -99,17 +99,10 @@ async def _hold(pool: SlotPool, spec: SandboxSpec) -> None:
 
 
 def _cache_entry(spec: SandboxSpec) -> str | None:
-    import docker
+    from ..backends._images import rootfs_entry
 
-    from ..backends._images import cache_dir
-
-    client = docker.from_env()
-    try:
-        digest = str(client.images.get(spec.image).id).split(":")[-1]
-    finally:
-        client.close()
-    path = os.path.join(cache_dir(), "rootfs", digest)
-    return path if os.path.isdir(path) else None
+    assert spec.image is not None
+    return rootfs_entry(spec.image)
 
 
 def _spawn_ms(argv: list[str], pass_fds: tuple[int, ...] = (), *, until_hello: bool) -> float:

@@ -170,6 +170,18 @@ def _sweep(root: str) -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
+def rootfs_entry(image: str, cache: str | None = None) -> str | None:
+    """The cache entry of ``image``'s exported rootfs, or ``None`` if it was not exported
+    (blocking; for reports such as ``structenv bench specs``)."""
+    client = _client()
+    try:
+        digest = str(client.images.get(image).id).split(":")[-1]
+    finally:
+        client.close()
+    path = os.path.join(cache or cache_dir(), "rootfs", digest)
+    return path if os.path.isdir(path) else None
+
+
 def export_rootfs(image: str, cache: str | None = None) -> tuple[str, dict[str, str]]:
     """The rootfs directory of local image ``image`` and the image's environment (blocking).
 

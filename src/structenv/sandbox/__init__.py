@@ -13,11 +13,11 @@ from ._bwrap import CGROUP_V1 as CGROUP_V1
 from ._bwrap import Isolation as Isolation
 from ._bwrap import bwrap_argv as bwrap_argv
 from ._bwrap import default_uid_base as default_uid_base
-from ._bwrap import host_prefixes as host_prefixes
 from ._bwrap import probe_report as probe_report
 from ._bwrap import slot_uid as slot_uid
 from ._client import HostClient as HostClient
 from ._client import RemoteSlot as RemoteSlot
+from ._rootfs import host_prefixes as host_prefixes
 from ._runtime import WORKER_FILE as WORKER_FILE
 from ._runtime import Limits as Limits
 from ._runtime import slot_argv as slot_argv

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import anyio
 
 from .._exceptions import SandboxUnavailableError
+from ._rootfs import host_prefixes
 
 __all__ = [
     "Isolation",
@@ -81,18 +82,6 @@ class Isolation:
     @property
     def sandboxed(self) -> bool:
         return self.mode == "bwrap"
-
-
-def host_prefixes() -> list[str]:
-    """Directories outside ``/usr`` the Python interpreter needs (e.g. a pyenv prefix)."""
-    found: list[str] = []
-    for p in (sys.base_prefix, sys.prefix, os.path.dirname(os.path.dirname(sys.executable))):
-        real = os.path.realpath(p)
-        if real == "/usr" or real.startswith("/usr/") or real == "/":
-            continue
-        if not any(real == f or real.startswith(f + "/") for f in found):
-            found.append(real)
-    return found
 
 
 _EDITABLE: list[str] | None = None

@@ -22,6 +22,7 @@ import sys
 from collections.abc import Sequence
 
 __all__ = [
+    "host_prefixes",
     "HOST_ROOT",
     "host_loader_argv",
     "resolve_in",
@@ -33,6 +34,18 @@ __all__ = [
 HOST_ROOT = "/.structenv/host"
 #: Top-level names of a rootfs that the sandbox provides itself.
 _OWN = {"proc", "dev", "sys", "tmp", "workspace", ".structenv", "run"}
+
+
+def host_prefixes() -> list[str]:
+    """Directories outside ``/usr`` the Python interpreter needs (e.g. a pyenv prefix)."""
+    found: list[str] = []
+    for p in (sys.base_prefix, sys.prefix, os.path.dirname(os.path.dirname(sys.executable))):
+        real = os.path.realpath(p)
+        if real == "/usr" or real.startswith("/usr/") or real == "/":
+            continue
+        if not any(real == f or real.startswith(f + "/") for f in found):
+            found.append(real)
+    return found
 
 
 def resolve_in(root: str, path: str, *, hops: int = 40) -> str | None:
@@ -93,8 +106,6 @@ def _loader() -> str:
 
 def _host_dirs() -> list[tuple[str, str]]:
     """(host path, path inside the slot) of what the server's interpreter needs."""
-    from ._bwrap import host_prefixes
-
     binds = [("/usr", f"{HOST_ROOT}/usr")]
     for name in ("lib", "lib64", "lib32"):
         path = os.path.join("/", name)
@@ -114,8 +125,6 @@ def host_loader_argv(args: Sequence[str]) -> list[str]:
         if multiarch:
             libs.append(f"{HOST_ROOT}{base}/{multiarch}")
         libs.append(f"{HOST_ROOT}{base}")
-    from ._bwrap import host_prefixes
-
     libs += [f"{HOST_ROOT}{p}/lib" for p in host_prefixes()]
     python = HOST_ROOT + os.path.realpath(sys.executable)
     return [HOST_ROOT + loader, "--library-path", ":".join(libs), python, *args]

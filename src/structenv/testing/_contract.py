@@ -22,6 +22,7 @@ import anyio.to_thread
 
 from .._config import ExecutorConfig
 from .._exceptions import SlotBrokenError, StaleLeaseError
+from .._spec import SandboxSpec
 from .._types import ExecRequest, ExecResult
 from ..abc import BackendStatistics, FileEntry, SandboxBackend, Slot
 
@@ -256,8 +257,8 @@ class _StubbornBackend(SandboxBackend):
     def allow_network(self) -> bool:
         return self.inner.allow_network
 
-    async def acquire_slot(self) -> Slot:
-        return _StubbornSlot(await self.inner.acquire_slot(), self.gate)
+    async def acquire_slot(self, spec: SandboxSpec | None = None) -> Slot:
+        return _StubbornSlot(await self.inner.acquire_slot(spec), self.gate)
 
     async def release_slot(self, slot: Slot, *, reusable: bool) -> None:
         assert isinstance(slot, _StubbornSlot)
