@@ -9,10 +9,11 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
 from rich.console import Console
 from rich.table import Table
 
@@ -22,7 +23,9 @@ __all__ = [
     "percentile",
     "print_table",
     "progress",
+    "measure_latencies",
     "summarize",
+    "summarize_ms",
     "write_results",
 ]
 
@@ -140,3 +143,34 @@ def finish(name: str, payload: dict[str, Any], out_dir: Path) -> list[Path]:
         print(f"wrote {path}")
     print(NOISE_NOTE)
     return written
+
+
+def summarize_ms(latencies: list[float], elapsed: float) -> dict[str, float]:
+    """p50/p99/mean latency (ms) and throughput (per s) of ``latencies`` over ``elapsed`` s."""
+    n = len(latencies)
+    return {
+        "n": n,
+        "p50_ms": round(percentile(latencies, 50) * 1e3, 3),
+        "p99_ms": round(percentile(latencies, 99) * 1e3, 3),
+        "mean_ms": round(statistics.fmean(latencies) * 1e3, 3) if latencies else 0.0,
+        "throughput_per_s": round(n / elapsed, 1),
+    }
+
+
+async def measure_latencies(
+    concurrency: int, per_worker: int, op: Callable[[int], Awaitable[None]]
+) -> dict[str, float]:
+    """Run ``op(i)`` ``per_worker`` times in each of ``concurrency`` tasks; summarize."""
+    latencies: list[float] = []
+
+    async def worker(index: int) -> None:
+        for _ in range(per_worker):
+            start = time.perf_counter()
+            await op(index)
+            latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for i in range(concurrency):
+            tg.start_soon(worker, i)
+    return summarize_ms(latencies, time.perf_counter() - start)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -29,6 +29,8 @@ from .._executor import ToolExecutor
 from .._types import ExecRequest
 from ..abc import SandboxBackend
 from ._report import machine_info, progress
+from ._report import measure_latencies as _loop
+from ._report import summarize_ms as _summary
 
 __all__ = ["load_factory", "run_user_bench"]
 
@@ -64,35 +66,6 @@ def _levels(capacity: int, quick: bool) -> list[int]:
     if levels[-1] != top:
         levels.append(top)
     return levels
-
-
-def _summary(latencies: list[float], elapsed: float) -> dict[str, float]:
-    ordered = sorted(latencies)
-    n = len(ordered)
-    return {
-        "n": n,
-        "p50_ms": round(ordered[n // 2] * 1e3, 3),
-        "p99_ms": round(ordered[min(n - 1, int(n * 0.99))] * 1e3, 3),
-        "throughput_per_s": round(n / elapsed, 1),
-    }
-
-
-async def _loop(
-    callers: int, rounds: int, op: Callable[[int], Awaitable[None]]
-) -> dict[str, float]:
-    latencies: list[float] = []
-
-    async def caller(index: int) -> None:
-        for _ in range(rounds):
-            start = time.perf_counter()
-            await op(index)
-            latencies.append(time.perf_counter() - start)
-
-    start = time.perf_counter()
-    async with anyio.create_task_group() as tg:
-        for i in range(callers):
-            tg.start_soon(caller, i)
-    return _summary(latencies, time.perf_counter() - start)
 
 
 def _check(result: Any, command: str) -> None:

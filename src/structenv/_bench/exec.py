@@ -22,11 +22,9 @@ from __future__ import annotations
 import functools
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,42 +37,14 @@ from ..backends import LocalBackend
 from ..sandbox import Isolation, RemoteSlot, bwrap_argv, default_uid_base, slot_uid
 from . import _layers
 from ._report import finish, print_table, progress
+from ._report import measure_latencies as _measure
+from ._report import summarize_ms as _summary
 
 __all__ = ["run", "run_exec_bench"]
 
 COMMAND = _layers.COMMAND
 TARGET_P50_MS = 1.0
 TARGET_THROUGHPUT = 1500.0
-
-
-def _summary(latencies: list[float], elapsed: float) -> dict[str, float]:
-    ordered = sorted(latencies)
-    n = len(ordered)
-    return {
-        "n": n,
-        "p50_ms": round(ordered[n // 2] * 1e3, 3),
-        "p99_ms": round(ordered[min(n - 1, int(n * 0.99))] * 1e3, 3),
-        "mean_ms": round(statistics.fmean(ordered) * 1e3, 3),
-        "throughput_per_s": round(n / elapsed, 1),
-    }
-
-
-async def _measure(
-    concurrency: int, per_worker: int, op: Callable[[int], Awaitable[None]]
-) -> dict[str, float]:
-    latencies: list[float] = []
-
-    async def worker(index: int) -> None:
-        for _ in range(per_worker):
-            start = time.perf_counter()
-            await op(index)
-            latencies.append(time.perf_counter() - start)
-
-    start = time.perf_counter()
-    async with anyio.create_task_group() as tg:
-        for i in range(concurrency):
-            tg.start_soon(worker, i)
-    return _summary(latencies, time.perf_counter() - start)
 
 
 async def _slot_api(quick: bool) -> dict[str, Any]:
