@@ -19,10 +19,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from structenv import ExecRequest, ExecResult, StructEnvError
+from structenv import ConfigError, ExecRequest, ExecResult, StructEnvError
 from structenv.abc import SandboxBackend, Slot
 from structenv.sandbox import RemoteSlot, _files
-from structenv.sandbox._bwrap import TCP_MEMORY
+from structenv.sandbox._bwrap import FILE_TABLE_SHARE, TCP_MEMORY, nofile_limit
 from test_docker_support import docker_backend, docker_image
 from test_sandbox_support import local_backend
 
@@ -213,3 +213,120 @@ def test_a_huge_directory_is_not_read_into_the_server(tmp_path: Path) -> None:
             tracemalloc.stop()
         assert peak < 1 << 20, peak  # 2.5 MB before, for 3,000 entries
     assert os.listdir(tmp_path) == ["crowded"]
+
+
+# -- the kernel's shared tables --------------------------------------------------------------
+
+#: A small inode cap, so the attack is quick (the default, 65,536, is measured in the docs).
+_INODES = 4096
+
+_FILL_INODES = r"""
+import errno, json, os, sys
+cap = int(sys.argv[1])
+out = {}
+for root in ("/workspace/many", "/tmp/many", "/dev/shm/many"):
+    os.mkdir(root)
+    n = 0
+    try:
+        while n < 2 * cap:  # unbounded before: 1.5 M files, 20 s for the kernel to free
+            os.close(os.open(f"{root}/{n}", os.O_CREAT | os.O_WRONLY, 0o600))
+            n += 1
+        out[root] = ["UNBOUNDED", n]
+    except OSError as exc:
+        out[root] = [errno.errorcode[exc.errno], n]
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(params=["local", pytest.param("docker", marks=pytest.mark.docker)])
+async def capped(request: pytest.FixtureRequest) -> AsyncIterator[SandboxBackend]:
+    """One slot whose tmpfs (workspace, /tmp, /dev/shm) hold at most ``_INODES`` files."""
+    if request.param == "local":
+        b: SandboxBackend = local_backend(slots_per_host=1, inode_limit=_INODES)
+    else:
+        request.getfixturevalue("docker_image")
+        b = docker_backend(slots_per_container=1, inode_limit=_INODES, memory_limit=1 << 30)
+    async with b:
+        yield b
+
+
+async def test_a_slot_cannot_make_more_files_than_its_inode_cap(capped: SandboxBackend) -> None:
+    # A slot's tmpfs had no inode cap: 1.5 M empty files in /tmp (within its memory limit)
+    # took the kernel over 20 s to free when the sandbox died, so the reset timed out and the
+    # slot was destroyed (once its host was declared dead); Docker's workspace, wiped file by
+    # file, timed out at a million. Now each tmpfs answers ENOSPC at its cap.
+    async with lease(capped) as slot:
+        first = slot.id
+        await slot.write_file("fill.py", _FILL_INODES.encode())
+        r = await slot.exec(ExecRequest(f"python3 fill.py {_INODES}", timeout=60))
+        assert r.exit_code == 0, r
+        for root, (outcome, count) in json.loads(r.stdout).items():
+            assert outcome == "ENOSPC" and count < _INODES, (root, outcome, count)
+    async with lease(capped) as slot:
+        assert slot.id == first  # reset in time and reused, not destroyed
+        left = await slot.exec(ExecRequest("ls -A /workspace /tmp /dev/shm", timeout=10))
+        assert left.stdout.split() == [b"/dev/shm:", b"/tmp:", b"/workspace:"], left
+    assert capped.statistics().resets_failed == 0
+
+
+_OPEN_EVERYWHERE = r"""
+import errno, json, os, resource
+limit = resource.getrlimit(resource.RLIMIT_NOFILE)
+counts, release = [], os.pipe()
+while len(counts) < 1000:
+    report = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError as exc:  # the pids cgroup is full
+        stop = errno.errorcode[exc.errno]
+        break
+    if pid == 0:
+        n = 0
+        try:
+            while True:
+                os.open("/dev/null", os.O_RDONLY)
+                n += 1
+        except OSError:
+            pass
+        os.write(report[1], str(n).encode())
+        os.read(release[0], 1)  # hold every descriptor until the parent is done
+        os._exit(0)
+    os.close(report[1])
+    counts.append(int(os.read(report[0], 32)))
+    os.close(report[0])
+else:
+    stop = "NO LIMIT"
+print(json.dumps({"limit": limit, "stop": stop, "processes": len(counts), "open": sum(counts)}))
+"""
+
+
+async def test_a_slot_cannot_fill_the_machines_file_table() -> None:
+    # The file table is machine-wide: each slot could hold nofile x pids (4096 x 256, a
+    # million) open files, three slots filled fs.file-max (2.47 M here) and every process
+    # on the machine got ENFILE. All slots together now stay within half of file-max.
+    slots, pids = 6, 64
+    file_max = int(await anyio.Path("/proc/sys/fs/file-max").read_text())
+    budget = int(file_max * FILE_TABLE_SHARE) // slots
+    async with local_backend(slots_per_host=slots, pids_limit=pids) as b, lease(b) as slot:
+        assert isinstance(slot, RemoteSlot)
+        cgroup = f"/sys/fs/cgroup/pids/structenv/{slot.host_id}/{slot.index}"
+        assert int(await anyio.Path(f"{cgroup}/pids.max").read_text()) == pids
+        r = await python(slot, _OPEN_EVERYWHERE)
+    got = json.loads(r.stdout)
+    soft, hard = got["limit"]
+    assert soft == hard and hard * pids <= budget, (got, budget)
+    assert got["stop"] == "EAGAIN" and got["processes"] < pids, got
+    assert hard * (pids - 5) <= got["open"] <= hard * pids, got  # every process at its rlimit
+
+
+def test_the_file_budget_is_checked_when_a_backend_is_made() -> None:
+    assert nofile_limit(None, pids=256, groups=4, what="4 slots", file_max=2_470_000) == 1024
+    assert nofile_limit(None, pids=256, groups=12, what="12 slots", file_max=2_470_000) == 402
+    assert nofile_limit(512, pids=256, groups=4, what="4 slots", file_max=2_470_000) == 512
+    with pytest.raises(ConfigError, match=r"4 slots: 256 processes x nofile .* 308750 open files .*"
+                       r"fs.file-max 2470000 x 0.5 / 4\), so nofile 4096 > 1206"):  # fmt: skip
+        nofile_limit(4096, pids=256, groups=4, what="4 slots", file_max=2_470_000)
+    with pytest.raises(ConfigError, match="nofile 30 < 64: lower pids or slots"):
+        nofile_limit(None, pids=4096, groups=10, what="10 slots", file_max=2_470_000)
+    with pytest.raises(ConfigError, match="nofile 4096 > "):
+        local_backend(slots_per_host=4, pids_limit=256, nofile_limit=4096)

@@ -81,6 +81,7 @@ from .._spec import SandboxSpec
 from .._types import DEFAULT_MAX_OUTPUT
 from ..sandbox import _seccomp
 from ..sandbox._bwrap import DEFAULT_PATH
+from ..sandbox._bwrap import nofile_limit as nofile_limit_for
 from ..sandbox._client import HostClient
 from ..sandbox._runtime import SlotSpec
 from ._docker_reap import (
@@ -241,6 +242,13 @@ class DockerBackend(HostedBackend):
         cpus: CPUs per container (``None``: no quota).
         workspace_size: Bytes of tmpfs for the slots' workspaces, split evenly: each slot has
             its own tmpfs (its disk quota; counts as the container's memory).
+        inode_limit: Files each of a slot's tmpfs (workspace, ``/tmp``, ``/dev/shm``: per-slot
+            tmpfs mounts of the container, wiped on every reset) may hold (``nr_inodes``; 0:
+            the kernel's default). A reset's wipe takes time in proportion.
+        nofile_limit: Open files per process (``RLIMIT_NOFILE``) of the slots. The kernel's
+            file table is machine-wide, so all containers together (``max_containers x
+            pids_limit x nofile_limit``) may hold at most half of ``fs.file-max``; ``None``
+            picks 1024 lowered to fit, and a value that does not fit is a ``ConfigError``.
         runtime: A Docker runtime, e.g. ``"runsc"`` for gVisor.
         slot_cgroups: Per-slot pids, memory and cpu cgroups inside each container (see the
             module docstring): ``"auto"`` (when the engine is local, cgroup v1 with the
@@ -287,6 +295,8 @@ class DockerBackend(HostedBackend):
         pids_limit: int = 1024,
         cpus: float | None = None,
         workspace_size: int = 1 << 30,
+        inode_limit: int = 65536,
+        nofile_limit: int | None = None,
         runtime: str | None = None,
         slot_cgroups: Literal["auto", "required", "off"] = "auto",
         run_id: str | None = None,
@@ -321,6 +331,13 @@ class DockerBackend(HostedBackend):
             raise ConfigError(f"unknown slot_cgroups {slot_cgroups!r}")
         if slot_cgroups == "required" and isolation == "none":
             raise ConfigError("slot_cgroups='required' needs bwrap isolation")
+        if inode_limit < 0:
+            raise ConfigError("inode_limit must be >= 0")
+        self._nofile = nofile_limit_for(
+            nofile_limit, pids=pids_limit, groups=max_containers,
+            what=f"{max_containers} containers",
+        )  # fmt: skip
+        self._inodes = inode_limit
         if creation_concurrency < 1 or creation_rate <= 0 or sdk_concurrency < 1:
             raise ConfigError("creation_concurrency, creation_rate, sdk_concurrency must be > 0")
         super().__init__(
@@ -640,11 +657,14 @@ class DockerBackend(HostedBackend):
         # pids are enforced per slot uid (RLIMIT_NPROC counts that uid's processes) and the
         # disk by per-slot tmpfs sizes, while memory is shared by the container's slots.
         share = self._slots_per + 1
+        tmp_size = max(memory // (4 * share), 16 << 20)
+        inodes = f",nr_inodes={self._inodes}" if self._inodes else ""
         command = [
             "--slots", str(self._slots_per), "--workdir", f"{_WORKDIR}/w", "--name", name[-40:],
             "--isolation", self._mode, "--max-output", str(max_output),
             "--pids", str(max(pids // share, 16)),
-            "--tmp-size", str(max(memory // (4 * share), 16 << 20)),
+            "--tmp-size", str(tmp_size), "--nofile", str(self._nofile),
+            "--inodes", str(self._inodes),
         ]  # fmt: skip
         if cgroups:
             command += [
@@ -683,11 +703,15 @@ class DockerBackend(HostedBackend):
             "binds": binds,
             "init": True,
             # One tmpfs per slot: a slot that fills its workspace fills only its own quota.
+            # Its /tmp and /dev/shm too (bwrap's own --tmpfs cannot cap inodes): the server
+            # binds them in and wipes them on reset (see SlotRuntime.scratch).
             "tmpfs": {
                 _WORKDIR: "rw,exec,size=64m",
                 **{
-                    f"{_WORKDIR}/w/slot-{i}": f"rw,exec,nosuid,nodev,size={slot_space}"
+                    f"{_WORKDIR}/w/slot-{i}{suffix}": f"rw,exec,nosuid,nodev,size={size}{inodes}"
+                    + (",mode=1777" if suffix else "")
                     for i in range(self._slots_per)
+                    for suffix, size in (("", slot_space), (".tmp", tmp_size), (".shm", 64 << 20))
                 },
             },
             "mem_limit": memory,

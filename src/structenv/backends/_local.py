@@ -41,6 +41,7 @@ from .._spec import SandboxSpec
 from .._types import DEFAULT_MAX_OUTPUT
 from ..abc import Slot
 from ..sandbox._bwrap import DEFAULT_PATH, remove_cgroup_tree
+from ..sandbox._bwrap import nofile_limit as nofile_limit_for
 from ..sandbox._client import HostClient
 from ..sandbox._files import remove_tree
 from ..sandbox._runtime import SlotSpec
@@ -94,6 +95,14 @@ class LocalBackend(HostedBackend):
         disk_limit: Bytes of a slot's workspace (its own tmpfs, counted as its memory too;
             root only) — a slot cannot fill the host's disk.
         tmp_limit: Bytes of a slot's private ``/tmp``.
+        inode_limit: Files each of a slot's tmpfs (workspace, ``/tmp``, ``/dev/shm``) may
+            hold (``nr_inodes``; root only, 0: no cap). Freeing them is what a reset waits
+            for: 1.5 M files took the kernel over 20 s, a full 65,536-file tmpfs well under
+            one (docs/design.md, threat model).
+        nofile_limit: Open files per process of a slot (``RLIMIT_NOFILE``). The kernel's file
+            table is machine-wide, so all slots together (``hosts x slots_per_host x
+            pids_limit x nofile_limit``) may hold at most half of ``fs.file-max``; ``None``
+            picks 1024 lowered to fit, and a value that does not fit is a ``ConfigError``.
         max_output: Host-side cap on captured stdout/stderr per command.
         cgroup: ``"auto"``, ``"required"`` or ``"off"``: use of per-slot v1 cgroups.
         workdir: Private directory for sockets and workspaces (default: a new 0700 directory
@@ -124,6 +133,8 @@ class LocalBackend(HostedBackend):
         cpu_limit: float = 1.0,
         disk_limit: int = 2 << 30,
         tmp_limit: int = 1 << 30,
+        inode_limit: int = 65536,
+        nofile_limit: int | None = None,
         max_output: int = max(DEFAULT_MAX_OUTPUT, 16 << 20),
         cgroup: Literal["auto", "required", "off"] = "auto",
         workdir: str | None = None,
@@ -138,6 +149,12 @@ class LocalBackend(HostedBackend):
             raise ConfigError(f"unknown isolation {isolation!r}")
         if isolation == "none" and require_sandbox:
             raise ConfigError("isolation='none' needs require_sandbox=False")
+        nofile = nofile_limit_for(
+            nofile_limit, pids=pids_limit, groups=hosts * slots_per_host,
+            what=f"{hosts * slots_per_host} slots",
+        )  # fmt: skip
+        if inode_limit < 0:
+            raise ConfigError("inode_limit must be >= 0")
         super().__init__(
             slots_per_host=slots_per_host,
             min_hosts=hosts,
@@ -153,7 +170,7 @@ class LocalBackend(HostedBackend):
         self._isolation = isolation
         self._bwrap = bwrap_path
         self._limits = (memory_limit, pids_limit, file_size_limit, cpu_time_limit, max_output)
-        self._slot_limits = (cpu_limit, disk_limit, tmp_limit)
+        self._slot_limits = (cpu_limit, disk_limit, tmp_limit, inode_limit, nofile)
         self._cgroup = cgroup
         self._workdir_opt = workdir
         self._reap_on_start = reap_on_start
@@ -227,7 +244,8 @@ class LocalBackend(HostedBackend):
             "--memory", str(memory), "--pids", str(pids), "--file-size", str(fsize),
             "--cpu-seconds", str(cpu), "--max-output", str(max_output),
             "--cpus", str(self._slot_limits[0]), "--disk", str(self._slot_limits[1]),
-            "--tmp-size", str(self._slot_limits[2]),
+            "--tmp-size", str(self._slot_limits[2]), "--inodes", str(self._slot_limits[3]),
+            "--nofile", str(self._slot_limits[4]),
         ]  # fmt: skip
         if self._allow_network:
             argv.append("--allow-network")

@@ -53,6 +53,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cpus", type=float, default=_DEFAULTS.cpus, help="CPU cores per slot")
     p.add_argument("--disk", type=int, default=_DEFAULTS.disk, help="workspace bytes per slot")
     p.add_argument("--tmp-size", type=int, default=_DEFAULTS.tmp_size, help="/tmp bytes per slot")
+    p.add_argument(
+        "--inodes", type=int, default=_DEFAULTS.inodes, help="files per tmpfs of a slot (0: no cap)"
+    )
+    p.add_argument("--nofile", type=int, default=_DEFAULTS.nofile, help="open files per process")
     p.add_argument("--max-output", type=int, default=_DEFAULTS.max_output)
     p.add_argument("--max-body", type=int, default=64 << 20)
     p.add_argument("--watch-stdin", action="store_true", help="exit when stdin closes")
@@ -114,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             cpus=args.cpus,
             disk=args.disk,
             tmp_size=args.tmp_size,
+            inodes=args.inodes,
+            nofile=args.nofile,
         ),
         cgroup=args.cgroup,
         cgroup_root=args.cgroup_root,

@@ -36,6 +36,7 @@ from ._bwrap import (
     has_private_mounts,
     kill_tree,
     mount_quota,
+    mount_tmpfs,
     switch_uid,
     unmount,
 )
@@ -94,19 +95,23 @@ class Limits:
     ``file_size``, ``cpu_seconds`` and ``nofile`` are hard rlimits of every command;
     ``tmp_size``/``shm_size`` size the slot's private ``/tmp`` and ``/dev/shm``; ``disk`` is
     the workspace's quota (a tmpfs of its own where the server may mount one, see
-    :class:`SlotRuntime`; its pages also count against ``memory``).
+    :class:`SlotRuntime`; its pages also count against ``memory``). ``inodes`` caps the
+    files of each of the slot's tmpfs (workspace, ``/tmp``, ``/dev/shm``; ``nr_inodes``)
+    where the server mounts them itself or the container runtime does: how long a reset
+    takes to free them grows with their number (see ``_bwrap.mount_tmpfs``).
     """
 
     memory: int = 2 << 30
     pids: int = 256
     file_size: int = 1 << 30
     cpu_seconds: int = 0
-    nofile: int = 4096
+    nofile: int = 1024
     max_output: int = 16 << 20
     cpus: float = 1.0
     tmp_size: int = 1 << 30
     shm_size: int = 64 << 20
     disk: int = 2 << 30
+    inodes: int = 65536
 
 
 _LIMIT_FIELDS = ("memory", "pids", "cpus", "file_size", "cpu_seconds")
@@ -201,6 +206,16 @@ class SlotSpec:
 DEFAULT_SPEC = SlotSpec()
 
 
+def within_file_budget(limits: Limits, base: Limits) -> Limits:
+    """``limits`` (a spec's overrides of ``base``) with ``nofile`` lowered so that ``nofile x
+    pids`` stays within what ``base`` allows: the backend sized ``base`` to its share of the
+    machine's file table (see ``_bwrap.nofile_limit``), and a spec may raise ``pids``."""
+    if base.pids <= 0 or limits.nofile <= 0 or limits.pids <= base.pids:
+        return limits
+    nofile = max(base.nofile * base.pids // limits.pids, 16) if limits.pids > 0 else 16
+    return dataclasses.replace(limits, nofile=min(limits.nofile, nofile))
+
+
 def default_path() -> str:
     """``PATH`` of a default slot: the interpreter's directory first, so ``python3``,
     ``pytest`` and ``pip`` are the ones the host runs structenv with."""
@@ -219,12 +234,15 @@ def slot_argv(
     accounts: str | None = None,
     spec: SlotSpec = DEFAULT_SPEC,
     shell: str = "/bin/bash",
+    scratch: bool = False,
 ) -> list[str]:
     """The command line of a slot: its worker, as PID 1 of a bwrap sandbox if sandboxed.
 
     The worker speaks length-prefixed JSON frames on its stdin/stdout (see ``_worker``).
     ``uid`` is the slot's host uid (see ``_bwrap.slot_uid``), ``seccomp_fd`` a descriptor of
-    the seccomp program that the spawned process must inherit.
+    the seccomp program that the spawned process must inherit. With ``scratch``, the slot's
+    ``/tmp`` and ``/dev/shm`` are the tmpfs mounted at ``<workspace>.tmp`` and
+    ``<workspace>.shm`` (see :attr:`SlotRuntime.scratch`) instead of bwrap's.
     """
     path = ":".join([*spec.path_prefix, spec.path or default_path()])
     env = {
@@ -267,6 +285,8 @@ def slot_argv(
         WORKER_PATH)], uid=uid,
         seccomp_fd=seccomp_fd, tmp_size=limits.tmp_size, shm_size=limits.shm_size,
         accounts=accounts, rootfs=spec.rootfs, binds=spec.binds, path=path,
+        tmp=workspace + ".tmp" if scratch else None,
+        shm=workspace + ".shm" if scratch else None,
     )  # fmt: skip
 
 
@@ -382,6 +402,10 @@ class SlotRuntime:
         #: only in a server with a mount namespace of its own (``python -m
         #: structenv.sandbox``), so no mount can outlive it.
         self.quota = isolation.sandboxed and limits.disk > 0 and has_private_mounts()
+        #: The slot's /tmp and /dev/shm are tmpfs with an inode cap at ``<workspace>.tmp``
+        #: and ``.shm``: mounted here and remounted on every reset (``"mount"``), or mounted
+        #: by the container runtime and wiped on every reset (``"wipe"``); ``""``: bwrap's.
+        self.scratch = "mount" if isolation.sandboxed and has_private_mounts() else ""
         self.state = "down"
         self.terminal_state: dict[str, Any] = {}
         self._proc: anyio.abc.Process | None = None
@@ -402,23 +426,19 @@ class SlotRuntime:
 
         Cancellation: whatever was spawned is killed before the cancellation propagates.
         """
-        if self.quota and not await anyio.to_thread.run_sync(os.path.ismount, self.workspace):
-            await anyio.to_thread.run_sync(
-                functools.partial(mount_quota, self.workspace, size=self.limits.disk, uid=self.uid)
-            )
         spec = self.spec
-        await anyio.to_thread.run_sync(_own_workspace, self.workspace, self.uid, spec.workdir)
+        await anyio.to_thread.run_sync(self._mount, spec.workdir)
         shell, accounts = "/bin/bash", self.accounts
         if spec.rootfs is not None:
             shell, accounts = await anyio.to_thread.run_sync(self._rootfs_setup, spec)
-        limits = spec.apply(self.limits)
+        limits = within_file_budget(spec.apply(self.limits), self.limits)
         seccomp_fd = -1
         if self.iso.sandboxed:
             seccomp_fd = await anyio.to_thread.run_sync(_seccomp.open_program, self.seccomp_path)
         argv = slot_argv(
             self.iso, self.workspace, name=self.name, limits=limits, uid=self.uid,
             seccomp_fd=seccomp_fd if seccomp_fd >= 0 else None, accounts=accounts,
-            spec=spec, shell=shell,
+            spec=spec, shell=shell, scratch=bool(self.scratch),
         )  # fmt: skip
         if self.use_cgroup:
             self._cgroup = SlotCgroup(
@@ -485,6 +505,33 @@ class SlotRuntime:
             directory = os.path.join(os.path.dirname(self.accounts), f".accounts-{self.index}")
             accounts = rootfs_accounts(spec.rootfs, directory, [self.uid])
         return shell, accounts
+
+    def _mount(self, workdir: str | None) -> None:
+        """Mount what is not mounted yet: the workspace quota and the scratch tmpfs."""
+        limits = self.limits
+        if self.quota and not os.path.ismount(self.workspace):
+            mount_quota(self.workspace, size=limits.disk, uid=self.uid, inodes=limits.inodes)
+        _own_workspace(self.workspace, self.uid, workdir)
+        # Per-slot tmpfs the container runtime mounted (DockerBackend), with their caps.
+        provided = all(os.path.ismount(self.workspace + s) for s in (".tmp", ".shm"))
+        if self.iso.sandboxed and not self.scratch and provided:
+            self.scratch = "wipe"
+        if self.scratch == "mount":
+            for suffix, size in ((".tmp", limits.tmp_size), (".shm", limits.shm_size)):
+                if not os.path.ismount(self.workspace + suffix):
+                    mount_tmpfs(
+                        self.workspace + suffix, size=size, inodes=limits.inodes, uid=None,
+                        mode=0o1777,
+                    )  # fmt: skip
+
+    def _drop_scratch(self) -> bool:
+        """After every process of the slot is gone: empty its /tmp and /dev/shm."""
+        for path in (self.workspace + ".tmp", self.workspace + ".shm"):
+            if self.scratch == "mount":
+                unmount(path)
+            elif self.scratch == "wipe" and not _wipe(path, mode=0o1777):
+                return False
+        return True
 
     def stderr(self) -> str:
         """The last bytes the sandbox (bwrap or the worker) wrote to its stderr."""
@@ -559,6 +606,8 @@ class SlotRuntime:
         await self._kill_sandbox()
         if self.quota:
             await anyio.to_thread.run_sync(unmount, self.workspace)
+        if self.scratch == "mount":
+            await anyio.to_thread.run_sync(self._drop_scratch)
         if self._cgroup:
             delay = 0.005
             while not self._cgroup.remove():
@@ -691,6 +740,8 @@ class SlotRuntime:
             await anyio.to_thread.run_sync(unmount, self.workspace)
         if not await anyio.to_thread.run_sync(functools.partial(_wipe, self.workspace, fresh=True)):
             raise SlotBroken("cannot empty the workspace")
+        if not await anyio.to_thread.run_sync(self._drop_scratch):
+            raise SlotBroken("cannot empty the slot's /tmp or /dev/shm")
         await self.start()
 
 
@@ -755,7 +806,7 @@ _FS_IOC_GETFLAGS = 0x80086601
 _FS_IOC_SETFLAGS = 0x40086602
 
 
-def _wipe(root: str, *, fresh: bool = False) -> bool:
+def _wipe(root: str, *, fresh: bool = False, mode: int = 0o755) -> bool:
     """Empty ``root`` from the host side (iterative, fd-based, never follows symlinks,
     whatever the depth or permissions of the tree) and leave nothing of the last lease on
     the root itself. True if that worked.
@@ -774,12 +825,12 @@ def _wipe(root: str, *, fresh: bool = False) -> bool:
             os.rmdir(root)
             os.mkdir(root, 0o755)
             return True
-        return _scrub(root)
+        return _scrub(root, mode)
     except OSError:
         return False
 
 
-def _scrub(root: str) -> bool:
+def _scrub(root: str, mode: int = 0o755) -> bool:
     """Reset what the slot could have set on directory ``root``; whether it is clean."""
     import array
     import fcntl
@@ -800,7 +851,7 @@ def _scrub(root: str) -> bool:
             if exc.errno not in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
                 raise
         os.utime(fd)
-        os.fchmod(fd, 0o755)
+        os.fchmod(fd, mode)
         return not os.listdir(fd) and not any(n.startswith(marks) for n in os.listxattr(fd))
     finally:
         os.close(fd)
