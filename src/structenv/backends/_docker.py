@@ -83,7 +83,7 @@ from ..sandbox import _seccomp
 from ..sandbox._bwrap import DEFAULT_PATH
 from ..sandbox._bwrap import nofile_limit as nofile_limit_for
 from ..sandbox._client import HostClient
-from ..sandbox._runtime import SlotSpec
+from ..sandbox._runtime import SlotSpec, shm_inodes
 from ._docker_reap import (
     DOCKER_CGROUP_PARENT,
     DOCKER_MOUNT,
@@ -242,9 +242,9 @@ class DockerBackend(HostedBackend):
         cpus: CPUs per container (``None``: no quota).
         workspace_size: Bytes of tmpfs for the slots' workspaces, split evenly: each slot has
             its own tmpfs (its disk quota; counts as the container's memory).
-        inode_limit: Files each of a slot's tmpfs (workspace, ``/tmp``, ``/dev/shm``: per-slot
-            tmpfs mounts of the container, wiped on every reset) may hold (``nr_inodes``; 0:
-            the kernel's default). A reset's wipe takes time in proportion.
+        inode_limit: Files a slot's workspace and ``/tmp`` (per-slot tmpfs mounts of the
+            container, wiped on every reset) may each hold (``nr_inodes``; ``/dev/shm`` a
+            sixteenth; 0: the kernel's default). A reset's wipe takes time in proportion.
         nofile_limit: Open files per process (``RLIMIT_NOFILE``) of the slots. The kernel's
             file table is machine-wide, so all containers together (``max_containers x
             pids_limit x nofile_limit``) may hold at most half of ``fs.file-max``; ``None``
@@ -658,7 +658,10 @@ class DockerBackend(HostedBackend):
         # disk by per-slot tmpfs sizes, while memory is shared by the container's slots.
         share = self._slots_per + 1
         tmp_size = max(memory // (4 * share), 16 << 20)
-        inodes = f",nr_inodes={self._inodes}" if self._inodes else ""
+
+        def inodes(cap: int) -> str:
+            return f",nr_inodes={cap}" if cap else ""
+
         command = [
             "--slots", str(self._slots_per), "--workdir", f"{_WORKDIR}/w", "--name", name[-40:],
             "--isolation", self._mode, "--max-output", str(max_output),
@@ -708,10 +711,15 @@ class DockerBackend(HostedBackend):
             "tmpfs": {
                 _WORKDIR: "rw,exec,size=64m",
                 **{
-                    f"{_WORKDIR}/w/slot-{i}{suffix}": f"rw,exec,nosuid,nodev,size={size}{inodes}"
+                    f"{_WORKDIR}/w/slot-{i}{suffix}": f"rw,exec,nosuid,nodev,size={size}"
+                    + inodes(cap)
                     + (",mode=1777" if suffix else "")
                     for i in range(self._slots_per)
-                    for suffix, size in (("", slot_space), (".tmp", tmp_size), (".shm", 64 << 20))
+                    for suffix, size, cap in (
+                        ("", slot_space, self._inodes),
+                        (".tmp", tmp_size, self._inodes),
+                        (".shm", 64 << 20, shm_inodes(self._inodes)),
+                    )
                 },
             },
             "mem_limit": memory,

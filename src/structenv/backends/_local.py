@@ -95,10 +95,10 @@ class LocalBackend(HostedBackend):
         disk_limit: Bytes of a slot's workspace (its own tmpfs, counted as its memory too;
             root only) — a slot cannot fill the host's disk.
         tmp_limit: Bytes of a slot's private ``/tmp``.
-        inode_limit: Files each of a slot's tmpfs (workspace, ``/tmp``, ``/dev/shm``) may
-            hold (``nr_inodes``; root only, 0: no cap). Freeing them is what a reset waits
-            for: 1.5 M files took the kernel over 20 s, a full 65,536-file tmpfs well under
-            one (docs/design.md, threat model).
+        inode_limit: Files a slot's workspace and ``/tmp`` may each hold (``nr_inodes``;
+            ``/dev/shm`` a sixteenth; root only, 0: no cap). Freeing them is what a reset
+            waits for: 1.5 M files took the kernel over 20 s, a full slot under 2 s
+            (docs/design.md, threat model).
         nofile_limit: Open files per process of a slot (``RLIMIT_NOFILE``). The kernel's file
             table is machine-wide, so all slots together (``hosts x slots_per_host x
             pids_limit x nofile_limit``) may hold at most half of ``fs.file-max``; ``None``

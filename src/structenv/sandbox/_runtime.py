@@ -96,7 +96,7 @@ class Limits:
     ``tmp_size``/``shm_size`` size the slot's private ``/tmp`` and ``/dev/shm``; ``disk`` is
     the workspace's quota (a tmpfs of its own where the server may mount one, see
     :class:`SlotRuntime`; its pages also count against ``memory``). ``inodes`` caps the
-    files of each of the slot's tmpfs (workspace, ``/tmp``, ``/dev/shm``; ``nr_inodes``)
+    files of each of the slot's tmpfs (workspace, ``/tmp``; ``/dev/shm`` a sixteenth of it)
     where the server mounts them itself or the container runtime does: how long a reset
     takes to free them grows with their number (see ``_bwrap.mount_tmpfs``).
     """
@@ -221,6 +221,12 @@ def default_path() -> str:
     ``pytest`` and ``pip`` are the ones the host runs structenv with."""
     here = os.path.dirname(sys.executable)
     return DEFAULT_PATH if here in DEFAULT_PATH.split(":") else f"{here}:{DEFAULT_PATH}"
+
+
+def shm_inodes(inodes: int) -> int:
+    """The inode cap of a slot's ``/dev/shm``: a sixteenth of the others' (POSIX shared
+    memory and semaphores need few files; every file is time a reset spends freeing)."""
+    return max(inodes // 16, 1024) if inodes > 0 else 0
 
 
 def slot_argv(
@@ -517,12 +523,14 @@ class SlotRuntime:
         if self.iso.sandboxed and not self.scratch and provided:
             self.scratch = "wipe"
         if self.scratch == "mount":
-            for suffix, size in ((".tmp", limits.tmp_size), (".shm", limits.shm_size)):
+            for suffix, size, inodes in (
+                (".tmp", limits.tmp_size, limits.inodes),
+                (".shm", limits.shm_size, shm_inodes(limits.inodes)),
+            ):
                 if not os.path.ismount(self.workspace + suffix):
                     mount_tmpfs(
-                        self.workspace + suffix, size=size, inodes=limits.inodes, uid=None,
-                        mode=0o1777,
-                    )  # fmt: skip
+                        self.workspace + suffix, size=size, inodes=inodes, uid=None, mode=0o1777
+                    )
 
     def _drop_scratch(self) -> bool:
         """After every process of the slot is gone: empty its /tmp and /dev/shm."""
