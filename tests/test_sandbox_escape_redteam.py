@@ -23,6 +23,7 @@ from structenv import ConfigError, ExecRequest, ExecResult, StructEnvError
 from structenv.abc import SandboxBackend, Slot
 from structenv.sandbox import RemoteSlot, _files
 from structenv.sandbox._bwrap import FILE_TABLE_SHARE, TCP_MEMORY, nofile_limit
+from structenv.sandbox._runtime import Limits, within_file_budget
 from test_docker_support import docker_backend, docker_image
 from test_sandbox_support import local_backend
 
@@ -330,3 +331,7 @@ def test_the_file_budget_is_checked_when_a_backend_is_made() -> None:
         nofile_limit(None, pids=4096, groups=10, what="10 slots", file_max=2_470_000)
     with pytest.raises(ConfigError, match="nofile 4096 > "):
         local_backend(slots_per_host=4, pids_limit=256, nofile_limit=4096)
+    # A sandbox spec may raise a slot's pids: its nofile goes down to keep the product.
+    base = Limits(pids=256, nofile=1024)
+    assert within_file_budget(Limits(pids=512, nofile=1024), base).nofile == 512
+    assert within_file_budget(Limits(pids=128, nofile=1024), base).nofile == 1024
