@@ -698,7 +698,10 @@ def nofile_limit(
             raise ConfigError(f"{budget}, so nofile {nofile} > {fits}: lower nofile or pids")
         return nofile
     if fits < _MIN_NOFILE:
-        raise ConfigError(f"{budget}, so nofile {fits} < {_MIN_NOFILE}: lower pids or slots")
+        raise ConfigError(
+            f"{budget}, so nofile {fits} < {_MIN_NOFILE}: lower pids or slots "
+            "(or raise fs.file-max)"
+        )
     return min(DEFAULT_NOFILE, fits)
 
 
