@@ -78,7 +78,7 @@ async def test_network_allowed_uses_tcp_with_token() -> None:
 async def test_scale_up_on_demand_and_down_when_idle() -> None:
     run_id = new_run_id()
     async with docker_backend(
-        run_id=run_id, slots_per_container=1, min_containers=1, max_containers=2, idle_timeout=0.3
+        run_id=run_id, slots_per_host=1, min_hosts=1, max_hosts=2, idle_timeout=0.3
     ) as b:
         assert b.capacity == 2 and b.statistics().hosts == 1
         first = await b.acquire_slot()
@@ -104,16 +104,14 @@ async def test_scale_up_on_demand_and_down_when_idle() -> None:
 async def test_cancelled_start_leaves_no_container(delay: float) -> None:
     run_id = new_run_id()
     with anyio.move_on_after(delay):
-        async with docker_backend(run_id=run_id, min_containers=2):
+        async with docker_backend(run_id=run_id, min_hosts=2):
             await anyio.sleep_forever()
     assert containers_of(run_id) == []
 
 
 async def test_cancelled_acquire_during_scale_up_leaves_nothing() -> None:
     run_id = new_run_id()
-    async with docker_backend(
-        run_id=run_id, slots_per_container=1, min_containers=1, max_containers=2
-    ) as b:
+    async with docker_backend(run_id=run_id, slots_per_host=1, min_hosts=1, max_hosts=2) as b:
         held = await b.acquire_slot()
         with anyio.move_on_after(0.05) as scope:
             await b.acquire_slot()
@@ -132,7 +130,7 @@ async def test_missing_image_is_a_clear_error() -> None:
 
 async def test_end_to_end_trajectories_through_executor() -> None:
     run_id = new_run_id()
-    async with docker_backend(run_id=run_id, min_containers=2) as b:
+    async with docker_backend(run_id=run_id, min_hosts=2) as b:
         config = ExecutorConfig(trajectory_timeout=60, tool_timeout=20)
         async with ToolExecutor(b, config=config) as executor:
             outcomes: dict[int, tuple[str, bool]] = {}
@@ -177,7 +175,7 @@ async def test_unsandboxed_mode_says_so_and_executor_refuses_it() -> None:
 async def test_container_creation_is_rate_limited() -> None:
     run_id = new_run_id()
     async with docker_backend(
-        run_id=run_id, min_containers=3, creation_concurrency=4, creation_rate=2.0
+        run_id=run_id, min_hosts=3, creation_concurrency=4, creation_rate=2.0
     ):
         created = sorted(
             datetime.datetime.fromisoformat(c.attrs["Created"][:26]).timestamp()

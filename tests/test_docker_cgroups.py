@@ -191,7 +191,7 @@ async def test_slot_processes_live_in_their_own_cgroups() -> None:
 
 async def test_closing_the_backend_removes_every_cgroup_of_its_run() -> None:
     run_id = new_run_id()
-    async with docker_backend(run_id=run_id, max_containers=2) as backend:
+    async with docker_backend(run_id=run_id, max_hosts=2) as backend:
         extra = [await backend.acquire_slot() for _ in range(3)]  # a second container
         try:
             busy = await _run(extra[0], "sleep 600 >/dev/null 2>&1 & echo ok")

@@ -59,7 +59,7 @@ async def _docker_kill(docker_id: str) -> None:
 
 async def test_killed_container_mid_command() -> None:
     run_id = new_run_id()
-    async with docker_backend(run_id=run_id, slots_per_container=2) as b:
+    async with docker_backend(run_id=run_id, slots_per_host=2) as b:
         config = ExecutorConfig(trajectory_timeout=60, tool_timeout=600)
         async with ToolExecutor(b, config=config) as executor:
             ((victim_host, victim_id),) = b.container_ids().items()
@@ -205,7 +205,7 @@ async def test_hung_container_is_declared_dead_and_in_flight_calls_fail() -> Non
     """A paused container keeps its connections open: only the health check can tell."""
     run_id = new_run_id()
     async with docker_backend(
-        run_id=run_id, slots_per_container=1, health_interval=0.2, health_timeout=0.5
+        run_id=run_id, slots_per_host=1, health_interval=0.2, health_timeout=0.5
     ) as b:
         slot = await b.acquire_slot()
         ((host, docker_id),) = b.container_ids().items()

@@ -22,7 +22,7 @@ from structenv.backends._ownership import LABEL_RUN
 
 #: Test-sized limits; a fast health check so dead containers are noticed quickly.
 DEFAULTS: dict[str, Any] = {
-    "slots_per_container": 2,
+    "slots_per_host": 2,
     "memory_limit": 512 << 20,
     "pids_limit": 256,
     "workspace_size": 64 << 20,

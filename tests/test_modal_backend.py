@@ -23,7 +23,7 @@ def backend(fake: FakeModal, **kwargs: Any) -> ModalBackend:
     options: dict[str, Any] = dict(
         modal_module=fake,
         tunnel_tls=False,
-        slots_per_sandbox=2,
+        slots_per_host=2,
         health_interval=0.2,
         trajectory_deadline=60,
         scoring_buffer=10,
@@ -58,7 +58,7 @@ async def test_create_options_tags_and_lifetime() -> None:
 
 async def test_creation_rate_limit() -> None:
     async with open_modal_fake() as fake:
-        kwargs: dict[str, Any] = dict(slots_per_sandbox=1, max_sandboxes=4, creation_rate=5.0)
+        kwargs: dict[str, Any] = dict(slots_per_host=1, max_hosts=4, creation_rate=5.0)
         async with backend(fake, **kwargs) as b:
             with anyio.fail_after(30):
                 slots = [await b.acquire_slot() for _ in range(4)]
@@ -71,7 +71,7 @@ async def test_creation_rate_limit() -> None:
 
 async def test_no_lease_from_a_sandbox_near_its_end() -> None:
     async with open_modal_fake() as fake:
-        async with backend(fake, max_sandboxes=2, slots_per_sandbox=1) as b:
+        async with backend(fake, max_hosts=2, slots_per_host=1) as b:
             (old,) = b._hosts.values()
             old.expires_at = anyio.current_time() + 69  # type: ignore[attr-defined]  # ModalHost  # < trajectory_deadline + buffer left
             with anyio.fail_after(20):
@@ -105,10 +105,10 @@ async def test_cancelled_start_and_acquire_leave_nothing() -> None:
     async with open_modal_fake() as fake:
         for delay in (0.0, 0.05, 0.3):
             with anyio.move_on_after(delay):
-                async with backend(fake, min_sandboxes=2):
+                async with backend(fake, min_hosts=2):
                     pass
             assert not fake.running() and not servers()
-        async with backend(fake, slots_per_sandbox=1, max_sandboxes=2) as b:
+        async with backend(fake, slots_per_host=1, max_hosts=2) as b:
             held = await b.acquire_slot()
             with anyio.move_on_after(0.01):
                 await b.acquire_slot()

@@ -26,7 +26,7 @@ def backend(fake: NomadFake, **kwargs: Any) -> NomadBackend:
     options: dict[str, Any] = dict(
         address=fake.address,
         token=fake.token,
-        slots_per_allocation=2,
+        slots_per_host=2,
         poll_interval=0.02,
         health_interval=0.2,
         reap_on_start=False,
@@ -57,7 +57,7 @@ async def test_contract() -> None:
 
 async def test_job_spec_meta_and_purge_on_close() -> None:
     async with open_nomad_fake() as fake:
-        async with backend(fake, run_id="spec", min_allocations=2, max_allocations=3) as b:
+        async with backend(fake, run_id="spec", min_hosts=2, max_hosts=3) as b:
             job = fake.jobs["structenv-spec"]
             group = job.spec["TaskGroups"][0]
             assert group["Count"] == 2 and group["Tasks"][0]["Driver"] == "docker"
@@ -88,8 +88,8 @@ async def test_purge_on_start_replaces_a_leftover_job() -> None:
 
 async def test_scale_up_on_demand_and_down_when_idle() -> None:
     async with open_nomad_fake() as fake:
-        kwargs: dict[str, Any] = dict(min_allocations=1, max_allocations=2, idle_timeout=0.3)
-        async with backend(fake, slots_per_allocation=1, **kwargs) as b:
+        kwargs: dict[str, Any] = dict(min_hosts=1, max_hosts=2, idle_timeout=0.3)
+        async with backend(fake, slots_per_host=1, **kwargs) as b:
             first = await b.acquire_slot()
             with anyio.fail_after(30):
                 second = await b.acquire_slot()  # needs a second allocation
@@ -170,7 +170,7 @@ async def test_acl_token_is_required() -> None:
 async def test_cancelled_start_leaves_nothing(delay: float) -> None:
     async with open_nomad_fake() as fake:
         with anyio.move_on_after(delay):
-            async with backend(fake, min_allocations=2, max_allocations=2):
+            async with backend(fake, min_hosts=2, max_hosts=2):
                 pass
         assert not fake.jobs and not fake.live_processes()
         assert not sandbox_servers()
@@ -178,7 +178,7 @@ async def test_cancelled_start_leaves_nothing(delay: float) -> None:
 
 async def test_cancelled_acquire_during_scale_up_leaves_nothing() -> None:
     async with open_nomad_fake() as fake:
-        async with backend(fake, slots_per_allocation=1, max_allocations=2) as b:
+        async with backend(fake, slots_per_host=1, max_hosts=2) as b:
             held = await b.acquire_slot()
             with anyio.move_on_after(0.01):
                 await b.acquire_slot()  # triggers a scale-up, then is cancelled

@@ -48,7 +48,7 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[SandboxBacken
         b: SandboxBackend = local_backend(slots_per_host=1)
     else:
         request.getfixturevalue("docker_image")
-        b = docker_backend(slots_per_container=1, workspace_size=256 << 20, memory_limit=1 << 30)
+        b = docker_backend(slots_per_host=1, workspace_size=256 << 20, memory_limit=1 << 30)
     async with b:
         yield b
 
@@ -407,7 +407,7 @@ async def test_docker_slot_cannot_starve_its_siblings(docker_image: str) -> None
     # Slots of one container: a fork bomb and a /tmp fill in one slot must
     # still leave the other slot able to fork and allocate.
     async with docker_backend(
-        slots_per_container=2, memory_limit=1 << 30, pids_limit=256, workspace_size=128 << 20
+        slots_per_host=2, memory_limit=1 << 30, pids_limit=256, workspace_size=128 << 20
     ) as backend:
         bomb, other = await backend.acquire_slot(), await backend.acquire_slot()
         try:
@@ -461,7 +461,7 @@ async def test_docker_server_is_not_host_root(docker_image: str) -> None:
     from test_docker_support import containers_of, new_run_id
 
     run_id = new_run_id()
-    async with docker_backend(run_id=run_id, slots_per_container=1) as backend, lease(backend):
+    async with docker_backend(run_id=run_id, slots_per_host=1) as backend, lease(backend):
         (container,) = containers_of(run_id)
         pid = container.attrs["State"]["Pid"]  # the container's init (docker --init)
         procs = [int(p) for p in _read(f"/proc/{pid}/task/{pid}/children").split()]

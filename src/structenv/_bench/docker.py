@@ -2,7 +2,7 @@
 
 Measured in one run, on the same containers:
 
-* **cold start**: ``async with DockerBackend(min_containers=1)`` until the first slot can be
+* **cold start**: ``async with DockerBackend(min_hosts=1)`` until the first slot can be
   leased (create + start the container, the server's bwrap probe, every slot's worker).
 * **warm acquire / release**: leasing a free slot (in memory) and giving it back (a reset on
   the server: kill the slot's processes, empty its workspace, new lease).
@@ -42,7 +42,7 @@ SLOTS_PER_CONTAINER = 4
 def _backend(image: str, **options: Any) -> DockerBackend:
     settings: dict[str, Any] = {
         "image": image,
-        "slots_per_container": SLOTS_PER_CONTAINER,
+        "slots_per_host": SLOTS_PER_CONTAINER,
         "memory_limit": 1 << 30,
         "workspace_size": 256 << 20,
         "pool": "bench",
@@ -134,7 +134,7 @@ async def _throughput(
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     async with _backend(
-        image, min_containers=containers, creation_concurrency=4, creation_rate=10
+        image, min_hosts=containers, creation_concurrency=4, creation_rate=10
     ) as backend:
         started = time.perf_counter() - t0
         slots = [await backend.acquire_slot() for _ in range(backend.capacity)]

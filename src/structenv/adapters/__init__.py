@@ -7,15 +7,12 @@ aiohttp and ``asyncio.create_task``), so it is imported only when asked for::
 
     from structenv.adapters.atropos import AgentEnv, AgentEnvConfig
 
-This package itself never imports atroposlib: the pieces that do not need it (the backend
-registry, the workspace helper handed to hooks, token sequences and group assembly) live here
-and are usable and testable on Trio too.
+This package itself never imports atroposlib: the pieces that do not need it (the workspace
+helper handed to hooks, token sequences and group assembly) live here and are usable and
+testable on Trio too. Backends are selected by name through :mod:`structenv.backends`'
+registry (``create_backend``).
 """
 
-from ._backends import BackendSettings as BackendSettings
-from ._backends import available_backends as available_backends
-from ._backends import create_backend as create_backend
-from ._backends import register_backend as register_backend
 from ._sequence import MemberOutcome as MemberOutcome
 from ._sequence import TokenSequence as TokenSequence
 from ._sequence import build_scored_group as build_scored_group
@@ -23,13 +20,9 @@ from ._sequence import retokenize_messages as retokenize_messages
 from ._workspace import ExecTool as ExecTool
 
 __all__ = [
-    "BackendSettings",
     "ExecTool",
     "MemberOutcome",
     "TokenSequence",
-    "available_backends",
     "build_scored_group",
-    "create_backend",
-    "register_backend",
     "retokenize_messages",
 ]

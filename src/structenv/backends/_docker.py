@@ -78,7 +78,6 @@ from .. import _emergency
 from .._exceptions import BackendError, ConfigError, SandboxUnavailableError
 from .._image import DEFAULT_TAG
 from .._spec import SandboxSpec
-from .._types import DEFAULT_MAX_OUTPUT
 from ..sandbox import _seccomp
 from ..sandbox._bwrap import DEFAULT_PATH
 from ..sandbox._bwrap import nofile_limit as nofile_limit_for
@@ -92,6 +91,7 @@ from ._docker_reap import (
     remove_docker_cgroups,
 )
 from ._hosted import Host, HostedBackend, plain_slot_spec
+from ._options import DockerOptions, resolve_options
 from ._ownership import LABEL_RUN, ReapReport, owner_labels
 
 __all__ = ["DEFAULT_IMAGE", "DockerBackend", "reap_containers"]
@@ -224,13 +224,14 @@ class DockerBackend(HostedBackend):
     Use as ``async with DockerBackend(...) as backend:``. See the module docstring for the
     transport, the isolation and what ``sandboxed`` means here.
 
-    Args:
+    Options (fields of :class:`~structenv.backends.DockerOptions`, given as a model and/or
+    keyword overrides; the host-pool ones are :class:`~structenv.backends.HostedOptions`'):
         image: An image whose entrypoint is ``python3 -m structenv.sandbox`` (build one with
             ``structenv image build``; bring your own by keeping that entrypoint).
-        slots_per_container: Slots (isolated workspaces) per container.
-        min_containers: Containers kept running (started before ``__aenter__`` returns).
-        max_containers: Upper bound when scaling up on demand (default: ``min_containers``).
-            :attr:`capacity` is ``max_containers * slots_per_container``.
+        slots_per_host: Slots (isolated workspaces) per container.
+        min_hosts: Containers kept running (started before ``__aenter__`` returns).
+        max_hosts: Upper bound when scaling up on demand (default: ``min_hosts``).
+            :attr:`capacity` is ``max_hosts * slots_per_host``.
         allow_network: Give containers a network (``network``); ``False`` means
             ``network_mode="none"``.
         network: The Docker network used when ``allow_network`` is true.
@@ -246,7 +247,7 @@ class DockerBackend(HostedBackend):
             container, wiped on every reset) may each hold (``nr_inodes``; ``/dev/shm`` a
             sixteenth; 0: the kernel's default). A reset's wipe takes time in proportion.
         nofile_limit: Open files per process (``RLIMIT_NOFILE``) of the slots. The kernel's
-            file table is machine-wide, so all containers together (``max_containers x
+            file table is machine-wide, so all containers together (``max_hosts x
             pids_limit x nofile_limit``) may hold at most half of ``fs.file-max``; ``None``
             picks 1024 lowered to fit, and a value that does not fit is a ``ConfigError``.
         runtime: A Docker runtime, e.g. ``"runsc"`` for gVisor.
@@ -266,7 +267,7 @@ class DockerBackend(HostedBackend):
             stop at once, sandboxes and all. Their stopped records are removed by the reaper.
         creation_concurrency: Containers being created at once.
         creation_rate: Container creations started per second at most.
-        idle_timeout: Seconds a container above ``min_containers`` may sit with every slot
+        idle_timeout: Seconds a container above ``min_hosts`` may sit with every slot
             free before it is removed.
         health_interval: Seconds between health checks of each container.
         health_timeout: Seconds a health check may take.
@@ -280,79 +281,27 @@ class DockerBackend(HostedBackend):
         max_output: Host-side cap on captured stdout/stderr per command.
     """
 
-    def __init__(
-        self,
-        *,
-        image: str = DEFAULT_IMAGE,
-        slots_per_container: int = 4,
-        min_containers: int = 1,
-        max_containers: int | None = None,
-        allow_network: bool = False,
-        network: str = "bridge",
-        require_sandbox: bool = True,
-        isolation: Literal["auto", "bwrap", "none"] = "auto",
-        memory_limit: int = 2 << 30,
-        pids_limit: int = 1024,
-        cpus: float | None = None,
-        workspace_size: int = 1 << 30,
-        inode_limit: int = 65536,
-        nofile_limit: int | None = None,
-        runtime: str | None = None,
-        slot_cgroups: Literal["auto", "required", "off"] = "auto",
-        run_id: str | None = None,
-        pool: str = "default",
-        reap_on_start: bool = True,
-        purge_on_start: bool = False,
-        exit_with_owner: bool = True,
-        creation_concurrency: int = 4,
-        creation_rate: float = 10.0,
-        idle_timeout: float = 60.0,
-        health_interval: float = 1.0,
-        health_timeout: float = 5.0,
-        start_timeout: float = 60.0,
-        reset_timeout: float = 20.0,
-        sdk_concurrency: int = 8,
-        sdk_attempts: int = 4,
-        api_timeout: float = 30.0,
-        docker_url: str | None = None,
-        workdir: str | None = None,
-        max_output: int = max(DEFAULT_MAX_OUTPUT, 16 << 20),
-    ) -> None:
-        max_containers = min_containers if max_containers is None else max_containers
-        if slots_per_container < 1 or min_containers < 1 or max_containers < min_containers:
-            raise ConfigError(
-                "need slots_per_container >= 1, 1 <= min_containers <= max_containers"
-            )
-        if isolation not in ("auto", "bwrap", "none"):
-            raise ConfigError(f"unknown isolation {isolation!r}")
-        if isolation == "none" and require_sandbox:
-            raise ConfigError("isolation='none' needs require_sandbox=False")
-        if slot_cgroups not in ("auto", "required", "off"):
-            raise ConfigError(f"unknown slot_cgroups {slot_cgroups!r}")
-        if slot_cgroups == "required" and isolation == "none":
-            raise ConfigError("slot_cgroups='required' needs bwrap isolation")
-        if inode_limit < 0:
-            raise ConfigError("inode_limit must be >= 0")
-        self._nofile = nofile_limit_for(
-            nofile_limit, pids=pids_limit, groups=max_containers,
-            what=f"{max_containers} containers",
+    def __init__(self, options: DockerOptions | None = None, /, **overrides: Any) -> None:
+        o = resolve_options(DockerOptions, options, overrides)
+        super().__init__(o)
+        image, allow_network, network, isolation = o.image, o.allow_network, o.network, o.isolation
+        memory_limit, pids_limit, cpus, workspace_size = (
+            o.memory_limit, o.pids_limit, o.cpus, o.workspace_size
         )  # fmt: skip
-        self._inodes = inode_limit
-        if creation_concurrency < 1 or creation_rate <= 0 or sdk_concurrency < 1:
-            raise ConfigError("creation_concurrency, creation_rate, sdk_concurrency must be > 0")
-        super().__init__(
-            slots_per_host=slots_per_container,
-            min_hosts=min_containers,
-            max_hosts=max_containers,
-            require_sandbox=require_sandbox,
-            creation_concurrency=creation_concurrency,
-            creation_rate=creation_rate,
-            idle_timeout=idle_timeout,
-            health_interval=health_interval,
-            health_timeout=health_timeout,
-            start_timeout=start_timeout,
-            reset_timeout=reset_timeout,
-        )
+        max_output, runtime, slot_cgroups, run_id, pool = (
+            o.max_output, o.runtime, o.slot_cgroups, o.run_id, o.pool
+        )  # fmt: skip
+        reap_on_start, purge_on_start, exit_with_owner = (
+            o.reap_on_start, o.purge_on_start, o.exit_with_owner
+        )  # fmt: skip
+        sdk_concurrency, sdk_attempts, api_timeout, docker_url, workdir = (
+            o.sdk_concurrency, o.sdk_attempts, o.api_timeout, o.docker_url, o.workdir
+        )  # fmt: skip
+        self._nofile = nofile_limit_for(
+            o.nofile_limit, pids=pids_limit, groups=o.host_bound,
+            what=f"{o.host_bound} containers",
+        )  # fmt: skip
+        self._inodes = o.inode_limit
         self.image = image
         self._allow_network = allow_network
         self._network = network

@@ -34,6 +34,7 @@ from .._types import ExecRequest, ExecResult
 from ..abc import BackendStatistics, ResultCallback, SandboxBackend, Slot, SpecStatistics
 from ..sandbox._client import HostClient, RemoteSlot, error_from_response, stream_batch
 from ..sandbox._runtime import DEFAULT_SPEC, SlotSpec
+from ._options import HostedOptions
 
 __all__ = ["Host", "HostedBackend", "SlotState"]
 
@@ -68,49 +69,27 @@ class HostedBackend(SandboxBackend):
     """Hosts running the sandbox server, each serving ``slots_per_host`` slots.
 
     Args:
-        slots_per_host: Slots per host.
-        min_hosts: Hosts kept running (started before ``__aenter__`` returns).
-        max_hosts: Upper bound when scaling up on demand.
-        require_sandbox: Fail closed if the first host runs without isolation.
-        creation_concurrency: Hosts being started at once.
-        creation_rate: Host starts per second at most.
-        idle_timeout: Seconds a host above ``min_hosts`` may sit idle before it is stopped.
-        health_interval: Seconds between health checks of each host.
-        health_timeout: Seconds a health check may take.
-        start_timeout: Seconds a host may take to serve.
-        reset_timeout: Seconds a slot reset may take before the slot is rebuilt instead.
+        options: The host-pool options (:class:`~structenv.backends.HostedOptions` or a
+            subclass: slots per host, min/max hosts, creation limits, timeouts).
     """
 
     #: Name used in messages ("container", "allocation", ...).
     host_noun = "host"
 
-    def __init__(
-        self,
-        *,
-        slots_per_host: int,
-        min_hosts: int,
-        max_hosts: int,
-        require_sandbox: bool,
-        creation_concurrency: int = 4,
-        creation_rate: float = 10.0,
-        idle_timeout: float = 60.0,
-        health_interval: float = 1.0,
-        health_timeout: float = 5.0,
-        start_timeout: float = 60.0,
-        reset_timeout: float = 20.0,
-    ) -> None:
-        self._slots_per = slots_per_host
-        self._min = min_hosts
-        self._max = max_hosts
-        self._require_sandbox = require_sandbox
-        self._create_limiter = anyio.CapacityLimiter(creation_concurrency)
-        self._create_interval = 1.0 / creation_rate
+    def __init__(self, options: HostedOptions) -> None:
+        self.options = options
+        self._slots_per = options.slots_per_host
+        self._min = options.min_hosts
+        self._max = options.host_bound
+        self._require_sandbox = options.require_sandbox
+        self._create_limiter = anyio.CapacityLimiter(options.creation_concurrency)
+        self._create_interval = 1.0 / options.creation_rate
         self._next_create = 0.0
-        self.idle_timeout = idle_timeout
-        self.health_interval = health_interval
-        self.health_timeout = health_timeout
-        self.start_timeout = start_timeout
-        self.reset_timeout = reset_timeout
+        self.idle_timeout = options.idle_timeout
+        self.health_interval = options.health_interval
+        self.health_timeout = options.health_timeout
+        self.start_timeout = options.start_timeout
+        self.reset_timeout = options.reset_timeout
         self._hosts: dict[str, Host] = {}
         self._creating: set[anyio.CancelScope] = set()
         self._spawning = 0  # background creations scheduled (counted before they start)

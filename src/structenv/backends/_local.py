@@ -28,7 +28,7 @@ import signal
 import sys
 import tempfile
 import time
-from typing import Literal
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -38,7 +38,6 @@ from .. import _emergency
 from .._exceptions import BackendError, ConfigError, SandboxUnavailableError, SlotBrokenError
 from .._process import kill_child
 from .._spec import SandboxSpec
-from .._types import DEFAULT_MAX_OUTPUT
 from ..abc import Slot
 from ..sandbox._bwrap import DEFAULT_PATH, remove_cgroup_tree
 from ..sandbox._bwrap import nofile_limit as nofile_limit_for
@@ -46,6 +45,7 @@ from ..sandbox._client import HostClient
 from ..sandbox._files import remove_tree
 from ..sandbox._runtime import SlotSpec
 from ._hosted import Host, HostedBackend, plain_slot_spec
+from ._options import LocalOptions, resolve_options
 from ._ownership import ReapReport, owner_labels, owner_state
 
 __all__ = ["LocalBackend", "reap_workdirs"]
@@ -77,106 +77,34 @@ class _ProcHost(Host):
 class LocalBackend(HostedBackend):
     """Sandbox hosts running as local child processes.
 
-    Args:
-        hosts: Number of sandbox-server processes.
-        slots_per_host: Slots (isolated workspaces) per host.
-        allow_network: Give commands the host's network. ``False`` requires network isolation.
-        require_sandbox: Fail closed (:class:`~structenv.SandboxUnavailableError`) at start if
-            bubblewrap isolation is unusable. With ``False`` and no isolation, commands run
-            unsandboxed and every result says ``sandboxed=False``.
-        isolation: ``"auto"`` (bwrap, or none if allowed), ``"bwrap"`` or ``"none"``
-            (unsandboxed on purpose; needs ``require_sandbox=False`` and ``allow_network``).
-        bwrap_path: The bubblewrap binary.
-        memory_limit: Bytes of address space per process and of memory per slot (cgroup).
-        pids_limit: Processes per slot (v1 pids cgroup; contains fork bombs).
-        file_size_limit: Largest file a command may write.
-        cpu_time_limit: CPU seconds per process (0: none).
-        cpu_limit: CPU cores per slot (cgroup quota; every slot also has an equal weight).
-        disk_limit: Bytes of a slot's workspace (its own tmpfs, counted as its memory too;
-            root only) — a slot cannot fill the host's disk.
-        tmp_limit: Bytes of a slot's private ``/tmp``.
-        inode_limit: Files a slot's workspace and ``/tmp`` may each hold (``nr_inodes``;
-            ``/dev/shm`` a sixteenth; root only, 0: no cap). Freeing them is what a reset
-            waits for: 1.5 M files took the kernel over 20 s, a full slot under 2 s
-            (docs/design.md, threat model).
-        nofile_limit: Open files per process of a slot (``RLIMIT_NOFILE``). The kernel's file
-            table is machine-wide, so all slots together (``hosts x slots_per_host x
-            pids_limit x nofile_limit``) may hold at most half of ``fs.file-max``; ``None``
-            picks 1024 lowered to fit, and a value that does not fit is a ``ConfigError``.
-        max_output: Host-side cap on captured stdout/stderr per command.
-        cgroup: ``"auto"``, ``"required"`` or ``"off"``: use of per-slot v1 cgroups.
-        workdir: Private directory for sockets and workspaces (default: a new 0700 directory
-            under ``/var/tmp``, removed on close). Sandboxes only ever see their own workspace.
-        reset_timeout: Seconds a reset may take before the slot is destroyed instead.
-        start_timeout: Seconds a host may take to start.
-        health_interval: Seconds between health checks of each host (a crash is noticed at
-            once anyway: the host is our child process).
-        reap_on_start: At start, remove the work dirs (and host cgroups) of runs whose owner
-            process is dead, in the base directory this backend's own goes to.
+    Takes :class:`~structenv.backends.LocalOptions` and/or keyword overrides of its fields
+    (``LocalBackend(hosts=2, slots_per_host=8)``; ``hosts=N`` is short for
+    ``min_hosts=max_hosts=N``). A host's crash is noticed at once (it is our child process)
+    and it is replaced; health checks run every ``health_interval`` seconds besides.
     """
 
     _watch_hosts = True
 
-    def __init__(
-        self,
-        *,
-        hosts: int = 1,
-        slots_per_host: int = 4,
-        allow_network: bool = False,
-        require_sandbox: bool = True,
-        isolation: Literal["auto", "bwrap", "none"] = "auto",
-        bwrap_path: str = "bwrap",
-        memory_limit: int = 2 << 30,
-        pids_limit: int = 256,
-        file_size_limit: int = 1 << 30,
-        cpu_time_limit: int = 0,
-        cpu_limit: float = 1.0,
-        disk_limit: int = 2 << 30,
-        tmp_limit: int = 1 << 30,
-        inode_limit: int = 65536,
-        nofile_limit: int | None = None,
-        max_output: int = max(DEFAULT_MAX_OUTPUT, 16 << 20),
-        cgroup: Literal["auto", "required", "off"] = "auto",
-        workdir: str | None = None,
-        reset_timeout: float = 20.0,
-        start_timeout: float = 60.0,
-        health_interval: float = 5.0,
-        reap_on_start: bool = True,
-    ) -> None:
-        if hosts < 1 or slots_per_host < 1:
-            raise ConfigError("hosts and slots_per_host must be >= 1")
-        if isolation not in ("auto", "bwrap", "none"):
-            raise ConfigError(f"unknown isolation {isolation!r}")
-        if isolation == "none" and require_sandbox:
-            raise ConfigError("isolation='none' needs require_sandbox=False")
-        nofile = nofile_limit_for(
-            nofile_limit, pids=pids_limit, groups=hosts * slots_per_host,
-            what=f"{hosts * slots_per_host} slots",
+    def __init__(self, options: LocalOptions | None = None, /, **overrides: Any) -> None:
+        o = resolve_options(LocalOptions, options, overrides)
+        super().__init__(o)
+        self._allow_network = o.allow_network
+        self._isolation = o.isolation
+        self._bwrap = o.bwrap_path
+        self._limits = (
+            o.memory_limit, o.pids_limit, o.file_size_limit, o.cpu_time_limit, o.max_output
         )  # fmt: skip
-        if inode_limit < 0:
-            raise ConfigError("inode_limit must be >= 0")
-        super().__init__(
-            slots_per_host=slots_per_host,
-            min_hosts=hosts,
-            max_hosts=hosts,
-            require_sandbox=require_sandbox,
-            creation_concurrency=max(4, hosts),
-            creation_rate=1000.0,
-            health_interval=health_interval,
-            start_timeout=start_timeout,
-            reset_timeout=reset_timeout,
+        groups = o.host_bound * o.slots_per_host
+        nofile = nofile_limit_for(
+            o.nofile_limit, pids=o.pids_limit, groups=groups, what=f"{groups} slots"
         )
-        self._allow_network = allow_network
-        self._isolation = isolation
-        self._bwrap = bwrap_path
-        self._limits = (memory_limit, pids_limit, file_size_limit, cpu_time_limit, max_output)
-        self._slot_limits = (cpu_limit, disk_limit, tmp_limit, inode_limit, nofile)
-        self._cgroup = cgroup
-        self._workdir_opt = workdir
-        self._reap_on_start = reap_on_start
+        self._slot_limits = (o.cpu_limit, o.disk_limit, o.tmp_limit, o.inode_limit, nofile)
+        self._cgroup = o.cgroup
+        self._workdir_opt = o.workdir
+        self._reap_on_start = o.reap_on_start
         self._root = ""
         self._token = secrets.token_urlsafe(32)
-        self._mode = "bwrap" if isolation != "none" else "none"
+        self._mode = "bwrap" if o.isolation != "none" else "none"
         self._counter = 0
         self._procs: set[anyio.abc.Process] = set()  # every host process not yet reaped
         self._emergency: int | None = None

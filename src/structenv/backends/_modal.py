@@ -31,7 +31,7 @@ Behaviour:
 Real usage (``modal token new`` first)::
 
     async with ModalBackend(app_name="structenv", image="registry/structenv-sandbox:1",
-                            min_sandboxes=2, max_sandboxes=32, isolation="none",
+                            min_hosts=2, max_hosts=32, isolation="none",
                             require_sandbox=False) as backend: ...
 
 Tests use :mod:`structenv.testing._modal_fake` (a fake of this small client surface whose
@@ -45,15 +45,14 @@ import logging
 import math
 import os
 import secrets
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 
 from .._exceptions import BackendError, ConfigError
-from .._image import DEFAULT_TAG
-from .._types import DEFAULT_MAX_OUTPUT
 from ..sandbox._client import HostClient
 from ._hosted import Host, HostedBackend
+from ._options import ModalOptions, resolve_options
 from ._ownership import (
     LABEL_MANAGED,
     LABEL_POOL,
@@ -89,10 +88,11 @@ class _Box(Host):
 class ModalBackend(HostedBackend):
     """Sandbox hosts as Modal Sandboxes (see the module docstring).
 
-    Args:
+    Options (fields of :class:`~structenv.backends.ModalOptions`, given as a model and/or keyword
+    overrides):
         app_name: Modal App the sandboxes belong to (created if missing).
         image: Registry image containing the sandbox server (``python3 -m structenv.sandbox``).
-        slots_per_sandbox, min_sandboxes, max_sandboxes: Slots per sandbox and scaling bounds.
+        slots_per_host, min_hosts, max_hosts: Slots per sandbox and scaling bounds.
         allow_network: ``False`` sets ``block_network=True``.
         require_sandbox: Fail closed if bubblewrap cannot isolate slots in the sandbox.
         isolation: ``"bwrap"`` or ``"none"``.
@@ -113,60 +113,18 @@ class ModalBackend(HostedBackend):
 
     host_noun = "Modal sandbox"
 
-    def __init__(
-        self,
-        *,
-        app_name: str = "structenv",
-        image: str = DEFAULT_TAG,
-        slots_per_sandbox: int = 4,
-        min_sandboxes: int = 1,
-        max_sandboxes: int | None = None,
-        allow_network: bool = False,
-        require_sandbox: bool = True,
-        isolation: Literal["bwrap", "none"] = "bwrap",
-        cpu: float = 1.0,
-        memory_mb: int = 2048,
-        trajectory_deadline: float = 600.0,
-        scoring_buffer: float = 60.0,
-        sandbox_lifetime: float | None = None,
-        creation_rate: float = 5.0,
-        creation_concurrency: int = 8,
-        run_id: str | None = None,
-        pool: str = "default",
-        reap_on_start: bool = True,
-        tunnel_tls: bool = True,
-        modal_module: Any = None,
-        idle_timeout: float = 60.0,
-        health_interval: float = 2.0,
-        health_timeout: float = 10.0,
-        start_timeout: float = 180.0,
-        reset_timeout: float = 20.0,
-        max_output: int = max(DEFAULT_MAX_OUTPUT, 16 << 20),
-    ) -> None:
-        max_sandboxes = min_sandboxes if max_sandboxes is None else max_sandboxes
-        if slots_per_sandbox < 1 or min_sandboxes < 1 or max_sandboxes < min_sandboxes:
-            raise ConfigError("need slots_per_sandbox >= 1, 1 <= min_sandboxes <= max_sandboxes")
-        if isolation == "none" and require_sandbox:
-            raise ConfigError("isolation='none' needs require_sandbox=False")
-        if trajectory_deadline <= 0 or scoring_buffer < 0:
-            raise ConfigError("trajectory_deadline must be > 0 and scoring_buffer >= 0")
-        self.min_life = trajectory_deadline + scoring_buffer
-        lifetime = 2 * self.min_life if sandbox_lifetime is None else sandbox_lifetime
-        if lifetime < self.min_life:
-            raise ConfigError("sandbox_lifetime < trajectory_deadline + scoring_buffer")
-        super().__init__(
-            slots_per_host=slots_per_sandbox,
-            min_hosts=min_sandboxes,
-            max_hosts=max_sandboxes,
-            require_sandbox=require_sandbox,
-            creation_concurrency=creation_concurrency,
-            creation_rate=creation_rate,
-            idle_timeout=idle_timeout,
-            health_interval=health_interval,
-            health_timeout=health_timeout,
-            start_timeout=start_timeout,
-            reset_timeout=reset_timeout,
-        )
+    def __init__(self, options: ModalOptions | None = None, /, **overrides: Any) -> None:
+        o = resolve_options(ModalOptions, options, overrides)
+        super().__init__(o)
+        app_name, image, allow_network, isolation = (
+            o.app_name, o.image, o.allow_network, o.isolation
+        )  # fmt: skip
+        cpu, memory_mb, max_output = o.cpu, o.memory_mb, o.max_output
+        run_id, pool, reap_on_start, tunnel_tls, modal_module = (
+            o.run_id, o.pool, o.reap_on_start, o.tunnel_tls, o.modal_module
+        )  # fmt: skip
+        self.min_life = o.trajectory_deadline + o.scoring_buffer
+        lifetime = 2 * self.min_life if o.sandbox_lifetime is None else o.sandbox_lifetime
         self.app_name = app_name
         self.image = image
         self._allow_network = allow_network

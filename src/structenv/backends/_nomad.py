@@ -5,7 +5,7 @@ allocations each run the structenv sandbox server (S slots) on a dynamic port ``
 bearer token; it then talks to each server with the same client as every other backend. Nomad is
 only the control plane: register (``PUT /v1/jobs``), discover running allocations and their
 address (``GET /v1/job/:id/allocations``, ``GET /v1/allocation/:id``), scale between
-``min_allocations`` and ``max_allocations`` (``POST /v1/job/:id/scale``; Nomad removes the
+``min_hosts`` and ``max_hosts`` (``POST /v1/job/:id/scale``; Nomad removes the
 allocations with the highest name indices, so only those are chosen for scale-down), replace
 dead allocations (Nomad reschedules a failed one; a hung one is stopped with
 ``POST /v1/allocation/:id/stop``), and purge (``DELETE /v1/job/:id?purge=true``) on start (the
@@ -27,8 +27,8 @@ Running against a real cluster::
 
     export NOMAD_ADDR=https://nomad.example:4646 NOMAD_TOKEN=...   # token: submit-job,
     # read-job, scale-job and alloc-lifecycle in the namespace
-    async with NomadBackend(image="registry.example/structenv-sandbox:1", min_allocations=2,
-                            max_allocations=16, slots_per_allocation=8) as backend: ...
+    async with NomadBackend(image="registry.example/structenv-sandbox:1", min_hosts=2,
+                            max_hosts=16, slots_per_host=8) as backend: ...
 
 This process must reach the clients' addresses on the dynamic ports (same network, or a VPN);
 traffic is plain HTTP with a per-run bearer token, so keep it on a private network. The token
@@ -51,17 +51,16 @@ import logging
 import os
 import re
 import secrets
-from typing import Any, Literal
+from typing import Any
 
 import anyio
 import httpx
 import tenacity
 
-from .._exceptions import BackendError, ConfigError
-from .._image import DEFAULT_TAG as DEFAULT_IMAGE
-from .._types import DEFAULT_MAX_OUTPUT
+from .._exceptions import BackendError
 from ..sandbox._client import HostClient
 from ._hosted import Host, HostedBackend
+from ._options import NomadOptions, resolve_options
 from ._ownership import (
     LABEL_MANAGED,
     LABEL_POOL,
@@ -135,7 +134,8 @@ class _Allocation(Host):
 class NomadBackend(HostedBackend):
     """Sandbox hosts as allocations of a Nomad job (see the module docstring).
 
-    Args:
+    Options (fields of :class:`~structenv.backends.NomadOptions`, given as a model and/or keyword
+    overrides):
         address: Nomad HTTP API address (default ``$NOMAD_ADDR`` or ``http://127.0.0.1:4646``).
         token: ACL token (default ``$NOMAD_TOKEN``).
         namespace, region: Nomad namespace and region (``None``: the agent's defaults).
@@ -143,8 +143,8 @@ class NomadBackend(HostedBackend):
         driver: ``"docker"`` or ``"raw_exec"`` (apptainer).
         apptainer_image: Image (e.g. a ``.sif`` path) for ``raw_exec``.
         datacenters: Where allocations may run.
-        slots_per_allocation: Slots per allocation.
-        min_allocations, max_allocations: Scaling bounds.
+        slots_per_host: Slots per allocation.
+        min_hosts, max_hosts: Scaling bounds (allocations).
         allow_network: Slots may reach the network.
         require_sandbox: Fail closed if bubblewrap cannot isolate slots.
         isolation: ``"bwrap"`` or ``"none"`` (slots share the allocation).
@@ -163,65 +163,20 @@ class NomadBackend(HostedBackend):
 
     host_noun = "allocation"
 
-    def __init__(
-        self,
-        *,
-        address: str | None = None,
-        token: str | None = None,
-        namespace: str | None = None,
-        region: str | None = None,
-        image: str = DEFAULT_IMAGE,
-        driver: Literal["docker", "raw_exec"] = "docker",
-        apptainer_image: str | None = None,
-        datacenters: tuple[str, ...] = ("*",),
-        slots_per_allocation: int = 4,
-        min_allocations: int = 1,
-        max_allocations: int | None = None,
-        allow_network: bool = False,
-        require_sandbox: bool = True,
-        isolation: Literal["bwrap", "none"] = "bwrap",
-        cpu: int = 1000,
-        memory_mb: int = 2048,
-        run_id: str | None = None,
-        pool: str = "default",
-        purge_on_start: bool = True,
-        reap_on_start: bool = True,
-        poll_interval: float = 0.5,
-        api_attempts: int = 5,
-        api_timeout: float = 30.0,
-        creation_rate: float = 10.0,
-        creation_concurrency: int = 8,
-        idle_timeout: float = 60.0,
-        health_interval: float = 1.0,
-        health_timeout: float = 5.0,
-        start_timeout: float = 300.0,
-        reset_timeout: float = 20.0,
-        max_output: int = max(DEFAULT_MAX_OUTPUT, 16 << 20),
-    ) -> None:
-        max_allocations = min_allocations if max_allocations is None else max_allocations
-        if slots_per_allocation < 1 or min_allocations < 1 or max_allocations < min_allocations:
-            raise ConfigError(
-                "need slots_per_allocation >= 1, 1 <= min_allocations <= max_allocations"
-            )
-        if driver not in ("docker", "raw_exec"):
-            raise ConfigError(f"unknown Nomad driver {driver!r}")
-        if driver == "raw_exec" and not apptainer_image:
-            raise ConfigError("driver='raw_exec' needs apptainer_image")
-        if isolation == "none" and require_sandbox:
-            raise ConfigError("isolation='none' needs require_sandbox=False")
-        super().__init__(
-            slots_per_host=slots_per_allocation,
-            min_hosts=min_allocations,
-            max_hosts=max_allocations,
-            require_sandbox=require_sandbox,
-            creation_concurrency=creation_concurrency,
-            creation_rate=creation_rate,
-            idle_timeout=idle_timeout,
-            health_interval=health_interval,
-            health_timeout=health_timeout,
-            start_timeout=start_timeout,
-            reset_timeout=reset_timeout,
-        )
+    def __init__(self, options: NomadOptions | None = None, /, **overrides: Any) -> None:
+        o = resolve_options(NomadOptions, options, overrides)
+        super().__init__(o)
+        address, token, namespace, region = o.address, o.token, o.namespace, o.region
+        image, driver, apptainer_image, datacenters = (
+            o.image, o.driver, o.apptainer_image, o.datacenters
+        )  # fmt: skip
+        allow_network, isolation, cpu, memory_mb, max_output = (
+            o.allow_network, o.isolation, o.cpu, o.memory_mb, o.max_output
+        )  # fmt: skip
+        run_id, pool, purge_on_start, reap_on_start = (
+            o.run_id, o.pool, o.purge_on_start, o.reap_on_start
+        )  # fmt: skip
+        poll_interval, api_attempts, api_timeout = o.poll_interval, o.api_attempts, o.api_timeout
         self.address = address or os.environ.get("NOMAD_ADDR") or "http://127.0.0.1:4646"
         self._acl = token if token is not None else os.environ.get("NOMAD_TOKEN")
         self._params = {k: v for k, v in (("namespace", namespace), ("region", region)) if v}

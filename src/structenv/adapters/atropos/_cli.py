@@ -15,6 +15,12 @@ Each becomes one ``--env.<field>=<JSON list>`` that both of atroposlib's parsers
 (:func:`accept_list_flags` lets pydantic-cli's model read it; ``AgentEnvConfig`` parses text
 given for a list field, from the command line or a YAML file).
 
+Object fields (``sandbox``, ``backend_options``) take one flag per key:
+``--env.sandbox.limits.pids 64``, ``--env.backend_options.slots_per_host 8`` (a value is JSON
+when it is JSON, else text) or the whole object as ``--env.<field> '{...}'``;
+:func:`fold_model_flags` folds them into one ``--env.<field>=<JSON object>`` merged over the
+``--config`` file's object.
+
 It also runs the managers under :func:`~structenv._main.run_until_signal` (SIGINT/SIGTERM:
 one orderly shutdown, exit ``128 + signal``) and reports an error that ends the command as
 one line (:func:`~structenv._main.report_error`; ``--debug`` for the traceback).
@@ -41,6 +47,7 @@ __all__ = [
     "list_fields",
     "normalize_argv",
     "parse_list_flag",
+    "parse_object_flag",
     "run_cli",
     "with_cli_signals",
 ]
@@ -129,17 +136,76 @@ def normalize_argv(argv: list[str], fields: set[str]) -> list[str]:
     ]
 
 
-def fold_model_flags(argv: list[str], prefix: str) -> list[str]:
-    """Fold ``--<prefix>.<key>[.<key>] VALUE`` flags (and a ``--<prefix> JSON`` one) into a
-    single ``--<prefix>=<JSON object>`` at the place of the first one (values stay text:
-    the model parses them). Used for ``--env.sandbox.*``.
+#: The env's object fields: one flag per key, folded by :func:`fold_model_flags`.
+OBJECT_FIELDS = ("sandbox", "backend_options")
+
+
+def _flag_value(text: str) -> Any:
+    """A flag's text as a value: JSON when it is JSON (numbers, booleans, objects, lists,
+    null), else the text itself (pydantic converts ``"8"`` for an int field too)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_object_flag(text: str, field: str) -> dict[str, Any]:
+    """The mapping a ``--env.<field>`` text stands for: a JSON object (``""`` and ``None``:
+    empty).
 
     Raises:
-        ConfigError: ``--<prefix>`` is given text that is not a JSON object.
+        ConfigError: Anything but a JSON object.
+    """
+    text = text.strip()
+    if text in ("", "None"):
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{field}: not a JSON object: {text!r} ({exc})") from exc
+    if not isinstance(value, dict):
+        raise ConfigError(f"{field}: not a JSON object: {text!r}")
+    return value
+
+
+def _yaml_section(argv: list[str], prefix: str) -> dict[str, Any]:
+    """The ``--config`` YAML file's object at the dotted ``prefix`` (``env.sandbox``), if a
+    file is given (flags are merged into it, as atroposlib merges flags into the YAML's other
+    fields)."""
+    path = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.partition("=")[2]
+    if not path:
+        return {}
+    import yaml  # type: ignore[import-untyped]
+
+    try:
+        with open(path) as f:
+            node: Any = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return {}  # atroposlib reports the file's problem itself
+    for key in prefix.split("."):
+        node = node.get(key) if isinstance(node, dict) else None
+    return dict(node) if isinstance(node, dict) else {}
+
+
+def fold_model_flags(argv: list[str], prefix: str) -> list[str]:
+    """Fold ``--<prefix>.<key>[.<key>] VALUE`` flags (and a ``--<prefix> JSON`` one) into a
+    single ``--<prefix>=<JSON object>`` at the place of the first one, merged over the
+    ``--config`` file's object at ``prefix``; other arguments unchanged. Values are JSON when
+    they are JSON, else text (the model converts them). Used for ``--env.sandbox.*`` and
+    ``--env.backend_options.*``.
+
+    Raises:
+        ConfigError: A flag without a value, ``--<prefix>`` given anything but a JSON object,
+            or a key below one that is not an object.
     """
     out: list[str | None] = []
-    data: dict[str, Any] = {}
-    seen = False
+    data: dict[str, Any] | None = None
+    field = prefix.rpartition(".")[2]
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -150,29 +216,25 @@ def fold_model_flags(argv: list[str], prefix: str) -> list[str]:
             continue
         i += 1
         if eq:
-            value = inline
+            text = inline
         elif i < len(argv) and not argv[i].startswith("--"):
-            value = argv[i]
+            text = argv[i]
             i += 1
         else:
-            value = ""
-        if not seen:
+            raise ConfigError(f"--{name} needs a value")
+        if data is None:
+            data = _yaml_section(argv, prefix)
             out.append(None)
-            seen = True
         if name == prefix:
-            try:
-                whole = json.loads(value) if value.strip() else {}
-            except ValueError as exc:
-                raise ConfigError(f"--{prefix}: not a JSON object: {value!r} ({exc})") from exc
-            if not isinstance(whole, dict):
-                raise ConfigError(f"--{prefix}: not a JSON object: {value!r}")
-            data.update(whole)
+            data.update(parse_object_flag(text, field))
             continue
         keys = name[len(prefix) + 1 :].split(".")
         node = data
         for key in keys[:-1]:
             node = node.setdefault(key, {})
-        node[keys[-1]] = value
+            if not isinstance(node, dict):
+                raise ConfigError(f"--{name}: {key} is not an object")
+        node[keys[-1]] = _flag_value(text)
     return [a if a is not None else f"--{prefix}={json.dumps(data)}" for a in out]
 
 
@@ -185,6 +247,12 @@ def accept_list_flags(cli_model: type[BaseModel]) -> type[BaseModel]:
         if not isinstance(data, dict):
             return data
         data = dict(data)
+        for name in {n for n in data if n.endswith(OBJECT_FIELDS)}:
+            value = data[name]
+            if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+                value = value[0]
+            if isinstance(value, str):
+                data[name] = parse_object_flag(value, name)
         for name in names & data.keys():
             value = data[name]
             if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
@@ -212,7 +280,8 @@ def run_cli(env_cls: Any, base_cli: Callable[[], None]) -> None:
     prefixes = {config_cls.__name__: "env.", "APIServerConfig": "openai."}
     try:
         fields = {f"env.{name}" for name in list_fields(config_cls)}
-        argv = fold_model_flags(argv, "env.sandbox")
+        for field in OBJECT_FIELDS:
+            argv = fold_model_flags(argv, f"env.{field}")
         sys.argv = [sys.argv[0], *normalize_argv(argv, fields)]
         token = _cli_prog.set(prog)
         try:

@@ -6,16 +6,16 @@ Imports atroposlib (``BaseEnvConfig``); part of the :mod:`structenv.adapters.atr
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any, Literal
 
 from atroposlib.envs.base import BaseEnvConfig
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ..._executor import ExecutorStatistics
 from ..._spec import SandboxSpec
-from .._backends import KNOWN_BACKENDS
-from ._cli import list_fields, parse_list_flag
+from ...backends._options import HostedOptions
+from ...backends._registry import backend_options
+from ._cli import list_fields, parse_list_flag, parse_object_flag
 
 __all__ = ["AgentEnvConfig", "AgentEnvStatistics", "GroupReport"]
 
@@ -28,10 +28,17 @@ class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]  # atroposlib is unty
     YAML string) is comma-separated (``default,filesystem``), a JSON list, or ``None``.
     """
 
-    backend: Literal["local", "docker", "nomad", "modal"] = Field(
+    backend: str = Field(
         default="local",
-        description="Sandbox backend. Only backends available in this installation start; "
-        "the others fail with 'backend X is not available'.",
+        description="Sandbox backend: local, docker, nomad, modal or ray (a registered name). "
+        "Only backends available in this installation start; the others fail with "
+        "'backend X is not available'.",
+    )
+    backend_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The backend's options (its options model's fields: slots_per_host, "
+        "min_hosts, max_hosts, ...). In YAML a mapping; as flags "
+        "--env.backend_options.<name> VALUE (repeatable), or one JSON object.",
     )
     allow_network: bool = Field(
         default=False, description="Sandboxed commands may use the network."
@@ -47,9 +54,6 @@ class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]  # atroposlib is unty
         default=0.0, ge=0, description="Batcher window (0: dispatch whatever is queued at once)."
     )
     tool_max_batch_size: int = Field(default=256, ge=1, description="Calls per batch at most.")
-    slots_per_host: int = Field(default=4, ge=1, description="Slots per sandbox host.")
-    min_hosts: int = Field(default=1, ge=1, description="Sandbox hosts started up front.")
-    max_hosts: int = Field(default=1, ge=1, description="Sandbox hosts at most (scaling backends).")
     acquire_timeout_s: float = Field(default=60.0, gt=0, description="Seconds to wait for a slot.")
     trajectory_timeout_s: float | None = Field(
         default=900.0,
@@ -150,25 +154,37 @@ class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]  # atroposlib is unty
                 data = {**data, **{k: parse_list_flag(data[k]) for k in texts}}
         return data
 
-    @field_validator("sandbox", mode="before")
+    @field_validator("sandbox", "backend_options", mode="before")
     @classmethod
-    def _sandbox_from_text(cls, value: Any) -> Any:
+    def _object_from_text(cls, value: Any, info: ValidationInfo) -> Any:
+        # A flag's text (as atroposlib hands it over; pydantic-cli: a one-item list) or a
+        # YAML string: one JSON object (see fold_model_flags).
         if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
-            value = value[0]  # pydantic-cli passes a flag's text as a one-item list
+            value = value[0]
         if isinstance(value, str):
-            try:
-                return json.loads(value) if value.strip() else {}
-            except ValueError as exc:
-                raise ValueError(f"sandbox: not a JSON object: {value!r} ({exc})") from None
+            return parse_object_flag(value, info.field_name or "")
         return value
 
     @model_validator(mode="after")
     def _check(self) -> AgentEnvConfig:
-        if self.max_hosts < self.min_hosts:
-            raise ValueError(f"max_hosts ({self.max_hosts}) < min_hosts ({self.min_hosts})")
-        if self.backend not in KNOWN_BACKENDS:  # pragma: no cover - Literal already checks
-            raise ValueError(f"unknown backend {self.backend!r}")
+        # Fails early, as one line, on an unknown backend or option (the SDK of an
+        # uninstalled backend is only needed when it starts).
+        self.backend_options_model()
         return self
+
+    def backend_options_model(self) -> HostedOptions:
+        """``backend_options`` validated by the backend's options model, with the env's
+        ``allow_network`` and ``require_sandbox`` (which the executor enforces too).
+
+        Raises:
+            ConfigError: Unknown backend or option, or an invalid value.
+        """
+        options = {
+            **self.backend_options,
+            "allow_network": self.allow_network,
+            "require_sandbox": self.require_sandbox,
+        }
+        return backend_options(self.backend, options)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -68,8 +68,8 @@ from ...agent import (
     hermes_system_prompt,
     run_agent,
 )
+from ...backends._registry import backend_entry, create_backend
 from ...tools import ToolRegistry, ToolServerClient, default_registry
-from .._backends import BackendSettings, check_backend, create_backend
 from .._sequence import MemberOutcome, TokenSequence, build_scored_group, retokenize_messages
 from .._workspace import ExecTool
 from ._cli import accept_list_flags, run_cli, with_cli_signals
@@ -183,7 +183,7 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
         testing: bool = False,
     ) -> None:
         # Validate before BaseEnv loads tokenizers or builds server clients.
-        check_backend(config.backend)
+        backend_entry(config.backend)
         if config.wandb_name is None and self.name:
             # run-api refuses a registration without a name, and atroposlib's CLI default
             # (the class's name) never reaches the config it builds: `serve` would fail.
@@ -282,15 +282,11 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
     def create_backend(self) -> SandboxBackend:
         """The (unstarted) sandbox backend, built from the config by the backend registry."""
         c = self.config
-        settings = BackendSettings(
-            slots_per_host=c.slots_per_host,
-            min_hosts=c.min_hosts,
-            max_hosts=c.max_hosts,
-            allow_network=c.allow_network,
-            require_sandbox=c.require_sandbox,
+        return create_backend(
+            c.backend,
+            c.backend_options_model(),
             require_stateful_sandbox=c.require_stateful_sandbox,
         )
-        return create_backend(c.backend, settings)
 
     def executor_config(self) -> ExecutorConfig:
         """The executor's knobs, derived from the env config."""

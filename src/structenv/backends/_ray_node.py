@@ -1,0 +1,297 @@
+"""Everything that touches ``ray``: the host actor, placement, and awaiting object refs.
+
+This is the only module importing ``ray`` (``pip install structenv[ray]``); :mod:`._ray`
+imports it when a RayBackend starts. Ray is the control plane only: the host actor starts
+the sandbox server on its node (through :mod:`._ray_supervisor`, its cleanup process) and
+returns the server's TCP address; commands go straight to that server over TCP with a bearer
+token, through the same client as every other backend.
+
+Awaiting refs: on asyncio an ``ObjectRef`` is awaited directly (no thread per call). On Trio,
+the ref's ``concurrent.futures.Future`` gets a done-callback that wakes the loop through its
+:class:`trio.lowlevel.TrioToken` (no thread either); where a ref has no future (some Ray Client
+versions) ``ray.get`` runs in a worker thread through a limiter.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+import ray
+import sniffio
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from ._ownership import owner_labels, owner_state
+
+__all__ = [
+    "ActorDiedError",
+    "RayError",
+    "HostActor",
+    "await_ref",
+    "connect",
+    "kill",
+    "make_placement_group",
+    "reap_actors",
+    "remove_group",
+    "spawn_host",
+]
+
+#: Name prefix of every host actor (``structenv-<run id>-<n>``).
+ACTOR_PREFIX = "structenv-"
+
+#: Any error of a remote call (the actor or its node is then considered dead).
+RayError = ray.exceptions.RayError
+
+#: What a dead actor or node raises when one of its refs is awaited.
+ActorDiedError: tuple[type[BaseException], ...] = (
+    ray.exceptions.RayActorError,
+    ray.exceptions.WorkerCrashedError,
+    ray.exceptions.NodeDiedError,
+    ray.exceptions.ActorUnavailableError,
+)
+
+
+class HostActor:
+    """One sandbox host: runs the cleanup process, which runs the sandbox server.
+
+    Threaded (``max_concurrency``): :meth:`wait` blocks for the host's life while
+    :meth:`stop` and :meth:`labels` stay callable.
+    """
+
+    def __init__(self, argv: list[str], env: dict[str, str], labels: dict[str, str]) -> None:
+        self._argv = argv
+        self._env = env
+        self._labels = labels
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock = threading.Lock()
+        self._exited = threading.Event()
+
+    def start(self) -> dict[str, Any]:
+        """Start the sandbox server; return its ready line (``host``, ``port``, ``pid``...)."""
+        with self._lock:
+            env = dict(os.environ, **self._env)
+            ip = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+            argv = [ip if a == "{node_ip}" else a for a in self._argv]
+            # Its own session: a signal to the actor's process group does not reach it; its
+            # stdin is our pipe, so it cleans up when this process ends, however it ends.
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "structenv.backends._ray_supervisor", *argv],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env=env,
+                start_new_session=True,
+            )
+            self._proc = proc
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        try:
+            info: dict[str, Any] = json.loads(line)
+        except ValueError:
+            info = {"error": "start", "message": f"cleanup process exited ({proc.wait()})"}
+        info["node_id"] = ray.get_runtime_context().get_node_id()
+        info["node_ip"] = ip
+        bind = argv[argv.index("--host") + 1] if "--host" in argv else "127.0.0.1"
+        info["host"] = ip if bind in ("0.0.0.0", "::") else bind
+        threading.Thread(target=self._watch, daemon=True).start()
+        return info
+
+    def _watch(self) -> None:
+        assert self._proc is not None and self._proc.stdout is not None
+        self._proc.stdout.read()  # EOF: the cleanup process (and so the server) ended
+        self._exited.set()
+
+    def wait(self) -> str:
+        """Return when the host's processes have ended (the backend watches this call)."""
+        self._exited.wait()
+        return "exited"
+
+    def labels(self) -> dict[str, str]:
+        """Owner labels of the run that created this actor (for reaping)."""
+        return self._labels
+
+    def stop(self) -> None:
+        """Stop the server and remove its work dir (close the cleanup process's stdin)."""
+        with self._lock:
+            proc = self._proc
+        if proc is None:
+            return
+        if proc.stdin is not None and not proc.stdin.closed:
+            proc.stdin.close()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def connect(address: str | None, namespace: str) -> bool:
+    """Use the running Ray, or connect to ``address`` (blocking). Return whether this call
+    initialized Ray (only then may the backend shut it down)."""
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing leaves the machine
+    ray.init(address=address, namespace=namespace, log_to_driver=False)
+    return True
+
+
+def shutdown() -> None:
+    ray.shutdown()
+
+
+def make_placement_group(
+    strategy: str, bundles: int, bundle: Mapping[str, float], name: str
+) -> PlacementGroup:
+    group: PlacementGroup = placement_group(
+        [dict(bundle) for _ in range(bundles)], strategy=strategy, name=name
+    )
+    return group
+
+
+def remove_group(group: PlacementGroup) -> None:
+    remove_placement_group(group)
+
+
+def spawn_host(
+    *,
+    name: str,
+    namespace: str,
+    argv: list[str],
+    env: dict[str, str],
+    labels: dict[str, str],
+    num_cpus: float,
+    memory: int | None,
+    resources: Mapping[str, float],
+    label_selector: Mapping[str, str],
+    group: PlacementGroup | None,
+    bundle: int,
+    detached: bool,
+) -> Any:
+    """Create one host actor (non-blocking: Ray schedules it)."""
+    options: dict[str, Any] = {
+        "name": name,
+        "namespace": namespace,
+        "num_cpus": num_cpus,
+        "max_concurrency": 4,
+        "max_restarts": 0,
+        "lifetime": "detached" if detached else None,
+    }
+    if memory:
+        options["memory"] = memory
+    if resources:
+        options["resources"] = dict(resources)
+    if label_selector:
+        options["label_selector"] = dict(label_selector)
+    if group is not None:
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            placement_group=group, placement_group_bundle_index=bundle
+        )
+    global _actor_class
+    if _actor_class is None:
+        _actor_class = ray.remote(HostActor)
+    return _actor_class.options(**options).remote(argv, env, labels)
+
+
+_actor_class: Any = None
+
+
+def kill(actor: Any) -> None:
+    """Kill an actor now (its cleanup process then stops the server and removes its files)."""
+    try:
+        ray.kill(actor, no_restart=True)
+    except (ValueError, ray.exceptions.RayError):
+        pass  # already gone
+
+
+async def await_ref(ref: Any, limiter: anyio.CapacityLimiter) -> Any:
+    """The value of an object ref, without blocking the event loop.
+
+    Cancellation: stops waiting; the remote call itself is not cancelled.
+    """
+    if sniffio.current_async_library() == "asyncio":
+        return await ref
+    try:
+        future: concurrent.futures.Future[Any] = ref.future()
+    except AttributeError:  # pragma: no cover - Ray Client refs without futures
+        return await anyio.to_thread.run_sync(ray.get, ref, limiter=limiter)
+    import trio
+
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+
+    def wake(_: object) -> None:
+        try:
+            token.run_sync_soon(done.set)
+        except trio.RunFinishedError:
+            pass
+
+    future.add_done_callback(wake)
+    await done.wait()
+    return future.result()
+
+
+def reap_actors(*, namespace: str | None, dry_run: bool) -> tuple[list[str], list[str]]:
+    """Kill the host actors (``structenv-*``) whose owner process is dead; return the names
+    removed and the names left alone (live or foreign owners). Blocking; Ray connected."""
+    from ray.util.state import list_actors
+
+    removed: list[str] = []
+    kept: list[str] = []
+    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000):
+        name = actor.name or ""
+        if not name.startswith(ACTOR_PREFIX):
+            continue
+        ns = actor.ray_namespace
+        if namespace is not None and ns != namespace:
+            continue
+        try:
+            handle = ray.get_actor(name, namespace=ns)
+            labels: dict[str, str] = dict(ray.get(handle.labels.remote(), timeout=30))
+        except (ValueError, ray.exceptions.RayError):
+            continue
+        if owner_state(labels) != "dead":
+            kept.append(name)
+            continue
+        removed.append(name)
+        if not dry_run:
+            try:
+                ray.get(handle.stop.remote(), timeout=60)
+            except ray.exceptions.RayError:
+                pass
+            kill(handle)
+    return removed, kept
+
+
+def reap_node_workdirs(*, dry_run: bool) -> list[str]:
+    """On every alive node, remove ``structenv-*`` work dirs of dead cleanup processes
+    (left by a node whose processes were killed outright). Blocking; Ray connected."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    sweep = ray.remote(num_cpus=0)(_sweep_node)
+    refs = [
+        sweep.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        ).remote(dry_run)
+        for node in ray.nodes()  # type: ignore[no-untyped-call]
+        if node.get("Alive")
+    ]
+    return [path for paths in ray.get(refs, timeout=120) for path in paths]
+
+
+def _sweep_node(dry_run: bool) -> list[str]:
+    from ._local import reap_workdirs
+
+    report = reap_workdirs(dry_run=dry_run)
+    ip = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+    return [f"{ip}:{p}" for p in report.removed]
+
+
+def labels_for(run_id: str) -> dict[str, str]:
+    return owner_labels(backend="ray", run_id=run_id, pool="ray")

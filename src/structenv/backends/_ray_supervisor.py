@@ -1,0 +1,86 @@
+"""The cleanup process of a Ray sandbox host: ``python -m structenv.backends._ray_supervisor``.
+
+A Ray host actor starts this process (stdin: a pipe from the actor) instead of the sandbox
+server itself. It makes the host's work dir (``/var/tmp/structenv-<pid>-*`` with an owner
+file naming this process, so ``structenv reap`` on the node can judge it), starts the sandbox
+server as its child (``--watch-stdin``) and forwards the server's ready line. When its stdin
+reaches end of file — the actor stopped it, or the actor's process died (``ray.kill``, its
+owner's death, a crash) and the kernel closed the pipe — it stops the server (end of its
+stdin; SIGKILL after a grace), removes the slots' cgroups and the work dir, and exits. So the
+sandbox server and its work dir never outlive the actor. No ``ray`` import here (a light,
+quick process).
+
+Arguments: the sandbox server's arguments (without ``--workdir``/``--name``/``--watch-stdin``).
+Environment: ``STRUCTENV_SANDBOX_TOKEN`` (passed on to the server), ``STRUCTENV_RAY_HOST``
+(the host id), ``STRUCTENV_RAY_BASE`` (where work dirs go), ``STRUCTENV_RAY_RUN``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+from ..sandbox._bwrap import remove_cgroup_tree
+from ..sandbox._files import remove_tree
+from ._ownership import owner_labels
+
+#: Seconds the server may take to exit after its stdin closes before it is killed.
+GRACE = 10.0
+
+
+def _make_root(base: str, run_id: str) -> str:
+    root = tempfile.mkdtemp(prefix=f"structenv-{os.getpid()}-", dir=base)
+    labels = owner_labels(backend="ray", run_id=run_id, pool="ray")
+    tmp = os.path.join(root, ".owner.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(labels, f)
+    os.rename(tmp, os.path.join(root, "owner.json"))
+    return root
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on SIGTERM too
+    host_id = os.environ.get("STRUCTENV_RAY_HOST", f"ray{os.getpid()}")
+    base = os.environ.get("STRUCTENV_RAY_BASE") or "/var/tmp"
+    os.makedirs(base, exist_ok=True)
+    root = _make_root(base, os.environ.get("STRUCTENV_RAY_RUN", host_id))
+    workdir = os.path.join(root, host_id)
+    argv = [*argv, "--workdir", workdir, "--name", host_id, "--watch-stdin"]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "structenv.sandbox", *argv],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        try:
+            info = json.loads(line)
+        except ValueError:
+            info = {"error": "start", "message": f"sandbox server exited ({server.wait()})"}
+        info.update(pid=server.pid, root=root)
+        sys.stdout.write(json.dumps(info) + "\n")
+        sys.stdout.flush()
+        if "error" not in info:
+            while os.read(0, 4096):  # until the actor goes away (end of file)
+                pass
+    finally:
+        if server.stdin is not None:
+            server.stdin.close()
+        try:
+            server.wait(GRACE)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        remove_cgroup_tree(host_id, patience=5.0)
+        remove_tree(root, keep_root=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
