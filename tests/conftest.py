@@ -9,6 +9,12 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+# Ray (tests/test_ray_backend.py): nothing may leave the machine, and the test cluster stays on
+# loopback (without this, Ray rewrites 127.0.0.1 to the machine's eth0 address). Both are read
+# when ray is imported and inherited by the cluster's processes, so they are set here, first.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 #: A test that runs longer than this dumps every thread's stack and kills the run, so a hang
 #: shows where it hangs instead of eating CI's budget.
 HANG_GUARD_SECONDS = float(os.environ.get("STRUCTENV_HANG_GUARD", "300"))

@@ -114,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Benchmarks of structenv (docs/benchmarks.md). Progress goes to stderr, "
         "tables to stdout, DIR/NAME.json and DIR/NAME.png to --out.",
     )
-    bench.add_argument("which", choices=["dispatch", "exec", "docker", "specs"])
+    bench.add_argument("which", choices=["dispatch", "exec", "docker", "specs", "ray"])
     bench.add_argument(
         "--quick", action="store_true", help="asyncio only, small sizes (about 30 s)"
     )

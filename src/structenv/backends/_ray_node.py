@@ -15,6 +15,7 @@ versions) ``ray.get`` runs in a worker thread through a limiter.
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.util
 import json
 import os
 import subprocess
@@ -82,8 +83,11 @@ class HostActor:
             argv = [ip if a == "{node_ip}" else a for a in self._argv]
             # Its own session: a signal to the actor's process group does not reach it; its
             # stdin is our pipe, so it cleans up when this process ends, however it ends.
+            spec = importlib.util.find_spec("structenv")  # this node's install; not imported
+            assert spec is not None and spec.origin is not None
+            script = os.path.join(os.path.dirname(spec.origin), "backends", "_ray_supervisor.py")
             proc = subprocess.Popen(
-                [sys.executable, "-m", "structenv.backends._ray_supervisor", *argv],
+                [sys.executable, script, *argv],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 env=env,
@@ -195,6 +199,9 @@ def spawn_host(
         )
     global _actor_class
     if _actor_class is None:
+        # By value: a worker then needs no import of structenv (seconds on a busy node)
+        # before the actor runs; HostActor uses only the standard library and ray.
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
         _actor_class = ray.remote(HostActor)
     return _actor_class.options(**options).remote(argv, env, labels)
 

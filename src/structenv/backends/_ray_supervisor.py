@@ -1,4 +1,4 @@
-"""The cleanup process of a Ray sandbox host: ``python -m structenv.backends._ray_supervisor``.
+"""The cleanup process of a Ray sandbox host: ``python .../backends/_ray_supervisor.py``.
 
 A Ray host actor starts this process (stdin: a pipe from the actor) instead of the sandbox
 server itself. It makes the host's work dir (``/var/tmp/structenv-<pid>-*`` with an owner
@@ -8,7 +8,7 @@ reaches end of file — the actor stopped it, or the actor's process died (``ray
 owner's death, a crash) and the kernel closed the pipe — it stops the server (end of its
 stdin; SIGKILL after a grace), removes the slots' cgroups and the work dir, and exits. So the
 sandbox server and its work dir never outlive the actor. No ``ray`` import here (a light,
-quick process).
+quick process: it is run as a script and imports nothing of structenv until it cleans up).
 
 Arguments: the sandbox server's arguments (without ``--workdir``/``--name``/``--watch-stdin``).
 Environment: ``STRUCTENV_SANDBOX_TOKEN`` (passed on to the server), ``STRUCTENV_RAY_HOST``
@@ -17,24 +17,34 @@ Environment: ``STRUCTENV_SANDBOX_TOKEN`` (passed on to the server), ``STRUCTENV_
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
-
-from ..sandbox._bwrap import remove_cgroup_tree
-from ..sandbox._files import remove_tree
-from ._ownership import owner_labels
+from types import ModuleType
 
 #: Seconds the server may take to exit after its stdin closes before it is killed.
 GRACE = 10.0
 
 
+def _ownership() -> ModuleType:
+    """``_ownership`` (stdlib only) loaded from its file: importing it through the package
+    would import all of structenv first, which costs seconds on a busy node."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_ownership.py")
+    spec = importlib.util.spec_from_file_location("_structenv_ownership", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
 def _make_root(base: str, run_id: str) -> str:
     root = tempfile.mkdtemp(prefix=f"structenv-{os.getpid()}-", dir=base)
-    labels = owner_labels(backend="ray", run_id=run_id, pool="ray")
+    labels = _ownership().owner_labels(backend="ray", run_id=run_id, pool="ray")
     tmp = os.path.join(root, ".owner.json.tmp")
     with open(tmp, "w") as f:
         json.dump(labels, f)
@@ -67,6 +77,8 @@ def main(argv: list[str]) -> int:
         sys.stdout.write(json.dumps(info) + "\n")
         sys.stdout.flush()
         if "error" not in info:
+            import structenv.sandbox._files  # noqa: F401  # now, so stopping is quick
+
             while os.read(0, 4096):  # until the actor goes away (end of file)
                 pass
     finally:
@@ -77,10 +89,15 @@ def main(argv: list[str]) -> int:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+        from structenv.sandbox._bwrap import remove_cgroup_tree
+        from structenv.sandbox._files import remove_tree
+
         remove_cgroup_tree(host_id, patience=5.0)
         remove_tree(root, keep_root=False)
     return 0
 
 
 if __name__ == "__main__":
+    if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+        del sys.path[0]  # run as a script: the backends directory is no import root
     sys.exit(main(sys.argv[1:]))
