@@ -16,16 +16,14 @@ from pydantic import ValidationError
 
 from structenv import ConfigError
 from structenv.adapters import (
-    BackendSettings,
     ExecTool,
     MemberOutcome,
     TokenSequence,
-    available_backends,
     build_scored_group,
-    create_backend,
 )
 from structenv.adapters.atropos import AgentEnv, AgentEnvConfig
 from structenv.agent import AgentResult, AgentTask, build_tiny_tokenizer
+from structenv.backends import DockerOptions, NomadBackend, available_backends, create_backend
 from structenv.examples._shell_data import tool_call
 from structenv.testing import (
     FakeBackend,
@@ -241,21 +239,30 @@ async def test_openai_endpoint_says_it_has_no_logprobs(tokenizer_dir: Path) -> N
 
 
 def test_config_validation() -> None:
-    with pytest.raises(ValidationError, match="max_hosts"):
-        AgentEnvConfig(min_hosts=3, max_hosts=2)
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match=r"max_hosts \(2\) < min_hosts \(3\)"):
+        AgentEnvConfig(backend_options={"min_hosts": 3, "max_hosts": 2})
+    with pytest.raises(ValidationError, match="backend 'kubernetes' is not available: unknown"):
         AgentEnvConfig(backend="kubernetes")
+    with pytest.raises(ValidationError, match="LocalOptions: image: Extra inputs"):
+        AgentEnvConfig(backend_options={"image": "x"})  # a DockerOptions field
     with pytest.raises(ValidationError):
         AgentEnvConfig(failure_policy="retry")
-    assert available_backends() == ["docker", "local", "nomad"]  # modal: SDK not installed
+    config = AgentEnvConfig(backend="docker", backend_options={"slots_per_host": "3"})
+    options = config.backend_options_model()
+    assert isinstance(options, DockerOptions) and options.slots_per_host == 3
+    assert options.require_sandbox and not options.allow_network  # the env's, passed on
+    # modal: SDK not installed; ray: in the dev extra
+    assert available_backends() == ["docker", "local", "nomad", "ray"]
     with pytest.raises(ConfigError, match=r"backend 'modal' is not available.*structenv\[modal\]"):
-        create_backend("modal", BackendSettings())
+        create_backend("modal")
     with pytest.raises(ConfigError, match="backend 'nope' is not available: unknown"):
-        create_backend("nope", BackendSettings())
-    nomad = create_backend("nomad", BackendSettings(slots_per_host=3, min_hosts=1, max_hosts=4))
-    assert nomad.capacity == 12
-    with pytest.raises(ConfigError, match="max_hosts"):
-        BackendSettings(min_hosts=2, max_hosts=1)
+        create_backend("nope")
+    nomad = create_backend("nomad", {"slots_per_host": 3, "min_hosts": 1, "max_hosts": 4})
+    assert isinstance(nomad, NomadBackend) and nomad.capacity == 12
+    with pytest.raises(ConfigError, match=r"NomadOptions: max_hosts \(1\) < min_hosts \(2\)"):
+        create_backend("nomad", {"min_hosts": 2, "max_hosts": 1})
+    with pytest.raises(ConfigError, match="require_stateful_sandbox needs require_sandbox"):
+        create_backend("local", {"require_sandbox": False}, require_stateful_sandbox=True)
 
 
 def test_env_rejects_unavailable_backend_and_unknown_toolset(tokenizer_dir: Path) -> None:

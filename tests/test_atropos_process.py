@@ -46,7 +46,7 @@ async def test_process_mode_writes_real_token_groups(tokenizer_dir: Path, tmp_pa
             include_messages=True,
             ensure_scores_are_not_same=False,
             data_path_to_save_groups=str(out),
-            slots_per_host=3,
+            backend_options={"slots_per_host": 3},
             agent_max_steps=8,
             trajectory_timeout_s=300,  # generous: CI machines can be slow
         )

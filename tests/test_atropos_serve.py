@@ -122,7 +122,7 @@ async def test_serve_mode_batches_and_worker_timeouts_leave_nothing(
                 use_wandb=False,
                 ensure_scores_are_not_same=False,
                 tokenizer_name=str(tokenizer_dir),
-                slots_per_host=4,
+                backend_options={"slots_per_host": 4},
                 agent_max_steps=6,
             )
             api_config = APIServerConfig(

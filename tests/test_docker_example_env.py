@@ -1,6 +1,6 @@
 """The shell-tasks example env end to end (``structenv demo``) with its sandboxes in Docker.
 
-The env is pointed at the registered ``docker`` backend (with the test image and pool);
+The env's backend is built by the registry as ``docker`` (with the test image and pool);
 everything else is the real demo: atroposlib process mode, the scripted policy server over
 HTTP, real commands in bwrap'd container slots.
 """
@@ -16,10 +16,8 @@ import pytest
 
 from structenv._demo import main
 from structenv.abc import SandboxBackend
-from structenv.adapters import _backends
-from structenv.adapters._backends import BackendSettings, create_backend
 from structenv.adapters.atropos import AgentEnv
-from structenv.backends._docker import DockerBackend
+from structenv.backends import DockerBackend, create_backend
 from test_docker_support import containers_of, docker_backend, docker_image, new_run_id
 
 _ = docker_image
@@ -31,34 +29,21 @@ def test_demo_on_docker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     made: list[DockerBackend] = []
     test_defaults = docker_backend()  # the test image and pool, small limits
 
-    def factory(settings: BackendSettings) -> SandboxBackend:
-        options = {"image": test_defaults.image, "pool": "pytest", "run_id": run_id}
-        backend = _backends._docker(
-            BackendSettings(
-                slots_per_host=settings.slots_per_host,
-                min_hosts=settings.min_hosts,
-                max_hosts=settings.max_hosts,
-                allow_network=settings.allow_network,
-                require_sandbox=settings.require_sandbox,
-                options=options,
-            )
-        )
+    def create_docker_backend(self: AgentEnv) -> SandboxBackend:
+        c = self.config  # the demo's backend_options (slots, hosts), on Docker
+        options = {
+            **c.backend_options,
+            "allow_network": c.allow_network,
+            "require_sandbox": c.require_sandbox,
+            "image": test_defaults.image,
+            "pool": "pytest",
+            "run_id": run_id,
+        }
+        backend = create_backend("docker", options)
         assert isinstance(backend, DockerBackend)
         made.append(backend)
         return backend
 
-    def create_docker_backend(self: AgentEnv) -> SandboxBackend:
-        c = self.config
-        settings = BackendSettings(
-            slots_per_host=c.slots_per_host,
-            min_hosts=c.min_hosts,
-            max_hosts=c.max_hosts,
-            allow_network=c.allow_network,
-            require_sandbox=c.require_sandbox,
-        )
-        return create_backend("docker", settings)
-
-    monkeypatch.setitem(_backends._REGISTRY, "docker", factory)
     monkeypatch.setattr(AgentEnv, "create_backend", create_docker_backend)
     out = tmp_path / "out"
     code = main(["--groups", "2", "--group-size", "2", "--out", str(out), "--quiet"])

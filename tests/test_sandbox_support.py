@@ -25,7 +25,7 @@ def local_backend(**options: object) -> LocalBackend:
     """A LocalBackend with test-sized defaults."""
     settings: dict[str, object] = {"hosts": 1, "slots_per_host": 2, **LIMITS}
     settings.update(options)
-    return LocalBackend(**settings)  # type: ignore[arg-type]
+    return LocalBackend(**settings)
 
 
 @pytest.fixture

@@ -6,8 +6,9 @@ reapers at start-up too; this is the same code run by hand.
 
 Without options it removes LocalBackend work dirs (``/var/tmp/structenv-<pid>-*``: workspaces,
 sockets, and the hosts' cgroups) and Docker containers of dead runs; with ``--nomad-url``, Nomad
-jobs instead. Docker is skipped with a note when no engine answers (unless ``--docker-url``
-names one).
+jobs instead; with ``--ray``, RayBackend's detached host actors of dead runs and dead runs'
+work dirs on every node of the Ray cluster. Docker is skipped with a note when no engine
+answers (unless ``--docker-url`` names one).
 """
 
 from __future__ import annotations
@@ -44,6 +45,17 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         help="reap Nomad jobs on this cluster (e.g. http://127.0.0.1:4646) instead of containers",
     )
     p.add_argument("--nomad-token", help="Nomad ACL token (default: $NOMAD_TOKEN)")
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="reap RayBackend hosts instead of containers: detached host actors of dead runs, "
+        "and dead runs' work dirs on every node of the Ray cluster",
+    )
+    p.add_argument(
+        "--ray-address",
+        help="Ray cluster (default: the running one, $RAY_ADDRESS, or 'auto')",
+    )
+    p.add_argument("--ray-namespace", help="only host actors in this Ray namespace")
     return p.parse_args(list(argv))
 
 
@@ -58,6 +70,15 @@ async def _reap_nomad(args: argparse.Namespace) -> ReapReport:
     headers = {"X-Nomad-Token": token} if token else {}
     async with httpx.AsyncClient(base_url=args.nomad_url, headers=headers, timeout=30) as http:
         return await reap_jobs(_Nomad(http, attempts=4), pool=args.pool, dry_run=args.dry_run)
+
+
+def _reap_ray(args: argparse.Namespace) -> dict[str, ReapReport]:
+    from .backends._ray_node import reap_cluster  # the only module importing ray
+
+    actors, workdirs = reap_cluster(
+        address=args.ray_address, namespace=args.ray_namespace, dry_run=args.dry_run
+    )
+    return {"Ray actor(s)": actors, "Ray work dir(s)": workdirs}
 
 
 def _print(report: ReapReport, what: str) -> None:
@@ -93,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         import anyio
 
         reports["job(s)"] = anyio.run(_reap_nomad, args)
+    elif args.ray:
+        reports.update(_reap_ray(args))
     else:
         if not args.pool:
             from .backends._local import reap_workdirs
@@ -107,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             (only,) = reports.values()
             print(json.dumps(dataclasses.asdict(only), indent=2))
         else:
-            named = {what.split("(")[0].replace(" ", "_"): r for what, r in reports.items()}
+            named = {what.split("(")[0].lower().replace(" ", "_"): r for what, r in reports.items()}
             print(json.dumps({k: dataclasses.asdict(r) for k, r in named.items()}, indent=2))
     else:
         for what, report in reports.items():

@@ -106,7 +106,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
         finally:
             ray.shutdown()
     finally:
-        cluster.shutdown()
+        cluster.shutdown()  # type: ignore[no-untyped-call]
     payload = {
         "benchmark": "ray",
         "quick": quick,
@@ -129,7 +129,9 @@ def run(*, quick: bool = False) -> dict[str, Any]:
             [f"{name} 16 callers", f"{tp['p50_us']:.0f}", f"{tp['p99_us']:.0f}",
              f"{tp['mean_us']:.0f}", f"{tp['cmds_per_s']:.0f}"]
         )  # fmt: skip
-    print_table("RayBackend vs LocalBackend: /bin/true (µs)", ["what", "p50", "p99", "mean", "/s"], rows)
+    print_table(
+        "RayBackend vs LocalBackend: /bin/true (µs)", ["what", "p50", "p99", "mean", "/s"], rows
+    )
     print_table(
         "RayBackend: time to start N hosts",
         ["hosts", "seconds"],

@@ -158,14 +158,10 @@ class RayBackend(HostedBackend):
         self._counter += 1
         name = f"{node.ACTOR_PREFIX}{self.run_id}-{self._counter}"
         bundle = self._free_bundles.pop(0) if self._group is not None else None
-        env = {
-            "STRUCTENV_SANDBOX_TOKEN": self._token,
-            "STRUCTENV_RAY_HOST": f"ray{self.run_id}-{self._counter}",
-            "STRUCTENV_RAY_RUN": self.run_id,
-        }
+        env = {"STRUCTENV_SANDBOX_TOKEN": self._token, "STRUCTENV_RAY_RUN": self.run_id}
         if o.workdir:
             env["STRUCTENV_RAY_BASE"] = o.workdir
-        argv = self._argv()
+        argv = [f"ray{self.run_id}-{self._counter}", *self._argv()]
         actor = node.spawn_host(
             name=name,
             namespace=o.namespace,
@@ -182,15 +178,22 @@ class RayBackend(HostedBackend):
         )
         self._actors[name] = actor
         client: HostClient | None = None
+        began = anyio.current_time()
         try:
             with anyio.fail_after(self.start_timeout):
                 info = await node.await_ref(actor.start.remote(), self._limiter)
+                started = anyio.current_time()
                 if info.get("error") == "sandbox_unavailable":
                     raise SandboxUnavailableError(f"Ray host {name}: {info.get('message')}")
                 if "error" in info or not info.get("ready"):
                     raise BackendError(f"Ray host {name} failed to start: {info}")
                 client = HostClient(host=info["host"], port=int(info["port"]), token=self._token)
                 sandboxed, slots = await self.probe_host(client)
+            now = anyio.current_time()
+            logger.debug(
+                "Ray host %s: server started in %.2fs, serving %.2fs later (node %s)",
+                name, started - began, now - started, info["node_ip"],
+            )  # fmt: skip
         except BaseException as exc:
             with anyio.move_on_after(10, shield=True):
                 if client is not None:
@@ -235,12 +238,18 @@ class RayBackend(HostedBackend):
     async def _stop_host(self, host: Host) -> None:
         """Stop the server (its work dir is removed on the node), then kill the actor."""
         assert isinstance(host, _ActorHost) and self._node is not None
+        began = anyio.current_time()
         with anyio.move_on_after(15):
             try:
                 await self._node.await_ref(host.actor.stop.remote(), self._limiter)
             except self._node.RayError:
                 pass  # dead already: its cleanup process has done the work
+        stopped = anyio.current_time()
         await self._kill(host.name, host.actor, host.bundle)
+        logger.debug(
+            "Ray host %s: stopped in %.2fs, killed %.2fs later",
+            host.id, stopped - began, anyio.current_time() - stopped,
+        )  # fmt: skip
 
     async def _finish(self) -> None:
         node = self._node

@@ -30,7 +30,7 @@ import sniffio
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from ._ownership import owner_labels, owner_state
+from ._ownership import ReapReport, owner_labels, owner_state
 
 __all__ = [
     "ActorDiedError",
@@ -41,6 +41,7 @@ __all__ = [
     "kill",
     "make_placement_group",
     "reap_actors",
+    "reap_cluster",
     "remove_group",
     "spawn_host",
 ]
@@ -142,7 +143,7 @@ def connect(address: str | None, namespace: str) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing leaves the machine
-    ray.init(address=address, namespace=namespace, log_to_driver=False)
+    ray.init(address=address, namespace=namespace or None, log_to_driver=False)
     return True
 
 
@@ -201,7 +202,7 @@ def spawn_host(
     if _actor_class is None:
         # By value: a worker then needs no import of structenv (seconds on a busy node)
         # before the actor runs; HostActor uses only the standard library and ray.
-        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # type: ignore[no-untyped-call]
         _actor_class = ray.remote(HostActor)
     return _actor_class.options(**options).remote(argv, env, labels)
 
@@ -247,15 +248,13 @@ async def await_ref(ref: Any, limiter: anyio.CapacityLimiter) -> Any:
 def reap_actors(*, namespace: str | None, dry_run: bool) -> tuple[list[str], list[str]]:
     """Kill the host actors (``structenv-*``) whose owner process is dead; return the names
     removed and the names left alone (live or foreign owners). Blocking; Ray connected."""
-    from ray.util.state import list_actors
-
     removed: list[str] = []
     kept: list[str] = []
-    for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000):
-        name = actor.name or ""
+    # From the GCS (alive named actors): works without the dashboard's state API.
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        name, ns = actor["name"], actor["namespace"]
         if not name.startswith(ACTOR_PREFIX):
             continue
-        ns = actor.ray_namespace
         if namespace is not None and ns != namespace:
             continue
         try:
@@ -292,8 +291,27 @@ def reap_node_workdirs(*, dry_run: bool) -> list[str]:
     return [path for paths in ray.get(refs, timeout=120) for path in paths]
 
 
+def reap_cluster(
+    *, address: str | None, namespace: str | None, dry_run: bool
+) -> tuple[ReapReport, ReapReport]:
+    """``structenv reap --ray``: detached host actors of dead runs (stopped: their node
+    removes the work dir; then killed), and dead runs' work dirs on every alive node.
+    Uses the running Ray or connects to ``address``; shuts down only a Ray it started."""
+    started = connect(address or os.environ.get("RAY_ADDRESS") or "auto", namespace or "")
+    try:
+        removed, kept = reap_actors(namespace=namespace, dry_run=dry_run)
+        dirs = reap_node_workdirs(dry_run=dry_run)
+    finally:
+        if started:
+            ray.shutdown()
+    return (
+        ReapReport(removed=tuple(removed), alive=tuple(kept), dry_run=dry_run),
+        ReapReport(removed=tuple(dirs), dry_run=dry_run),
+    )
+
+
 def _sweep_node(dry_run: bool) -> list[str]:
-    from ._local import reap_workdirs
+    from structenv.backends._local import reap_workdirs
 
     report = reap_workdirs(dry_run=dry_run)
     ip = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]

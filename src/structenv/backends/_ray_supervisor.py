@@ -10,9 +10,10 @@ stdin; SIGKILL after a grace), removes the slots' cgroups and the work dir, and 
 sandbox server and its work dir never outlive the actor. No ``ray`` import here (a light,
 quick process: it is run as a script and imports nothing of structenv until it cleans up).
 
-Arguments: the sandbox server's arguments (without ``--workdir``/``--name``/``--watch-stdin``).
-Environment: ``STRUCTENV_SANDBOX_TOKEN`` (passed on to the server), ``STRUCTENV_RAY_HOST``
-(the host id), ``STRUCTENV_RAY_BASE`` (where work dirs go), ``STRUCTENV_RAY_RUN``.
+Arguments: the host id (it names the server and its cgroups, and shows in ``ps``), then the
+sandbox server's arguments (without ``--workdir``/``--name``/``--watch-stdin``). Environment:
+``STRUCTENV_SANDBOX_TOKEN`` (passed on to the server), ``STRUCTENV_RAY_BASE`` (where work dirs
+go), ``STRUCTENV_RAY_RUN`` (the run id in the owner file).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _make_root(base: str, run_id: str) -> str:
 
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on SIGTERM too
-    host_id = os.environ.get("STRUCTENV_RAY_HOST", f"ray{os.getpid()}")
+    host_id, argv = argv[0], argv[1:]
     base = os.environ.get("STRUCTENV_RAY_BASE") or "/var/tmp"
     os.makedirs(base, exist_ok=True)
     root = _make_root(base, os.environ.get("STRUCTENV_RAY_RUN", host_id))

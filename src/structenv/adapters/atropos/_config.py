@@ -19,6 +19,9 @@ from ._cli import list_fields, parse_list_flag, parse_object_flag
 
 __all__ = ["AgentEnvConfig", "AgentEnvStatistics", "GroupReport"]
 
+#: Former top-level fields, now backend options.
+_MOVED = frozenset({"slots_per_host", "min_hosts", "max_hosts"})
+
 
 class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]  # atroposlib is untyped
     """Configuration of an :class:`AgentEnv`: BaseEnv's fields plus sandbox and agent knobs.
@@ -152,6 +155,18 @@ class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]  # atroposlib is unty
             texts = {k for k in list_fields(cls) & data.keys() if isinstance(data[k], str)}
             if texts:
                 data = {**data, **{k: parse_list_flag(data[k]) for k in texts}}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, data: Any) -> Any:
+        moved = sorted(_MOVED & data.keys()) if isinstance(data, dict) else []
+        if moved:  # BaseEnvConfig ignores unknown keys: never drop these silently
+            raise ValueError(
+                f"{', '.join(moved)}: moved to backend_options "
+                f"(YAML backend_options: {{{moved[0]}: ...}}; flag "
+                f"--env.backend_options.{moved[0]})"
+            )
         return data
 
     @field_validator("sandbox", "backend_options", mode="before")

@@ -1,0 +1,302 @@
+"""RayBackend on a real multi-node Ray cluster on this machine (head + 2 worker nodes).
+
+One cluster for the whole module (starting one costs ~10-40 s here); every test makes its own
+backend. ``ray`` must be installed (the ``ray`` extra, in ``dev``): without it this module
+fails to import — it is never skipped. Pitfalls (see docs/scaling.md): tests/conftest.py sets
+``RAY_USAGE_STATS_ENABLED=0`` and ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (else Ray rewrites
+loopback to eth0's address) before ray is imported; the cluster has no dashboard; it is shut
+down by its own handles (never ``ray stop``: that kills every Ray on the machine).
+
+Loops (CI budget: a host start costs 5-15 s on the loaded CI machine): each test runs on one
+loop. The contract suite runs once, on asyncio (it starts ten backends; the exec path is the
+same sandbox client as LocalBackend's, whose contract runs on both loops). What differs
+between loops is only how Ray object refs are awaited (asyncio: ``await ref``; Trio: the
+ref's future + a done-callback waking the loop), and both paths are exercised by every Ray
+call a backend makes — start, watch, stop, kill: the actor-kill fault test and the
+cancellation test run on Trio, the node-removal fault test, placement and the driver-kill
+test on asyncio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import sys
+import textwrap
+from collections.abc import Iterator
+
+import anyio
+import pytest
+import ray
+from anyio.streams.buffered import BufferedByteReceiveStream
+from ray.cluster_utils import Cluster
+
+from structenv import ExecRequest, SlotBrokenError
+from structenv._reap import main as reap_main
+from structenv.backends import RayBackend
+from structenv.testing import check_backend
+
+pytestmark = pytest.mark.anyio
+
+NAMESPACE = "structenv-tests"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": False, "labels": {"pool": "head"}},
+    )
+    try:
+        for _ in range(2):
+            c.add_node(num_cpus=2, labels={"pool": "sandbox"})
+        ray.init(address=c.address, namespace=NAMESPACE, log_to_driver=False)
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()  # type: ignore[no-untyped-call]
+
+
+def _backend(**options: object) -> RayBackend:
+    settings: dict[str, object] = {
+        "slots_per_host": 2,
+        "num_cpus": 0,
+        "namespace": NAMESPACE,
+        "memory_limit": 512 << 20,
+        "disk_limit": 64 << 20,
+        "health_interval": 0.5,
+    }
+    settings.update(options)
+    return RayBackend(**settings)
+
+
+def _cmdlines(marker: str) -> dict[int, str]:
+    """Every process on the machine whose command line contains ``marker`` (walks /proc)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd:
+            found[int(entry)] = cmd
+    return found
+
+
+def _alive_actors(run_id: str) -> list[str]:
+    """Names of the live host actors of ``run_id`` (from the GCS: no dashboard needed)."""
+    prefix = f"structenv-{run_id}-"
+    actors = ray.util.list_named_actors(all_namespaces=True)
+    return [a["name"] for a in actors if a["name"].startswith(prefix)]
+
+
+async def _until(condition: object, *, within: float, what: str) -> None:
+    """Wait (polling) until ``condition()`` holds; fail with ``what`` after ``within`` s."""
+    assert callable(condition)
+    try:
+        with anyio.fail_after(within):
+            # /proc, the GCS and the file system have nothing to wait on: poll them.
+            while not await anyio.to_thread.run_sync(condition):  # noqa: ASYNC110
+                await anyio.sleep(0.1)
+    except TimeoutError:
+        raise AssertionError(f"not within {within}s: {what}") from None
+
+
+async def _nothing_left(run_id: str) -> None:
+    """No actor, no process (cleanup process, server, bwrap) and no work dir of ``run_id``."""
+    await _until(lambda: not _alive_actors(run_id), within=30, what=f"actors of {run_id} gone")
+    await _until(lambda: not _cmdlines(f"ray{run_id}-"), within=30, what="processes gone")
+    await _until(lambda: not _workdirs(run_id), within=30, what="work dirs gone")
+
+
+def _workdirs(run_id: str) -> list[str]:
+    """Work dirs in /var/tmp whose owner file names ``run_id``."""
+    found = []
+    for name in os.listdir("/var/tmp"):
+        try:
+            with open(os.path.join("/var/tmp", name, "owner.json")) as f:
+                if run_id in f.read():
+                    found.append(name)
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_contract(cluster: Cluster) -> None:
+    passed = await check_backend(lambda: _backend(), deadline=90)
+    assert "cancelled_exec" in passed and "batch_streams" in passed
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_strict_spread_puts_one_host_per_node(cluster: Cluster) -> None:
+    async with _backend(min_hosts=3, num_cpus=1, placement="STRICT_SPREAD") as backend:
+        assert len(set(backend.host_nodes().values())) == 3  # head + 2 workers
+        slot = await backend.acquire_slot()
+        result = await slot.exec(ExecRequest("echo placed", timeout=10))
+        assert result.stdout == b"placed\n" and result.sandboxed
+        await backend.release_slot(slot, reusable=True)
+    await _nothing_left(backend.run_id)
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_killed_actor_fails_calls_and_is_replaced(cluster: Cluster) -> None:
+    async with _backend(min_hosts=1, max_hosts=2) as backend:
+        slot = await backend.acquire_slot()
+        (host_id, actor), *_ = backend.host_actors().items()
+        marker = f"sleep 31.{random.randrange(1000, 9999)}"
+        outcome: list[object] = []
+        done = anyio.Event()
+
+        async def call() -> None:
+            try:
+                outcome.append(await slot.exec(ExecRequest(marker, timeout=60)))
+            except SlotBrokenError as exc:
+                outcome.append(exc)
+            done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call)
+            await _until(lambda: _cmdlines(marker), within=20, what="the command runs")
+            ray.kill(actor)
+            with anyio.fail_after(20):  # the caller's deadline: it must not hang
+                await done.wait()
+        assert isinstance(outcome[0], SlotBrokenError), outcome
+        await backend.release_slot(slot, reusable=False)
+        assert backend.statistics().hosts_replaced == 1
+        with anyio.fail_after(60):
+            fresh = await backend.acquire_slot()
+        assert fresh.host_id != host_id
+        result = await fresh.exec(ExecRequest("echo replaced", timeout=10))
+        assert result.stdout == b"replaced\n"
+        await backend.release_slot(fresh, reusable=True)
+        # The killed host's server, bwrap and work dir are gone while the backend runs on.
+        await _until(lambda: not _cmdlines(f"{host_id.removeprefix('structenv-')}"), within=30,
+                     what="the killed host's processes gone")  # fmt: skip
+    await _nothing_left(backend.run_id)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_removed_node_fails_calls_and_host_moves(cluster: Cluster) -> None:
+    doomed = cluster.add_node(num_cpus=1, resources={"doomed": 1})
+    spare = None
+    try:
+        async with _backend(min_hosts=1, resources={"doomed": 1}) as backend:
+            slot = await backend.acquire_slot()
+            marker = f"sleep 32.{random.randrange(1000, 9999)}"
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+
+                    async def call() -> None:
+                        with pytest.raises(SlotBrokenError):
+                            await slot.exec(ExecRequest(marker, timeout=60))
+
+                    tg.start_soon(call)
+                    await _until(lambda: _cmdlines(marker), within=20, what="the command runs")
+                    await anyio.to_thread.run_sync(cluster.remove_node, doomed, False)
+            await backend.release_slot(slot, reusable=False)
+            assert backend.statistics().hosts_replaced == 1
+            # The replacement waits for a node with the resource; one joins.
+            spare = await anyio.to_thread.run_sync(
+                lambda: cluster.add_node(num_cpus=1, resources={"doomed": 1})
+            )
+            with anyio.fail_after(90):
+                fresh = await backend.acquire_slot()
+            result = await fresh.exec(ExecRequest("echo moved", timeout=10))
+            assert result.stdout == b"moved\n"
+            await backend.release_slot(fresh, reusable=True)
+        await _nothing_left(backend.run_id)
+    finally:
+        for node in (doomed, spare):
+            if node is not None and node in cluster.worker_nodes:
+                cluster.remove_node(node)
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_labels_place_hosts_and_cancellation_leaves_nothing(cluster: Cluster) -> None:
+    """Hosts land on the labelled nodes; a cancelled start or acquire (at random points)
+    leaves no actor, no process and no work dir."""
+    nodes = ray.nodes()  # type: ignore[no-untyped-call]
+    sandbox_nodes = {
+        n["NodeID"] for n in nodes if n["Alive"] and n["Labels"].get("pool") == "sandbox"
+    }
+    rng = random.Random(os.getpid())
+    for delay in (rng.uniform(0.0, 0.5), rng.uniform(0.5, 4.0)):
+        backend = _backend(min_hosts=2, label_selector={"pool": "sandbox"})
+        with anyio.move_on_after(delay):
+            async with backend:
+                await anyio.sleep_forever()
+        await _nothing_left(backend.run_id)
+    labels = {"pool": "sandbox"}
+    async with _backend(
+        min_hosts=1, max_hosts=3, slots_per_host=1, label_selector=labels
+    ) as backend:
+        held = await backend.acquire_slot()
+        for delay in (rng.uniform(0.0, 0.5), rng.uniform(0.5, 3.0)):
+            with anyio.move_on_after(delay):
+                extra = await backend.acquire_slot()
+                await backend.release_slot(extra, reusable=True)
+        assert backend.statistics().leased == 1
+        assert set(backend.host_nodes().values()) <= sandbox_nodes
+        await backend.release_slot(held, reusable=True)
+    assert backend.statistics().leased == 0
+    await _nothing_left(backend.run_id)
+
+
+_DRIVER = textwrap.dedent(
+    """
+    import json, sys, anyio, ray
+    from structenv import ExecRequest
+    from structenv.backends import RayBackend
+
+    async def main():
+        opts = dict(slots_per_host=1, num_cpus=0, namespace=sys.argv[2])
+        async with RayBackend(min_hosts=2, **opts) as owned, \\
+                RayBackend(min_hosts=1, detached=True, **opts) as detached:
+            slot = await owned.acquire_slot()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(slot.exec, ExecRequest("sleep 33.3", timeout=300))
+                print(json.dumps([owned.run_id, detached.run_id]), flush=True)
+                await anyio.sleep_forever()
+
+    ray.init(address=sys.argv[1], log_to_driver=False)
+    anyio.run(main)
+    """
+)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_driver_sigkill_leaves_nothing_and_reap_removes_detached(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    argv = [sys.executable, "-c", _DRIVER, cluster.address, NAMESPACE]
+    async with await anyio.open_process(argv, env=env, stderr=None) as proc:
+        try:
+            assert proc.stdout is not None
+            with anyio.fail_after(120):
+                line = await BufferedByteReceiveStream(proc.stdout).receive_until(b"\n", 4096)
+            owned, detached = json.loads(line)
+            await _until(lambda: _cmdlines("sleep 33.3"), within=20, what="the command runs")
+            assert _alive_actors(owned) and _alive_actors(detached)
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+    # Non-detached hosts die with their owner: actors, servers, bwrap, work dirs.
+    await _nothing_left(owned)
+    # Detached ones survive it until reaped (their owner is dead: this host, pid gone).
+    assert _alive_actors(detached)
+    assert re.search(detached, " ".join(_cmdlines(f"ray{detached}-").values()))
+    status = await anyio.to_thread.run_sync(
+        reap_main, ["--ray", "--ray-namespace", NAMESPACE, "--json"]
+    )
+    assert status == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ray_actor"]["removed"] == [f"structenv-{detached}-1"]
+    await _nothing_left(detached)
