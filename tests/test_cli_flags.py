@@ -4,6 +4,7 @@ behaviour is in ``test_cli_process.py``)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import tenacity
@@ -12,7 +13,12 @@ from pydantic import ValidationError
 from structenv._exceptions import ConfigError, SandboxUnavailableError
 from structenv._main import describe_error
 from structenv.adapters.atropos import AgentEnvConfig
-from structenv.adapters.atropos._cli import normalize_argv, parse_list_flag
+from structenv.adapters.atropos._cli import (
+    normalize_argv,
+    normalize_option_flags,
+    parse_list_flag,
+    parse_options_flag,
+)
 
 FIELDS = {"env.enabled_toolsets", "env.task_ids"}
 
@@ -115,3 +121,30 @@ def _tokenizer() -> str:
     from structenv.agent import build_tiny_tokenizer
 
     return str(build_tiny_tokenizer())
+
+
+def test_backend_option_flags_become_one_json_object(tmp_path: Path) -> None:
+    config = tmp_path / "cfg.yaml"
+    config.write_text("env:\n  backend_options: {max_hosts: 4, placement: PACK}\n")
+    argv = [
+        "process", "--config", str(config), "--env.backend_options.slots_per_host", "8",
+        "--env.group_size", "2", "--env.backend_options.placement=STRICT_SPREAD",
+        "--env.backend_options.resources", '{"sandbox": 1}',
+    ]  # fmt: skip
+    out = normalize_option_flags(argv)
+    options = {"max_hosts": 4, "placement": "STRICT_SPREAD", "slots_per_host": 8}
+    options["resources"] = {"sandbox": 1}
+    assert out == [
+        "process", "--config", str(config), f"--env.backend_options={json.dumps(options)}",
+        "--env.group_size", "2",
+    ]  # fmt: skip
+    assert normalize_option_flags(["--env.group_size", "2"]) == ["--env.group_size", "2"]
+    with pytest.raises(ConfigError, match=r"--env\.backend_options\.max_hosts needs a value"):
+        normalize_option_flags(["--env.backend_options.max_hosts"])
+    with pytest.raises(ConfigError, match="backend_options: not a JSON object"):
+        parse_options_flag("[1]")
+    # AgentEnvConfig reads the JSON text (as atroposlib hands it over) and validates it.
+    env = AgentEnvConfig(backend="local", backend_options='{"slots_per_host": "2"}')
+    assert env.backend_options_model().slots_per_host == 2
+    with pytest.raises(ValidationError, match="slots_per_host: moved to backend_options"):
+        AgentEnvConfig(slots_per_host=2)

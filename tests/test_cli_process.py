@@ -617,3 +617,25 @@ def test_bad_config_values_are_one_line_naming_the_field_and_its_values(tmp_path
         "ShellTasksEnv process: error: invalid configuration: env.check: "
         "Input should be 'auto', 'pytest' or 'runner' (got 'sometimes')"
     )
+
+
+def test_backend_options_from_yaml_and_flags_merge_and_fail_as_one_line(tmp_path: Path) -> None:
+    """``--env.backend_options.<name>`` flags are merged over the YAML's ``backend_options``
+    (max_hosts from the file, min_hosts from a flag: the pair is checked together) and
+    validated by the backend's options model before anything starts."""
+    config = tmp_path / "cfg.yaml"
+    config.write_text("env:\n  backend: local\n  backend_options: {max_hosts: 2}\n")
+    argv = [sys.executable, "-m", ENV_MODULE, "process", "--config", str(config)]
+    proc = subprocess.run(
+        [*argv, "--env.backend_options.min_hosts", "3"],
+        capture_output=True, text=True, env=fresh_env(), timeout=START_DEADLINE, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert "LocalOptions: max_hosts (2) < min_hosts (3)" in last_line(proc.stderr)
+    unknown = subprocess.run(
+        [*argv, "--env.backend_options.slots", "3"],
+        capture_output=True, text=True, env=fresh_env(), timeout=START_DEADLINE, check=False,
+    )  # fmt: skip
+    assert unknown.returncode == 1
+    assert "LocalOptions: slots: Extra inputs are not permitted" in last_line(unknown.stderr)

@@ -100,7 +100,7 @@ class HostActor:
         try:
             info: dict[str, Any] = json.loads(line)
         except ValueError:
-            info = {"error": "start", "message": f"cleanup process exited ({proc.wait()})"}
+            info = {"error": "start", "message": "the cleanup process ended before the server"}
         info["node_id"] = ray.get_runtime_context().get_node_id()
         info["node_ip"] = ip
         bind = argv[argv.index("--host") + 1] if "--host" in argv else "127.0.0.1"
@@ -112,6 +112,7 @@ class HostActor:
         assert self._proc is not None and self._proc.stdout is not None
         self._proc.stdout.read()  # EOF: the cleanup process (and so the server) ended
         self._exited.set()
+        self._proc.wait()  # the short-lived first process of the cleanup process
 
     def wait(self) -> str:
         """Return when the host's processes have ended (the backend watches this call)."""
@@ -130,11 +131,8 @@ class HostActor:
             return
         if proc.stdin is not None and not proc.stdin.closed:
             proc.stdin.close()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        # It has left our process tree: its end is the end of its stdout (see _watch).
+        self._exited.wait(60)
 
 
 def connect(address: str | None, namespace: str) -> bool:

@@ -1,9 +1,11 @@
 """The cleanup process of a Ray sandbox host: ``python .../backends/_ray_supervisor.py``.
 
 A Ray host actor starts this process (stdin: a pipe from the actor) instead of the sandbox
-server itself. It makes the host's work dir (``/var/tmp/structenv-<pid>-*`` with an owner
-file naming this process, so ``structenv reap`` on the node can judge it), starts the sandbox
-server as its child (``--watch-stdin``) and forwards the server's ready line. When its stdin
+server itself; it detaches from the actor's process tree at once (Ray kills a worker's
+children when the worker exits). It makes the host's work dir
+(``/var/tmp/structenv-<pid>-*`` with an owner file naming this process, so ``structenv reap``
+on the node can judge it), starts the sandbox server as its child (``--watch-stdin``) and
+forwards the server's ready line. When its stdin
 reaches end of file — the actor stopped it, or the actor's process died (``ray.kill``, its
 owner's death, a crash) and the kernel closed the pipe — it stops the server (end of its
 stdin; SIGKILL after a grace), removes the slots' cgroups and the work dir, and exits. So the
@@ -54,6 +56,12 @@ def _make_root(base: str, run_id: str) -> str:
 
 
 def main(argv: list[str]) -> int:
+    # Leave the actor's process tree: when a Ray worker exits, Ray kills its child processes
+    # (kill_child_processes_on_worker_exit), which would kill this process before it cleans
+    # up. The pipes stay: stdin still ends when the actor's process ends, however it ends.
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on SIGTERM too
     host_id, argv = argv[0], argv[1:]
     base = os.environ.get("STRUCTENV_RAY_BASE") or "/var/tmp"
