@@ -54,7 +54,10 @@ def test_constructors_take_a_model_and_or_overrides() -> None:
         (lambda: LocalBackend(isolation="none"), "isolation='none' needs require_sandbox=False"),
         (lambda: DockerBackend(slots=4), "DockerOptions: slots: Extra inputs are not permitted"),
         (lambda: RayBackend(placement="SIDEWAYS"), "RayOptions: placement: Input should be"),
-        (lambda: DockerBackend(LocalOptions()), "expected DockerOptions, got LocalOptions"),
+        (
+            lambda: DockerBackend(LocalOptions()),  # type: ignore[arg-type]
+            "expected DockerOptions, got LocalOptions",
+        ),
         (lambda: LocalBackend(hosts=2, min_hosts=1), "give hosts or min_hosts/max_hosts"),
     ],
 )
