@@ -46,6 +46,9 @@ NAMESPACE = "structenv-tests"
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
+    """Head (1 CPU, ``pool=head``), two ``pool=sandbox`` workers (2 CPUs each), and two
+    ``doomed`` workers for the node-removal test (custom resource: only its hosts go there).
+    The workers start in parallel."""
     c = Cluster(
         initialize_head=True,
         head_node_args={
@@ -60,7 +63,10 @@ def cluster() -> Iterator[Cluster]:
     )
     try:
         for _ in range(2):
-            c.add_node(num_cpus=2, labels={"pool": "sandbox"})
+            c.add_node(wait=False, num_cpus=2, labels={"pool": "sandbox"})
+        for _ in range(2):
+            c.add_node(wait=False, num_cpus=1, resources={"doomed": 1}, labels={"pool": "doomed"})
+        c.wait_for_nodes(timeout=180)
         ray.init(address=c.address, namespace=NAMESPACE, log_to_driver=False)
         yield c
     finally:
@@ -144,8 +150,9 @@ async def test_contract(cluster: Cluster) -> None:
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_strict_spread_puts_one_host_per_node(cluster: Cluster) -> None:
-    async with _backend(min_hosts=3, num_cpus=1, placement="STRICT_SPREAD") as backend:
-        assert len(set(backend.host_nodes().values())) == 3  # head + 2 workers
+    async with _backend(min_hosts=2, num_cpus=2, placement="STRICT_SPREAD") as backend:
+        # Only the two sandbox nodes have 2 CPUs: one host on each.
+        assert len(set(backend.host_nodes().values())) == 2
         slot = await backend.acquire_slot()
         result = await slot.exec(ExecRequest("echo placed", timeout=10))
         assert result.stdout == b"placed\n" and result.sandboxed
@@ -192,36 +199,31 @@ async def test_killed_actor_fails_calls_and_is_replaced(cluster: Cluster) -> Non
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_removed_node_fails_calls_and_host_moves(cluster: Cluster) -> None:
-    doomed = cluster.add_node(num_cpus=1, resources={"doomed": 1})
-    spare = None
-    try:
-        async with _backend(min_hosts=1, resources={"doomed": 1}) as backend:
-            slot = await backend.acquire_slot()
-            marker = f"sleep 32.{random.randrange(1000, 9999)}"
-            with anyio.fail_after(30):
-                async with anyio.create_task_group() as tg:
+    async with _backend(min_hosts=1, resources={"doomed": 1}) as backend:
+        slot = await backend.acquire_slot()
+        (node_id,) = backend.host_nodes().values()
+        (doomed,) = [n for n in cluster.worker_nodes if n.node_id == node_id]
+        marker = f"sleep 32.{random.randrange(1000, 9999)}"
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
 
-                    async def call() -> None:
-                        with pytest.raises(SlotBrokenError):
-                            await slot.exec(ExecRequest(marker, timeout=60))
+                async def call() -> None:
+                    with pytest.raises(SlotBrokenError):
+                        await slot.exec(ExecRequest(marker, timeout=60))
 
-                    tg.start_soon(call)
-                    await _until(lambda: _cmdlines(marker), within=20, what="the command runs")
-                    cluster.remove_node(doomed, allow_graceful=False)  # main thread: signals
-            await backend.release_slot(slot, reusable=False)
-            assert backend.statistics().hosts_replaced == 1
-            # The replacement waits for a node with the resource; one joins.
-            spare = cluster.add_node(num_cpus=1, resources={"doomed": 1})
-            with anyio.fail_after(90):
-                fresh = await backend.acquire_slot()
-            result = await fresh.exec(ExecRequest("echo moved", timeout=10))
-            assert result.stdout == b"moved\n"
-            await backend.release_slot(fresh, reusable=True)
-        await _nothing_left(backend.run_id)
-    finally:
-        for node in (doomed, spare):
-            if node is not None and node in cluster.worker_nodes:
-                cluster.remove_node(node)
+                tg.start_soon(call)
+                await _until(lambda: _cmdlines(marker), within=20, what="the command runs")
+                cluster.remove_node(doomed, allow_graceful=False)  # main thread: signals
+        await backend.release_slot(slot, reusable=False)
+        assert backend.statistics().hosts_replaced == 1
+        # The replacement goes to the other node with the resource.
+        with anyio.fail_after(90):
+            fresh = await backend.acquire_slot()
+        assert backend.host_nodes()[fresh.host_id] != node_id
+        result = await fresh.exec(ExecRequest("echo moved", timeout=10))
+        assert result.stdout == b"moved\n"
+        await backend.release_slot(fresh, reusable=True)
+    await _nothing_left(backend.run_id)
 
 
 @pytest.mark.parametrize("anyio_backend", ["trio"])
@@ -263,7 +265,7 @@ _DRIVER = textwrap.dedent(
 
     async def main():
         opts = dict(slots_per_host=1, num_cpus=0, namespace=sys.argv[2])
-        async with RayBackend(min_hosts=2, **opts) as owned, \\
+        async with RayBackend(min_hosts=1, **opts) as owned, \\
                 RayBackend(min_hosts=1, detached=True, **opts) as detached:
             slot = await owned.acquire_slot()
             async with anyio.create_task_group() as tg:

@@ -113,7 +113,9 @@ class RayBackend(HostedBackend):
     async def _prepare(self) -> None:
         node = self._node = _import_node()
         o = self._o
-        self._started_ray = await anyio.to_thread.run_sync(node.connect, o.address, o.namespace)
+        # On this thread: ray.init installs signal handlers (main thread only). It blocks
+        # the loop once, while connecting; a job that called ray.init itself pays nothing.
+        self._started_ray = node.connect(o.address, o.namespace)
         if o.placement is not None:
             bundle: dict[str, float] = {"CPU": o.num_cpus, **o.resources}
             if o.memory_mb:
