@@ -213,7 +213,9 @@ async def test_removed_node_fails_calls_and_host_moves(cluster: Cluster) -> None
 
                 tg.start_soon(call)
                 await _until(lambda: _cmdlines(marker), within=20, what="the command runs")
-                cluster.remove_node(doomed, allow_graceful=False)  # main thread: signals
+                # Graceful: the node leaves the cluster at once (killed outright, it would stay
+                # "alive" for the scheduler until its heartbeats are missed for a minute).
+                cluster.remove_node(doomed, allow_graceful=True)  # main thread: signals
         await backend.release_slot(slot, reusable=False)
         assert backend.statistics().hosts_replaced == 1
         # The replacement goes to the other node with the resource.

@@ -257,7 +257,8 @@ class RayOptions(HostedOptions):
         num_cpus: CPUs each host actor reserves (its node must have them free).
         memory_mb: Memory each host actor reserves (``None``: no reservation).
         resources: Custom Ray resources each host reserves (``{"sandbox": 1}``).
-        label_selector: Node labels a host must run on (``{"pool": "sandbox"}``), Ray >= 2.49.
+        label_selector: Node labels a host must run on (``{"pool": "sandbox"}``; a hard
+            node-label scheduling constraint).
         placement: ``None`` (Ray's scheduler), ``"STRICT_SPREAD"`` (one host per node),
             ``"SPREAD"``, ``"PACK"`` or ``"STRICT_PACK"``: a placement group of ``max_hosts``
             bundles is reserved up front and host ``i`` goes to bundle ``i``.
@@ -292,6 +293,12 @@ class RayOptions(HostedOptions):
     run_id: str | None = None
     bind_host: str | None = None
     get_concurrency: int = Field(default=16, ge=1)
+
+    @model_validator(mode="after")
+    def _check_placement(self) -> Self:
+        if self.placement is not None and self.label_selector:
+            raise ValueError("give placement or label_selector, not both")
+        return self
 
 
 _O = TypeVar("_O", bound=HostedOptions)

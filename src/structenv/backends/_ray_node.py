@@ -28,7 +28,11 @@ import anyio
 import ray
 import sniffio
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import (
+    In,
+    NodeLabelSchedulingStrategy,
+    PlacementGroupSchedulingStrategy,
+)
 
 from ._ownership import ReapReport, owner_labels, owner_state
 
@@ -191,7 +195,11 @@ def spawn_host(
     if resources:
         options["resources"] = dict(resources)
     if label_selector:
-        options["label_selector"] = dict(label_selector)
+        # Hard node-label constraint of the scheduler. (The actor option ``label_selector``
+        # was not enforced by Ray 2.60 here: a host landed on a node without the label.)
+        options["scheduling_strategy"] = NodeLabelSchedulingStrategy(
+            hard={key: In(value) for key, value in label_selector.items()}  # type: ignore[no-untyped-call]
+        )
     if group is not None:
         options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             placement_group=group, placement_group_bundle_index=bundle
