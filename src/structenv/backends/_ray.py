@@ -235,7 +235,8 @@ class RayBackend(HostedBackend):
         try:
             await self._node.await_ref(host.actor.wait.remote(), self._limiter)
         except self._node.RayError as exc:
-            logger.error("Ray host %s died: %s", host.id, str(exc).splitlines()[0])
+            if host.alive:  # not one being stopped by us
+                logger.error("Ray host %s died: %s", host.id, str(exc).splitlines()[0])
 
     async def _stop_host(self, host: Host) -> None:
         """Stop the server (its work dir is removed on the node), then kill the actor."""
