@@ -264,7 +264,8 @@ class RayOptions(HostedOptions):
             bundles is reserved up front and host ``i`` goes to bundle ``i``.
         detached: Detached actors (they outlive this process; ``structenv reap --ray``
             removes those of dead runs). Default: owned by whoever entered the backend.
-        isolation: ``"auto"``, ``"bwrap"`` or ``"none"`` on each node.
+        isolation: ``"bwrap"`` (``"auto"`` is the same here: no fallback to unsandboxed
+            hosts on a remote node) or ``"none"`` (needs ``require_sandbox=False``).
         memory_limit, pids_limit, cpu_limit, disk_limit, cgroup: As for ``LocalOptions``,
             applied by the sandbox server on each node.
         workdir: Base directory for hosts' work dirs on each node (default ``/var/tmp``).

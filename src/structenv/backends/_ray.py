@@ -159,7 +159,11 @@ class RayBackend(HostedBackend):
         o = self._o
         self._counter += 1
         name = f"{node.ACTOR_PREFIX}{self.run_id}-{self._counter}"
-        bundle = self._free_bundles.pop(0) if self._group is not None else None
+        bundle = None
+        if self._group is not None:
+            if not self._free_bundles:  # pragma: no cover - max_hosts bounds the hosts
+                raise BackendError("no free bundle in the placement group")
+            bundle = self._free_bundles.pop(0)
         env = {"STRUCTENV_SANDBOX_TOKEN": self._token, "STRUCTENV_RAY_RUN": self.run_id}
         if o.workdir:
             env["STRUCTENV_RAY_BASE"] = o.workdir
@@ -238,6 +242,11 @@ class RayBackend(HostedBackend):
             if host.alive:  # not one being stopped by us
                 logger.error("Ray host %s died: %s", host.id, str(exc).splitlines()[0])
 
+    async def _host_removed(self, host: Host, *, scaled_down: bool) -> None:
+        # Its bundle may take a replacement now: Ray starts that once the old actor is gone.
+        if isinstance(host, _ActorHost) and host.bundle is not None:
+            self._free_bundles.append(host.bundle)
+
     async def _stop_host(self, host: Host) -> None:
         """Stop the server (its work dir is removed on the node), then kill the actor."""
         assert isinstance(host, _ActorHost) and self._node is not None
@@ -248,7 +257,7 @@ class RayBackend(HostedBackend):
             except self._node.RayError:
                 pass  # dead already: its cleanup process has done the work
         stopped = anyio.current_time()
-        await self._kill(host.name, host.actor, host.bundle)
+        await self._kill(host.name, host.actor, None)  # its bundle: see _host_removed
         logger.debug(
             "Ray host %s: stopped in %.2fs, killed %.2fs later",
             host.id, stopped - began, anyio.current_time() - stopped,
