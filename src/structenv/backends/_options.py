@@ -257,8 +257,8 @@ class RayOptions(HostedOptions):
         num_cpus: CPUs each host actor reserves (its node must have them free).
         memory_mb: Memory each host actor reserves (``None``: no reservation).
         resources: Custom Ray resources each host reserves (``{"sandbox": 1}``).
-        label_selector: Node labels a host must run on (``{"pool": "sandbox"}``; a hard
-            node-label scheduling constraint).
+        label_selector: Node labels a host must run on (``{"pool": "sandbox"}``; Ray's
+            actor ``label_selector``, Ray >= 2.49).
         placement: ``None`` (Ray's scheduler), ``"STRICT_SPREAD"`` (one host per node),
             ``"SPREAD"``, ``"PACK"`` or ``"STRICT_PACK"``: a placement group of ``max_hosts``
             bundles is reserved up front and host ``i`` goes to bundle ``i``.
