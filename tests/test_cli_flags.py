@@ -14,10 +14,10 @@ from structenv._exceptions import ConfigError, SandboxUnavailableError
 from structenv._main import describe_error
 from structenv.adapters.atropos import AgentEnvConfig
 from structenv.adapters.atropos._cli import (
+    fold_model_flags,
     normalize_argv,
-    normalize_option_flags,
     parse_list_flag,
-    parse_options_flag,
+    parse_object_flag,
 )
 
 FIELDS = {"env.enabled_toolsets", "env.task_ids"}
@@ -131,20 +131,48 @@ def test_backend_option_flags_become_one_json_object(tmp_path: Path) -> None:
         "--env.group_size", "2", "--env.backend_options.placement=STRICT_SPREAD",
         "--env.backend_options.resources", '{"sandbox": 1}',
     ]  # fmt: skip
-    out = normalize_option_flags(argv)
+    out = fold_model_flags(argv, "env.backend_options")
     options = {"max_hosts": 4, "placement": "STRICT_SPREAD", "slots_per_host": 8}
     options["resources"] = {"sandbox": 1}
     assert out == [
         "process", "--config", str(config), f"--env.backend_options={json.dumps(options)}",
         "--env.group_size", "2",
     ]  # fmt: skip
-    assert normalize_option_flags(["--env.group_size", "2"]) == ["--env.group_size", "2"]
+    assert fold_model_flags(["--env.group_size", "2"], "env.backend_options") == [
+        "--env.group_size",
+        "2",
+    ]
     with pytest.raises(ConfigError, match=r"--env\.backend_options\.max_hosts needs a value"):
-        normalize_option_flags(["--env.backend_options.max_hosts"])
+        fold_model_flags(["--env.backend_options.max_hosts"], "env.backend_options")
     with pytest.raises(ConfigError, match="backend_options: not a JSON object"):
-        parse_options_flag("[1]")
+        parse_object_flag("[1]", "backend_options")
     # AgentEnvConfig reads the JSON text (as atroposlib hands it over) and validates it.
     env = AgentEnvConfig(backend="local", backend_options='{"slots_per_host": "2"}')
     assert env.backend_options_model().slots_per_host == 2
     with pytest.raises(ValidationError, match="slots_per_host: moved to backend_options"):
         AgentEnvConfig(slots_per_host=2)
+
+
+def test_sandbox_flags_fold_with_the_same_function(tmp_path: Path) -> None:
+    """``--env.sandbox.*`` and ``--env.backend_options.*`` share fold_model_flags: nested keys
+    merge over the YAML file's object, values are JSON when JSON, else text."""
+    config = tmp_path / "cfg.yaml"
+    config.write_text("env:\n  sandbox: {image: 'task:1', limits: {memory: 1000000}}\n")
+    argv = [
+        "process", "--config", str(config), "--env.sandbox.limits.pids", "64",
+        "--env.sandbox.env.PORT", "8080", "--env.backend_options.slots_per_host", "2",
+    ]  # fmt: skip
+    for field in ("sandbox", "backend_options"):
+        argv = fold_model_flags(argv, f"env.{field}")
+    assert argv[:3] == ["process", "--config", str(config)]
+    sandbox = argv[3].partition("=")[2]
+    assert json.loads(sandbox) == {
+        "image": "task:1", "limits": {"memory": 1000000, "pids": 64}, "env": {"PORT": 8080}
+    }  # fmt: skip
+    assert argv[4] == '--env.backend_options={"slots_per_host": 2}'
+    env = AgentEnvConfig(sandbox=sandbox, backend_options=argv[4].partition("=")[2])
+    assert env.sandbox.env == {"PORT": "8080"} and env.sandbox.limits.pids == 64
+    with pytest.raises(ConfigError, match=r"--env\.sandbox\.image needs a value"):
+        fold_model_flags(["--env.sandbox.image"], "env.sandbox")
+    with pytest.raises(ConfigError, match="sandbox: not a JSON object"):
+        fold_model_flags(["--env.sandbox", "[1]"], "env.sandbox")

@@ -34,7 +34,7 @@ import ray
 from anyio.streams.buffered import BufferedByteReceiveStream
 from ray.cluster_utils import Cluster
 
-from structenv import ExecRequest, SlotBrokenError
+from structenv import ConfigError, ExecRequest, SandboxSpec, SlotBrokenError
 from structenv._reap import main as reap_main
 from structenv.backends import RayBackend
 from structenv.testing import check_backend
@@ -149,7 +149,7 @@ async def test_contract(cluster: Cluster) -> None:
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_strict_spread_puts_one_host_per_node(cluster: Cluster) -> None:
+async def test_strict_spread_puts_one_host_per_node_and_slots_per_spec(cluster: Cluster) -> None:
     async with _backend(min_hosts=2, num_cpus=2, placement="STRICT_SPREAD") as backend:
         # Only the two sandbox nodes have 2 CPUs: one host on each.
         assert len(set(backend.host_nodes().values())) == 2
@@ -157,6 +157,17 @@ async def test_strict_spread_puts_one_host_per_node(cluster: Cluster) -> None:
         result = await slot.exec(ExecRequest("echo placed", timeout=10))
         assert result.stdout == b"placed\n" and result.sandboxed
         await backend.release_slot(slot, reusable=True)
+        # Slots per spec, as on every hosted backend: env, PATH, workdir and limits travel
+        # to the node; a spec needing files from the driver's machine is refused up front.
+        spec = SandboxSpec(env={"TASK": "ray"}, path=("/opt/task/bin",), name="task")
+        slot = await backend.acquire_slot(spec)
+        result = await slot.exec(ExecRequest('echo "$TASK:$PATH"', timeout=10))
+        assert result.stdout.decode().startswith("ray:/opt/task/bin:"), result
+        await backend.release_slot(slot, reusable=True)
+        assert backend.statistics().specs["task"].cold_starts == 1
+        for bad in (SandboxSpec(image="task:1"), SandboxSpec(rootfs="/srv/rootfs")):
+            with pytest.raises(ConfigError, match="RayBackend does not support a spec's"):
+                await backend.acquire_slot(bad)
     await _nothing_left(backend.run_id)
 
 

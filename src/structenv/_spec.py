@@ -185,6 +185,9 @@ class SandboxSpec(BaseModel):
                 return json.loads(value)
             pairs = [p.partition("=") for p in value.split(",") if p]
             return {k: v for k, _, v in pairs}
+        if isinstance(value, Mapping):
+            # --env.sandbox.env.PORT 8080 folds to a JSON number: a variable is its text.
+            return {k: v if isinstance(v, str) else json.dumps(v) for k, v in value.items()}
         return value
 
     @model_validator(mode="after")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -85,8 +86,8 @@ async def measure(*, calls: int, host_counts: tuple[int, ...] = (1, 2, 4)) -> di
     return out
 
 
-def run(*, quick: bool = False) -> dict[str, Any]:
-    """Start a local cluster, measure, print tables, write ``benchmarks/results/ray.json``."""
+def run(*, quick: bool = False, out: Path) -> dict[str, Any]:
+    """Start a local cluster, measure, print tables, write ``out/ray.json``."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # stay on loopback
     import ray
@@ -137,5 +138,5 @@ def run(*, quick: bool = False) -> dict[str, Any]:
         ["hosts", "seconds"],
         [[str(s["hosts"]), f"{s['seconds']:.2f}"] for s in results["start_hosts"]],
     )
-    write_results("ray", payload)
+    print(f"wrote {write_results('ray', payload, out)}")
     return payload
