@@ -135,7 +135,8 @@ def _env(base_url: str, tokenizer: Path, tmp_path: Path, **fields: Any) -> Any:
     config = ShellTasksEnvConfig(
         task_ids=["fix-add"], group_size=2, total_steps=2, tokenizer_name=str(tokenizer),
         use_wandb=False, include_messages=True, ensure_scores_are_not_same=False,
-        data_path_to_save_groups=str(tmp_path / "groups.jsonl"), slots_per_host=2,
+        data_path_to_save_groups=str(tmp_path / "groups.jsonl"),
+        backend_options={"slots_per_host": 2},
         agent_max_steps=6, inference_backoff_max_s=0.0, vllm_api="generate", **fields,
     )  # fmt: skip
     server = APIServerConfig(

@@ -104,7 +104,8 @@ async def test_env_scores_or_masks_an_exhausted_trajectory(
 
     config = ShellTasksEnvConfig(
         task_ids=["fix-add"], group_size=2, tokenizer_name=str(tokenizer_dir), use_wandb=False,
-        data_path_to_save_groups=None, slots_per_host=2, agent_context_tokens=64,
+        data_path_to_save_groups=None, backend_options={"slots_per_host": 2},
+        agent_context_tokens=64,
     )  # fmt: skip
     assert config.on_context_exhausted == "score"  # the documented default
     server_config = APIServerConfig(

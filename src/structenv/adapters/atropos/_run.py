@@ -88,9 +88,18 @@ def _parser() -> argparse.ArgumentParser:
 def split_env_flags(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
     """Separate ``--env.<field> VALUE`` / ``--env.<field>=VALUE`` from the other arguments.
 
+    Object fields take one flag per key (``--env.sandbox.image IMG``,
+    ``--env.backend_options.slots_per_host 8``), folded as the env's own CLI folds them
+    (:func:`~structenv.adapters.atropos._cli.fold_model_flags`).
+
     Raises:
-        ValueError: ``--env.<field>`` without a value.
+        ValueError: ``--env.<field>`` without a value, or a malformed object flag.
     """
+    from ._cli import OBJECT_FIELDS, fold_model_flags
+
+    argv = list(argv)
+    for field in OBJECT_FIELDS:
+        argv = fold_model_flags(argv, f"env.{field}")
     rest: list[str] = []
     fields: dict[str, str] = {}
     i = 0
@@ -316,12 +325,22 @@ def _config(options: RunOptions, tokenizer: str, out: Path) -> Any:
         include_messages=True,
         ensure_scores_are_not_same=False,
         data_path_to_save_groups=str(out / f"{options.name}.jsonl"),
-        slots_per_host=max(1, -(-args.group_size // args.hosts)),
-        min_hosts=args.hosts,
-        max_hosts=args.hosts,
+        backend_options={
+            "slots_per_host": max(1, -(-args.group_size // args.hosts)),
+            "min_hosts": args.hosts,
+            "max_hosts": args.hosts,
+        },
         vllm_api=args.vllm_api,
     )
-    fields.update(options.fields)
+    overrides = dict(options.fields)
+    if "backend_options" in overrides:  # the flags' options over the run's host counts
+        given = overrides.pop("backend_options")
+        if isinstance(given, str):
+            from ._cli import parse_object_flag
+
+            given = parse_object_flag(given, "backend_options")
+        fields["backend_options"] = {**fields["backend_options"], **given}
+    fields.update(overrides)
     return type(config).model_validate({**config.model_dump(), **fields})
 
 
