@@ -127,7 +127,7 @@ def env_args(tokenizer: str, base_url: str, out: Path, *extra: str) -> list[str]
         "--env.data_path_to_save_groups", str(out / "groups.jsonl"),
         "--openai.base_url", base_url, "--openai.model_name", "scripted",
         "--openai.api_key", "x", "--openai.tokenizer_name", tokenizer,
-        "--env.slots_per_host", "2", "--env.tool_timeout_s", "600", *extra,
+        "--env.backend_options.slots_per_host", "2", "--env.tool_timeout_s", "600", *extra,
     ]  # fmt: skip
 
 

@@ -251,7 +251,7 @@ _FORCED = textwrap.dedent(
     from test_docker_support import docker_backend
 
     async def work():
-        async with docker_backend(run_id={run_id!r}, min_containers=2, reap_on_start=False) as b:
+        async with docker_backend(run_id={run_id!r}, min_hosts=2, reap_on_start=False) as b:
             slot = await b.acquire_slot()
             try:
                 await slot.exec(ExecRequest("echo up"))

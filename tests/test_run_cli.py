@@ -116,12 +116,14 @@ def test_run_refuses_bad_input_in_one_line(
     code, line = run("hello_env.py:HelloFileEnv", "--offline", "--groups", "1", "--quiet")
     assert code == 1 and "HelloFileEnv defines no offline_solutions()" in line
     code, line = run("structenv.examples.shell_tasks:ShellTasksEnv", "--offline", "--groups",
-                     "1", "--group-size", "6", "--env.slots_per_host", "2", "--quiet")  # fmt: skip
+                     "1", "--group-size", "6", "--env.backend_options.slots_per_host", "2",
+                     "--quiet")  # fmt: skip
     assert code == 1
     assert line == (
         "structenv run: error: ConfigError: group_size 6 needs 6 sandbox slots at once but the "
-        "backend has 2 (slots_per_host 2 x max_hosts 1): raise --env.slots_per_host or "
-        "--env.max_hosts, or lower --env.group_size"
+        "backend has 2 (slots_per_host 2 x max_hosts 1): raise "
+        "--env.backend_options.slots_per_host or --env.backend_options.max_hosts, or lower "
+        "--env.group_size"
     )
     code, line = run("no_such_module:Env", "--offline")
     assert code == 1 and "cannot import 'no_such_module'" in line

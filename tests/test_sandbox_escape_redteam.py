@@ -42,7 +42,7 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[SandboxBacken
         b: SandboxBackend = local_backend(slots_per_host=1, disk_limit=0)
     else:
         request.getfixturevalue("docker_image")
-        b = docker_backend(slots_per_container=1, workspace_size=64 << 20, memory_limit=1 << 30)
+        b = docker_backend(slots_per_host=1, workspace_size=64 << 20, memory_limit=1 << 30)
     async with b:
         yield b
 

@@ -101,7 +101,7 @@ async def test_docker_default_toolchain_and_task_image_slots(
     task_image: str, docker_image: str
 ) -> None:
     del docker_image
-    async with docker_backend(slots_per_container=2) as backend:
+    async with docker_backend(slots_per_host=2) as backend:
         pool = SlotPool(backend)
         async with pool.slot() as slot:
             got = await slot.exec(

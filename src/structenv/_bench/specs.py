@@ -206,7 +206,7 @@ def run(*, quick: bool = False, out: Path, image: str | None = None) -> dict[str
             return await _measure(backend, spec, rounds)
 
     async def docker() -> dict[str, Any]:
-        async with DockerBackend(image=image, slots_per_container=2, pool="bench") as backend:
+        async with DockerBackend(image=image, slots_per_host=2, pool="bench") as backend:
             return await _measure(backend, spec, rounds)
 
     results = {"local": anyio.run(local), "docker": anyio.run(docker)}

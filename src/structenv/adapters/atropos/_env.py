@@ -429,12 +429,14 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
         """
         c = self.config
         size = max(int(c.group_size), int(getattr(self, "group_size_to_process", 0) or 0))
-        capacity = c.slots_per_host * c.max_hosts
+        o = c.backend_options_model()
+        capacity = o.slots_per_host * o.host_bound
         if size > capacity:
             raise ConfigError(
                 f"group_size {size} needs {size} sandbox slots at once but the backend has "
-                f"{capacity} (slots_per_host {c.slots_per_host} x max_hosts {c.max_hosts}): "
-                f"raise --env.slots_per_host or --env.max_hosts, or lower --env.group_size"
+                f"{capacity} (slots_per_host {o.slots_per_host} x max_hosts {o.host_bound}): "
+                f"raise --env.backend_options.slots_per_host or --env.backend_options.max_hosts, "
+                f"or lower --env.group_size"
             )
 
     async def aclose(self) -> None:
