@@ -10,7 +10,8 @@ import pytest
 
 from structenv import ExecRequest
 from structenv._bench import _layers
-from structenv._bench.exec import _layer_costs, _layers_below, _summary
+from structenv._bench._report import summarize_ms
+from structenv._bench.exec import _layer_costs, _layers_below
 from structenv.backends import LocalBackend
 from structenv.sandbox import RemoteSlot
 from structenv.testing import child_processes, cmdline
@@ -75,7 +76,7 @@ async def test_cancelled_layer_run_leaves_no_process(delay: float) -> None:
 
 def test_layer_costs_are_differences_of_neighbouring_medians() -> None:
     def at(p50: float) -> dict[str, dict[str, float]]:
-        return {"c1": _summary([p50 / 1e3], 1.0)}
+        return {"c1": summarize_ms([p50 / 1e3], 1.0)}
 
     below = {"posix_spawn_floor": at(0.6), "worker_only": at(0.8), "server_only": at(1.1)}
     costs = _layer_costs(below, at(1.2), at(1.35))

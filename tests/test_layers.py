@@ -242,6 +242,8 @@ EDGE_LIBRARIES = {
     "atroposlib": ("structenv.adapters.atropos*",),
     "docker": ("structenv.backends._docker*", "structenv.backends._images"),
     "modal": ("structenv.backends._modal",),
+    # the backend's actor code, and the bench that starts a local cluster of its own
+    "ray": ("structenv.backends._ray_node", "structenv._bench.ray"),
 }
 
 

@@ -246,7 +246,7 @@ async def capped(request: pytest.FixtureRequest) -> AsyncIterator[SandboxBackend
         b: SandboxBackend = local_backend(slots_per_host=1, inode_limit=_INODES)
     else:
         request.getfixturevalue("docker_image")
-        b = docker_backend(slots_per_container=1, inode_limit=_INODES, memory_limit=1 << 30)
+        b = docker_backend(slots_per_host=1, inode_limit=_INODES, memory_limit=1 << 30)
     async with b:
         yield b
 
