@@ -303,3 +303,46 @@ async def test_native_tool_calls_reach_the_tools(vllm: VllmServer, tokenizer: An
     (completion,) = result.completions
     assert completion.has_native_tool_calls and completion.finish_reason == "tool_calls"
     assert completion.completion_tokens and completion.completion_logprobs is not None
+
+
+async def test_context_overflow_is_an_outcome(vllm: VllmServer, tokenizer: Any) -> None:
+    """A conversation that no longer fits the real server's context ends the trajectory with
+    ``context_exhausted`` and the server's reason, on both token routes (not a crash, not a
+    retry loop)."""
+    long_prompt = " ".join(["word"] * 6000)  # over the server's 4096-token context
+    for mode in ("completions", "chat"):
+        config = OpenAIPolicyConfig(
+            base_url=vllm.base_url, model=vllm.model, token_ids=mode, max_tokens=8
+        )
+        async with OpenAIPolicy(config, tokenizer=tokenizer) as policy:
+            result = await run_agent(
+                policy.track(),
+                EchoTools(),
+                AgentTask(prompt=long_prompt, system="Be brief."),
+                config=AgentConfig(max_steps=2),
+            )
+        assert result.finish_reason == "context_exhausted", (mode, result.error)
+        assert result.error is not None and "\n" not in result.error
+        assert "ContextExhaustedError" in result.error, result.error
+
+
+def test_generate_route_against_stock_vllm_exits_1_with_the_fix(
+    vllm: VllmServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Forcing atroposlib's /generate route on stock vLLM (which has none): the run stops
+    with one line naming the 404 and the fix, never retried, no groups written."""
+    out = tmp_path / "out"
+    code = demo_main(
+        ["--openai.base_url", vllm.base_url, "--openai.model_name", vllm.model,
+         "--groups", "2", "--group-size", "2", "--max-steps", "2", "--max-tokens", "8",
+         "--vllm-api", "generate", "--env.max_consecutive_inference_failures", "2",
+         "--env.inference_backoff_max_s", "0", "--out", str(out), "--quiet"]
+    )  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "no error line"
+    last = err[-1]
+    assert "InferenceFailedError" in last and "/generate: HTTP 404" in last, last
+    assert "use --openai.server_type openai" in last, last
+    assert not list(out.glob("*.jsonl"))
+    assert not others(vllm)
