@@ -27,7 +27,7 @@ from structenv.adapters.atropos._inference import check_tokenizer, choose_vllm_a
 from structenv.agent import AgentConfig, AgentTask, OpenAIPolicy, OpenAIPolicyConfig, run_agent
 from structenv.agent._tokens import MASK
 from structenv.testing import child_processes
-from vllm_support import VllmServer, run_server
+from vllm_support import VllmServer, run_server, runs
 
 pytestmark = [pytest.mark.slow, pytest.mark.anyio]
 
@@ -49,19 +49,6 @@ def tokenizer(vllm: VllmServer) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(vllm.model_dir))
-
-
-def runs(tokens: list[int], masks: list[int]) -> list[list[int]]:
-    """The unmasked runs of a sequence (one per assistant turn)."""
-    out: list[list[int]] = []
-    previous = MASK
-    for token, mask in zip(tokens, masks, strict=True):
-        if mask != MASK:
-            if previous == MASK:
-                out.append([])
-            out[-1].append(token)
-        previous = mask
-    return out
 
 
 def rescored(vllm: VllmServer, tokens: list[int]) -> list[float | None]:

