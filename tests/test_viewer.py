@@ -225,7 +225,7 @@ async def test_process_mode_writes_our_view_and_sandbox_output_does_not_run(
             include_messages=True,
             ensure_scores_are_not_same=False,
             data_path_to_save_groups=str(out),
-            slots_per_host=2,
+            backend_options={"slots_per_host": 2},
             agent_max_steps=4,
             trajectory_timeout_s=300,  # generous: CI machines can be slow
         )

@@ -171,7 +171,7 @@ async def test_env_multi_turn_tool_calls_exact(
         ensure_scores_are_not_same=False,
         data_path_to_save_groups=str(jsonl),
         max_token_length=4096,
-        slots_per_host=2,
+        backend_options={"slots_per_host": 2},
         agent_max_steps=2,
         agent_max_tokens=128,
         trajectory_timeout_s=240.0,
