@@ -24,6 +24,7 @@ import os
 import random
 import re
 import signal
+import socket
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -319,3 +320,88 @@ async def test_driver_sigkill_leaves_nothing_and_reap_removes_detached(
     report = json.loads(capsys.readouterr().out)
     assert report["ray_actor"]["removed"] == [f"structenv-{detached}-1"]
     await _nothing_left(detached)
+
+
+_CLIENT_DRIVER = textwrap.dedent(
+    """
+    import json, sys, anyio, ray
+    from structenv import ExecRequest
+    from structenv.backends import RayBackend
+
+    async def main(**address):
+        opts = dict(slots_per_host=1, num_cpus=0, namespace=sys.argv[2], health_interval=0.5)
+        async with RayBackend(min_hosts=1, **opts, **address) as backend:
+            assert ray.util.client.ray.is_connected()  # really through Ray Client
+            slot = await backend.acquire_slot()
+            result = await slot.exec(ExecRequest("echo hi; id -u", timeout=30))
+            await backend.release_slot(slot, reusable=True)
+        out = result.stdout.decode().split()
+        return dict(run_id=backend.run_id, stdout=out, sandboxed=result.sandboxed)
+
+    # asyncio: the job connected (ray.init) and the backend uses that connection.
+    ray.init(sys.argv[1], namespace=sys.argv[2], log_to_driver=False)
+    print(json.dumps(dict(anyio.run(main), connected=ray.is_initialized())), flush=True)
+    ray.shutdown()
+    # Trio: the backend connects to the ray:// address itself, and disconnects on close.
+    done = anyio.run(lambda: main(address=sys.argv[1]), backend="trio")
+    print(json.dumps(dict(done, connected=ray.is_initialized())), flush=True)
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _client_servers(address: str) -> dict[int, str]:
+    """Ray Client server processes (proxy or per-client) of the cluster at ``address``."""
+    return {pid: cmd for pid, cmd in _cmdlines("ray.util.client.server").items() if address in cmd}
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_ray_client_address(cluster: Cluster) -> None:
+    """Through Ray Client (``ray://``): a Ray Client server on the test cluster (its own
+    process group, killed at the end) and a fresh driver process connected to it (Ray Client
+    cannot share a process with this one's ``ray.init``) run a command in a slot on both loops
+    (asyncio awaits a client ref; Trio uses its future) — once on the job's connection, once
+    with ``address="ray://..."`` — and leave nothing behind."""
+    port = _free_port()
+    head = cluster.head_node
+    assert head is not None
+    # Proxy mode, as ``ray start --head`` runs it: one specific server per client connection.
+    server = [sys.executable, "-m", "ray.util.client.server", "--address", cluster.address,
+              "--host", "127.0.0.1", "--port", str(port), "--mode", "proxy",
+              "--runtime-env-agent-address", head.runtime_env_agent_address,
+              "--node-id", head.node_id]  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proxy = await anyio.open_process(
+        server, env=env, stdout=None, stderr=None, start_new_session=True
+    )
+    try:
+        await _until(lambda: _listening(port), within=30, what="the Ray Client server listens")
+        argv = [sys.executable, "-c", _CLIENT_DRIVER, f"ray://127.0.0.1:{port}", NAMESPACE]
+        with anyio.fail_after(60):
+            done = await anyio.run_process(argv, env=env, stderr=None)
+    finally:
+        os.killpg(proxy.pid, signal.SIGKILL)
+        await proxy.wait()
+    # The per-client server (fate-shared with the proxy) is gone with it.
+    await _until(lambda: not _client_servers(cluster.address), within=30,
+                 what="the Ray Client servers gone")  # fmt: skip
+    results = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    # Connected after the first (the job's connection), not after the second (the backend's).
+    assert [r["connected"] for r in results] == [True, False], results
+    for r in results:
+        assert r["stdout"][0] == "hi" and r["stdout"][1] != "0" and r["sandboxed"], r
+        await _nothing_left(r["run_id"])
