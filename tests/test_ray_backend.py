@@ -14,7 +14,7 @@ between loops is only how Ray object refs are awaited (asyncio: ``await ref``; T
 ref's future + a done-callback waking the loop), and both paths are exercised by every Ray
 call a backend makes — start, watch, stop, kill: the actor-kill fault test and the
 cancellation test run on Trio, the node-removal fault test, placement and the driver-kill
-test on asyncio.
+test on asyncio. The Ray Client test drives both loops from one separate driver process.
 """
 
 from __future__ import annotations
