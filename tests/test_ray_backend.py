@@ -357,7 +357,7 @@ def _free_port() -> int:
 
 
 def _client_servers(address: str) -> dict[int, str]:
-    """Ray Client server processes (proxy or per-client) of the cluster at ``address``."""
+    """Ray Client server processes of the cluster at ``address``."""
     return {pid: cmd for pid, cmd in _cmdlines("ray.util.client.server").items() if address in cmd}
 
 
@@ -372,20 +372,18 @@ def _listening(port: int) -> bool:
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_ray_client_address(cluster: Cluster) -> None:
     """Through Ray Client (``ray://``): a Ray Client server on the test cluster (its own
-    process group, killed at the end) and a fresh driver process connected to it (Ray Client
-    cannot share a process with this one's ``ray.init``) run a command in a slot on both loops
-    (asyncio awaits a client ref; Trio uses its future) — once on the job's connection, once
-    with ``address="ray://..."`` — and leave nothing behind."""
+    process group, killed at the end, checked gone) and a fresh driver process connected to it
+    (Ray Client cannot share a process with this one's ``ray.init``) run a command in a slot on
+    both loops (asyncio awaits a client ref; Trio uses its future) — once on the job's
+    connection, once with ``address="ray://..."`` — and leave nothing behind."""
     port = _free_port()
-    head = cluster.head_node
-    assert head is not None
-    # Proxy mode, as ``ray start --head`` runs it: one specific server per client connection.
+    # Legacy mode: one server process, connected to the cluster, on a free port. (Proxy mode,
+    # as ``ray start --head`` runs it, starts a server per client on fixed ports from 23000:
+    # it failed here when another run on the machine held them.)
     server = [sys.executable, "-m", "ray.util.client.server", "--address", cluster.address,
-              "--host", "127.0.0.1", "--port", str(port), "--mode", "proxy",
-              "--runtime-env-agent-address", head.runtime_env_agent_address,
-              "--node-id", head.node_id]  # fmt: skip
+              "--host", "127.0.0.1", "--port", str(port), "--mode", "legacy"]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    proxy = await anyio.open_process(
+    client_server = await anyio.open_process(
         server, env=env, stdout=None, stderr=None, start_new_session=True
     )
     try:
@@ -394,9 +392,8 @@ async def test_ray_client_address(cluster: Cluster) -> None:
         with anyio.fail_after(60):
             done = await anyio.run_process(argv, env=env, stderr=None)
     finally:
-        os.killpg(proxy.pid, signal.SIGKILL)
-        await proxy.wait()
-    # The per-client server (fate-shared with the proxy) is gone with it.
+        os.killpg(client_server.pid, signal.SIGKILL)
+        await client_server.wait()
     await _until(lambda: not _client_servers(cluster.address), within=30,
                  what="the Ray Client servers gone")  # fmt: skip
     results = [json.loads(line) for line in done.stdout.decode().splitlines()]
