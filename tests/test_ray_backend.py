@@ -379,7 +379,8 @@ async def test_ray_client_address(cluster: Cluster) -> None:
     port = _free_port()
     # Legacy mode: one server process, connected to the cluster, on a free port. (Proxy mode,
     # as ``ray start --head`` runs it, starts a server per client on fixed ports from 23000:
-    # it failed here when another run on the machine held them.)
+    # once, in a full module run, that server exited at once: probably a port clash with
+    # another run on the machine, not confirmed.)
     server = [sys.executable, "-m", "ray.util.client.server", "--address", cluster.address,
               "--host", "127.0.0.1", "--port", str(port), "--mode", "legacy"]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
