@@ -94,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     if argv and argv[0] in forwarded:
         return _forward(forwarded[argv[0]], argv[1:])
+    if argv[:2] == ["bench", "env"]:  # owns its flags (--env.<field> VALUE)
+        return _forward("structenv._bench.env", argv[2:])
 
     parser = argparse.ArgumentParser(
         prog="structenv",
@@ -112,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "bench",
         help="run a benchmark; JSON and PNG plots go to --out",
         description="Benchmarks of structenv (docs/benchmarks.md). Progress goes to stderr, "
-        "tables to stdout, DIR/NAME.json and DIR/NAME.png to --out.",
+        "tables to stdout, DIR/NAME.json and DIR/NAME.png to --out. Your own env: "
+        "`structenv bench env MODULE:Env` (see `structenv bench env --help`).",
     )
     bench.add_argument("which", choices=["dispatch", "exec", "docker", "specs", "ray"])
     bench.add_argument(

@@ -218,6 +218,7 @@ class GroupReport:
             ``"tokenize"`` (a conversation could not be tokenized); ``None`` if kept.
         failures: Each member's failure reason (``None`` for a member that did not fail).
         finish_reasons: Each member's agent finish reason (``None`` if the agent never ran).
+        durations: Each member's wall-clock seconds (its trajectory: slot, agent, scoring).
     """
 
     group: int
@@ -229,6 +230,7 @@ class GroupReport:
     drop_reason: str | None = None
     failures: list[str | None] = dataclasses.field(default_factory=list)
     finish_reasons: list[str | None] = dataclasses.field(default_factory=list)
+    durations: list[float] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

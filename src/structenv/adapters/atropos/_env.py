@@ -97,6 +97,7 @@ class _Member:
     result: AgentResult | None = None
     score: float = 0.0
     failure: str | None = None
+    duration: float = 0.0
 
     @property
     def inference_failed(self) -> bool:
@@ -678,7 +679,11 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
         start = time.monotonic()
 
         async def member(i: int) -> None:
-            await self._run_member(executor, item, task, agent_config, members[i])
+            began = time.monotonic()
+            try:
+                await self._run_member(executor, item, task, agent_config, members[i])
+            finally:
+                members[i].duration = time.monotonic() - began
 
         current = asyncio.current_task()
         if current is not None:
@@ -823,6 +828,7 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
             drop_reason=drop_reason,
             failures=[m.failure for m in members],
             finish_reasons=[m.result.finish_reason if m.result else None for m in members],
+            durations=[m.duration for m in members],
         )
         if drop_reason == "inference":
             log.warning("group %d dropped: every member failed on inference (%s)", number,

@@ -34,13 +34,24 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
-__all__ = ["RunOptions", "add_run_arguments", "load_env_class", "main", "run_env"]
+if TYPE_CHECKING:
+    from ._config import GroupReport
+
+__all__ = [
+    "RunOptions",
+    "add_run_arguments",
+    "collect_run",
+    "load_env_class",
+    "main",
+    "run_env",
+    "split_env_flags",
+]
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -231,8 +242,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_env(options)
 
 
-def run_env(options: RunOptions) -> int:
-    """Run ``options`` in process mode on asyncio; print a summary; the exit status."""
+def run_env(options: RunOptions, body: Callable[[RunOptions], Awaitable[int]] | None = None) -> int:
+    """Run ``options`` in process mode on asyncio; print a summary; the exit status.
+
+    ``body`` replaces what runs inside (default: :func:`collect_run` and the summary table);
+    ``structenv bench env`` gives its own, with the same environment, signals and errors.
+    """
     from ..._main import report_error, run_until_signal
 
     args = options.args
@@ -249,7 +264,7 @@ def run_env(options: RunOptions) -> int:
         warnings.filterwarnings("ignore", message="Trainer requested to ignore max length")
         try:
             return anyio.run(
-                functools.partial(run_until_signal, _run, options, prog=options.prog),
+                functools.partial(run_until_signal, body or _run, options, prog=options.prog),
                 backend="asyncio",
             )
         except Exception as exc:
@@ -259,10 +274,33 @@ def run_env(options: RunOptions) -> int:
 async def _run(options: RunOptions) -> int:
     from rich.console import Console
 
+    args = options.args
+    console = Console()
+    summary = await collect_run(options, console)
+    _print_summary(console, options.name, summary)
+    if summary["groups"] < args.groups:
+        print(
+            f"{options.prog}: error: {summary['groups']} of {args.groups} groups written"
+            + (f" ({summary['dropped_groups']} dropped)" if summary["dropped_groups"] else ""),
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+async def collect_run(
+    options: RunOptions,
+    console: Any,
+    *,
+    on_group: Callable[[GroupReport], None] | None = None,
+) -> dict[str, Any]:
+    """Build the tokenizer, config, (offline) policy server and env of ``options``, collect
+    its groups; the summary (counts, mean score, tool-call latency, ``collect_time_s``: the
+    seconds of ``process_manager``, ``wall_time_s``: everything). ``on_group`` sees every
+    :class:`GroupReport`."""
     from ...agent import build_tiny_tokenizer
 
     args = options.args
-    console = Console()
     started = time.monotonic()
     if args.tokenizer is None and args.base_url is not None:
         args.tokenizer = await _server_tokenizer(args)
@@ -277,20 +315,12 @@ async def _run(options: RunOptions) -> int:
         script = ReplayScript(solutions, mistake_rate=args.mistake_rate, seed=args.seed)
         async with serve_policy_server(script, seed=args.seed) as server:
             env = _make_env(options, config, tokenizer, server.base_url)
-            summary = await _collect(options, env, console)
+            summary = await _collect(options, env, console, on_group)
     else:
         env = _make_env(options, config, tokenizer, args.base_url)
-        summary = await _collect(options, env, console)
+        summary = await _collect(options, env, console, on_group)
     summary["wall_time_s"] = round(time.monotonic() - started, 2)
-    _print_summary(console, options.name, summary)
-    if summary["groups"] < args.groups:
-        print(
-            f"{options.prog}: error: {summary['groups']} of {args.groups} groups written"
-            + (f" ({summary['dropped_groups']} dropped)" if summary["dropped_groups"] else ""),
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return summary
 
 
 async def _server_tokenizer(args: argparse.Namespace) -> str:
@@ -360,10 +390,13 @@ def _make_env(options: RunOptions, config: Any, tokenizer: str, base_url: str) -
     return options.env_cls(config, [server])
 
 
-async def _collect(options: RunOptions, env: Any, console: Any) -> dict[str, Any]:
+async def _collect(
+    options: RunOptions,
+    env: Any,
+    console: Any,
+    listener: Callable[[GroupReport], None] | None = None,
+) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    from ._config import GroupReport
 
     args = options.args
     progress = Progress(
@@ -388,13 +421,18 @@ async def _collect(options: RunOptions, env: Any, console: Any) -> dict[str, Any
         progress.update(bar, advance=1, status=status)
 
     env.add_group_listener(on_group)
+    if listener is not None:
+        env.add_group_listener(listener)
+    collect_started = time.monotonic()
     try:
         with progress:
             await env.process_manager()
     finally:
         if reasons:  # the reasons are what a user needs, also when the run stopped
             _print_failures(console, reasons)
+    collect_time = time.monotonic() - collect_started
     stats = env.statistics()
+    calls = stats.executor.call_latency if stats.executor is not None else None
     jsonl = Path(env.config.data_path_to_save_groups)
     groups: list[dict[str, Any]] = []
     if await anyio.Path(jsonl).is_file():
@@ -409,6 +447,10 @@ async def _collect(options: RunOptions, env: Any, console: Any) -> dict[str, Any
         "failed_members": stats.failed_members,
         "dropped_groups": stats.dropped_groups,
         "tool_calls": stats.tool_calls,
+        "tool_call_latency_s": (
+            {"count": calls.count, "p50": calls.p50, "p99": calls.p99} if calls else None
+        ),
+        "collect_time_s": collect_time,
         "jsonl": str(jsonl),
         "html": str(jsonl.with_suffix(".html")),
     }
