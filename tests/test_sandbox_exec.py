@@ -138,6 +138,9 @@ async def test_stale_lease_refused(backend: LocalBackend) -> None:
 
 async def test_reset_leaves_nothing(backend: LocalBackend) -> None:
     slot = await backend.acquire_slot()
+    # A fresh slot's listing: empty, apart from read-only host binds (an editable install's
+    # source under /tmp, say, when the checkout lives there).
+    fresh = await slot.exec(ExecRequest("ls -A /workspace /tmp /dev/shm"))
     await slot.exec(
         ExecRequest(
             "mkdir -p d/locked && touch d/locked/f && chmod 000 d/locked; "
@@ -148,7 +151,10 @@ async def test_reset_leaves_nothing(backend: LocalBackend) -> None:
     await slot.terminal("start")
     await slot.reset()
     result = await slot.exec(ExecRequest("ls -A /workspace /tmp /dev/shm"))
-    assert result.stdout == b"/dev/shm:\n\n/tmp:\n\n/workspace:\n"
+    assert result.stdout == fresh.stdout
+    assert (
+        b"t\n" not in result.stdout and b"s\n" not in result.stdout and b"d\n" not in result.stdout
+    )
     procs = await slot.exec(ExecRequest("ps -e -o comm="))
     assert sorted(procs.stdout.split()) == [b"ps", b"python3.11"]
     await backend.release_slot(slot, reusable=True)
