@@ -60,20 +60,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``structenv bench env``; returns the exit status."""
-    from .._main import report_error
-    from ..adapters.atropos._run import RunOptions, load_env_class, run_env, split_env_flags
+    from ..adapters.atropos._run import RunOptions, parse_run_argv, run_env
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        rest, fields = split_env_flags(argv)
-    except ValueError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
-    args = _parser().parse_args(rest)
-    try:
-        env_cls = load_env_class(args.env)
-    except Exception as exc:
-        return report_error(exc, prog=PROG, debug=args.debug)
+    parsed = parse_run_argv(argv, _parser(), PROG)
+    if isinstance(parsed, int):
+        return parsed
+    args, env_cls, fields = parsed
     options = RunOptions(
         args, env_cls, offline=args.base_url is None, fields=fields, name=env_cls.__name__,
         prog=PROG,

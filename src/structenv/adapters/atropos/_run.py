@@ -212,21 +212,34 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = old
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``structenv run``; returns the exit status."""
+def parse_run_argv(
+    argv: Sequence[str] | None, parser: argparse.ArgumentParser, prog: str
+) -> tuple[argparse.Namespace, type[Any], dict[str, str]] | int:
+    """``argv`` (default: ``sys.argv[1:]``) of a command taking ``MODULE:Env`` and
+    ``--env.<field>`` flags: the parsed arguments, the env class and the env fields, or the
+    exit status after a one-line error."""
     from ..._main import report_error
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         rest, fields = split_env_flags(argv)
     except ValueError as exc:
-        print(f"structenv run: error: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    args = _parser().parse_args(rest)
+    args = parser.parse_args(rest)
     try:
         env_cls = load_env_class(args.env)
     except Exception as exc:
-        return report_error(exc, prog="structenv run", debug=args.debug)
+        return report_error(exc, prog=prog, debug=args.debug)
+    return args, env_cls, fields
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``structenv run``; returns the exit status."""
+    parsed = parse_run_argv(argv, _parser(), "structenv run")
+    if isinstance(parsed, int):
+        return parsed
+    args, env_cls, fields = parsed
     if args.offline and args.base_url is not None:
         print("structenv run: error: --offline and --openai.base_url exclude each other",
               file=sys.stderr)  # fmt: skip
