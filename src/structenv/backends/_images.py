@@ -9,8 +9,9 @@ leaves at most a ``.tmp-<pid>-*`` directory, removed by the next export once tha
 
 Extraction is defensive, the image being untrusted: device nodes and FIFOs are dropped,
 setuid/setgid bits and group/other write bits cleared, members that would land outside the
-destination (through ``..``, an absolute name or a symlink extracted earlier) and hard links
-out of the archive refused, owners kept as numbers (never looked up on the host).
+destination (through ``..``, an absolute name or a symlink extracted earlier) refused, hard
+links only to a regular file already extracted (never to a symlink, a dropped member or
+through one), owners kept as numbers (never looked up on the host).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import tarfile
 from collections.abc import Iterator
 from typing import Any
@@ -150,11 +152,27 @@ class _ChunkReader(io.RawIOBase):
 def _member_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
     if member.ischr() or member.isblk() or member.isfifo():
         return None
-    if member.islnk():
-        target = os.path.normpath(member.linkname)
-        if os.path.isabs(target) or target == ".." or target.startswith("../"):
-            return None
+    if member.islnk() and not _plain_file_in(dest, member.linkname):
+        # tarfile links first, then chowns, chmods and touches the link *through* the path,
+        # following symlinks: a hard link to an image's symlink ``s -> /etc/shadow`` made the
+        # exporter (host root) chown and chmod 0755 the host's /etc/shadow. A link whose
+        # target was dropped (a device) made tarfile extract the unfiltered target instead
+        # (a device node in the cache). Only a regular file extracted earlier may be linked.
+        return None
     return tarfile.tar_filter(member, dest)
+
+
+def _plain_file_in(dest: str, name: str) -> bool:
+    """Whether ``name`` is a regular file inside ``dest`` reached through directories only."""
+    target = os.path.normpath(name)
+    if os.path.isabs(target) or target == ".." or target.startswith("../"):
+        return False
+    path = os.path.join(os.path.realpath(dest), target)
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and os.path.realpath(path) == path
 
 
 def _sweep(root: str) -> None:

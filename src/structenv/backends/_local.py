@@ -245,7 +245,7 @@ class LocalBackend(HostedBackend):
 
     def _resolve_blocking(self, spec: SandboxSpec) -> SlotSpec:
         from .._spec import Bind, check_bind
-        from ..sandbox._rootfs import rootfs_shell
+        from ..sandbox._rootfs import confine_target, rootfs_shell
         from ._images import cache_dir
 
         plain = plain_slot_spec(spec)
@@ -272,6 +272,8 @@ class LocalBackend(HostedBackend):
             return dataclasses.replace(plain, binds=binds)
         try:
             rootfs_shell(rootfs)
+            for _, target in binds:
+                confine_target(rootfs, target)  # the server resolves them again at start
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         path = env.pop("PATH", DEFAULT_PATH)

@@ -37,6 +37,7 @@ __all__ = [
     "host_prefixes",
     "kill_tree",
     "has_private_mounts",
+    "mount_devpts",
     "mount_quota",
     "mount_tmpfs",
     "nofile_limit",
@@ -63,6 +64,8 @@ _CONTROLLERS = ("pids", "memory", "cpu")
 _CFS_PERIOD = 100_000
 #: Bytes of TCP socket buffers a slot may hold (see :class:`SlotCgroup`).
 TCP_MEMORY = 64 << 20
+#: Pseudo-terminals a slot may hold at once (its own devpts instance, see :func:`mount_devpts`).
+SLOT_PTYS = 64
 #: Host uids reserved per sandbox server (one per slot).
 UID_BLOCK = 4096
 
@@ -225,6 +228,7 @@ def bwrap_argv(
     rootfs: str | None = None,
     binds: Sequence[tuple[str, str]] = (),
     path: str = DEFAULT_PATH,
+    pts: str | None = None,
 ) -> list[str]:
     """The command line that runs ``command`` as PID 1 of a fresh slot sandbox.
 
@@ -248,6 +252,8 @@ def bwrap_argv(
         binds: Extra read-only ``(host path, sandbox path)`` binds of the spec, already
             checked against the bind policy (``structenv._spec.check_bind``).
         path: ``PATH`` of the sandbox's first process.
+        pts: A devpts instance (see :func:`mount_devpts`) bound at ``/dev/pts`` instead of
+            bwrap's, which has no cap on its terminals.
     """
     if uid is None and os.geteuid() == 0:
         raise ValueError("root must run a sandbox under an unprivileged uid (see slot_uid)")
@@ -314,6 +320,8 @@ def bwrap_argv(
         "--ro-bind", "/proc/sys", "/proc/sys",
         "--dev", "/dev",
     ]  # fmt: skip
+    if pts is not None:
+        argv += ["--dev-bind", pts, "/dev/pts"]  # /dev/ptmx is bwrap's link to pts/ptmx
     if shm is None:
         argv += ["--perms", "1777", "--size", str(shm_size), "--tmpfs", "/dev/shm"]
     else:
@@ -773,6 +781,23 @@ def mount_tmpfs(path: str, *, size: int, inodes: int, uid: int | None, mode: int
     if _libc().mount(b"tmpfs", path.encode(), b"tmpfs", flags, options) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"cannot mount a tmpfs at {path}: {os.strerror(err)}")
+
+
+def mount_devpts(path: str, *, ptys: int = SLOT_PTYS) -> None:
+    """Mount a devpts instance of its own at ``path``, holding at most ``ptys`` terminals
+    (needs ``CAP_SYS_ADMIN``).
+
+    Terminals are machine-wide: every devpts instance but the host's first shares
+    ``kernel.pty.max`` minus ``kernel.pty.reserve`` (3,072 here), and bwrap's ``--dev`` mounts
+    one without a cap, so one slot opened them all (three processes of 1,021) and every
+    other slot's ``tmux`` failed. ``max=`` caps the instance.
+    """
+    os.makedirs(path, mode=0o755, exist_ok=True)
+    options = f"newinstance,ptmxmode=0666,mode=0620,max={ptys}".encode()
+    flags = 0x2 | 0x8  # MS_NOSUID | MS_NOEXEC
+    if _libc().mount(b"devpts", path.encode(), b"devpts", flags, options) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot mount a devpts at {path}: {os.strerror(err)}")
 
 
 def unmount(path: str) -> None:

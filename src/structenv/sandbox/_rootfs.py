@@ -24,6 +24,7 @@ from collections.abc import Sequence
 __all__ = [
     "host_prefixes",
     "HOST_ROOT",
+    "confine_target",
     "host_loader_argv",
     "resolve_in",
     "rootfs_argv",
@@ -78,6 +79,62 @@ def resolve_in(root: str, path: str, *, hops: int = 40) -> str | None:
             continue
         done.append(name)
     return os.path.join(root, *done)
+
+
+def confine_target(root: str, target: str, *, hops: int = 40) -> str:
+    """The path a bind's ``target`` names inside ``root``, with no symlink left in it.
+
+    bwrap builds the slot's mounts before it enters the new root, so it follows a symlink in
+    a mount point's path from the *host's* view: an image's ``/data -> /oldroot/etc`` (or
+    ``../oldroot/etc``) made the privileged bwrap create a spec bind's mount point
+    (``/data/input``) in the host's ``/etc``. Links are resolved here as the slot sees them
+    (absolute targets relative to ``root``, ``..`` never above it), so bwrap is handed a
+    path that is plain directories inside the slot's root; components that do not exist are
+    kept as given (bwrap makes them in the slot's own root).
+
+    Raises:
+        ValueError: The links loop, a non-directory is in the way, or the target lands on the
+            sandbox's own mounts (``/proc``, ``/workspace``, ``/.structenv``, ...) or ``/``.
+    """
+    parts = [p for p in os.path.normpath(target).split("/") if p and p != "."]
+    done: list[str] = []
+    while parts:
+        name = parts.pop(0)
+        if name == "..":
+            if done:
+                done.pop()
+            continue
+        if not done and name in _OWN:
+            done, parts = [name, *parts], []  # the sandbox's own; refused below
+            break
+        here = os.path.join(root, *done, name)
+        try:
+            st = os.lstat(here)
+        except FileNotFoundError:
+            st = None
+        if st is None:
+            if ".." in parts:
+                raise ValueError(f"bind target {target}: '..' after a missing directory")
+            done += [name, *parts]
+            break
+        if stat.S_ISLNK(st.st_mode):
+            hops -= 1
+            if hops < 0:
+                raise ValueError(f"bind target {target}: too many symlinks in the rootfs")
+            link = os.readlink(here)
+            if link.startswith("/"):
+                done = []
+            parts = [p for p in link.split("/") if p and p != "."] + parts
+            continue
+        if parts and not stat.S_ISDIR(st.st_mode):
+            raise ValueError(f"bind target {target}: /{'/'.join([*done, name])} is not a directory")
+        done.append(name)
+    if not done or done[0] in _OWN:
+        raise ValueError(
+            f"bind target {target} resolves to /{'/'.join(done)} in the rootfs, over the "
+            "sandbox's own mounts"
+        )
+    return "/" + "/".join(done)
 
 
 def rootfs_shell(root: str) -> str:

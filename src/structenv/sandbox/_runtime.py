@@ -35,13 +35,14 @@ from ._bwrap import (
     descendants,
     has_private_mounts,
     kill_tree,
+    mount_devpts,
     mount_quota,
     mount_tmpfs,
     switch_uid,
     unmount,
 )
 from ._files import remove_tree
-from ._rootfs import rootfs_accounts, rootfs_shell
+from ._rootfs import confine_target, rootfs_accounts, rootfs_shell
 
 __all__ = ["Limits", "SlotBroken", "SlotRuntime", "SlotSpec", "slot_argv"]
 
@@ -241,6 +242,7 @@ def slot_argv(
     spec: SlotSpec = DEFAULT_SPEC,
     shell: str = "/bin/bash",
     scratch: bool = False,
+    ptys: bool = False,
 ) -> list[str]:
     """The command line of a slot: its worker, as PID 1 of a bwrap sandbox if sandboxed.
 
@@ -248,7 +250,8 @@ def slot_argv(
     ``uid`` is the slot's host uid (see ``_bwrap.slot_uid``), ``seccomp_fd`` a descriptor of
     the seccomp program that the spawned process must inherit. With ``scratch``, the slot's
     ``/tmp`` and ``/dev/shm`` are the tmpfs mounted at ``<workspace>.tmp`` and
-    ``<workspace>.shm`` (see :attr:`SlotRuntime.scratch`) instead of bwrap's.
+    ``<workspace>.shm`` (see :attr:`SlotRuntime.scratch`) instead of bwrap's; with
+    ``ptys``, its ``/dev/pts`` is the capped devpts at ``<workspace>.pts``.
     """
     path = ":".join([*spec.path_prefix, spec.path or default_path()])
     env = {
@@ -293,6 +296,7 @@ def slot_argv(
         accounts=accounts, rootfs=spec.rootfs, binds=spec.binds, path=path,
         tmp=workspace + ".tmp" if scratch else None,
         shm=workspace + ".shm" if scratch else None,
+        pts=workspace + ".pts" if ptys else None,
     )  # fmt: skip
 
 
@@ -436,7 +440,8 @@ class SlotRuntime:
         await anyio.to_thread.run_sync(self._mount, spec.workdir)
         shell, accounts = "/bin/bash", self.accounts
         if spec.rootfs is not None:
-            shell, accounts = await anyio.to_thread.run_sync(self._rootfs_setup, spec)
+            shell, accounts, binds = await anyio.to_thread.run_sync(self._rootfs_setup, spec)
+            spec = dataclasses.replace(spec, binds=binds)
         limits = within_file_budget(spec.apply(self.limits), self.limits)
         seccomp_fd = -1
         if self.iso.sandboxed:
@@ -444,7 +449,7 @@ class SlotRuntime:
         argv = slot_argv(
             self.iso, self.workspace, name=self.name, limits=limits, uid=self.uid,
             seccomp_fd=seccomp_fd if seccomp_fd >= 0 else None, accounts=accounts,
-            spec=spec, shell=shell, scratch=bool(self.scratch),
+            spec=spec, shell=shell, scratch=bool(self.scratch), ptys=self.scratch == "mount",
         )  # fmt: skip
         if self.use_cgroup:
             self._cgroup = SlotCgroup(
@@ -499,18 +504,20 @@ class SlotRuntime:
                 await self._kill_sandbox()
             raise
 
-    def _rootfs_setup(self, spec: SlotSpec) -> tuple[str, str | None]:
-        """The rootfs's shell and accounts files naming this slot's uid (blocking)."""
+    def _rootfs_setup(self, spec: SlotSpec) -> tuple[str, str | None, tuple[tuple[str, str], ...]]:
+        """The rootfs's shell, accounts files naming this slot's uid, and the spec's binds
+        with their targets resolved inside the rootfs (blocking; see ``confine_target``)."""
         assert spec.rootfs is not None
         try:
             shell = rootfs_shell(spec.rootfs)
+            binds = tuple((src, confine_target(spec.rootfs, dst)) for src, dst in spec.binds)
         except ValueError as exc:
             raise SlotBroken(str(exc)) from None
         accounts = None
         if self.accounts is not None and self.uid is not None:
             directory = os.path.join(os.path.dirname(self.accounts), f".accounts-{self.index}")
             accounts = rootfs_accounts(spec.rootfs, directory, [self.uid])
-        return shell, accounts
+        return shell, accounts, binds
 
     def _mount(self, workdir: str | None) -> None:
         """Mount what is not mounted yet: the workspace quota and the scratch tmpfs."""
@@ -531,14 +538,19 @@ class SlotRuntime:
                     mount_tmpfs(
                         self.workspace + suffix, size=size, inodes=inodes, uid=None, mode=0o1777
                     )
+            if not os.path.ismount(self.workspace + ".pts"):
+                mount_devpts(self.workspace + ".pts")
 
     def _drop_scratch(self) -> bool:
-        """After every process of the slot is gone: empty its /tmp and /dev/shm."""
+        """After every process of the slot is gone: empty its /tmp and /dev/shm (and drop
+        its devpts)."""
         for path in (self.workspace + ".tmp", self.workspace + ".shm"):
             if self.scratch == "mount":
                 unmount(path)
             elif self.scratch == "wipe" and not _wipe(path, mode=0o1777):
                 return False
+        if self.scratch == "mount":
+            unmount(self.workspace + ".pts")
         return True
 
     def stderr(self) -> str:

@@ -3,8 +3,9 @@
 The filter allows by default and refuses a list of system calls with ``EPERM``: what Docker's
 default profile refuses (kernel modules, mounts, namespaces, keyrings, ptrace and cross-process
 memory access, clock and swap changes, reboot, BPF, perf, ...), plus io_uring (a large attack
-surface that bypasses per-syscall filtering), vsock sockets (not namespaced: they reach a VM's
-hypervisor from a slot without a network) and the whole keyring API (the kernel's keyrings
+surface that bypasses per-syscall filtering), kernel AIO (its event budget is machine-wide),
+vsock sockets (not namespaced: they reach a VM's hypervisor from a slot without a network)
+and the whole keyring API (the kernel's keyrings
 are not namespaced: a key added in a slot lives on after it). Calls of other architectures'
 ABIs (i386, x32) kill the process: a filter for one ABI says nothing about another's numbers.
 
@@ -49,6 +50,10 @@ REFUSED = (
     # io_uring, BPF, perf, userfaultfd, fanotify
     "io_uring_setup", "io_uring_enter", "io_uring_register", "bpf", "perf_event_open",
     "userfaultfd", "fanotify_init",
+    # kernel AIO: its event budget (fs.aio-max-nr, 65,536) is machine-wide and a slot took
+    # all of it, so io_setup failed with EAGAIN for every other process (glibc's POSIX AIO
+    # uses threads, not these)
+    "io_setup", "io_destroy", "io_submit", "io_cancel", "io_getevents", "io_pgetevents",
     # NUMA placement and raw I/O ports
     "mbind", "set_mempolicy", "migrate_pages", "move_pages", "ioperm", "iopl",
     # host identity

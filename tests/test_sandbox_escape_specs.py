@@ -1,0 +1,161 @@
+"""Attacks a second red-team pass found working, on spec'd slots and machine-wide resources
+(all worked on main at 849e1d8).
+
+Each test performs the attack as a hostile image or a hostile command would, on the real
+backend, and asserts the property the threat model in docs/design.md promises.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import anyio
+import docker
+import pytest
+
+from spec_support import PROGRAMS, make_rootfs
+from structenv import ConfigError, ExecRequest, SandboxSpec, SlotPool
+from structenv.backends._images import export_rootfs
+from structenv.sandbox._bwrap import SLOT_PTYS
+from test_sandbox_support import local_backend
+
+pytestmark = pytest.mark.anyio
+
+
+def sh(command: str) -> ExecRequest:
+    return ExecRequest(command, timeout=30)
+
+
+async def test_a_rootfs_symlink_does_not_steer_a_bind_onto_the_host(tmp_path: Path) -> None:
+    # bwrap makes a bind's mount point before it enters the slot's root, following symlinks
+    # from its own view, where the host's / is /oldroot: an image whose /data was a link to
+    # /oldroot/<host dir> (or ../oldroot/<host dir>) made bwrap, running as host root,
+    # create the spec's mount points /data/sub and /rel/file in that host directory.
+    victim = tmp_path / "host"
+    victim.mkdir()
+    root = make_rootfs(str(tmp_path / "root"))
+    os.symlink(f"/oldroot{victim}", os.path.join(root, "data"))
+    os.symlink(f"../oldroot{victim}", os.path.join(root, "rel"))
+    os.symlink("/workspace", os.path.join(root, "ws"))
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "f").write_text("bound")
+    spec = SandboxSpec(rootfs=root, binds=[f"{source}:/data/sub", f"{source}/f:/rel/file"])
+    async with local_backend(slots_per_host=1) as backend:
+        pool = SlotPool(backend)
+        async with pool.slot(spec) as slot:
+            # The binds are where the slot's own links lead, inside its root.
+            got = await slot.exec(sh("cat /data/sub/f; echo; cat /rel/file"))
+            assert got.stdout == b"bound\nbound", got
+        assert os.listdir(victim) == []
+        # A link that leads a bind over the sandbox's own mounts is refused up front.
+        with pytest.raises(ConfigError, match="over the sandbox's own mounts"):
+            await backend.prepare_spec(SandboxSpec(rootfs=root, binds=[f"{source}:/ws/x"]))
+
+
+_AIO = r"""
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+taken = []
+while len(taken) < 64:
+    ctx = ctypes.c_ulong(0)
+    if libc.syscall(206, 4096, ctypes.byref(ctx)) != 0:  # io_setup
+        print(os.strerror(ctypes.get_errno()))
+        break
+    taken.append(ctx)
+print(len(taken) * 4096)
+"""
+
+
+async def test_a_slot_cannot_take_the_machines_aio_events() -> None:
+    # fs.aio-max-nr (65,536 events) is one budget for the whole machine: a slot's io_setup
+    # calls took all of it, and io_setup then failed with EAGAIN for every other process.
+    async with local_backend(slots_per_host=1) as backend, SlotPool(backend).slot() as slot:
+        await slot.write_file("aio.py", _AIO.encode())
+        got = await slot.exec(sh("python3 aio.py"))
+        assert got.stdout == b"Operation not permitted\n0\n", got
+
+
+_PTYS = r"""
+import os
+fds = []
+try:
+    while len(fds) < 200:
+        fds.append(os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY))
+except OSError as exc:
+    print(exc.strerror)
+print(len(fds))
+"""
+
+
+async def test_a_slot_cannot_take_the_machines_terminals() -> None:
+    # Every devpts instance but the host's first shares kernel.pty.max - kernel.pty.reserve
+    # (3,072): bwrap's /dev/pts has no cap of its own, and three processes of one slot held
+    # them all, so no other slot could start a terminal (tmux).
+    async with local_backend(slots_per_host=1) as backend:
+        pool = SlotPool(backend)
+        for _ in range(2):  # the next lease gets the whole allowance again
+            async with pool.slot() as slot:
+                await slot.write_file("ptys.py", _PTYS.encode())
+                got = await slot.exec(sh("python3 ptys.py"))
+                assert got.stdout == f"No space left on device\n{SLOT_PTYS}\n".encode(), got
+                # A terminal still works.
+                got = await slot.exec(sh("script -qc tty /dev/null"))
+                assert got.stdout.startswith(b"/dev/pts/"), got
+
+
+@pytest.mark.docker
+async def test_an_image_cannot_touch_host_files_or_plant_devices_on_export(
+    tmp_path: Path,
+) -> None:
+    # An exported image is extracted by the host's root. tarfile makes a hard link and then
+    # chowns, chmods and touches it *through its path*: an image holding a symlink to a host
+    # file and a hard link to that symlink made the export chown the host file to the
+    # image's uid and chmod it 0755 (/etc/shadow would have been world-readable). A hard link
+    # to a dropped device node made tarfile extract the unfiltered device into the cache.
+    victim = tmp_path / "victim"
+    victim.write_text("secret")
+    victim.chmod(0o600)
+    before = os.stat(victim)
+    context = tmp_path / "image"
+    make_rootfs(str(context / "rootfs"), (*PROGRAMS, "chown", "mknod", "mkfifo"))
+    # Names sorting last: the export walks in order, so the links are the archive's last
+    # members (tarfile's fallback for a missing link target reads the rest of the stream).
+    (context / "Dockerfile").write_text(
+        "FROM scratch\nCOPY rootfs/ /\n"
+        f"RUN ln -s {victim} /zz1 && ln /zz1 /zz2 && chown -h 4242:4242 /zz2 && "
+        "mknod /zz3 c 1 3 && ln /zz3 /zz4 && mkfifo /zz5 && ln /zz5 /zz6\n"
+    )
+    client = docker.from_env()
+    tag = f"structenv-redteam-export:{os.getpid()}"
+    try:
+        await anyio.to_thread.run_sync(
+            lambda: client.images.build(
+                path=str(context), tag=tag, rm=True, pull=False, network_mode="none"
+            )
+        )
+        root, _ = await anyio.to_thread.run_sync(export_rootfs, tag, str(tmp_path / "cache"))
+    finally:
+        try:
+            client.images.remove(tag, force=True)
+        except docker.errors.APIError:
+            pass
+        client.close()
+    after = os.stat(victim)
+    assert (after.st_mode, after.st_uid, after.st_gid) == (
+        before.st_mode,
+        before.st_uid,
+        before.st_gid,
+    )
+    assert victim.read_text() == "secret"
+    specials = []
+    for top, dirs, files in os.walk(root):
+        for name in dirs + files:
+            mode = os.lstat(os.path.join(top, name)).st_mode
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode):
+                specials.append(os.path.join(top, name))
+    assert specials == []
+    assert os.readlink(os.path.join(root, "zz1")) == str(victim)  # the image's own link stays
+    assert not await anyio.Path(root, "zz2").exists()
