@@ -55,6 +55,22 @@ async def test_a_rootfs_symlink_does_not_steer_a_bind_onto_the_host(tmp_path: Pa
             await backend.prepare_spec(SandboxSpec(rootfs=root, binds=[f"{source}:/ws/x"]))
 
 
+async def test_device_nodes_in_a_rootfs_or_a_bind_do_not_open(tmp_path: Path) -> None:
+    # A user's rootfs directory or a bound host directory may hold device nodes (a copy of
+    # /dev/null here, world-writable; the host's disk would read the same way): the slot's
+    # binds are nodev, so none opens, whatever its mode.
+    root = make_rootfs(str(tmp_path / "root"))
+    data = tmp_path / "data"
+    data.mkdir()
+    for path in (os.path.join(root, "etc", "null"), str(data / "null")):
+        os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        os.chmod(path, 0o666)
+    spec = SandboxSpec(rootfs=root, binds=[f"{data}:/data"])
+    async with local_backend(slots_per_host=1) as backend, SlotPool(backend).slot(spec) as slot:
+        got = await slot.exec(sh("for d in /etc/null /data/null; do echo x > $d && echo $d; done"))
+        assert got.stdout == b"" and got.stderr.count(b"Permission denied") == 2, got
+
+
 _AIO = r"""
 import ctypes, os
 libc = ctypes.CDLL(None, use_errno=True)
