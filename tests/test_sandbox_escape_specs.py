@@ -7,6 +7,7 @@ backend, and asserts the property the threat model in docs/design.md promises.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from pathlib import Path
@@ -175,3 +176,40 @@ async def test_an_image_cannot_touch_host_files_or_plant_devices_on_export(
     assert specials == []
     assert os.readlink(os.path.join(root, "zz1")) == str(victim)  # the image's own link stays
     assert not await anyio.Path(root, "zz2").exists()
+
+
+@pytest.mark.docker
+async def test_an_image_cannot_fill_the_host_disk_on_export(tmp_path: Path) -> None:
+    # A sparse file costs an image (and its layer) nothing, and its export its full size on
+    # the host's disk: an image of a few kilobytes wrote 256 MiB here, and one of 1 TiB
+    # would fill the disk every slot and the host share. So would millions of empty files.
+    context = tmp_path / "image"
+    make_rootfs(str(context / "rootfs"), (*PROGRAMS, "truncate"))
+    (context / "Dockerfile").write_text(
+        "FROM scratch\nCOPY rootfs/ /\nRUN truncate -s 256M /zzbig\n"
+    )
+    client = docker.from_env()
+    tag = f"structenv-redteam-sparse:{os.getpid()}"
+    cache = tmp_path / "cache"
+    try:
+        await anyio.to_thread.run_sync(
+            lambda: client.images.build(
+                path=str(context), tag=tag, rm=True, pull=False, network_mode="none"
+            )
+        )
+        for max_bytes, max_files, message in (
+            (32 << 20, 10_000, "more than 33554432 bytes"),
+            (1 << 30, 10, "more than 10 files"),
+        ):
+            export = functools.partial(
+                export_rootfs, tag, str(cache), max_bytes=max_bytes, max_files=max_files
+            )
+            with pytest.raises(ConfigError, match=message):
+                await anyio.to_thread.run_sync(export)
+            assert os.listdir(cache / "rootfs") == []  # nothing written is left
+    finally:
+        try:
+            client.images.remove(tag, force=True)
+        except docker.errors.APIError:
+            pass
+        client.close()

@@ -33,6 +33,14 @@ __all__ = ["build_dockerfile", "cache_dir", "export_rootfs"]
 
 #: Tag prefix of images built from a spec's Dockerfile (``structenv-task:<content hash>``).
 TASK_TAG = "structenv-task"
+#: Most bytes of file data an export writes (and never more than leaves the cache's
+#: filesystem :data:`EXPORT_DISK_RESERVE` of its size free): an image's sparse file costs
+#: the image nothing and the export its full size.
+EXPORT_MAX_BYTES = 64 << 30
+#: Most members (files, directories, links) an export extracts.
+EXPORT_MAX_FILES = 2_000_000
+#: Share of the cache's filesystem an export always leaves free.
+EXPORT_DISK_RESERVE = 0.05
 
 
 def cache_dir() -> str:
@@ -128,7 +136,7 @@ def build_dockerfile(dockerfile: str, context: str | None = None) -> str:
 
 
 class _ChunkReader(io.RawIOBase):
-    """A file object over the byte chunks of ``container.export()``."""
+    """A file object over the byte chunks of a container's export."""
 
     def __init__(self, chunks: Iterator[bytes]) -> None:
         self._chunks = chunks
@@ -200,13 +208,30 @@ def rootfs_entry(image: str, cache: str | None = None) -> str | None:
     return path if os.path.isdir(path) else None
 
 
-def export_rootfs(image: str, cache: str | None = None) -> tuple[str, dict[str, str]]:
+def _export_budget(path: str, max_bytes: int) -> int:
+    """Bytes an export into ``path`` may write: ``max_bytes``, and never so much that less
+    than :data:`EXPORT_DISK_RESERVE` of the filesystem stays free (it is the host's)."""
+    fs = os.statvfs(path)
+    free = fs.f_bavail * fs.f_frsize - int(fs.f_blocks * fs.f_frsize * EXPORT_DISK_RESERVE)
+    return max(0, min(max_bytes, free))
+
+
+def export_rootfs(
+    image: str,
+    cache: str | None = None,
+    *,
+    max_bytes: int = EXPORT_MAX_BYTES,
+    max_files: int = EXPORT_MAX_FILES,
+) -> tuple[str, dict[str, str]]:
     """The rootfs directory of local image ``image`` and the image's environment (blocking).
 
     Exported on first use into ``<cache>/rootfs/<image id>``; later calls only look it up.
+    An export stops at ``max_bytes`` of file data (less if the cache's filesystem would
+    keep under :data:`EXPORT_DISK_RESERVE` free) or ``max_files`` members.
 
     Raises:
-        ConfigError: The image does not exist in the local engine (no registry is asked).
+        ConfigError: The image does not exist in the local engine (no registry is asked),
+            or its rootfs is over those limits.
     """
     docker = _sdk()
     root = os.path.join(cache or cache_dir(), "rootfs")
@@ -230,12 +255,36 @@ def export_rootfs(image: str, cache: str | None = None) -> tuple[str, dict[str, 
         _sweep(root)
         tmp = os.path.join(root, f".tmp-{os.getpid()}-{secrets.token_hex(4)}")
         os.makedirs(os.path.join(tmp, "root"), mode=0o755)
-        container = None
+        container = response = None
         try:
             container = client.containers.create(img.id, entrypoint=["/"], command=[])
-            reader = io.BufferedReader(_ChunkReader(iter(container.export())), 1 << 20)
+            # The export as a plain streamed response (the SDK's APIClient is a requests
+            # session), so an export stopped half-way closes its connection at once.
+            response = client.api.get(
+                f"{client.api.base_url}/containers/{container.id}/export", stream=True
+            )
+            if not response.ok:
+                raise ConfigError(
+                    f"exporting image {image!r} failed: HTTP {response.status_code} "
+                    f"{response.text[:300]}"
+                )
+            reader = io.BufferedReader(_ChunkReader(response.iter_content(1 << 20)), 1 << 20)
+            budget = _export_budget(root, max_bytes)
+            written = files = 0
             with tarfile.open(fileobj=reader, mode="r|") as tar:
                 for member in tar:
+                    written += member.size if member.isreg() else 0
+                    files += 1
+                    if written > budget or files > max_files:
+                        over = (
+                            f"{max_files} files"
+                            if files > max_files
+                            else f"{budget} bytes (max_bytes {max_bytes}, and "
+                            f"{EXPORT_DISK_RESERVE:.0%} of the disk stays free)"
+                        )
+                        raise ConfigError(
+                            f"image {image!r} was not exported: its rootfs holds more than {over}"
+                        )
                     try:
                         tar.extract(
                             member,
@@ -254,6 +303,8 @@ def export_rootfs(image: str, cache: str | None = None) -> tuple[str, dict[str, 
                 if not os.path.isdir(final):  # another process won the race: keep theirs
                     raise
         finally:
+            if response is not None:
+                response.close()
             if container is not None:
                 try:
                     container.remove(force=True)
