@@ -18,9 +18,13 @@ import pytest
 
 from spec_support import PROGRAMS, make_rootfs
 from structenv import ConfigError, ExecRequest, SandboxSpec, SlotPool
+from structenv.abc import SandboxBackend
 from structenv.backends._images import export_rootfs
 from structenv.sandbox._bwrap import SLOT_PTYS
+from test_docker_support import docker_backend, docker_image
 from test_sandbox_support import local_backend
+
+_ = docker_image
 
 pytestmark = pytest.mark.anyio
 
@@ -213,3 +217,69 @@ async def test_an_image_cannot_fill_the_host_disk_on_export(tmp_path: Path) -> N
         except docker.errors.APIError:
             pass
         client.close()
+
+
+_HOLD = r"""
+import ctypes, os, socket
+libc = ctypes.CDLL(None, use_errno=True)
+listener = socket.socket(socket.AF_UNIX)
+listener.bind("\0structenv-redteam")
+listener.listen(8)
+libc.mq_open.restype = ctypes.c_int
+assert libc.mq_open(b"/structenv-redteam", os.O_CREAT | os.O_RDWR, 0o666, None) >= 0
+open("ready", "w").close()
+while True:
+    listener.accept()[0].sendall(b"leaked")
+"""
+
+_REACH = r"""
+import ctypes, os, socket
+libc = ctypes.CDLL(None, use_errno=True)
+try:
+    client = socket.socket(socket.AF_UNIX)
+    client.connect("\0structenv-redteam")
+    print(client.recv(16).decode())
+except OSError as exc:
+    print(exc.strerror)
+libc.mq_open.restype = ctypes.c_int
+print(libc.mq_open(b"/structenv-redteam", os.O_RDWR, 0, None) >= 0)
+"""
+
+
+@pytest.mark.parametrize("kind", ["local", pytest.param("docker", marks=pytest.mark.docker)])
+async def test_abstract_sockets_and_message_queues_stay_in_their_slot(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    # Abstract unix sockets live in a network namespace and POSIX message queues in an IPC
+    # namespace, not in any file a bind could hide: a slot's daemon holding both must be
+    # out of reach of a sibling slot and of the slot's next lease.
+    if kind == "local":
+        backend: SandboxBackend = local_backend(slots_per_host=2)
+    else:
+        request.getfixturevalue("docker_image")
+        backend = docker_backend(slots_per_host=2)
+    async with backend:
+        pool = SlotPool(backend)
+        async with pool.slot() as holder:
+            await holder.write_file("hold.py", _HOLD.encode())
+            got = await holder.exec(
+                sh(
+                    "(setsid python3 hold.py >/dev/null 2>&1 &); "
+                    "while [ ! -e ready ]; do sleep 0.05; done; "
+                    'python3 -c "import socket; s = socket.socket(socket.AF_UNIX); '
+                    "s.connect('\\0structenv-redteam'); print(s.recv(16).decode())\""
+                )
+            )
+            assert got.stdout == b"leaked\n", got  # the daemon answers in its own slot
+            async with pool.slot() as sibling:
+                assert sibling.id != holder.id
+                await sibling.write_file("reach.py", _REACH.encode())
+                got = await sibling.exec(sh("python3 reach.py"))
+                assert got.stdout == b"Connection refused\nFalse\n", got
+            first = holder.id
+        async with pool.slot() as one, pool.slot() as two:  # the holder's slot is one of them
+            assert first in (one.id, two.id)
+            for slot in (one, two):
+                await slot.write_file("reach.py", _REACH.encode())
+                got = await slot.exec(sh("python3 reach.py"))
+                assert got.stdout == b"Connection refused\nFalse\n", (slot.id == first, got)
