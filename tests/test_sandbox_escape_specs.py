@@ -283,3 +283,51 @@ async def test_abstract_sockets_and_message_queues_stay_in_their_slot(
                 await slot.write_file("reach.py", _REACH.encode())
                 got = await slot.exec(sh("python3 reach.py"))
                 assert got.stdout == b"Connection refused\nFalse\n", (slot.id == first, got)
+
+
+@pytest.mark.docker
+async def test_a_docker_image_slot_cannot_change_the_rootfs_cache(
+    tmp_path: Path, docker_image: str
+) -> None:
+    # Every sandbox container sees the host's whole rootfs cache (every image's export):
+    # a slot of one image must neither write its own rootfs (the next lease's, and other
+    # containers') nor reach another image's.
+    del docker_image
+    client = docker.from_env()
+    tags = {}
+    try:
+        for name in ("a", "b"):
+            context = tmp_path / name
+            make_rootfs(str(context / "rootfs"), marker=name)
+            (context / "Dockerfile").write_text("FROM scratch\nCOPY rootfs/ /\n")
+            tag = tags[name] = f"structenv-redteam-cache-{name}:{os.getpid()}"
+            await anyio.to_thread.run_sync(
+                functools.partial(
+                    client.images.build, path=str(context), tag=tag, rm=True, network_mode="none"
+                )
+            )
+        async with docker_backend(slots_per_host=2) as backend:
+            pool = SlotPool(backend)
+            spec_a, spec_b = (SandboxSpec(image=tags[n]) for n in ("a", "b"))
+            async with pool.slot(spec_a) as slot:
+                got = await slot.exec(
+                    sh(
+                        "for f in /etc/marker /usr/bin/cat /newfile /etc/newfile; do "
+                        "echo x >> $f && echo WROTE $f; done; "
+                        "ls -d /.structenv-rootfs /.structenv/host/.structenv-rootfs; "
+                        "ls /proc/1/root/.structenv-rootfs; cat /etc/marker"
+                    )
+                )
+                assert b"WROTE" not in got.stdout and got.stdout.endswith(b"a"), got
+            async with pool.slot(spec_a) as slot, pool.slot(spec_b) as other:
+                got = await slot.exec(sh("cat /etc/marker; ls /newfile"))
+                assert got.stdout == b"a", got
+                got = await other.exec(sh("cat /etc/marker"))
+                assert got.stdout == b"b", got
+    finally:
+        for tag in tags.values():
+            try:
+                client.images.remove(tag, force=True)
+            except docker.errors.APIError:
+                pass
+        client.close()
