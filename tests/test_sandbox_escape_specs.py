@@ -1,8 +1,13 @@
-"""Attacks a second red-team pass found working, on spec'd slots and machine-wide resources
-(all worked on main at 849e1d8).
+"""Attacks of a second red-team pass, on spec'd slots (image and rootfs roots, binds, image
+exports) and machine-wide kernel budgets.
 
 Each test performs the attack as a hostile image or a hostile command would, on the real
-backend, and asserts the property the threat model in docs/design.md promises.
+backend, and asserts the property the threat model in docs/design.md promises. These worked
+on main at 849e1d8 and are fixed: a rootfs symlink steering a bind's mount point onto the
+host, an image export chowning/chmodding host files (and planting devices), kernel AIO,
+pseudo-terminals, an export filling the host's disk. The others held already but were not
+tested: device nodes in a rootfs or bind, abstract sockets and message queues across slots
+and leases, a Docker image slot writing the shared rootfs cache.
 """
 
 from __future__ import annotations
