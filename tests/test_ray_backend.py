@@ -1,20 +1,20 @@
-"""RayBackend on a real multi-node Ray cluster on this machine (head + 2 worker nodes).
+"""RayBackend on a real multi-node Ray cluster on this machine (head + 4 worker nodes).
 
-One cluster for the whole module (starting one costs ~10-40 s here); every test makes its own
-backend. ``ray`` must be installed (the ``ray`` extra, in ``dev``): without it this module
-fails to import — it is never skipped. Pitfalls (see docs/scaling.md): tests/conftest.py sets
-``RAY_USAGE_STATS_ENABLED=0`` and ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (else Ray rewrites
-loopback to eth0's address) before ray is imported; the cluster has no dashboard; it is shut
-down by its own handles (never ``ray stop``: that kills every Ray on the machine).
+One cluster for the whole module (starting one costs ~10-40 s here). ``ray`` must be installed
+(the ``ray`` extra, in ``dev``): without it this module fails to import — it is never
+skipped. Pitfalls (see docs/scaling.md): tests/conftest.py sets ``RAY_USAGE_STATS_ENABLED=0``
+and ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (else Ray rewrites loopback to eth0's address)
+before ray is imported; the cluster has no dashboard; it is shut down by its own handles
+(never ``ray stop``: that kills every Ray on the machine).
 
-Loops (CI budget: a host start costs 5-15 s on the loaded CI machine): each test runs on one
-loop. The contract suite runs once, on asyncio (it starts ten backends; the exec path is the
-same sandbox client as LocalBackend's, whose contract runs on both loops). What differs
-between loops is only how Ray object refs are awaited (asyncio: ``await ref``; Trio: the
-ref's future + a done-callback waking the loop), and both paths are exercised by every Ray
-call a backend makes — start, watch, stop, kill: the actor-kill fault test and the
-cancellation test run on Trio, the node-removal fault test, placement and the driver-kill
-test on asyncio. The Ray Client test drives both loops from one separate driver process.
+Every test runs on asyncio and on Trio. The loop is a module-scoped parameter here (all
+asyncio tests, then all Trio tests), so that a started backend can be shared within a loop:
+``shared`` (one host, on the ``pool=sandbox`` nodes) serves the contract checks that need no
+fresh backend, the placement-by-label check and, last, the actor-kill fault test. The loops
+differ only in how Ray object refs are awaited (asyncio: ``await ref``; Trio: the ref's future
+plus a done-callback waking the loop, no thread per call) and every test makes Ray calls
+(start, watch, stop, kill). Tests that drive a separate process (driver SIGKILL, Ray Client)
+run that process's backends on the test's loop. CI budget: the module takes ~3-4 min here.
 """
 
 from __future__ import annotations
@@ -25,11 +25,16 @@ import random
 import re
 import signal
 import socket
+import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import anyio
+import anyio.lowlevel
+import anyio.to_thread
 import pytest
 import ray
 from anyio.streams.buffered import BufferedByteReceiveStream
@@ -37,6 +42,7 @@ from ray.cluster_utils import Cluster
 
 from structenv import ConfigError, ExecRequest, SandboxSpec, SlotBrokenError
 from structenv._reap import main as reap_main
+from structenv.abc import BackendStatistics, SandboxBackend, Slot
 from structenv.backends import RayBackend
 from structenv.testing import check_backend
 
@@ -45,11 +51,18 @@ pytestmark = pytest.mark.anyio
 NAMESPACE = "structenv-tests"
 
 
+@pytest.fixture(scope="module", params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Both loops, module-scoped: a backend started by a module fixture serves one loop's
+    tests (pytest runs all tests of one loop, then all of the other)."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     """Head (1 CPU, ``pool=head``), two ``pool=sandbox`` workers (2 CPUs each), and two
-    ``doomed`` workers for the node-removal test (custom resource: only its hosts go there).
-    The workers start in parallel."""
+    ``doomed`` workers for the node-removal test (custom resource: only its hosts go there;
+    the test adds one back for the next loop). The workers start in parallel."""
     c = Cluster(
         initialize_head=True,
         head_node_args={
@@ -66,13 +79,17 @@ def cluster() -> Iterator[Cluster]:
         for _ in range(2):
             c.add_node(wait=False, num_cpus=2, labels={"pool": "sandbox"})
         for _ in range(2):
-            c.add_node(wait=False, num_cpus=1, resources={"doomed": 1}, labels={"pool": "doomed"})
+            _add_doomed(c)
         c.wait_for_nodes(timeout=180)
         ray.init(address=c.address, namespace=NAMESPACE, log_to_driver=False)
         yield c
     finally:
         ray.shutdown()
         c.shutdown()  # type: ignore[no-untyped-call]
+
+
+def _add_doomed(c: Cluster) -> None:
+    c.add_node(wait=False, num_cpus=1, resources={"doomed": 1}, labels={"pool": "doomed"})
 
 
 def _backend(**options: object) -> RayBackend:
@@ -86,6 +103,15 @@ def _backend(**options: object) -> RayBackend:
     }
     settings.update(options)
     return RayBackend(**settings)
+
+
+@pytest.fixture(scope="module")
+async def shared(cluster: Cluster, anyio_backend: str) -> AsyncIterator[RayBackend]:
+    """One started backend per loop (one host of two slots on a ``pool=sandbox`` node),
+    checked to leave nothing behind when the loop's tests are done."""
+    async with _backend(min_hosts=1, label_selector={"pool": "sandbox"}) as backend:
+        yield backend
+    await _nothing_left(backend.run_id)
 
 
 def _cmdlines(marker: str) -> dict[int, str]:
@@ -111,9 +137,8 @@ def _alive_actors(run_id: str) -> list[str]:
     return [a["name"] for a in actors if a["name"].startswith(prefix)]
 
 
-async def _until(condition: object, *, within: float, what: str) -> None:
+async def _until(condition: Callable[[], object], *, within: float, what: str) -> None:
     """Wait (polling) until ``condition()`` holds; fail with ``what`` after ``within`` s."""
-    assert callable(condition)
     try:
         with anyio.fail_after(within):
             # /proc, the GCS and the file system have nothing to wait on: poll them.
@@ -123,11 +148,32 @@ async def _until(condition: object, *, within: float, what: str) -> None:
         raise AssertionError(f"not within {within}s: {what}") from None
 
 
-async def _nothing_left(run_id: str) -> None:
-    """No actor, no process (cleanup process, server, bwrap) and no work dir of ``run_id``."""
-    await _until(lambda: not _alive_actors(run_id), within=30, what=f"actors of {run_id} gone")
-    await _until(lambda: not _cmdlines(f"ray{run_id}-"), within=30, what="processes gone")
-    await _until(lambda: not _workdirs(run_id), within=30, what="work dirs gone")
+async def _nothing_left(*run_ids: str) -> None:
+    """No actor, no process (cleanup process, server, bwrap) and no work dir of any of
+    ``run_ids`` (checked for all of them at once: their cleanups run in parallel)."""
+
+    def gone() -> list[str]:
+        return [
+            f"{what} of {run_id}"
+            for run_id in run_ids
+            for what, left in (
+                ("actors", _alive_actors(run_id)),
+                ("processes", _cmdlines(f"ray{run_id}-")),
+                ("work dirs", _workdirs(run_id)),
+            )
+            if left
+        ]
+
+    left: list[str] = []
+
+    def none_left() -> bool:
+        left[:] = gone()
+        return not left
+
+    try:
+        await _until(none_left, within=30, what="everything of the runs gone")
+    except AssertionError:
+        raise AssertionError(f"not gone within 30s: {', '.join(left)}") from None
 
 
 def _workdirs(run_id: str) -> list[str]:
@@ -143,14 +189,105 @@ def _workdirs(run_id: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_contract(cluster: Cluster) -> None:
-    passed = await check_backend(lambda: _backend(), deadline=90)
-    assert "cancelled_exec" in passed and "batch_streams" in passed
+class _Borrowed(SandboxBackend):
+    """A started backend lent to one contract check: entering and closing it do nothing,
+    everything else goes to the backend (the checks that start and close a backend get a
+    fresh one)."""
+
+    def __init__(self, inner: RayBackend) -> None:
+        self.inner = inner
+
+    async def _start(self) -> None:
+        await anyio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        await anyio.lowlevel.checkpoint()
+
+    @property
+    def capacity(self) -> int:
+        return self.inner.capacity
+
+    @property
+    def sandboxed(self) -> bool:
+        return self.inner.sandboxed
+
+    @property
+    def allow_network(self) -> bool:
+        return self.inner.allow_network
+
+    async def acquire_slot(self, spec: SandboxSpec | None = None) -> Slot:
+        return await self.inner.acquire_slot(spec)
+
+    async def release_slot(self, slot: Slot, *, reusable: bool) -> None:
+        await self.inner.release_slot(slot, reusable=reusable)
+
+    async def exec_batch(
+        self,
+        calls: list[tuple[Slot, ExecRequest]],
+        on_result: Callable[[int, Any], None],
+    ) -> None:
+        await self.inner.exec_batch(calls, on_result)
+
+    def statistics(self) -> BackendStatistics:
+        return self.inner.statistics()
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_contract(shared: RayBackend) -> None:
+    fresh = {"lifecycle", "idempotent_close"}
+    passed = await check_backend(lambda: _backend(), only=fresh, deadline=90)
+    passed += await check_backend(lambda: _Borrowed(shared), skip=fresh, deadline=60)
+    assert len(passed) == 11 and "cancelled_exec" in passed and "batch_streams" in passed
+    assert shared.statistics().leased == 0
+
+
+async def test_labels_place_hosts(shared: RayBackend) -> None:
+    labels_of = {n["NodeID"]: n["Labels"] for n in ray.nodes()}  # type: ignore[no-untyped-call]
+    placed = [labels_of[node] for node in shared.host_nodes().values()]
+    assert placed and all(label.get("pool") == "sandbox" for label in placed), placed
+
+
+async def test_killed_actor_fails_calls_and_is_replaced(shared: RayBackend) -> None:
+    backend = shared
+    replaced = backend.statistics().hosts_replaced
+    slot = await backend.acquire_slot()
+    (host_id, actor), *_ = backend.host_actors().items()
+    marker = f"sleep 31.{random.randrange(1000, 9999)}"
+    outcome: list[object] = []
+    done = anyio.Event()
+
+    async def call() -> None:
+        try:
+            outcome.append(await slot.exec(ExecRequest(marker, timeout=60)))
+        except SlotBrokenError as exc:
+            outcome.append(exc)
+        done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call)
+        await _until(lambda: _cmdlines(marker), within=20, what="the command runs")
+        ray.kill(actor)
+        with anyio.fail_after(20):  # the caller's deadline: it must not hang
+            await done.wait()
+    assert isinstance(outcome[0], SlotBrokenError), outcome
+    await backend.release_slot(slot, reusable=False)
+    assert backend.statistics().hosts_replaced == replaced + 1
+    with anyio.fail_after(60):
+        fresh = await backend.acquire_slot()
+    assert fresh.host_id != host_id
+    result = await fresh.exec(ExecRequest("echo replaced", timeout=10))
+    assert result.stdout == b"replaced\n"
+    await backend.release_slot(fresh, reusable=True)
+    # The killed host's server, bwrap and work dir are gone while the backend runs on.
+    await _until(lambda: not _cmdlines(f"{host_id.removeprefix('structenv-')}"), within=30,
+                 what="the killed host's processes gone")  # fmt: skip
+
+
 async def test_strict_spread_puts_one_host_per_node_and_slots_per_spec(cluster: Cluster) -> None:
+    """STRICT_SPREAD placement, slots per spec; and the teardown's blocking Ray calls
+    (``ray.kill``, removing the placement group) use the backend's own thread limiter: they
+    do not queue behind other code holding every token of anyio's default one."""
+    default = anyio.to_thread.current_default_thread_limiter()
+    borrowers = [object() for _ in range(int(default.total_tokens))]
     async with _backend(min_hosts=2, num_cpus=2, placement="STRICT_SPREAD") as backend:
         # Only the two sandbox nodes have 2 CPUs: one host on each.
         assert len(set(backend.host_nodes().values())) == 2
@@ -169,48 +306,23 @@ async def test_strict_spread_puts_one_host_per_node_and_slots_per_spec(cluster: 
         for bad in (SandboxSpec(image="task:1"), SandboxSpec(rootfs="/srv/rootfs")):
             with pytest.raises(ConfigError, match="RayBackend does not support a spec's"):
                 await backend.acquire_slot(bad)
+        for borrower in borrowers:
+            default.acquire_on_behalf_of_nowait(borrower)
+        began = anyio.current_time()
+    try:
+        took = anyio.current_time() - began
+        # Queued behind the default limiter, the close would wait out close_grace (30 s).
+        assert took < 20, f"closing took {took:.1f}s with the default thread limiter full"
+    finally:
+        for borrower in borrowers:
+            default.release_on_behalf_of(borrower)
     await _nothing_left(backend.run_id)
 
 
-@pytest.mark.parametrize("anyio_backend", ["trio"])
-async def test_killed_actor_fails_calls_and_is_replaced(cluster: Cluster) -> None:
-    async with _backend(min_hosts=1, max_hosts=2) as backend:
-        slot = await backend.acquire_slot()
-        (host_id, actor), *_ = backend.host_actors().items()
-        marker = f"sleep 31.{random.randrange(1000, 9999)}"
-        outcome: list[object] = []
-        done = anyio.Event()
-
-        async def call() -> None:
-            try:
-                outcome.append(await slot.exec(ExecRequest(marker, timeout=60)))
-            except SlotBrokenError as exc:
-                outcome.append(exc)
-            done.set()
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(call)
-            await _until(lambda: _cmdlines(marker), within=20, what="the command runs")
-            ray.kill(actor)
-            with anyio.fail_after(20):  # the caller's deadline: it must not hang
-                await done.wait()
-        assert isinstance(outcome[0], SlotBrokenError), outcome
-        await backend.release_slot(slot, reusable=False)
-        assert backend.statistics().hosts_replaced == 1
-        with anyio.fail_after(60):
-            fresh = await backend.acquire_slot()
-        assert fresh.host_id != host_id
-        result = await fresh.exec(ExecRequest("echo replaced", timeout=10))
-        assert result.stdout == b"replaced\n"
-        await backend.release_slot(fresh, reusable=True)
-        # The killed host's server, bwrap and work dir are gone while the backend runs on.
-        await _until(lambda: not _cmdlines(f"{host_id.removeprefix('structenv-')}"), within=30,
-                     what="the killed host's processes gone")  # fmt: skip
-    await _nothing_left(backend.run_id)
-
-
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_removed_node_fails_calls_and_host_moves(cluster: Cluster) -> None:
+    nodes = ray.nodes()  # type: ignore[no-untyped-call]
+    if sum(1 for n in nodes if n["Alive"] and "doomed" in n["Resources"]) < 2:
+        _add_doomed(cluster)  # the other loop removed one: a target for the replacement
     async with _backend(min_hosts=1, resources={"doomed": 1}) as backend:
         slot = await backend.acquire_slot()
         (node_id,) = backend.host_nodes().values()
@@ -240,33 +352,34 @@ async def test_removed_node_fails_calls_and_host_moves(cluster: Cluster) -> None
     await _nothing_left(backend.run_id)
 
 
-@pytest.mark.parametrize("anyio_backend", ["trio"])
-async def test_labels_place_hosts_and_cancellation_leaves_nothing(cluster: Cluster) -> None:
-    """Hosts land on the labelled nodes; a cancelled start or acquire (at random points)
-    leaves no actor, no process and no work dir."""
+async def test_cancellation_leaves_nothing(cluster: Cluster) -> None:
+    """A cancelled start or acquire (at random points) leaves no actor, no process, no work
+    dir, and no token of the backend's thread limiters."""
     rng = random.Random(os.getpid())
+    run_ids = []
     for delay in (rng.uniform(0.0, 0.5), rng.uniform(0.5, 4.0)):
         backend = _backend(min_hosts=2, label_selector={"pool": "sandbox"})
+        run_ids.append(backend.run_id)
         with anyio.move_on_after(delay):
             async with backend:
                 await anyio.sleep_forever()
-        await _nothing_left(backend.run_id)
+        assert backend.statistics().hosts == 0
+        assert backend._limiter.borrowed_tokens == backend._control_limiter.borrowed_tokens == 0
     labels = {"pool": "sandbox"}
     async with _backend(
         min_hosts=1, max_hosts=3, slots_per_host=1, label_selector=labels
     ) as backend:
+        run_ids.append(backend.run_id)
         held = await backend.acquire_slot()
         for delay in (rng.uniform(0.0, 0.5), rng.uniform(0.5, 3.0)):
             with anyio.move_on_after(delay):
                 extra = await backend.acquire_slot()
                 await backend.release_slot(extra, reusable=True)
         assert backend.statistics().leased == 1
-        labels_of = {n["NodeID"]: n["Labels"] for n in ray.nodes()}  # type: ignore[no-untyped-call]
-        placed = [labels_of[node] for node in backend.host_nodes().values()]
-        assert all(label.get("pool") == "sandbox" for label in placed), placed
         await backend.release_slot(held, reusable=True)
     assert backend.statistics().leased == 0
-    await _nothing_left(backend.run_id)
+    assert backend._limiter.borrowed_tokens == backend._control_limiter.borrowed_tokens == 0
+    await _nothing_left(*run_ids)
 
 
 _DRIVER = textwrap.dedent(
@@ -277,26 +390,35 @@ _DRIVER = textwrap.dedent(
 
     async def main():
         opts = dict(slots_per_host=1, num_cpus=0, namespace=sys.argv[2])
-        async with RayBackend(min_hosts=1, **opts) as owned, \\
-                RayBackend(min_hosts=1, detached=True, **opts) as detached:
-            slot = await owned.acquire_slot()
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(slot.exec, ExecRequest("sleep 33.3", timeout=300))
-                print(json.dumps([owned.run_id, detached.run_id]), flush=True)
+        owned = RayBackend(min_hosts=1, **opts)
+        detached = RayBackend(min_hosts=1, detached=True, **opts)
+
+        async def hold(backend, *, task_status):
+            async with backend:
+                task_status.started()
                 await anyio.sleep_forever()
 
+        async with anyio.create_task_group() as tg:
+            async with anyio.create_task_group() as starting:  # both start at once
+                starting.start_soon(tg.start, hold, owned)
+                starting.start_soon(tg.start, hold, detached)
+            slot = await owned.acquire_slot()
+            tg.start_soon(slot.exec, ExecRequest("sleep 33.3", timeout=300))
+            print(json.dumps([owned.run_id, detached.run_id]), flush=True)
+
     ray.init(address=sys.argv[1], log_to_driver=False)
-    anyio.run(main)
+    anyio.run(main, backend=sys.argv[3])
     """
 )
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_driver_sigkill_leaves_nothing_and_reap_removes_detached(
-    cluster: Cluster, capsys: pytest.CaptureFixture[str]
+    cluster: Cluster, anyio_backend: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """A driver (running its backends on this test's loop) SIGKILLed mid-command: its own
+    hosts leave nothing on any node; its detached ones stay until ``structenv reap``."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    argv = [sys.executable, "-c", _DRIVER, cluster.address, NAMESPACE]
+    argv = [sys.executable, "-c", _DRIVER, cluster.address, NAMESPACE, anyio_backend]
     async with await anyio.open_process(argv, env=env, stderr=None) as proc:
         try:
             assert proc.stdout is not None
@@ -338,12 +460,13 @@ _CLIENT_DRIVER = textwrap.dedent(
         out = result.stdout.decode().split()
         return dict(run_id=backend.run_id, stdout=out, sandboxed=result.sandboxed)
 
-    # asyncio: the job connected (ray.init) and the backend uses that connection.
+    loop = sys.argv[3]
+    # The job connected (ray.init) and the backend uses that connection.
     ray.init(sys.argv[1], namespace=sys.argv[2], log_to_driver=False)
-    print(json.dumps(dict(anyio.run(main), connected=ray.is_initialized())), flush=True)
+    print(json.dumps(dict(anyio.run(main, backend=loop), connected=ray.is_initialized())))
     ray.shutdown()
-    # Trio: the backend connects to the ray:// address itself, and disconnects on close.
-    done = anyio.run(lambda: main(address=sys.argv[1]), backend="trio")
+    # The backend connects to the ray:// address itself, and disconnects on close.
+    done = anyio.run(lambda: main(address=sys.argv[1]), backend=loop)
     print(json.dumps(dict(done, connected=ray.is_initialized())), flush=True)
     """
 )
@@ -369,37 +492,50 @@ def _listening(port: int) -> bool:
     return True
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
-async def test_ray_client_address(cluster: Cluster) -> None:
-    """Through Ray Client (``ray://``): a Ray Client server on the test cluster (its own
-    process group, killed at the end, checked gone) and a fresh driver process connected to it
-    (Ray Client cannot share a process with this one's ``ray.init``) run a command in a slot on
-    both loops (asyncio awaits a client ref; Trio uses its future) — once on the job's
-    connection, once with ``address="ray://..."`` — and leave nothing behind."""
+@pytest.fixture(scope="module")
+def client_server(cluster: Cluster) -> Iterator[str]:
+    """A Ray Client server on the test cluster (for both loops), in its own process group:
+    killed at the end and checked gone. Yields its ``ray://`` address.
+
+    Legacy mode: one server process, connected to the cluster, on a free port. (Proxy mode,
+    as ``ray start --head`` runs it, starts a server per client on fixed ports from 23000:
+    once, in a full module run, that server exited at once: probably a port clash with
+    another run on the machine, not confirmed.)
+    """
     port = _free_port()
-    # Legacy mode: one server process, connected to the cluster, on a free port. (Proxy mode,
-    # as ``ray start --head`` runs it, starts a server per client on fixed ports from 23000:
-    # once, in a full module run, that server exited at once: probably a port clash with
-    # another run on the machine, not confirmed.)
-    server = [sys.executable, "-m", "ray.util.client.server", "--address", cluster.address,
-              "--host", "127.0.0.1", "--port", str(port), "--mode", "legacy"]  # fmt: skip
+    argv = [sys.executable, "-m", "ray.util.client.server", "--address", cluster.address,
+            "--host", "127.0.0.1", "--port", str(port), "--mode", "legacy"]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    client_server = await anyio.open_process(
-        server, env=env, stdout=None, stderr=None, start_new_session=True
-    )
+    server = subprocess.Popen(argv, env=env, start_new_session=True)
     try:
-        await _until(lambda: _listening(port), within=30, what="the Ray Client server listens")
-        argv = [sys.executable, "-c", _CLIENT_DRIVER, f"ray://127.0.0.1:{port}", NAMESPACE]
-        with anyio.fail_after(60):
-            done = await anyio.run_process(argv, env=env, stderr=None)
+        deadline = time.monotonic() + 60
+        while not _listening(port):  # a port has nothing to wait on: poll it
+            assert server.poll() is None, f"the Ray Client server exited ({server.returncode})"
+            assert time.monotonic() < deadline, "the Ray Client server did not listen in 60s"
+            time.sleep(0.1)
+        yield f"ray://127.0.0.1:{port}"
     finally:
-        os.killpg(client_server.pid, signal.SIGKILL)
-        await client_server.wait()
-    await _until(lambda: not _client_servers(cluster.address), within=30,
-                 what="the Ray Client servers gone")  # fmt: skip
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+    deadline = time.monotonic() + 30
+    while _client_servers(cluster.address):
+        assert time.monotonic() < deadline, "the Ray Client server's processes outlived it"
+        time.sleep(0.1)
+
+
+async def test_ray_client_address(client_server: str, anyio_backend: str) -> None:
+    """Through Ray Client (``ray://``): a fresh driver process connected to the module's Ray
+    Client server (Ray Client cannot share a process with this one's ``ray.init``) runs a
+    command in a slot on this test's loop (asyncio awaits a client ref; Trio uses its
+    future) — once on the job's connection, once with ``address="ray://..."`` — and leaves
+    nothing behind."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    argv = [sys.executable, "-c", _CLIENT_DRIVER, client_server, NAMESPACE, anyio_backend]
+    with anyio.fail_after(90):
+        done = await anyio.run_process(argv, env=env, stderr=None)
     results = [json.loads(line) for line in done.stdout.decode().splitlines()]
     # Connected after the first (the job's connection), not after the second (the backend's).
     assert [r["connected"] for r in results] == [True, False], results
     for r in results:
         assert r["stdout"][0] == "hi" and r["stdout"][1] != "0" and r["sandboxed"], r
-        await _nothing_left(r["run_id"])
+    await _nothing_left(*(r["run_id"] for r in results))

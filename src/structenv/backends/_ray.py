@@ -89,7 +89,13 @@ class RayBackend(HostedBackend):
         self._group: Any = None
         self._free_bundles: list[int] = []
         self._counter = 0
+        # Blocking Ray calls run in worker threads through limiters of their own (never
+        # anyio's default one, which other code may exhaust): ray.get where a ref cannot be
+        # awaited (Ray Client without futures; a host's wait() may hold a token for its whole
+        # life), and the control calls (ray.kill, removing the placement group, ray.shutdown),
+        # kept apart so that teardown never queues behind those long waits.
         self._limiter = anyio.CapacityLimiter(o.get_concurrency)
+        self._control_limiter = anyio.CapacityLimiter(4)
         self._actors: dict[str, Any] = {}  # every actor created and not yet killed
 
     @property
@@ -229,7 +235,7 @@ class RayBackend(HostedBackend):
 
     async def _kill(self, name: str, actor: Any, bundle: int | None) -> None:
         assert self._node is not None
-        await anyio.to_thread.run_sync(self._node.kill, actor)
+        await anyio.to_thread.run_sync(self._node.kill, actor, limiter=self._control_limiter)
         self._actors.pop(name, None)
         if bundle is not None:
             self._free_bundles.append(bundle)
@@ -270,8 +276,10 @@ class RayBackend(HostedBackend):
         for name, actor in list(self._actors.items()):  # never left behind
             await self._kill(name, actor, None)
         if self._group is not None:
-            await anyio.to_thread.run_sync(node.remove_group, self._group)
+            await anyio.to_thread.run_sync(
+                node.remove_group, self._group, limiter=self._control_limiter
+            )
             self._group = None
         if self._started_ray:
-            await anyio.to_thread.run_sync(node.shutdown)
+            await anyio.to_thread.run_sync(node.shutdown, limiter=self._control_limiter)
             self._started_ray = False

@@ -64,8 +64,9 @@ ActorDiedError: tuple[type[BaseException], ...] = (
 class HostActor:
     """One sandbox host: runs the cleanup process, which runs the sandbox server.
 
-    Threaded (``max_concurrency``): :meth:`wait` blocks for the host's life while
-    :meth:`stop` and :meth:`labels` stay callable.
+    Threaded (``max_concurrency``): :meth:`wait` blocks for the host's life (reading the
+    cleanup process's stdout to its end, in Ray's own method thread: the actor starts no
+    thread of its own) while :meth:`stop` and :meth:`labels` stay callable.
     """
 
     def __init__(self, argv: list[str], env: dict[str, str], labels: dict[str, str]) -> None:
@@ -74,6 +75,9 @@ class HostActor:
         self._labels = labels
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
+        # Held by whoever reads the cleanup process's stdout to its end (wait(), or stop()
+        # when no wait() runs); the end is recorded in _exited.
+        self._reader = threading.Lock()
         self._exited = threading.Event()
 
     def start(self) -> dict[str, Any]:
@@ -97,6 +101,12 @@ class HostActor:
             self._proc = proc
         assert proc.stdout is not None
         line = proc.stdout.readline()
+        # The first process forks the cleanup process and exits before anything is written:
+        # reap it now (the cleanup process, no child of ours, is watched through the pipe).
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass  # still starting: wait() or stop() reaps it
         try:
             info: dict[str, Any] = json.loads(line)
         except ValueError:
@@ -105,18 +115,27 @@ class HostActor:
         info["node_ip"] = ip
         bind = argv[argv.index("--host") + 1] if "--host" in argv else "127.0.0.1"
         info["host"] = ip if bind in ("0.0.0.0", "::") else bind
-        threading.Thread(target=self._watch, daemon=True).start()
         return info
 
-    def _watch(self) -> None:
-        assert self._proc is not None and self._proc.stdout is not None
-        self._proc.stdout.read()  # EOF: the cleanup process (and so the server) ended
-        self._exited.set()
-        self._proc.wait()  # the short-lived first process of the cleanup process
+    def _read_to_end(self, patience: float) -> bool:
+        """Read the cleanup process's stdout to its end (the cleanup process, and so the
+        server, ended); return whether it ended within ``patience`` seconds."""
+        if not self._reader.acquire(timeout=patience):
+            return self._exited.is_set()  # another call is reading; it ends with the pipe
+        try:
+            with self._lock:
+                proc = self._proc
+            if proc is not None and proc.stdout is not None and not self._exited.is_set():
+                proc.stdout.read()
+                proc.wait()  # the short-lived first process (exited long ago)
+            self._exited.set()
+            return True
+        finally:
+            self._reader.release()
 
     def wait(self) -> str:
         """Return when the host's processes have ended (the backend watches this call)."""
-        self._exited.wait()
+        self._read_to_end(-1)
         return "exited"
 
     def labels(self) -> dict[str, str]:
@@ -131,8 +150,8 @@ class HostActor:
             return
         if proc.stdin is not None and not proc.stdin.closed:
             proc.stdin.close()
-        # It has left our process tree: its end is the end of its stdout (see _watch).
-        self._exited.wait(60)
+        # It has left our process tree: its end is the end of its stdout.
+        self._read_to_end(60)
 
 
 def connect(address: str | None, namespace: str) -> bool:
