@@ -19,6 +19,7 @@ run that process's backends on the test's loop. CI budget: the module takes ~3-4
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -41,6 +42,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from ray.cluster_utils import Cluster
 
 from structenv import ConfigError, ExecRequest, SandboxSpec, SlotBrokenError
+from structenv._bench.ray import measure as measure_ray
 from structenv._reap import main as reap_main
 from structenv.abc import BackendStatistics, SandboxBackend, Slot
 from structenv.backends import RayBackend
@@ -233,9 +235,19 @@ class _Borrowed(SandboxBackend):
 
 
 async def test_contract(shared: RayBackend) -> None:
-    fresh = {"lifecycle", "idempotent_close"}
-    passed = await check_backend(lambda: _backend(), only=fresh, deadline=90)
-    passed += await check_backend(lambda: _Borrowed(shared), skip=fresh, deadline=60)
+    """The contract suite: the checks of a start and a close on fresh backends, the others
+    on the shared one, all at once (the fresh backends start while the others run)."""
+    fresh = ("lifecycle", "idempotent_close")
+    passed: list[str] = []
+
+    async def run(**which: Any) -> None:
+        factory = (lambda: _Borrowed(shared)) if "skip" in which else (lambda: _backend())
+        passed.extend(await check_backend(factory, deadline=90, **which))
+
+    async with anyio.create_task_group() as tg:
+        for name in fresh:
+            tg.start_soon(functools.partial(run, only={name}))
+        tg.start_soon(functools.partial(run, skip=fresh))
     assert len(passed) == 11 and "cancelled_exec" in passed and "batch_streams" in passed
     assert shared.statistics().leased == 0
 
@@ -288,8 +300,8 @@ async def test_strict_spread_puts_one_host_per_node_and_slots_per_spec(cluster: 
     do not queue behind other code holding every token of anyio's default one."""
     default = anyio.to_thread.current_default_thread_limiter()
     borrowers = [object() for _ in range(int(default.total_tokens))]
-    async with _backend(min_hosts=2, num_cpus=2, placement="STRICT_SPREAD") as backend:
-        # Only the two sandbox nodes have 2 CPUs: one host on each.
+    async with _backend(min_hosts=2, num_cpus=1, placement="STRICT_SPREAD") as backend:
+        # Two 1-CPU hosts would fit on one sandbox node (2 CPUs): spread, one per node.
         assert len(set(backend.host_nodes().values())) == 2
         slot = await backend.acquire_slot()
         result = await slot.exec(ExecRequest("echo placed", timeout=10))
@@ -380,6 +392,24 @@ async def test_cancellation_leaves_nothing(cluster: Cluster) -> None:
     assert backend.statistics().leased == 0
     assert backend._limiter.borrowed_tokens == backend._control_limiter.borrowed_tokens == 0
     await _nothing_left(*run_ids)
+
+
+async def test_bench_ray_row(cluster: Cluster) -> None:
+    """``structenv bench ray``'s measurements, at a small size on the module's cluster: the
+    time to start N hosts, and exec round trip + throughput through RayBackend beside
+    LocalBackend in one run; its hosts (Ray namespace ``structenv``) are gone afterwards."""
+    out = await measure_ray(calls=4, host_counts=(1,), hosts=1, slots_per_host=2, callers=2)
+    assert [s["hosts"] for s in out["start_hosts"]] == [1], out
+    assert out["start_hosts"][0]["seconds"] > 0, out
+    for name in ("ray", "local"):
+        assert out[name]["round_trip"]["p50_us"] > 0, out
+        assert out[name]["throughput_2"]["cmds_per_s"] > 0, out
+
+    def bench_actors() -> list[str]:
+        actors = ray.util.list_named_actors(all_namespaces=True)
+        return [a["name"] for a in actors if a["namespace"] == "structenv"]
+
+    await _until(lambda: not bench_actors(), within=30, what="the bench's host actors gone")
 
 
 _DRIVER = textwrap.dedent(

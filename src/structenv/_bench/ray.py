@@ -4,10 +4,12 @@
 loopback, no dashboard; ``ray.cluster_utils.Cluster``, shut down by its own handles — never
 ``ray stop``), then measures in the same run:
 
-- **start N hosts**: ``async with RayBackend(min_hosts=N)`` until it serves (N = 1, 2, 4);
+- **start N hosts**: ``async with RayBackend(min_hosts=N)`` (8 slots each) until it serves
+  (N = 1, 2, 4);
 - **exec round trip**: ``/bin/true`` on one slot, sequential, through RayBackend (TCP to the
   sandbox server on a worker node) and through LocalBackend (unix socket, same machine);
-- **throughput**: 16 concurrent callers on 2 hosts x 8 slots, for both backends.
+- **throughput**: 16 concurrent callers on 2 hosts x 8 slots, for both backends (the Ray one
+  is the started 2-host backend of the start measurements).
 
 Ray is only the control plane: the exec path is the same sandbox server and client for both,
 so the difference is TCP + bearer token vs a unix socket.
@@ -66,23 +68,40 @@ async def _throughput(backend: SandboxBackend, callers: int, calls: int) -> dict
     return {"cmds_per_s": len(latencies) / elapsed, **summarize(latencies)}
 
 
-async def measure(*, calls: int, host_counts: tuple[int, ...] = (1, 2, 4)) -> dict[str, Any]:
-    """Measure with the Ray this process is connected to (``ray.init`` done)."""
-    starts = []
-    for n in host_counts:
+async def _exec_numbers(backend: SandboxBackend, calls: int, callers: int) -> dict[str, Any]:
+    return {
+        "round_trip": await _round_trip(backend, calls),
+        f"throughput_{callers}": await _throughput(backend, callers, calls * 4),
+    }
+
+
+async def measure(
+    *,
+    calls: int,
+    host_counts: tuple[int, ...] = (1, 2, 4),
+    hosts: int = 2,
+    slots_per_host: int = 8,
+    callers: int = 16,
+) -> dict[str, Any]:
+    """Measure with the Ray this process is connected to (``ray.init`` done).
+
+    ``host_counts``: the N of "start N hosts" (``slots_per_host`` slots each); round trip
+    and throughput (``callers`` concurrent callers, ``calls * 4`` commands in all) on
+    ``hosts`` x ``slots_per_host`` slots of each backend (the Ray one is the started
+    backend of ``hosts`` hosts when ``hosts`` is one of ``host_counts``).
+    """
+    out: dict[str, Any] = {"start_hosts": []}
+    for n in sorted({*host_counts, hosts}):
         t = time.perf_counter()
-        async with RayBackend(min_hosts=n, slots_per_host=1, num_cpus=0):
-            starts.append({"hosts": n, "seconds": round(time.perf_counter() - t, 3)})
-    out: dict[str, Any] = {"start_hosts": starts}
-    for name, make in (
-        ("ray", lambda: RayBackend(min_hosts=2, slots_per_host=8, num_cpus=0)),
-        ("local", lambda: LocalBackend(hosts=2, slots_per_host=8)),
-    ):
-        async with make() as backend:
-            out[name] = {
-                "round_trip": await _round_trip(backend, calls),
-                "throughput_16": await _throughput(backend, 16, calls * 4),
-            }
+        async with RayBackend(min_hosts=n, slots_per_host=slots_per_host, num_cpus=0) as backend:
+            if n in host_counts:
+                out["start_hosts"].append(
+                    {"hosts": n, "seconds": round(time.perf_counter() - t, 3)}
+                )
+            if n == hosts:
+                out["ray"] = await _exec_numbers(backend, calls, callers)
+    async with LocalBackend(hosts=hosts, slots_per_host=slots_per_host) as local:
+        out["local"] = await _exec_numbers(local, calls, callers)
     return out
 
 
