@@ -261,3 +261,30 @@ def test_edge_libraries_have_one_importer() -> None:
                 if not any(fnmatch.fnmatchcase(name, p) for p in EDGE_LIBRARIES[root]):
                     bad.append(f"{name} imports {root}")
     assert not bad, bad
+
+
+#: Modules whose blocking calls all go through a limiter of their own (design invariant 3).
+#: (Other modules still use anyio's default limiter in places: not yet held to this.)
+OWN_LIMITERS = ("structenv.backends._ray", "structenv.backends._ray_node")
+
+
+def test_no_task_or_thread_outside_a_scope() -> None:
+    """Design invariant 3: no ``asyncio.create_task``/``ensure_future``/``run_in_executor``
+    and no bare thread anywhere in ``src``; in :data:`OWN_LIMITERS`, every
+    ``anyio.to_thread.run_sync`` names a ``limiter=``."""
+    bad = []
+    for name in modules():
+        for node in ast.walk(parsed(name)):
+            if not isinstance(node, ast.Call):
+                continue
+            func = ast.unparse(node.func)
+            last = func.rsplit(".", 1)[-1]
+            if last in ("create_task", "ensure_future", "run_in_executor", "Thread"):
+                bad.append(f"{name}:{node.lineno}: {func}(...)")
+            if (
+                name in OWN_LIMITERS
+                and func.endswith("to_thread.run_sync")
+                and not any(k.arg == "limiter" for k in node.keywords)
+            ):
+                bad.append(f"{name}:{node.lineno}: {func}(...) without limiter=")
+    assert not bad, bad

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import pathlib
 import random
 import re
 import signal
@@ -29,6 +30,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -46,6 +48,7 @@ from structenv._bench.ray import measure as measure_ray
 from structenv._reap import main as reap_main
 from structenv.abc import BackendStatistics, SandboxBackend, Slot
 from structenv.backends import RayBackend
+from structenv.backends._ray_node import HostActor
 from structenv.testing import check_backend
 
 pytestmark = pytest.mark.anyio
@@ -292,6 +295,51 @@ async def test_killed_actor_fails_calls_and_is_replaced(shared: RayBackend) -> N
     # The killed host's server, bwrap and work dir are gone while the backend runs on.
     await _until(lambda: not _cmdlines(f"{host_id.removeprefix('structenv-')}"), within=30,
                  what="the killed host's processes gone")  # fmt: skip
+
+
+async def test_host_actor_wait_reads_the_cleanup_process_to_its_end(
+    cluster: Cluster, tmp_path: pathlib.Path
+) -> None:
+    """The host actor's ``wait()`` (what the backend watches) returns when the host's cleanup
+    process ends, read from its pipe by ``wait()`` itself: no thread of the actor's own.
+    Both ends: stopped (``stop()`` closes its stdin, cleans up, returns once it ended) and
+    killed outright. (The actor's class, called in this process: ray is connected.)"""
+    argv = ["--host", "127.0.0.1", "--port", "0", "--slots", "1", "--isolation", "none",
+            "--allow-network", "--cgroup", "off"]  # fmt: skip
+    env = {"STRUCTENV_SANDBOX_TOKEN": "t", "STRUCTENV_RAY_BASE": str(tmp_path)}
+    actors = {how: HostActor([f"rayprobe-{how}", *argv], env, {}) for how in ("stop", "kill")}
+    infos: dict[str, dict[str, Any]] = {}
+    ran_on: set[threading.Thread] = set()
+    before = set(threading.enumerate())
+
+    def start(how: str) -> None:
+        ran_on.add(threading.current_thread())
+        infos[how] = actors[how].start()
+
+    async with anyio.create_task_group() as tg:
+        for how in actors:
+            tg.start_soon(anyio.to_thread.run_sync, start, how)
+    # The only new threads are the worker threads that ran start() (Ray's method threads).
+    assert set(threading.enumerate()) - before <= ran_on, "the host actor started a thread"
+    for info in infos.values():
+        assert info.get("ready") and info["root"].startswith(str(tmp_path)), info
+    waited: dict[str, str] = {}
+
+    async def wait(how: str) -> None:
+        waited[how] = await anyio.to_thread.run_sync(actors[how].wait)
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for how in actors:
+                tg.start_soon(wait, how)
+            await anyio.to_thread.run_sync(actors["stop"].stop)
+            # Cleaned up before returning.
+            assert not await anyio.to_thread.run_sync(os.path.exists, infos["stop"]["root"])
+            # The cleanup process's pid is in its work dir's name (structenv-<pid>-...).
+            cleanup_pid = int(os.path.basename(infos["kill"]["root"]).split("-")[1])
+            os.kill(cleanup_pid, signal.SIGKILL)
+    assert waited == {"stop": "exited", "kill": "exited"}
+    await _until(lambda: not _cmdlines("rayprobe-"), within=30, what="the servers exited")
 
 
 async def test_strict_spread_puts_one_host_per_node_and_slots_per_spec(cluster: Cluster) -> None:

@@ -125,9 +125,12 @@ class HostActor:
         try:
             with self._lock:
                 proc = self._proc
-            if proc is not None and proc.stdout is not None and not self._exited.is_set():
+            if proc is not None and not self._exited.is_set():
+                assert proc.stdout is not None and proc.stdin is not None
                 proc.stdout.read()
                 proc.wait()  # the short-lived first process (exited long ago)
+                proc.stdout.close()
+                proc.stdin.close()  # it ended: nobody reads it any more
             self._exited.set()
             return True
         finally:
