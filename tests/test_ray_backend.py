@@ -32,7 +32,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import anyio
@@ -46,7 +46,7 @@ from ray.cluster_utils import Cluster
 from structenv import ConfigError, ExecRequest, SandboxSpec, SlotBrokenError
 from structenv._bench.ray import measure as measure_ray
 from structenv._reap import main as reap_main
-from structenv.abc import BackendStatistics, SandboxBackend, Slot
+from structenv.abc import BackendStatistics, ResultCallback, SandboxBackend, Slot
 from structenv.backends import RayBackend
 from structenv.backends._ray_node import HostActor
 from structenv.testing import check_backend
@@ -227,9 +227,7 @@ class _Borrowed(SandboxBackend):
         await self.inner.release_slot(slot, reusable=reusable)
 
     async def exec_batch(
-        self,
-        calls: list[tuple[Slot, ExecRequest]],
-        on_result: Callable[[int, Any], None],
+        self, calls: Sequence[tuple[Slot, ExecRequest]], on_result: ResultCallback
     ) -> None:
         await self.inner.exec_batch(calls, on_result)
 
