@@ -13,8 +13,11 @@ asyncio tests, then all Trio tests), so that a started backend can be shared wit
 fresh backend, the placement-by-label check and, last, the actor-kill fault test. The loops
 differ only in how Ray object refs are awaited (asyncio: ``await ref``; Trio: the ref's future
 plus a done-callback waking the loop, no thread per call) and every test makes Ray calls
-(start, watch, stop, kill). Tests that drive a separate process (driver SIGKILL, Ray Client)
-run that process's backends on the test's loop. CI budget: the module takes ~3-4 min here.
+(start, watch, stop, kill); the STRICT_SPREAD test checks that none of them takes a thread.
+Tests that drive a separate process (driver SIGKILL, Ray Client) run that process's backends
+on the test's loop; the Ray Client server is started once for both loops. CI budget: the
+module took 4m45s for both loops on this 2-core machine while other test runs loaded it
+(load average 7-9): the cluster ~40 s, the asyncio tests ~140 s, the Trio tests ~105 s.
 """
 
 from __future__ import annotations
@@ -341,12 +344,19 @@ async def test_host_actor_wait_reads_the_cleanup_process_to_its_end(
 
 
 async def test_strict_spread_puts_one_host_per_node_and_slots_per_spec(cluster: Cluster) -> None:
-    """STRICT_SPREAD placement, slots per spec; and the teardown's blocking Ray calls
-    (``ray.kill``, removing the placement group) use the backend's own thread limiter: they
-    do not queue behind other code holding every token of anyio's default one."""
+    """STRICT_SPREAD placement, slots per spec; object refs awaited without a thread; and
+    the teardown's blocking Ray calls (``ray.kill``, removing the placement group) use the
+    backend's own thread limiter: they do not queue behind other code holding every token of
+    anyio's default one."""
     default = anyio.to_thread.current_default_thread_limiter()
     borrowers = [object() for _ in range(int(default.total_tokens))]
-    async with _backend(min_hosts=2, num_cpus=1, placement="STRICT_SPREAD") as backend:
+    backend = _backend(min_hosts=2, num_cpus=1, placement="STRICT_SPREAD", get_concurrency=1)
+    # Object refs are awaited without a thread on either loop (asyncio: ``await ref``; Trio:
+    # the ref's future wakes the loop): with the ray.get fallback's only token taken, every
+    # Ray call of this backend (placement group, start, watch, stop) still completes.
+    no_get_thread = object()
+    backend._limiter.acquire_on_behalf_of_nowait(no_get_thread)
+    async with backend:
         # Two 1-CPU hosts would fit on one sandbox node (2 CPUs): spread, one per node.
         assert len(set(backend.host_nodes().values())) == 2
         slot = await backend.acquire_slot()
@@ -374,6 +384,7 @@ async def test_strict_spread_puts_one_host_per_node_and_slots_per_spec(cluster: 
     finally:
         for borrower in borrowers:
             default.release_on_behalf_of(borrower)
+    backend._limiter.release_on_behalf_of(no_get_thread)
     await _nothing_left(backend.run_id)
 
 
