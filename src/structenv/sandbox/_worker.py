@@ -17,24 +17,26 @@ instead), ``ping``.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import resource
 import select
-import signal
-import struct
 import sys
 import time
+from _struct import Struct
 from binascii import a2b_base64, b2a_base64
 
-# Not ``from typing import ...``: typing (like string, which imports re) costs a slot's cold
-# start more than anything else this module imports (tens of ms on a loaded machine).
+# Only C modules and os: a worker's start-up is most of a cold slot. Not ``json`` (it imports
+# ``re``, hence ``enum``, ``functools`` and ``collections``), nor ``signal`` (``enum``), nor
+# ``ctypes`` (tens of classes), nor ``typing``: each cost a cold slot tens of milliseconds on
+# a loaded machine. Frames go through ``_json``'s C scanner and encoder (:func:`_codec`).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal
     from typing import Any
+else:
+    import _signal as signal  # what ``signal`` wraps in enums
 
-HEADER = struct.Struct(">I")
+HEADER = Struct(">I")
 MAX_FRAME = 64 << 20
 #: After the main process exits, how long to keep reading output that background children
 #: still hold open before returning (they keep running; the deadline/reset kills them).
@@ -57,10 +59,60 @@ _BUILTIN_WORDS = (
 )
 _BASH_BUILTINS = frozenset(_BUILTIN_WORDS.split())
 
-#: One encoder and decoder for all frames (``json.dumps`` with options builds an encoder per
-#: call).
-_encode = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
-_decode = json.JSONDecoder().decode
+_INF = float("inf")
+
+
+def _codec() -> tuple[Any, Any]:
+    """``(encode, decode)`` of compact JSON: what ``json.JSONEncoder(separators=(",", ":"))``
+    and ``json.JSONDecoder`` do, through the C scanner and encoder of ``_json`` (which
+    ``json`` itself uses), without importing ``json``. Falls back to ``json`` where ``_json``
+    differs (another interpreter or version): checked on a sample before use."""
+    try:
+        import _json
+
+        class _Context:
+            strict = True
+            object_hook = None
+            object_pairs_hook = None
+            parse_float = float
+            parse_int = int
+            parse_constant = {"-Infinity": -_INF, "Infinity": _INF, "NaN": _INF - _INF}.__getitem__
+
+        scan = _json.make_scanner(_Context())  # type: ignore[arg-type]  # duck-typed
+
+        def unknown(o: object) -> None:
+            raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+        iterencode = _json.make_encoder(
+            None, unknown, _json.encode_basestring_ascii, None, ":", ",", False, False, True
+        )
+
+        def encode(value: object) -> str:
+            return "".join(iterencode(value, 0))
+
+        def decode(text: str) -> Any:
+            text = text.strip(" \t\n\r")
+            try:
+                value, end = scan(text, 0)
+            except StopIteration:
+                raise ValueError("malformed JSON frame") from None
+            if end != len(text):
+                raise ValueError("extra data after a JSON frame")
+            return value
+
+        sample = {"a": [1, -2.5, True, None, '\u00e9\n"x'], "b": {}, "c": ""}
+        text = '{"a":[1,-2.5,true,null,"\\u00e9\\n\\"x"],"b":{},"c":""}'
+        if encode(sample) != text or decode(text) != sample:
+            raise ValueError("_json differs")
+        return encode, decode
+    except Exception:
+        import json
+
+        return json.JSONEncoder(separators=(",", ":")).encode, json.JSONDecoder().decode
+
+
+#: One encoder and decoder for all frames.
+_encode, _decode = _codec()
 _JSON_BOOL = ("false", "true")
 
 
@@ -155,7 +207,7 @@ class Worker:
         self.inbuf = bytearray()
         self.rbuf = bytearray(READ_CHUNK)
         self.rview = memoryview(self.rbuf)
-        self.due = math.inf  # when the earliest deadline or drain ends (see _next_timeout)
+        self.due = _INF  # when the earliest deadline or drain ends (see _next_timeout)
         #: Set by the SIGCHLD handler: some child (a command or a reparented orphan) exited.
         self.child_exited = False
         #: PATH value -> its directories, or None if bash would search it differently.
@@ -654,7 +706,7 @@ class Worker:
     def _next_timeout(self) -> float:
         """Seconds until the next deadline or drain end (-1: none); sets :attr:`due`."""
         if not self.commands:
-            self.due = math.inf
+            self.due = _INF
             return -1
         self.due = min(
             (c.exit_time + DRAIN_SECONDS) if c.status is not None else c.deadline
@@ -674,6 +726,38 @@ class Worker:
                 cmd.deadline = now + 5.0  # re-kill if it somehow survives
 
 
+HEADER_V3 = Struct("=II")
+
+
+def _libc(name: str, *args: int | bytes) -> int:
+    """Call the C library's ``int name(...)`` with int and buffer arguments.
+
+    Through ``_ctypes`` itself, declaring the one return type needed: importing ``ctypes``
+    costs a cold slot ~15 ms (it defines its whole type system). ``ctypes`` where
+    ``_ctypes`` differs (another interpreter or version).
+    """
+    try:
+        import _ctypes
+
+        class CInt(_ctypes._SimpleCData):  # type: ignore[type-arg]  # ctypes.c_int
+            _type_ = "i"
+
+        class Function(_ctypes.CFuncPtr):
+            _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+            _restype_ = CInt
+
+        class Library:  # what ctypes.CDLL(None) holds
+            _handle = _ctypes.dlopen(None, _ctypes.RTLD_LOCAL)  # type: ignore[arg-type]
+
+        function = Function((name, Library()))  # type: ignore[arg-type]
+    except Exception:
+        import ctypes
+
+        function = getattr(ctypes.CDLL(None, use_errno=True), name)
+    result = function(*args)
+    return result if type(result) is int else -1
+
+
 def _become(uid: int) -> None:
     """Switch to the slot's unprivileged uid for good and shed every capability.
 
@@ -681,13 +765,11 @@ def _become(uid: int) -> None:
     The switch from uid 0 clears the permitted, effective and ambient sets; ``capset``
     clears the inheritable one too.
     """
-    import ctypes
-
     os.setgroups([])
     os.setresgid(uid, uid, uid)
     os.setresuid(uid, uid, uid)
-    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
-    if ctypes.CDLL(None, use_errno=True).capset(header, (ctypes.c_uint32 * 6)()) != 0:
+    header = HEADER_V3.pack(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    if _libc("capset", header, bytes(24)) != 0:  # 2 x (effective, permitted, inheritable)
         sys.exit(3)
 
 
@@ -698,9 +780,8 @@ def _untouchable() -> None:
     catchable signal is ignored (SIGCHLD and SIGXCPU get no-op handlers in :meth:`Worker.run`);
     as PID 1 of its namespace it cannot receive SIGKILL or SIGSTOP from inside at all.
     """
-    import ctypes
-
-    ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+    if _libc("prctl", 4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE, 0
+        sys.exit(3)
     for sig in signal.valid_signals():
         if sig not in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, signal.SIGXCPU):
             try:
@@ -711,17 +792,15 @@ def _untouchable() -> None:
 
 def main() -> None:
     """Entry point: ``python -I -S <this file> <config-json>``."""
-    config = json.loads(sys.argv[1])
+    config = _decode(sys.argv[1])
     if config.get("uid") is not None:
         _become(int(config["uid"]))
     _untouchable()
     os.chdir(config["workspace"])
     if not config.get("pid1"):
-        import ctypes
-
         # PR_SET_CHILD_SUBREAPER: orphans of commands are reparented to the worker, so
         # "every descendant of the worker" is every process the slot ever started.
-        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
+        _libc("prctl", 36, 1, 0, 0, 0)
     Worker(config).run()
 
 
