@@ -21,7 +21,7 @@ import pytest
 from spec_support import make_rootfs
 from structenv import ConfigError, ExecRequest, SandboxSpec, SlotPool
 from structenv.backends._images import TASK_TAG, cache_dir, context_hash
-from test_docker_support import docker_backend, docker_image
+from test_docker_support import containers_of, docker_backend, docker_image
 from test_sandbox_support import local_backend
 
 _ = docker_image
@@ -125,7 +125,7 @@ async def test_docker_default_toolchain_and_task_image_slots(
             assert "workspace" in text and "structenv-rootfs" not in text
         async with pool.slot(spec) as slot:
             assert (await slot.exec(ExecRequest("cat /etc/marker"))).stdout == b"image"
-        with pytest.raises(ConfigError, match="not host binds"):
+        with pytest.raises(ConfigError, match="outside the backend's bind_roots"):
             await backend.prepare_spec(SandboxSpec(binds=["/usr/share:/data"]))
         specs = backend.statistics().specs
         assert (specs["image"].hits, specs["image"].cold_starts) == (1, 1)
@@ -147,3 +147,80 @@ async def test_a_cancelled_export_leaves_a_complete_entry_or_none(task_image: st
         assert not [n for n in names if n.startswith(f".tmp-{os.getpid()}-")]
     await backend.prepare_spec(SandboxSpec(image=task_image))
     assert await anyio.Path(entry, "meta.json").is_file()
+
+
+async def test_docker_binds_and_rootfs_directories_come_from_bind_roots(
+    tmp_path: Path, docker_image: str
+) -> None:
+    """Host directories under ``bind_roots`` are mounted read-only into the containers at the
+    same paths; a spec's binds and rootfs directory from there work as on LocalBackend, with
+    the same isolation; anything outside the roots is refused before anything runs."""
+    del docker_image
+    root = tmp_path / "allowed"
+    data = root / "data"
+    data.mkdir(parents=True)
+    (data / "readme").write_text("shared")
+    (data / "shadow-link").symlink_to("/etc/shadow")
+    rootfs = make_rootfs(str(root / "rootfs"), marker="dir-rootfs")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "escape").symlink_to(outside)
+    async with docker_backend(slots_per_host=2, bind_roots=(str(root),)) as backend:
+        pool = SlotPool(backend)
+        binds = SandboxSpec(binds=[f"{data}:/data"], name="binds")
+        async with pool.slot(binds) as slot:
+            got = await slot.exec(ExecRequest("cat /data/readme; echo x > /data/new"))
+            assert got.stdout == b"shared" and b"Read-only file system" in got.stderr, got
+            got = await slot.exec(ExecRequest(f"ls {root}; cat /data/shadow-link"))
+            assert got.exit_code != 0 and got.stdout == b"", got  # the root itself is not there
+        on_dir = SandboxSpec(rootfs=rootfs, binds=[f"{data}:/data"], name="dir")
+        async with pool.slot(on_dir) as slot:
+            got = await slot.exec(ExecRequest("cat /etc/marker; echo; cat /data/readme"))
+            assert got.stdout == b"dir-rootfs\nshared", got
+            # As any Docker slot: uid 0 of its own user namespace, no capability, no way to
+            # gain one, the seccomp filter on.
+            got = await slot.exec(ExecRequest("cat /proc/self/status"))
+            text = got.stdout.decode()
+            assert "CapEff:\t0000000000000000" in text and "NoNewPrivs:\t1" in text
+            assert "Seccomp:\t2" in text
+            for target in ("/etc/marker", "/usr/bin/cat", "/data/readme", "/newfile"):
+                got = await slot.exec(ExecRequest(f"echo x >> {target}"))
+                assert got.exit_code != 0, target
+        assert (data / "readme").read_text() == "shared" and not (data / "new").exists()
+        assert (Path(rootfs) / "etc" / "marker").read_text() == "dir-rootfs"
+        refused = [
+            SandboxSpec(binds=[f"{outside}:/data"]),
+            SandboxSpec(binds=[f"{root / 'escape'}:/data"]),  # a link out of the root
+            SandboxSpec(rootfs=str(outside)),
+            SandboxSpec(binds=["/etc:/data"]),
+        ]
+        acquires = backend.statistics().acquires
+        for spec in refused:
+            with pytest.raises(ConfigError) as info:
+                async with pool.slot(spec):
+                    pytest.fail("a refused spec got a slot")
+            message = str(info.value)
+            assert "\n" not in message and (
+                "outside the backend's bind_roots" in message or "refused" in message
+            ), message
+        assert backend.statistics().acquires == acquires  # nothing ran for them
+        assert set(backend.statistics().specs) == {"binds", "dir", "default"}
+
+
+@pytest.mark.parametrize(
+    ("roots", "message"),
+    [
+        (("/etc",), "bind root /etc: refused, it exposes /etc/shadow"),
+        (("/usr/share",), "bind root /usr/share: refused, it overlaps /usr"),
+        (("relative",), "must be an absolute path"),
+        (("/no/such/dir",), "does not exist"),
+    ],
+)
+async def test_docker_bad_bind_roots_stop_the_backend_before_any_container(
+    roots: tuple[str, ...], message: str
+) -> None:
+    backend = docker_backend(bind_roots=roots)
+    with pytest.raises(ConfigError, match=message):
+        async with backend:
+            pytest.fail("started with a refused bind root")
+    assert containers_of(backend.run_id) == []

@@ -18,14 +18,21 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ._exceptions import ConfigError
 
-__all__ = ["Bind", "ResourceLimits", "SandboxSpec", "check_bind", "sensitive_paths"]
+__all__ = [
+    "Bind",
+    "ResourceLimits",
+    "SandboxSpec",
+    "check_bind",
+    "check_bind_roots",
+    "sensitive_paths",
+]
 
 #: Paths inside a slot that a bind may not cover: the sandbox's own mounts.
 _RESERVED_TARGETS = ("/proc", "/dev", "/sys", "/tmp", "/workspace", "/.structenv", "/run")
@@ -268,7 +275,12 @@ def _within(path: str, root: str) -> bool:
 
 
 def check_bind(
-    bind: Bind, *, denied: Iterable[str] = (), denied_prefixes: Iterable[str] = ()
+    bind: Bind,
+    *,
+    denied: Iterable[str] = (),
+    denied_prefixes: Iterable[str] = (),
+    roots: Sequence[str] | None = None,
+    where: str = "",
 ) -> str:
     """Apply the bind policy; return the bind's real host source path.
 
@@ -277,17 +289,25 @@ def check_bind(
     engine state; ``/etc/shadow`` and friends; SSH, cloud, Docker and GnuPG credentials in any
     home; ``denied`` — e.g. the server's own work and cache directories); a source whose
     real path has a name starting with one of ``denied_prefixes``; a socket or device; a
-    target over the sandbox's own mounts. Symlinks are resolved first, so a link to a
-    refused path is refused too.
+    target over the sandbox's own mounts; with ``roots`` (real paths, see
+    :func:`check_bind_roots`), a source outside every one of them. Symlinks are resolved
+    first, so a link to a refused path (or out of the roots) is refused too.
 
     Raises:
-        ConfigError: The bind is refused; the message names the bind and the reason.
+        ConfigError: The bind is refused; the message names the bind (``where``, default
+            ``bind SRC:TARGET``) and the reason.
     """
-    where = f"bind {bind.source}:{bind.target}"
+    where = where or f"bind {bind.source}:{bind.target}"
     for reserved in _RESERVED_TARGETS:
         if _within(bind.target, reserved) or _within(reserved, bind.target):
             raise ConfigError(f"{where}: the target overlaps the sandbox's own {reserved}")
     real = os.path.realpath(bind.source)
+    if roots is not None and not any(_within(real, root) for root in roots):
+        allowed = ", ".join(roots) or "none"
+        raise ConfigError(
+            f"{where}: {real} is outside the backend's bind_roots ({allowed}); "
+            "add a directory holding it to the backend's bind_roots option"
+        )
     try:
         st = os.stat(real)
     except OSError as exc:
@@ -309,3 +329,42 @@ def check_bind(
         if _within(parent, real):
             raise ConfigError(f"{where}: refused, it contains structenv's own {prefix}*")
     return real
+
+
+def check_bind_roots(
+    roots: Iterable[str],
+    *,
+    denied: Iterable[str] = (),
+    denied_prefixes: Iterable[str] = (),
+    reserved: Iterable[str] = (),
+) -> tuple[str, ...]:
+    """Check a backend's ``bind_roots`` (the host directories binds and rootfs directories
+    may come from); return their real paths.
+
+    A root passes the bind policy itself (:func:`check_bind`: no secrets, sockets or
+    structenv's own directories in it), is a directory, and neither is inside nor contains
+    one of ``reserved`` (paths a root must not be mounted over, e.g. a container's system
+    directories).
+
+    Raises:
+        ConfigError: A root is refused; the message names it and the reason.
+    """
+    out: list[str] = []
+    denied, reserved = list(denied), list(reserved)
+    for root in roots:
+        where = f"bind root {root}"
+        if not os.path.isabs(root):
+            raise ConfigError(f"{where}: must be an absolute path")
+        real = check_bind(
+            Bind(source=root, target="/.bind-root"),
+            denied=denied,
+            denied_prefixes=denied_prefixes,
+            where=where,
+        )
+        if not os.path.isdir(real):
+            raise ConfigError(f"{where}: not a directory")
+        for path in reserved:
+            if _within(real, path) or _within(path, real):
+                raise ConfigError(f"{where}: refused, it overlaps {path}")
+        out.append(real)
+    return tuple(out)

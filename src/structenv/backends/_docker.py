@@ -109,6 +109,12 @@ _CGROUP_MOUNT = "/run/structenv-cgroup"
 #: Where a container sees the host's rootfs cache (read-only): a task image's exported root
 #: filesystem becomes a slot's ``/`` inside the sandbox-image container.
 _ROOTFS_MOUNT = "/.structenv-rootfs"
+#: Where a bind root may not be mounted in a container: its system (the server's
+#: interpreter, bwrap) and the directories the backend mounts there.
+_CONTAINER_OWN = (
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc",
+    _MOUNT, _WORKDIR, _ROOTFS_MOUNT, _CGROUP_MOUNT,
+)  # fmt: skip
 _CGROUP_V1 = "/sys/fs/cgroup"
 _SLOT_CONTROLLERS = ("pids", "memory", "cpu")
 _CFS_PERIOD = 100_000
@@ -318,6 +324,10 @@ class DockerBackend(HostedBackend):
         self._exit_with_owner = exit_with_owner
         self._sdk = (sdk_concurrency, sdk_attempts, api_timeout, docker_url)
         self._workdir_opt = workdir
+        self._bind_roots_opt = o.bind_roots
+        #: Real paths of ``bind_roots``, mounted read-only at the same path in every
+        #: container (checked at start).
+        self._bind_roots: tuple[str, ...] = ()
         self._root = ""
         #: The host's rootfs cache, mounted read-only into every container ("": none, the
         #: engine is not local, so task images cannot be used).
@@ -378,6 +388,21 @@ class DockerBackend(HostedBackend):
                 functools.partial(os.makedirs, cache, mode=0o755, exist_ok=True)
             )
             self._rootfs_cache = cache
+        if self._bind_roots_opt:
+            if not self._rootfs_cache:
+                raise ConfigError("bind_roots need a local Docker Engine (binds are host paths)")
+            if self._isolation == "none":
+                raise ConfigError("bind_roots need bwrap isolation in the containers")
+            from .._spec import check_bind_roots
+
+            self._bind_roots = await anyio.to_thread.run_sync(
+                functools.partial(
+                    check_bind_roots,
+                    self._bind_roots_opt,
+                    **self._bind_policy(),
+                    reserved=_CONTAINER_OWN,
+                )
+            )
         try:
             await engine.call(client.images.get, self.image)
         except docker.errors.ImageNotFound as exc:
@@ -494,30 +519,61 @@ class DockerBackend(HostedBackend):
         base = "/var/tmp" if os.path.isdir("/var/tmp") else None
         return tempfile.mkdtemp(prefix=f"structenv-docker-{os.getpid()}-", dir=base)
 
+    def _bind_policy(self) -> dict[str, Any]:
+        """What :func:`~structenv._spec.check_bind` refuses beyond its own list here."""
+        from ._images import cache_dir
+        from ._local import WORKDIR_PREFIX
+
+        return {
+            "denied": [p for p in (self._root, self._workdir_opt, cache_dir()) if p],
+            "denied_prefixes": [os.path.join("/var/tmp", WORKDIR_PREFIX)],
+        }
+
     async def _resolve_spec(self, spec: SandboxSpec) -> SlotSpec:
-        """Build or export the spec's image into the rootfs cache (the containers see it
-        read-only); refuse what a container cannot get (host binds, a rootfs directory)."""
-        if spec.binds or spec.rootfs:
-            raise ConfigError(
-                "DockerBackend takes a spec's image or Dockerfile, not host binds or a rootfs "
-                "directory (bake them into the image, or use LocalBackend)"
-            )
+        """Check binds and a rootfs directory against the policy and ``bind_roots`` (the
+        containers see those read-only at the same paths); build or export the spec's
+        image into the rootfs cache (the containers see it read-only)."""
         plain = plain_slot_spec(spec)
-        if not (spec.image or spec.dockerfile):
+        if not (spec.image or spec.dockerfile or spec.rootfs or spec.binds):
             return plain
         if self._mode != "bwrap" or not self._rootfs_cache:
-            raise ConfigError("a spec with an image needs bwrap isolation in the containers")
+            raise ConfigError(
+                "a spec with an image, a rootfs or binds needs bwrap isolation in the "
+                "containers and a local Docker Engine"
+            )
+        from .._spec import Bind, check_bind
+        from ..sandbox._rootfs import rootfs_shell
         from ._images import build_dockerfile, export_rootfs
 
-        def resolve() -> tuple[str, dict[str, str]]:
-            image = spec.image or build_dockerfile(str(spec.dockerfile), spec.context)
-            return export_rootfs(image, os.path.dirname(self._rootfs_cache))
+        policy = {**self._bind_policy(), "roots": self._bind_roots}
 
-        root, image_env = await anyio.to_thread.run_sync(resolve)
-        inside = _ROOTFS_MOUNT + root[len(self._rootfs_cache) :]
-        env = {**image_env, **dict(plain.env)}
-        path = env.pop("PATH", DEFAULT_PATH)
-        return dataclasses.replace(plain, rootfs=inside, env=tuple(sorted(env.items())), path=path)
+        def resolve() -> SlotSpec:
+            # Host paths inside a bind root are the same paths inside every container.
+            binds = tuple((check_bind(b, **policy), b.target) for b in spec.binds)
+            env = dict(plain.env)
+            if spec.rootfs:
+                rootfs = check_bind(
+                    Bind(source=spec.rootfs, target="/rootfs"),
+                    where=f"rootfs {spec.rootfs}",
+                    **policy,
+                )
+                try:
+                    rootfs_shell(rootfs)
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
+            elif spec.image or spec.dockerfile:
+                image = spec.image or build_dockerfile(str(spec.dockerfile), spec.context)
+                root, image_env = export_rootfs(image, os.path.dirname(self._rootfs_cache))
+                rootfs = _ROOTFS_MOUNT + root[len(self._rootfs_cache) :]
+                env = {**image_env, **env}
+            else:
+                return dataclasses.replace(plain, binds=binds)
+            path = env.pop("PATH", DEFAULT_PATH)
+            return dataclasses.replace(
+                plain, rootfs=rootfs, binds=binds, env=tuple(sorted(env.items())), path=path
+            )
+
+        return await anyio.to_thread.run_sync(resolve)
 
     async def _launch_host(self) -> Host:
         """Create one container and wait until its server serves.
@@ -647,6 +703,8 @@ class DockerBackend(HostedBackend):
         binds: dict[str, dict[str, str]] = {hostdir: {"bind": _MOUNT, "mode": "rw"}}
         if self._mode == "bwrap" and self._rootfs_cache:
             binds[self._rootfs_cache] = {"bind": _ROOTFS_MOUNT, "mode": "ro"}
+        for root in self._bind_roots:
+            binds[root] = {"bind": root, "mode": "ro"}
         if cgroups:
             for controller in _SLOT_CONTROLLERS:
                 slots = os.path.join(_CGROUP_V1, controller, DOCKER_CGROUP_PARENT, name, "slots")

@@ -102,6 +102,9 @@ class LocalBackend(HostedBackend):
         self._cgroup = o.cgroup
         self._workdir_opt = o.workdir
         self._reap_on_start = o.reap_on_start
+        self._bind_roots_opt = o.bind_roots
+        #: The real paths of ``bind_roots`` (checked at start); ``None``: no roots.
+        self._bind_roots: tuple[str, ...] | None = None
         self._root = ""
         self._token = secrets.token_urlsafe(32)
         self._mode = "bwrap" if o.isolation != "none" else "none"
@@ -124,6 +127,21 @@ class LocalBackend(HostedBackend):
                 logger.warning("cannot remove the work dir of a dead run %s: %s", path, error)
         self._root = await anyio.to_thread.run_sync(self._make_root)
         self._emergency = _emergency.register(self._force_cleanup)
+        if self._bind_roots_opt is not None:
+            from .._spec import check_bind_roots
+
+            self._bind_roots = await anyio.to_thread.run_sync(
+                functools.partial(check_bind_roots, self._bind_roots_opt, **self._bind_policy())
+            )
+
+    def _bind_policy(self) -> dict[str, Any]:
+        """What :func:`~structenv._spec.check_bind` refuses beyond its own list here."""
+        from ._images import cache_dir
+
+        return {
+            "denied": [p for p in (self._root, self._workdir_opt, cache_dir()) if p],
+            "denied_prefixes": [os.path.join(default_base() or "/tmp", WORKDIR_PREFIX)],
+        }
 
     def _make_root(self) -> str:
         # mkdtemp makes it 0700: sockets and workspaces are private to this process's user,
@@ -253,15 +271,14 @@ class LocalBackend(HostedBackend):
         if needs_bwrap and self._mode != "bwrap":
             raise ConfigError("a spec with a rootfs, an image or binds needs bwrap isolation")
         cache = cache_dir()
-        policy: dict[str, list[str]] = {
-            "denied": [p for p in (self._root, self._workdir_opt, cache) if p],
-            "denied_prefixes": [os.path.join(default_base() or "/tmp", WORKDIR_PREFIX)],
-        }
+        policy = {**self._bind_policy(), "roots": self._bind_roots}
         binds = tuple((check_bind(b, **policy), b.target) for b in spec.binds)
         rootfs: str | None = None
         env = dict(plain.env)
         if spec.rootfs:
-            rootfs = check_bind(Bind(source=spec.rootfs, target="/rootfs"), **policy)
+            rootfs = check_bind(
+                Bind(source=spec.rootfs, target="/rootfs"), where=f"rootfs {spec.rootfs}", **policy
+            )
         elif spec.image or spec.dockerfile:
             from ._images import build_dockerfile, export_rootfs
 

@@ -116,6 +116,8 @@ class LocalOptions(HostedOptions):
             under ``/var/tmp``, removed on close).
         reap_on_start: At start, remove the work dirs (and host cgroups) of runs whose owner
             process is dead, in the base directory this backend's own goes to.
+        bind_roots: Host directories a spec's ``binds`` and ``rootfs`` must lie in (``None``:
+            anywhere the bind policy allows; ``()``: nowhere). Checked at start.
     """
 
     creation_concurrency: int = Field(default=4, ge=1)
@@ -135,6 +137,7 @@ class LocalOptions(HostedOptions):
     cgroup: Literal["auto", "required", "off"] = "auto"
     workdir: str | None = None
     reap_on_start: bool = True
+    bind_roots: tuple[str, ...] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -176,6 +179,9 @@ class DockerOptions(HostedOptions):
     api_timeout: float = Field(default=30.0, gt=0)
     docker_url: str | None = None
     workdir: str | None = None
+    #: Host directories mounted read-only into every container at the same path: a spec's
+    #: ``binds`` and ``rootfs`` must lie in one of them (checked before anything runs).
+    bind_roots: tuple[str, ...] = ()
 
     @model_validator(mode="after")
     def _check_cgroups(self) -> Self:
