@@ -7,8 +7,11 @@ The test image is built here ``FROM scratch`` out of the host's own programs (no
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import random
+import secrets
 import shutil
 import stat
 from collections.abc import Iterator
@@ -21,7 +24,7 @@ import pytest
 from spec_support import make_rootfs
 from structenv import ConfigError, ExecRequest, SandboxSpec, SlotPool
 from structenv.backends._images import TASK_TAG, cache_dir, context_hash
-from test_docker_support import containers_of, docker_backend, docker_image
+from test_docker_support import containers_of, docker_backend, docker_image, wait_until
 from test_sandbox_support import local_backend
 
 _ = docker_image
@@ -192,6 +195,7 @@ async def test_docker_binds_and_rootfs_directories_come_from_bind_roots(
             SandboxSpec(binds=[f"{outside}:/data"]),
             SandboxSpec(binds=[f"{root / 'escape'}:/data"]),  # a link out of the root
             SandboxSpec(rootfs=str(outside)),
+            SandboxSpec(rootfs=str(data)),  # no /bin/sh
             SandboxSpec(binds=["/etc:/data"]),
         ]
         acquires = backend.statistics().acquires
@@ -201,7 +205,9 @@ async def test_docker_binds_and_rootfs_directories_come_from_bind_roots(
                     pytest.fail("a refused spec got a slot")
             message = str(info.value)
             assert "\n" not in message and (
-                "outside the backend's bind_roots" in message or "refused" in message
+                "outside the backend's bind_roots" in message
+                or "refused" in message
+                or "has no /bin/sh" in message
             ), message
         assert backend.statistics().acquires == acquires  # nothing ran for them
         assert set(backend.statistics().specs) == {"binds", "dir", "default"}
@@ -224,3 +230,93 @@ async def test_docker_bad_bind_roots_stop_the_backend_before_any_container(
         async with backend:
             pytest.fail("started with a refused bind root")
     assert containers_of(backend.run_id) == []
+
+
+async def test_a_cancelled_build_leaves_a_complete_image_or_none(
+    task_image: str, tmp_path: Path
+) -> None:
+    """A Dockerfile build cancelled at once or half-way: afterwards the image and its rootfs
+    export are each complete or absent (the engine tags an image only when its build ends;
+    the export is renamed into place), no temporary export of this process is left, and the
+    next prepare finishes the job."""
+    context = tmp_path / "ctx"
+    context.mkdir()
+    token = secrets.token_hex(6)
+    (context / "Dockerfile").write_text(
+        f"FROM {task_image}\n"
+        "RUN i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done\n"  # a while (no sleep in it)
+        f"RUN echo {token} > /etc/token\n"
+    )
+    spec = SandboxSpec(dockerfile=str(context / "Dockerfile"))
+    tag = f"{TASK_TAG}:{context_hash(str(context / 'Dockerfile'), str(context))}"
+    client = docker.from_env()
+    backend = local_backend(slots_per_host=1)
+    try:
+        for delay in (0.0, 0.3):
+            with anyio.move_on_after(delay):
+                await backend.prepare_spec(spec)
+            try:
+                client.images.get(tag)
+            except docker.errors.ImageNotFound:
+                continue
+            entry = rootfs_entry(tag)
+            if await anyio.Path(entry).exists():
+                assert await anyio.Path(entry, "meta.json").is_file()
+                assert await anyio.Path(entry, "root", "etc", "token").read_text() == f"{token}\n"
+            names = os.listdir(os.path.dirname(entry))
+            assert not [n for n in names if n.startswith(f".tmp-{os.getpid()}-")]
+        await backend.prepare_spec(spec)
+        token_file = anyio.Path(rootfs_entry(tag), "root", "etc", "token")
+        assert await token_file.read_text() == f"{token}\n"
+    finally:
+        with contextlib.suppress(docker.errors.DockerException):
+            client.images.remove(tag, force=True)
+        client.close()
+
+
+async def test_cancelling_docker_trajectories_of_mixed_specs_leaks_nothing(
+    task_image: str, tmp_path: Path, docker_image: str
+) -> None:
+    del docker_image
+    data = tmp_path / "allowed"
+    data.mkdir()
+    (data / "readme").write_text("shared")
+    specs = [
+        None,
+        SandboxSpec(image=task_image, name="image"),
+        SandboxSpec(env={"X": "1"}, name="x"),
+        SandboxSpec(binds=[f"{data}:/data"], name="binds"),
+    ]
+    rng = random.Random(10)
+    async with docker_backend(slots_per_host=2, bind_roots=(str(data),)) as backend:
+        run_id = backend.run_id
+        pool = SlotPool(backend, acquire_timeout=120)
+
+        async def member(spec: SandboxSpec | None, delay: float) -> None:
+            with anyio.move_on_after(delay):
+                async with pool.slot(spec) as slot:
+                    await slot.exec(ExecRequest("sleep 1000 & sleep 1001", timeout=60))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(12):
+                tg.start_soon(member, rng.choice(specs), rng.choice((0, 0.001, 0.01, 0.05, 0.3)))
+        stats = pool.statistics()
+        assert stats.in_use == 0 and stats.waiting == 0 and stats.acquired == stats.released
+        with anyio.fail_after(120):
+            async with pool.slot(specs[1]) as slot:  # every slot is usable again
+                assert (await slot.exec(ExecRequest("cat /etc/marker"))).stdout == b"image"
+            async with pool.slot(specs[3]) as slot:
+                assert (await slot.exec(ExecRequest("cat /data/readme"))).stdout == b"shared"
+        assert backend.statistics().leased == 0
+        ids = list(backend.container_ids().values())
+        api = docker.from_env().api
+
+        async def no_sleepers() -> bool:
+            tops = [await anyio.to_thread.run_sync(api.top, i) for i in ids]
+            return not any(
+                "sleep 100" in " ".join(map(str, p)) for t in tops for p in t["Processes"]
+            )
+
+        await wait_until(no_sleepers, deadline=60)
+        api.close()
+    assert containers_of(run_id) == []

@@ -173,6 +173,33 @@ async def test_bad_specs_fail_before_anything_runs(tmp_path: Path) -> None:
             assert (await slot.exec(sh("echo ok"))).stdout == b"ok\n"
 
 
+async def test_bind_roots_limit_binds_and_rootfs_directories(
+    roots: dict[str, str], tmp_path: Path
+) -> None:
+    allowed = tmp_path / "allowed"
+    (allowed / "data").mkdir(parents=True)
+    (allowed / "data" / "readme").write_text("inside")
+    (allowed / "escape").symlink_to(roots["a"])  # a link out of the root
+    async with local_backend(slots_per_host=1, bind_roots=(str(allowed),)) as backend:
+        pool = SlotPool(backend)
+        async with pool.slot(SandboxSpec(binds=[f"{allowed / 'data'}:/data"])) as slot:
+            assert (await slot.exec(sh("cat /data/readme"))).stdout == b"inside"
+        for spec in (
+            SandboxSpec(rootfs=roots["a"]),
+            SandboxSpec(rootfs=str(allowed / "escape")),
+            SandboxSpec(binds=[f"{roots['b']}:/data"]),
+        ):
+            with pytest.raises(ConfigError, match="is outside the backend's bind_roots") as info:
+                async with pool.slot(spec):
+                    pytest.fail("a spec outside the bind roots got a slot")
+            assert "\n" not in str(info.value)
+        assert backend.statistics().acquires == 1
+    for bad, message in ((("/etc",), "bind root /etc: refused"), (("x",), "absolute")):
+        with pytest.raises(ConfigError, match=message):
+            async with local_backend(slots_per_host=1, bind_roots=bad):
+                pytest.fail("started with a refused bind root")
+
+
 async def test_isolation_none_refuses_rootfs_specs(roots: dict[str, str]) -> None:
     backend = LocalBackend(
         slots_per_host=1, isolation="none", require_sandbox=False, allow_network=True
