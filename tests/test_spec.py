@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from structenv import Bind, ConfigError, SandboxSpec
-from structenv._spec import check_bind
+from structenv._spec import check_bind, check_bind_roots
 from structenv.adapters.atropos import AgentEnvConfig
 from structenv.adapters.atropos._cli import fold_model_flags
 
@@ -161,3 +161,32 @@ def test_bind_policy_sees_through_symlinks_and_refuses_sockets_and_own_dirs(
 def test_bind_targets_never_cover_the_sandbox_mounts(tmp_path: Path, target: str) -> None:
     with pytest.raises(ConfigError, match="overlaps the sandbox's own"):
         check_bind(_bind(tmp_path, target))
+
+
+def test_bind_roots_confine_binds_through_symlinks(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "data").mkdir(parents=True)
+    outside.mkdir()
+    (root / "link").symlink_to(outside)
+    roots = check_bind_roots([str(root)])
+    assert check_bind(_bind(root / "data", "/data"), roots=roots) == str(root / "data")
+    for source in (outside, root / "link"):
+        with pytest.raises(ConfigError, match=r"is outside the backend's bind_roots \(.*root\)"):
+            check_bind(_bind(source, "/data"), roots=roots)
+    with pytest.raises(ConfigError, match=r"bind_roots \(none\)"):
+        check_bind(_bind(root / "data", "/data"), roots=())
+
+
+@pytest.mark.parametrize(
+    ("root", "reserved", "message"),
+    [
+        ("/etc", (), "bind root /etc: refused, it exposes /etc/shadow"),
+        ("/usr/share", ("/usr",), "bind root /usr/share: refused, it overlaps /usr"),
+        ("/var/tmp", ("/var/tmp/structenv-sandbox",), "overlaps /var/tmp/structenv-sandbox"),
+        ("relative/dir", (), "must be an absolute path"),
+        ("/etc/hostname", (), "not a directory"),
+    ],
+)
+def test_bad_bind_roots_are_refused(root: str, reserved: tuple[str, ...], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        check_bind_roots([root], reserved=reserved)

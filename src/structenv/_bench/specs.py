@@ -79,6 +79,7 @@ async def _measure(backend: SandboxBackend, spec: SandboxSpec, rounds: int) -> d
         cold_acquire.append(a)
         cold_total.append(t)
     return {
+        "load_average": os.getloadavg()[0],  # other work on the machine skews every number
         "uncached_ms": uncached * 1e3,
         "export_ms": prepare * 1e3,
         "warm_acquire": summarize(warm_acquire),
@@ -218,17 +219,20 @@ def run(*, quick: bool = False, out: Path, image: str | None = None) -> dict[str
         rows.append(
             [
                 name,
-                r["warm_acquire"]["p50_us"] / 1e3,
-                r["warm_first_exec"]["p50_us"] / 1e3,
-                r["cold_acquire"]["p50_us"] / 1e3,
-                r["cold_first_exec"]["p50_us"] / 1e3,
+                *(
+                    r[column][p] / 1e3
+                    for column in ("warm_acquire", "warm_first_exec", "cold_acquire",
+                                   "cold_first_exec")
+                    for p in ("p50_us", "p99_us")
+                ),
                 r["uncached_ms"],
+                r["load_average"],
             ]
-        )
+        )  # fmt: skip
     print_table(
-        f"item -> first exec per spec ({image} as the task image; ms, p50)",
-        ["backend", "warm acquire", "warm first exec", "cold acquire", "cold first exec",
-         "uncached image"],
+        f"item -> first exec per spec ({image} as the task image; ms, p50 and p99)",
+        ["backend", "warm acquire", "p99", "warm first exec", "p99", "cold acquire", "p99",
+         "cold first exec", "p99", "uncached image", "load avg"],
         rows,
     )  # fmt: skip
     print_table(

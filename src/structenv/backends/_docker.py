@@ -285,6 +285,10 @@ class DockerBackend(HostedBackend):
         docker_url: Engine URL (default: from ``DOCKER_HOST``/the local socket).
         workdir: Host directory for the unix sockets (default: a 0700 dir under /var/tmp).
         max_output: Host-side cap on captured stdout/stderr per command.
+        bind_roots: Host directories mounted read-only into every container at the same
+            path (checked against the bind policy at start; a local engine and bwrap only).
+            A spec's ``binds`` and ``rootfs`` directory must lie inside one of them
+            (docs/environments.md); anything else is refused before anything runs.
     """
 
     def __init__(self, options: DockerOptions | None = None, /, **overrides: Any) -> None:
