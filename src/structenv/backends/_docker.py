@@ -546,7 +546,7 @@ class DockerBackend(HostedBackend):
                 "containers and a local Docker Engine"
             )
         from .._spec import Bind, check_bind
-        from ..sandbox._rootfs import rootfs_shell
+        from ..sandbox._rootfs import confine_target, rootfs_shell
         from ._images import build_dockerfile, export_rootfs
 
         policy = {**self._bind_policy(), "roots": self._bind_roots}
@@ -561,17 +561,20 @@ class DockerBackend(HostedBackend):
                     where=f"rootfs {spec.rootfs}",
                     **policy,
                 )
-                try:
-                    rootfs_shell(rootfs)
-                except ValueError as exc:
-                    raise ConfigError(str(exc)) from None
+                host_root = rootfs
             elif spec.image or spec.dockerfile:
                 image = spec.image or build_dockerfile(str(spec.dockerfile), spec.context)
-                root, image_env = export_rootfs(image, os.path.dirname(self._rootfs_cache))
-                rootfs = _ROOTFS_MOUNT + root[len(self._rootfs_cache) :]
+                host_root, image_env = export_rootfs(image, os.path.dirname(self._rootfs_cache))
+                rootfs = _ROOTFS_MOUNT + host_root[len(self._rootfs_cache) :]
                 env = {**image_env, **env}
             else:
                 return dataclasses.replace(plain, binds=binds)
+            try:
+                rootfs_shell(host_root)
+                for _, target in binds:
+                    confine_target(host_root, target)  # the server resolves them again
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
             path = env.pop("PATH", DEFAULT_PATH)
             return dataclasses.replace(
                 plain, rootfs=rootfs, binds=binds, env=tuple(sorted(env.items())), path=path
