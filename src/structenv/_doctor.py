@@ -138,8 +138,41 @@ def _toolchain_check(bwrap: str) -> Check:
         return Check("sandbox toolchain", False, f"{type(exc).__name__}: {exc}"[-300:])
 
 
+async def _network(bwrap: str) -> Check:
+    from ._types import ExecRequest
+    from .backends import LocalBackend
+
+    async with LocalBackend(
+        hosts=1, slots_per_host=1, bwrap_path=bwrap, allow_network=True
+    ) as backend:
+        slot = await backend.acquire_slot()
+        try:
+            got = await slot.exec(ExecRequest("ip -4 -o addr show dev tap0", timeout=30))
+        finally:
+            await backend.release_slot(slot, reusable=False)
+    out = got.stdout.decode(errors="replace").split()
+    if got.exit_code != 0 or "inet" not in out:
+        return Check("slot network", False, f"no tap0 in a networked slot: {got.stderr!r}"[:300])
+    return Check(
+        "slot network", True, f"own namespace, slirp4netns NAT ({out[out.index('inet') + 1]})"
+    )
+
+
+def _network_check(bwrap: str) -> Check:
+    """``allow_network=True``: a real networked slot gets its own namespace with NAT."""
+    from .sandbox._netns import check_nat
+
+    try:
+        check_nat()
+        return anyio.run(_network, bwrap)
+    except SandboxUnavailableError as exc:
+        return Check("slot network", False, str(exc))
+    except Exception as exc:  # reported, never raised: the doctor lists what fails
+        return Check("slot network", False, f"{type(exc).__name__}: {exc}"[-300:])
+
+
 #: Checks whose failure does not stop LocalBackend from isolating slots.
-_OPTIONAL = ("tmux", "docker engine", "sandbox toolchain")
+_OPTIONAL = ("tmux", "docker engine", "sandbox toolchain", "slot network")
 
 
 def doctor(*, bwrap: str = "bwrap") -> list[Check]:
@@ -151,6 +184,7 @@ def doctor(*, bwrap: str = "bwrap") -> list[Check]:
         checks.append(_tmux_check(scratch))
     if all(c.ok for c in checks if c.name not in _OPTIONAL):
         checks.append(_toolchain_check(bwrap))
+        checks.append(_network_check(bwrap))
     checks.append(_docker_check())
     return checks
 

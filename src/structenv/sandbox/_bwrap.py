@@ -77,7 +77,8 @@ class Isolation:
     Attributes:
         mode: ``"bwrap"`` or ``"none"`` (unsandboxed; only when explicitly configured).
         bwrap: Path of the bubblewrap binary.
-        allow_network: Share the host's network namespace.
+        allow_network: Give each slot outbound network access: its own network namespace
+            with user-mode NAT (``_netns``), never the server's namespace.
     """
 
     mode: str = "bwrap"
@@ -229,8 +230,13 @@ def bwrap_argv(
     binds: Sequence[tuple[str, str]] = (),
     path: str = DEFAULT_PATH,
     pts: str | None = None,
+    info_fd: int | None = None,
+    block_fd: int | None = None,
 ) -> list[str]:
     """The command line that runs ``command`` as PID 1 of a fresh slot sandbox.
+
+    The sandbox always has a network namespace of its own (loopback only); a networked
+    slot's NAT is attached to it through ``info_fd``/``block_fd`` (see ``_netns``).
 
     Args:
         extra_ro: Read-only ``(host path, sandbox path)`` binds (the worker program).
@@ -254,6 +260,8 @@ def bwrap_argv(
         path: ``PATH`` of the sandbox's first process.
         pts: A devpts instance (see :func:`mount_devpts`) bound at ``/dev/pts`` instead of
             bwrap's, which has no cap on its terminals.
+        info_fd: Descriptor bwrap writes the sandbox's pid to (JSON, then closes it).
+        block_fd: Descriptor bwrap's child reads before it runs ``command``.
     """
     if uid is None and os.geteuid() == 0:
         raise ValueError("root must run a sandbox under an unprivileged uid (see slot_uid)")
@@ -285,8 +293,9 @@ def bwrap_argv(
     ]  # fmt: skip
     if seccomp_fd is not None:
         argv += ["--seccomp", str(seccomp_fd)]
-    if iso.allow_network:
-        argv.append("--share-net")
+    if info_fd is not None and block_fd is not None:
+        # The server reads the sandbox's pid here, attaches its NAT, then lets it run.
+        argv += ["--info-fd", str(info_fd), "--block-fd", str(block_fd)]
     prefixes: list[tuple[str, str]] = []
     if rootfs is not None:
         from ._rootfs import rootfs_argv
@@ -406,7 +415,8 @@ async def probe(
     seccomp filter and no-new-privs, no host uid 0 (checked from the host: the owner of a
     file the probe creates), no inherited descriptors, read-only ``/proc/sys`` and root, no
     visible keyrings, no nested user namespace, keyctl/ptrace/io_uring refused, loopback
-    only unless ``allow_network``, no host runtime paths, a private PID namespace.
+    only (a networked slot gets its NAT later, see ``_netns``), no host runtime paths, a
+    private PID namespace.
 
     Raises:
         SandboxUnavailableError: bwrap or setpriv is missing or fails, or a property does not
@@ -422,6 +432,10 @@ async def probe(
     for tool, package in tools:
         if shutil.which(tool) is None:
             raise SandboxUnavailableError(f"{tool} not found (apt-get install -y {package})")
+    if iso.allow_network:
+        from ._netns import check_nat
+
+        check_nat()
     report = await probe_report(iso, scratch, uid=uid, seccomp_path=seccomp_path)
     failed = [f"{name}: {detail}" for name, (ok, detail) in report.items() if not ok]
     if failed:
@@ -497,7 +511,7 @@ async def probe_report(
         "ptrace refused": (not got["ptrace"], "ptrace() refused"),
         "io_uring refused": (not got["io_uring"], "io_uring_setup() refused"),
         "network isolated": (
-            iso.allow_network or ifaces == ["lo"],
+            ifaces == ["lo"],
             "loopback only" if ifaces == ["lo"] else f"interfaces: {ifaces}",
         ),
         "host paths hidden": (not got["visible"], f"visible: {got['visible'] or 'none'}"),

@@ -38,10 +38,12 @@ from ._bwrap import (
     mount_devpts,
     mount_quota,
     mount_tmpfs,
+    privilege,
     switch_uid,
     unmount,
 )
 from ._files import remove_tree
+from ._netns import check_nat, local_ipv4, nat_argv, read_child_pid, route_argv, route_script
 from ._rootfs import confine_target, rootfs_accounts, rootfs_shell
 
 __all__ = ["Limits", "SlotBroken", "SlotRuntime", "SlotSpec", "slot_argv"]
@@ -243,6 +245,7 @@ def slot_argv(
     shell: str = "/bin/bash",
     scratch: bool = False,
     ptys: bool = False,
+    nat_fds: tuple[int, int] | None = None,
 ) -> list[str]:
     """The command line of a slot: its worker, as PID 1 of a bwrap sandbox if sandboxed.
 
@@ -251,7 +254,8 @@ def slot_argv(
     the seccomp program that the spawned process must inherit. With ``scratch``, the slot's
     ``/tmp`` and ``/dev/shm`` are the tmpfs mounted at ``<workspace>.tmp`` and
     ``<workspace>.shm`` (see :attr:`SlotRuntime.scratch`) instead of bwrap's; with
-    ``ptys``, its ``/dev/pts`` is the capped devpts at ``<workspace>.pts``.
+    ``ptys``, its ``/dev/pts`` is the capped devpts at ``<workspace>.pts``. ``nat_fds`` are
+    bwrap's ``--info-fd`` and ``--block-fd`` of a networked slot (see ``_netns``).
     """
     path = ":".join([*spec.path_prefix, spec.path or default_path()])
     env = {
@@ -297,6 +301,7 @@ def slot_argv(
         tmp=workspace + ".tmp" if scratch else None,
         shm=workspace + ".shm" if scratch else None,
         pts=workspace + ".pts" if ptys else None,
+        info_fd=nat_fds[0] if nat_fds else None, block_fd=nat_fds[1] if nat_fds else None,
     )  # fmt: skip
 
 
@@ -419,6 +424,9 @@ class SlotRuntime:
         self.state = "down"
         self.terminal_state: dict[str, Any] = {}
         self._proc: anyio.abc.Process | None = None
+        #: A networked slot's slirp4netns and the write end of its --exit-fd pipe.
+        self._nat: anyio.abc.Process | None = None
+        self._nat_exit = -1
         self._pipe: _Pipe | None = None
         self._cgroup: SlotCgroup | None = None
         self._baseline = 0
@@ -446,10 +454,16 @@ class SlotRuntime:
         seccomp_fd = -1
         if self.iso.sandboxed:
             seccomp_fd = await anyio.to_thread.run_sync(_seccomp.open_program, self.seccomp_path)
+        # A networked slot: bwrap reports the sandbox's pid on info_w and holds it on
+        # block_r until its NAT is attached (see _attach_nat).
+        nat = self.iso.sandboxed and self.iso.allow_network
+        info_r, info_w = os.pipe() if nat else (-1, -1)
+        block_r, block_w = os.pipe() if nat else (-1, -1)
         argv = slot_argv(
             self.iso, self.workspace, name=self.name, limits=limits, uid=self.uid,
             seccomp_fd=seccomp_fd if seccomp_fd >= 0 else None, accounts=accounts,
             spec=spec, shell=shell, scratch=bool(self.scratch), ptys=self.scratch == "mount",
+            nat_fds=(info_w, block_r) if nat else None,
         )  # fmt: skip
         if self.use_cgroup:
             self._cgroup = SlotCgroup(
@@ -464,8 +478,9 @@ class SlotRuntime:
         # subprocess stream wrappers cost a few hundred microseconds per round trip here.
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
-        for fd in (in_w, out_r):
-            os.set_blocking(fd, False)
+        for fd in (in_w, out_r, info_r):
+            if fd >= 0:
+                os.set_blocking(fd, False)
         self._pipe = _Pipe(in_w, out_r)
         try:
             env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
@@ -477,10 +492,10 @@ class SlotRuntime:
                 with anyio.CancelScope(shield=True):
                     proc = self._proc = await anyio.open_process(
                         argv, env=env, stdin=in_r, stdout=out_w, stderr=subprocess.PIPE,
-                        pass_fds=(seccomp_fd,) if seccomp_fd >= 0 else (),
+                        pass_fds=tuple(fd for fd in (seccomp_fd, info_w, block_r) if fd >= 0),
                     )  # fmt: skip
             finally:
-                for fd in (in_r, out_w, seccomp_fd):
+                for fd in (in_r, out_w, seccomp_fd, info_w, block_r):
                     if fd >= 0:
                         os.close(fd)
             self._errors = bytearray()
@@ -488,6 +503,8 @@ class SlotRuntime:
             self._tg.start_soon(self._drain, proc, drained)
             with anyio.fail_after(30):
                 try:
+                    if nat:
+                        await self._attach_nat(info_r, block_w)
                     hello = await self._pipe.read_frame()
                 except EOFError:
                     with anyio.move_on_after(KILL_GRACE):
@@ -503,6 +520,67 @@ class SlotRuntime:
             with anyio.move_on_after(KILL_GRACE, shield=True):
                 await self._kill_sandbox()
             raise
+        finally:
+            for fd in (info_r, block_w):
+                if fd >= 0:
+                    os.close(fd)
+
+    async def _attach_nat(self, info_r: int, block_w: int) -> None:
+        """Give the (blocked) sandbox its own outbound-only network, then let it run.
+
+        Reads the sandbox's pid from bwrap, adds the ``prohibit`` routes to its namespace,
+        starts slirp4netns (in the slot's cgroups, ending when :attr:`_nat_exit` closes) and
+        waits for its ready signal. The caller owns (and closes) both descriptors.
+
+        Raises:
+            EOFError: bwrap exited before reporting the sandbox's pid.
+            SlotBroken: the routes or slirp4netns failed (the message says which).
+
+        Cancellation: the caller kills the sandbox and the NAT (``_kill_sandbox``).
+        """
+        pid = await read_child_pid(info_r)
+        nat_path, ip = check_nat()
+        mode = privilege() if self.uid is not None else "user"
+        script = route_script(await anyio.to_thread.run_sync(local_ipv4))
+        routes = await anyio.run_process(
+            route_argv(ip, pid, mode=mode, uid=self.uid), input=script.encode(), check=False
+        )
+        if routes.returncode != 0:
+            err = routes.stderr.decode(errors="replace").strip()[-300:]
+            raise SlotBroken(f"cannot set the networked slot's routes (ip -batch): {err}")
+        ready_r, ready_w = os.pipe()
+        exit_r, self._nat_exit = os.pipe()
+        try:
+            argv = nat_argv(
+                nat_path, pid, ready_fd=ready_w, exit_fd=exit_r, mode=mode, uid=self.uid
+            )
+            if self._cgroup is not None:
+                argv = self._cgroup.wrap(argv)
+            with anyio.CancelScope(shield=True):  # as the sandbox's spawn in start()
+                nat = self._nat = await anyio.open_process(
+                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE, pass_fds=(ready_w, exit_r),
+                )  # fmt: skip
+        finally:
+            os.close(ready_w)
+            os.close(exit_r)
+        try:
+            done = anyio.Event()
+            self._tg.start_soon(self._drain, nat, done)
+            os.set_blocking(ready_r, False)
+            while True:
+                try:
+                    ready = os.read(ready_r, 1)
+                    break
+                except BlockingIOError:
+                    await anyio.wait_readable(ready_r)
+        finally:
+            os.close(ready_r)
+        if ready != b"1":
+            with anyio.move_on_after(KILL_GRACE):
+                await done.wait()
+            raise SlotBroken(f"slirp4netns failed for the networked slot: {self.stderr()}")
+        os.write(block_w, b"1")
 
     def _rootfs_setup(self, spec: SlotSpec) -> tuple[str, str | None, tuple[tuple[str, str], ...]]:
         """The rootfs's shell, accounts files naming this slot's uid, and the spec's binds
@@ -593,10 +671,20 @@ class SlotRuntime:
 
     async def _kill_sandbox(self) -> None:
         proc, self._proc = self._proc, None
+        nat, self._nat = self._nat, None
         self.state = "down"
         self._fail_pending()
         if self._pipe is not None:
             self._pipe.close_write()
+        if self._nat_exit >= 0:
+            # slirp4netns's --exit-fd: it exits at once (the SIGKILL below makes sure).
+            fd, self._nat_exit = self._nat_exit, -1
+            os.close(fd)
+        if nat is not None:
+            kill_child(nat)
+            with anyio.move_on_after(KILL_GRACE, shield=True):
+                await nat.wait()
+                await nat.aclose()
         if proc is not None:
             if not self.iso.sandboxed:
                 await anyio.to_thread.run_sync(kill_tree, proc.pid)

@@ -1,0 +1,176 @@
+"""A networked slot's own network namespace, with outbound-only user-mode NAT (slirp4netns).
+
+``allow_network=True`` used to share the server's network namespace with the slot (bwrap
+``--share-net``): a slot then reached every service on the host's loopback (policy and
+inference servers, the trainer's APIs), the host's abstract unix sockets, the other slots'
+listening ports, and in a container the sandbox server's own TCP port. Now a networked slot
+keeps bwrap's private network namespace, and a ``slirp4netns`` process, started by the server
+for that slot alone, gives it a ``tap0`` interface (10.0.2.100/24, gateway 10.0.2.2, DNS
+10.0.2.3) whose connections slirp4netns makes as ordinary sockets of the server's namespace:
+
+- ``--disable-host-loopback``: the gateway address is not mapped to the host's loopback;
+- the slot's namespace gets ``prohibit`` routes (set before any slot code runs, by the
+  server; the slot has no ``CAP_NET_ADMIN`` to remove them) for every IPv4 address local to
+  the server's namespace (``/proc/net/fib_trie``: the host's ``eth0``, ``docker0``, ... or the
+  container's own address, where the sandbox server listens) and for link-local
+  ``169.254.0.0/16`` (cloud metadata services);
+- slirp4netns runs with ``--enable-sandbox`` (its own mount namespace, capabilities
+  dropped) and ``--enable-seccomp``, in the slot's cgroups (its CPU and memory are the
+  slot's), and exits when the server closes its ``--exit-fd`` (a pipe only the server holds:
+  a server that dies, even by SIGKILL, takes every slot's slirp4netns with it).
+
+IPv6 is not configured (slirp4netns without ``--enable-ipv6``): the slot has no IPv6 route.
+What stays reachable: any address that is not the server's own, i.e. other machines, other
+containers on a Docker bridge, and the Docker host from a container (a host address is not
+local to the container); see ``docs/design.md``.
+
+Why slirp4netns and not pasta: measured in ``docs/design.md`` ("Decisions").
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shutil
+from collections.abc import Sequence
+
+import anyio
+
+from .._exceptions import SandboxUnavailableError
+
+__all__ = [
+    "NAT_PACKAGE",
+    "PROHIBITED",
+    "check_nat",
+    "local_ipv4",
+    "nat_argv",
+    "read_child_pid",
+    "route_argv",
+    "route_script",
+]
+
+#: The Debian package that provides the NAT helper.
+NAT_PACKAGE = "slirp4netns"
+#: Ranges no networked slot may reach besides the server's own addresses.
+PROHIBITED = ("169.254.0.0/16",)
+#: Interface, MTU of the slot's tap device.
+TAP = "tap0"
+MTU = 65520
+#: Most bytes bwrap's ``--info-fd`` JSON may take.
+_INFO_MAX = 1 << 16
+
+
+def check_nat() -> tuple[str, str]:
+    """Paths of ``slirp4netns`` and ``ip``, or a one-line refusal naming the packages.
+
+    Raises:
+        SandboxUnavailableError: a tool is missing.
+    """
+    nat, ip = shutil.which("slirp4netns"), shutil.which("ip", path=_SBIN_PATH)
+    missing = [pkg for tool, pkg in ((nat, NAT_PACKAGE), (ip, "iproute2")) if tool is None]
+    if nat is None or ip is None:
+        raise SandboxUnavailableError(
+            "allow_network=True gives each slot its own network namespace through slirp4netns"
+            f", which needs: apt-get install -y {' '.join(missing)}"
+        )
+    return nat, ip
+
+
+_SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def local_ipv4(fib_trie: str | None = None) -> list[str]:
+    """Every IPv4 address local to this process's network namespace, loopback excepted.
+
+    Read from ``/proc/net/fib_trie`` (the ``/32 host LOCAL`` entries), so no tool is needed.
+    """
+    if fib_trie is None:
+        with open("/proc/net/fib_trie") as f:
+            fib_trie = f.read()
+    found: list[str] = []
+    last = ""
+    for line in fib_trie.splitlines():
+        text = line.strip()
+        if text.startswith("|--"):
+            last = text[3:].strip()
+        elif text == "/32 host LOCAL" and last:
+            try:
+                addr = ipaddress.IPv4Address(last)
+            except ValueError:
+                continue
+            if not addr.is_loopback and str(addr) not in found:
+                found.append(str(addr))
+    return found
+
+
+def route_script(addresses: Sequence[str]) -> str:
+    """``ip -batch`` input: a ``prohibit`` route for each address and :data:`PROHIBITED`."""
+    lines = [f"route add prohibit {a}/32" for a in addresses]
+    lines += [f"route add prohibit {net}" for net in PROHIBITED]
+    return "".join(line + "\n" for line in lines)
+
+
+def _enter(mode: str, uid: int | None) -> list[str]:
+    """The prefix that runs a command as the owner of the sandbox's namespaces."""
+    prefix: list[str] = []
+    if mode == "setpriv" and uid is not None:
+        prefix = [
+            "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
+            "--",
+        ]  # fmt: skip
+    return prefix
+
+
+def route_argv(ip: str, pid: int, *, mode: str, uid: int | None) -> list[str]:
+    """Run ``ip -batch -`` (reading :func:`route_script`) in the network namespace of ``pid``.
+
+    ``mode`` is ``_bwrap.privilege()``: as root, ``nsenter`` joins the namespace directly;
+    otherwise the sandbox's user namespace (owned by the slot's uid) is joined first, which
+    grants ``CAP_NET_ADMIN`` over its network namespace and nothing outside it.
+    """
+    ns = f"/proc/{pid}/ns"
+    if mode == "root":
+        enter = ["nsenter", f"--net={ns}/net"]
+    else:
+        enter = ["nsenter", f"--user={ns}/user", f"--net={ns}/net"]
+    return [*_enter(mode, uid), *enter, "--", ip, "-batch", "-"]
+
+
+def nat_argv(
+    nat: str, pid: int, *, ready_fd: int, exit_fd: int, mode: str, uid: int | None
+) -> list[str]:
+    """The slirp4netns command line giving ``pid``'s network namespace outbound NAT."""
+    argv = [
+        *_enter(mode, uid), nat, "--configure", f"--mtu={MTU}", "--disable-host-loopback",
+        "--enable-sandbox", "--enable-seccomp", f"--ready-fd={ready_fd}",
+        f"--exit-fd={exit_fd}",
+    ]  # fmt: skip
+    if mode != "root":
+        argv.append(f"--userns-path=/proc/{pid}/ns/user")
+    return [*argv, str(pid), TAP]
+
+
+async def read_child_pid(fd: int) -> int:
+    """The sandbox's pid from bwrap's ``--info-fd`` (non-blocking ``fd``, read to EOF).
+
+    Raises:
+        EOFError: bwrap closed it without a pid (it failed to start).
+    """
+    data = bytearray()
+    while len(data) <= _INFO_MAX:
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            await anyio.wait_readable(fd)
+            continue
+        if not chunk:
+            break
+        data += chunk
+    try:
+        pid = json.loads(bytes(data))["child-pid"]
+    except (ValueError, KeyError, TypeError):
+        raise EOFError("bwrap reported no sandbox pid") from None
+    if type(pid) is not int or pid <= 0:
+        raise EOFError("bwrap reported no sandbox pid")
+    return pid
