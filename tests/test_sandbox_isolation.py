@@ -8,6 +8,7 @@ import pytest
 from structenv import ExecRequest
 from structenv.backends import LocalBackend
 from structenv.sandbox import RemoteSlot
+from test_sandbox_network import remote_machine
 from test_sandbox_support import backend, find_processes, local_backend
 
 pytestmark = pytest.mark.anyio
@@ -110,23 +111,14 @@ async def test_file_size_and_memory_limits() -> None:
 
 
 async def test_network_when_allowed() -> None:
-    """Positive control for the isolation test: the same probe connects when allowed."""
-    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
-    port = listener.extra(anyio.abc.SocketAttribute.local_port)
-    accepted = anyio.Event()
-
-    async def count(stream: anyio.abc.SocketStream) -> None:
-        accepted.set()
-        await stream.aclose()
-
-    async with local_backend(allow_network=True) as b:
+    """Positive control for the isolation test: a networked slot reaches another machine
+    (a namespace of its own behind a veth pair), through its own namespace's NAT; the host's
+    loopback stays out of reach (tests/test_sandbox_network.py attacks it in detail)."""
+    async with remote_machine() as (address, port), local_backend(allow_network=True) as b:
         slot = await b.acquire_slot()
-        async with listener, anyio.create_task_group() as tg:
-            tg.start_soon(listener.serve, count)
-            probe = f"exec 3<>/dev/tcp/127.0.0.1/{port} && echo CONNECTED"
-            result = await slot.exec(ExecRequest(probe, timeout=10))
-            with anyio.fail_after(5):
-                await accepted.wait()
-            tg.cancel_scope.cancel()
-        assert b"CONNECTED" in result.stdout and result.sandboxed
+        probe = f"exec 3<>/dev/tcp/{address}/{port} && head -1 <&3"
+        result = await slot.exec(ExecRequest(probe, timeout=30))
+        assert result.stdout == b"remote\n" and result.sandboxed, result
+        interfaces = await slot.exec(ExecRequest("ip -o link | cut -d: -f2", timeout=30))
+        assert interfaces.stdout.split() == [b"lo", b"tap0"], interfaces
         await b.release_slot(slot, reusable=True)
