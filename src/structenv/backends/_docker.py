@@ -747,6 +747,10 @@ class DockerBackend(HostedBackend):
                 *host["security_opt"],
                 f"seccomp={_seccomp.container_profile()}",
             ]
+            if self._allow_network:
+                # Each networked slot's slirp4netns opens a tap device in the slot's own
+                # network namespace (see structenv.sandbox._netns).
+                host["devices"] = ["/dev/net/tun:/dev/net/tun:rwm"]
             create["entrypoint"] = _server_entrypoint()
         if cpus is not None:
             host["nano_cpus"] = int(cpus * 1e9)

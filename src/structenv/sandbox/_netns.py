@@ -133,7 +133,8 @@ def route_argv(ip: str, pid: int, *, mode: str, uid: int | None) -> list[str]:
     if mode == "root":
         enter = ["nsenter", f"--net={ns}/net"]
     else:
-        enter = ["nsenter", f"--user={ns}/user", f"--net={ns}/net"]
+        # --preserve-credentials: bwrap denied setgroups in its user namespace.
+        enter = ["nsenter", "--preserve-credentials", f"--user={ns}/user", f"--net={ns}/net"]
     return [*_enter(mode, uid), *enter, "--", ip, "-batch", "-"]
 
 
