@@ -32,6 +32,7 @@ from structenv.abc import Slot
 from structenv.backends import LocalBackend
 from structenv.sandbox import Isolation, SandboxServer, ServerConfig, _netns, _runtime
 from structenv.sandbox._bwrap import SlotCgroup, default_uid_base, slot_uid
+from test_docker_support import docker_backend, docker_image
 from test_sandbox_support import (
     find_processes,
     local_backend,
@@ -41,6 +42,7 @@ from test_sandbox_support import (
     wait_fifo,
 )
 
+_ = docker_image
 pytestmark = pytest.mark.anyio
 
 #: One attempt per target: a line "<target> <errno name or OK>".
@@ -444,3 +446,31 @@ Local:
     assert _netns.local_ipv4(trie) == ["192.0.2.2"]
     script = _netns.route_script(["192.0.2.2"])
     assert script == "route add prohibit 192.0.2.2/32\nroute add prohibit 169.254.0.0/16\n"
+
+
+# -- DockerBackend ---------------------------------------------------------------------------
+
+
+@pytest.mark.docker
+@pytest.mark.usefixtures("docker_image")
+async def test_a_networked_container_slot_has_its_own_nat() -> None:
+    # In a container the server listens on TCP (token) on the container's address: a slot
+    # must not reach it, nor the container's loopback; it reaches another machine.
+    async with (
+        remote_machine() as (address, port),
+        docker_backend(allow_network=True, slots_per_host=1) as b,
+    ):
+        box = next(iter(b._hosts.values()))
+        server = f"{box.client._host}:{box.client._port}"
+        slot = await b.acquire_slot()
+        try:
+            answers = await attempt(
+                slot, [server, "127.0.0.1:8765", "10.0.2.2:8765", "169.254.169.254:80"]
+            )
+            got = await slot.exec(
+                ExecRequest(f"exec 3<>/dev/tcp/{address}/{port} && head -1 <&3", timeout=30)
+            )
+        finally:
+            await b.release_slot(slot, reusable=True)
+    assert "OK" not in answers.values() and answers[server] == "EACCES", answers
+    assert got.stdout == b"remote\n" and got.sandboxed, got

@@ -33,6 +33,7 @@ import ipaddress
 import json
 import os
 import shutil
+import sys
 from collections.abc import Sequence
 
 import anyio
@@ -111,31 +112,47 @@ def route_script(addresses: Sequence[str]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def _enter(mode: str, uid: int | None) -> list[str]:
-    """The prefix that runs a command as the owner of the sandbox's namespaces."""
+#: Runs ``argv[2:]`` with ``{userns}`` replaced by a path to the user namespace that owns the
+#: network namespace of pid ``argv[1]`` (``NS_GET_USERNS``). bwrap's ``--disable-userns``
+#: nests a second user namespace inside the one owning the sandbox's network: joining
+#: ``/proc/PID/ns/user`` (the nested one) would not grant ``CAP_NET_ADMIN`` over it.
+_OWNER = """import fcntl, os, sys
+net = os.open("/proc/%s/ns/net" % sys.argv[1], os.O_RDONLY | os.O_CLOEXEC)
+owner = fcntl.ioctl(net, 0xB701)
+os.set_inheritable(owner, True)
+argv = [a.replace("{userns}", "/proc/self/fd/%d" % owner) for a in sys.argv[2:]]
+os.execvp(argv[0], argv)
+"""
+
+
+def _as_owner(pid: int, mode: str, uid: int | None, argv: list[str]) -> list[str]:
+    """``argv`` run by the owner of the sandbox's namespaces: as root, directly; otherwise as
+    the slot's uid (``setpriv``) or this one, with ``{userns}`` the owning user namespace."""
+    if mode == "root":
+        return argv
     prefix: list[str] = []
     if mode == "setpriv" and uid is not None:
         prefix = [
             "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all",
             "--",
         ]  # fmt: skip
-    return prefix
+    python = os.path.realpath(sys.executable)
+    return [*prefix, python, "-I", "-S", "-c", _OWNER, str(pid), *argv]
 
 
 def route_argv(ip: str, pid: int, *, mode: str, uid: int | None) -> list[str]:
     """Run ``ip -batch -`` (reading :func:`route_script`) in the network namespace of ``pid``.
 
     ``mode`` is ``_bwrap.privilege()``: as root, ``nsenter`` joins the namespace directly;
-    otherwise the sandbox's user namespace (owned by the slot's uid) is joined first, which
-    grants ``CAP_NET_ADMIN`` over its network namespace and nothing outside it.
+    otherwise the user namespace owning it (created by the slot's uid) is joined first, which
+    grants ``CAP_NET_ADMIN`` over that network namespace and nothing outside it.
     """
-    ns = f"/proc/{pid}/ns"
+    net = f"--net=/proc/{pid}/ns/net"
     if mode == "root":
-        enter = ["nsenter", f"--net={ns}/net"]
-    else:
-        # --preserve-credentials: bwrap denied setgroups in its user namespace.
-        enter = ["nsenter", "--preserve-credentials", f"--user={ns}/user", f"--net={ns}/net"]
-    return [*_enter(mode, uid), *enter, "--", ip, "-batch", "-"]
+        return ["nsenter", net, "--", ip, "-batch", "-"]
+    # --preserve-credentials: bwrap denied setgroups in its user namespace.
+    enter = ["nsenter", "--preserve-credentials", "--user={userns}", net]
+    return _as_owner(pid, mode, uid, [*enter, "--", ip, "-batch", "-"])
 
 
 def nat_argv(
@@ -143,13 +160,12 @@ def nat_argv(
 ) -> list[str]:
     """The slirp4netns command line giving ``pid``'s network namespace outbound NAT."""
     argv = [
-        *_enter(mode, uid), nat, "--configure", f"--mtu={MTU}", "--disable-host-loopback",
-        "--enable-sandbox", "--enable-seccomp", f"--ready-fd={ready_fd}",
-        f"--exit-fd={exit_fd}",
+        nat, "--configure", f"--mtu={MTU}", "--disable-host-loopback", "--enable-sandbox",
+        "--enable-seccomp", f"--ready-fd={ready_fd}", f"--exit-fd={exit_fd}",
     ]  # fmt: skip
     if mode != "root":
-        argv.append(f"--userns-path=/proc/{pid}/ns/user")
-    return [*argv, str(pid), TAP]
+        argv.append("--userns-path={userns}")
+    return _as_owner(pid, mode, uid, [*argv, str(pid), TAP])
 
 
 async def read_child_pid(fd: int) -> int:
