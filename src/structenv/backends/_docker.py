@@ -16,6 +16,9 @@ How the backend reaches the server:
 * ``allow_network=True`` puts the container on a Docker network (``bridge`` by default); the
   server listens on TCP ``0.0.0.0:8765`` inside the container with a bearer token, and the
   backend connects to the container's address on that network (no port is published).
+  Slots never share the container's network namespace: each has its own, with slirp4netns
+  NAT (``structenv.sandbox._netns``; the container gets ``/dev/net/tun``), and prohibit
+  routes to the container's own addresses keep them away from the server's port.
 
 Isolation: inside the container each slot still runs under bubblewrap. bwrap needs a user
 namespace, which Docker's default seccomp profile forbids and its masked ``/proc`` paths make
