@@ -312,6 +312,12 @@ async def test_the_nat_helper_lives_and_dies_with_its_slot() -> None:
         # Charged to its own slot: each sits in a different slot's pids cgroup.
         groups = {_cgroup_of(pid) for pid in first}
         assert len(groups) == 2 and all(g.startswith("/structenv/") for g in groups), groups
+        for pid in first:
+            # As root (a host), its root has an empty /run (no docker.sock to connect to)
+            # and no password hashes.
+            root = anyio.Path(f"/proc/{pid}/root")
+            assert not await (root / "run/docker.sock").exists()
+            assert (await (root / "etc/shadow").stat()).st_size == 0
         slot = await b.acquire_slot()
         mine = [p for p in first if _cgroup_of(p).endswith(f"/{slot.id.rsplit('-', 1)[-1]}")]
         gone = open_pidfds(mine)

@@ -165,7 +165,34 @@ def nat_argv(
     ]  # fmt: skip
     if mode != "root":
         argv.append("--userns-path={userns}")
-    return _as_owner(pid, mode, uid, [*argv, str(pid), TAP])
+        return _as_owner(pid, mode, uid, [*argv, str(pid), TAP])
+    return _masked([*argv, str(pid), TAP])
+
+
+#: Host files a root slirp4netns must not read (its sandbox keeps the host's /etc and /run).
+_SECRETS = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc/sudoers")
+_MASK = (
+    'if [ "$1" = run ]; then mount -t tmpfs -o size=64k,mode=755,nosuid,nodev,noexec '
+    "structenv-nat /run || exit 125; fi; shift; "
+    'for f in $1; do if [ -f "$f" ]; then mount --bind /dev/null "$f" || exit 125; fi; done; '
+    'shift; exec "$@"'
+)
+
+
+def _masked(argv: list[str]) -> list[str]:
+    """``argv`` (a root slirp4netns) in a mount namespace of its own where ``/run`` is an
+    empty tmpfs and the host's password hashes are ``/dev/null``.
+
+    slirp4netns's ``--enable-sandbox`` pivots into a root holding the host's ``/etc`` and
+    ``/run`` read-only, and a read-only bind does not stop uid 0 from ``connect()``-ing to
+    ``/run/docker.sock``: a libslirp bug would otherwise be one step from host root. ``/run``
+    stays when ``/etc/resolv.conf`` lives there (systemd-resolved): DNS needs it.
+    """
+    run = "keep" if os.path.realpath("/etc/resolv.conf").startswith("/run/") else "run"
+    return [
+        "unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", _MASK, "sh",
+        run, " ".join(_SECRETS), *argv,
+    ]  # fmt: skip
 
 
 async def read_child_pid(fd: int) -> int:
