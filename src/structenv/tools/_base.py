@@ -26,7 +26,14 @@ if TYPE_CHECKING:
     from ..abc import Slot
     from ._client import ToolServerClient
 
-__all__ = ["Tool", "ToolContext", "ToolRegistry"]
+__all__ = [
+    "ExecTool",
+    "Tool",
+    "ToolContext",
+    "ToolRegistry",
+    "exec_tool_result",
+    "format_exec_result",
+]
 
 
 class ToolContext(Protocol):
@@ -94,6 +101,61 @@ class Tool(ABC):
                 "parameters": copy.deepcopy(dict(self.parameters)),
             },
         }
+
+
+class ExecTool(Tool):
+    """A tool that is one command in the trajectory's slot.
+
+    Subclasses implement :meth:`request` (the command for a call) and may override
+    :meth:`result` (the observation for its outcome; default: output and exit code, a
+    timeout or sandbox error as ``error``). :meth:`run` is the two around ``ctx.exec``; the
+    executor runs a tool that keeps this :meth:`run` as the same three steps in the
+    trajectory's own frame, one coroutine fewer per call.
+    """
+
+    @abstractmethod
+    def request(self, ctx: ToolContext, call: ToolCall) -> ExecRequest:
+        """The command that answers ``call`` (arguments already validated)."""
+
+    def result(self, call: ToolCall, result: ExecResult) -> ToolResult:
+        """The observation for the command's outcome (a nonzero exit is data, not an error)."""
+        return exec_tool_result(call, result)
+
+    async def run(self, ctx: ToolContext, call: ToolCall) -> ToolResult:
+        """Run :meth:`request` in the slot. Cancellation: the command's process tree is killed."""
+        return self.result(call, await ctx.exec(self.request(ctx, call)))
+
+
+def format_exec_result(result: ExecResult) -> str:
+    """Render an exec result as the observation text the model sees."""
+    parts: list[str] = []
+    if result.stdout:
+        parts.append(result.stdout.decode("utf-8", "replace"))
+        if result.stdout_truncated:
+            parts.append("\n[stdout truncated]")
+    if result.stderr:
+        parts.append("\n[stderr]\n" + result.stderr.decode("utf-8", "replace"))
+        if result.stderr_truncated:
+            parts.append("\n[stderr truncated]")
+    if result.error is not None:
+        parts.append(f"\n[sandbox error: {result.error}]")
+    elif result.timed_out:
+        parts.append(f"\n[timed out after {result.duration:.1f}s; the command was killed]")
+    elif result.exit_code is None:
+        parts.append(f"\n[killed by signal {result.signal}]")
+    else:
+        parts.append(f"\n[exit code: {result.exit_code}]")
+    return "".join(parts).lstrip("\n")
+
+
+def exec_tool_result(call: ToolCall, result: ExecResult) -> ToolResult:
+    """Map an exec result to a tool result: a nonzero exit is data, not an error."""
+    error = None
+    if result.error is not None:
+        error = "sandbox_error"
+    elif result.timed_out:
+        error = "timeout"
+    return ToolResult(call.id, call.name, format_exec_result(result), error, result)
 
 
 class ToolRegistry:

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._exceptions import StructEnvError
-from .._types import ExecRequest, ExecResult, ToolCall, ToolResult
-from ._base import Tool, ToolContext, ToolRegistry
+from .._types import ExecRequest, ToolCall, ToolResult
+from ._base import ExecTool, Tool, ToolContext, ToolRegistry
 from ._stateful import StatefulTerminalTool, TmuxTool
 
 __all__ = [
@@ -16,52 +16,13 @@ __all__ = [
     "TerminalTool",
     "WriteFileTool",
     "default_registry",
-    "format_exec_result",
 ]
 
 #: Largest file the read_file tool returns to the model.
 MAX_READ_BYTES = 256 * 1024
 
 
-def format_exec_result(result: ExecResult) -> str:
-    """Render an exec result as the observation text the model sees."""
-    parts: list[str] = []
-    if result.stdout:
-        parts.append(result.stdout.decode("utf-8", "replace"))
-        if result.stdout_truncated:
-            parts.append("\n[stdout truncated]")
-    if result.stderr:
-        parts.append("\n[stderr]\n" + result.stderr.decode("utf-8", "replace"))
-        if result.stderr_truncated:
-            parts.append("\n[stderr truncated]")
-    if result.error is not None:
-        parts.append(f"\n[sandbox error: {result.error}]")
-    elif result.timed_out:
-        parts.append(f"\n[timed out after {result.duration:.1f}s; the command was killed]")
-    elif result.exit_code is None:
-        parts.append(f"\n[killed by signal {result.signal}]")
-    else:
-        parts.append(f"\n[exit code: {result.exit_code}]")
-    return "".join(parts).lstrip("\n")
-
-
-def exec_tool_result(call: ToolCall, result: ExecResult) -> ToolResult:
-    """Map an exec result to a tool result: a nonzero exit is data, not an error."""
-    error = None
-    if result.error is not None:
-        error = "sandbox_error"
-    elif result.timed_out:
-        error = "timeout"
-    return ToolResult(
-        call_id=call.id,
-        name=call.name,
-        content=format_exec_result(result),
-        error=error,
-        exec=result,
-    )
-
-
-class TerminalTool(Tool):
+class TerminalTool(ExecTool):
     """Run a shell command in the sandbox workspace (stateless: a fresh shell each call)."""
 
     name = "terminal"
@@ -83,13 +44,12 @@ class TerminalTool(Tool):
         "additionalProperties": False,
     }
 
-    async def run(self, ctx: ToolContext, call: ToolCall) -> ToolResult:
-        """Run the command. Cancellation: the command's process tree is killed."""
+    def request(self, ctx: ToolContext, call: ToolCall) -> ExecRequest:
+        """The command line, under the model's timeout capped at ``max_tool_timeout``."""
         args = call.arguments
         asked = args.get("timeout")
         timeout = ctx.tool_timeout if asked is None else min(float(asked), ctx.max_tool_timeout)
-        request = ExecRequest(str(args["command"]), timeout=timeout, max_output=ctx.max_output)
-        return exec_tool_result(call, await ctx.exec(request))
+        return ExecRequest(str(args["command"]), None, {}, None, timeout, ctx.max_output)
 
 
 class ReadFileTool(Tool):
