@@ -6,6 +6,7 @@ import anyio
 import pytest
 
 from structenv import Batcher, ConfigError, ExecRequest, ExecResult, SlotPool
+from structenv._wakeup import OneShot, current_loop
 from structenv.testing import FakeBackend, assert_no_leaks, virtual_time_backend
 
 pytestmark = pytest.mark.anyio
@@ -290,3 +291,29 @@ async def test_stopping_the_batcher_ends_express_calls_with_closed() -> None:
                 await batcher.exec(slot, ExecRequest("x"))  # closed: no express lane either
         assert batcher.statistics().in_flight == 0
         assert_no_leaks(pools=[pool], backends=[backend])
+
+
+async def test_a_one_shot_woken_before_its_owner_parks_returns_at_once() -> None:
+    # park() is an awaitable, not a coroutine (the asyncio future itself): a wake-up that
+    # came first must make it complete without waiting, and a second wake-up is a no-op.
+    kit = current_loop()
+    shot = OneShot()
+    kit.arm(shot)
+    kit.wake(shot)
+    with anyio.fail_after(1):
+        await kit.park(shot)
+    kit.wake(shot)
+    # Parked first, woken by another task.
+    shot = OneShot()
+    kit.arm(shot)
+    async with anyio.create_task_group() as tg:
+        waker = anyio.Event()
+
+        async def wake_later() -> None:
+            await waker.wait()
+            kit.wake(shot)
+
+        tg.start_soon(wake_later)
+        waker.set()
+        with anyio.fail_after(5):
+            await kit.park(shot)

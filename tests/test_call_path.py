@@ -4,7 +4,10 @@ stubborn exec (real clock: a worker thread runs in real time), validators that a
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 import anyio
@@ -14,9 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from structenv import ExecRequest, ExecResult, ExecutorConfig, ToolCall, ToolExecutor
+from structenv import ExecRequest, ExecResult, ExecutorConfig, ToolCall, ToolExecutor, ToolResult
+from structenv._types import DEFAULT_MAX_OUTPUT, _fast_init
 from structenv.testing import FakeBackend, FakeSlot, assert_no_leaks
-from structenv.tools import Tool, ToolRegistry, default_registry
+from structenv.tools import ExecTool, Tool, ToolContext, ToolRegistry, default_registry
 
 pytestmark = pytest.mark.anyio
 
@@ -140,3 +144,75 @@ def test_compiled_validator_agrees_with_jsonschema(tool: Tool, data: st.DataObje
     assert "pattern" in str(tool.parameters)
     assert any(isinstance(v, str) and v.endswith("\n") for v in args.values()), (args, ours)
     assert "does not match" in ours
+
+
+# -- the inline ExecTool route and the hand-written __init__s ----------------------------
+
+
+class _Echo(ExecTool):
+    name = "echo"
+    description = "echo the text"
+    parameters: Mapping[str, Any] = {
+        "type": "object",
+        "properties": {"text": {"type": "string"}},
+        "required": ["text"],
+        "additionalProperties": False,
+    }
+
+    def request(self, ctx: ToolContext, call: ToolCall) -> ExecRequest:
+        return ExecRequest(f"echo {call.arguments['text']}", timeout=ctx.tool_timeout)
+
+
+class _LoudEcho(_Echo):
+    """Overrides ``run``: the executor must run it, not the inline route."""
+
+    name = "loud"
+
+    async def run(self, ctx: ToolContext, call: ToolCall) -> ToolResult:
+        result = await super().run(ctx, call)
+        return dataclasses.replace(result, content=result.content.upper())
+
+
+async def test_exec_tool_runs_inline_and_an_overridden_run_is_kept() -> None:
+    registry = ToolRegistry([_Echo(), _LoudEcho()])
+    async with FakeBackend() as backend, ToolExecutor(backend, registry=registry) as executor:
+        async with executor.trajectory() as traj:
+            quiet = await traj.call(ToolCall("echo", {"text": "hi"}, id="1"))
+            shout = await traj.call(ToolCall("loud", {"text": "hi"}, id="2"))
+        stats = executor.statistics()
+    assert quiet == ToolResult("1", "echo", "hi\n\n[exit code: 0]", None, quiet.exec)
+    assert quiet.exec is not None and quiet.exec.ok
+    assert shout.content == "HI\n\n[EXIT CODE: 0]" and shout.call_id == "2"
+    assert stats.tool_calls == 2 and stats.call_latency.count == 2
+    assert stats.exec_latency.count == 2
+
+
+def test_fast_inits_keep_the_dataclass_contract() -> None:
+    request = ExecRequest("ls", timeout=3.0)
+    assert request == ExecRequest("ls", None, {}, None, 3.0, DEFAULT_MAX_OUTPUT)
+    assert request.env == {} and request.env is not ExecRequest("ls").env
+    assert dataclasses.replace(request, cwd="src").cwd == "src"
+    assert str(inspect.signature(ExecRequest)).startswith(
+        "(command: 'str', cwd: 'str | None' = None, env: 'Mapping[str, str]' = <factory>"
+    )
+    result = ToolResult("id", "terminal", "ok")
+    assert (result.error, result.exec) == (None, None) and result.ok
+    with pytest.raises(TypeError):
+        ExecRequest()  # type: ignore[call-arg]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        request.cwd = "x"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.content = "x"  # type: ignore[misc]
+
+
+def test_fast_init_refuses_a_signature_that_drifts_from_the_fields() -> None:
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Pair:
+        a: int
+        b: int = 1
+
+    def wrong(self: Pair, a: int, b: int = 2) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="does not match field 'b'"):
+        _fast_init(Pair, wrong)
