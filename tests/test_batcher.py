@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import anyio
 import pytest
 
@@ -317,3 +319,15 @@ async def test_a_one_shot_woken_before_its_owner_parks_returns_at_once() -> None
         waker.set()
         with anyio.fail_after(5):
             await kit.park(shot)
+
+
+async def test_the_asyncio_kit_reads_the_loops_own_clock_when_it_has_one(
+    anyio_backend_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if anyio_backend_name != "asyncio":
+        pytest.skip("asyncio's clock shortcut")
+    # The default loop's time() is time.monotonic(), called directly; a loop class with
+    # its own clock (a virtual one) keeps it.
+    assert abs(current_loop().now() - asyncio.get_running_loop().time()) < 1.0
+    monkeypatch.setattr(type(asyncio.get_running_loop()), "time", lambda self: 42.0)
+    assert current_loop().now() == 42.0

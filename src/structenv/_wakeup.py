@@ -14,6 +14,7 @@ is the running loop.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
@@ -97,7 +98,10 @@ class _AsyncioKit(LoopKit):
     def __init__(self) -> None:
         self._loop = loop = asyncio.get_running_loop()
         self.name = "asyncio"
-        self.now = loop.time
+        # BaseEventLoop.time() is time.monotonic(): call that directly (one Python frame
+        # fewer, read four times per tool call), unless the loop brings its own clock.
+        base_time = asyncio.BaseEventLoop.time
+        self.now = time.monotonic if type(loop).time is base_time else loop.time
         self.event_cls = type(anyio.Event())
 
     def arm(self, shot: OneShot) -> None:

@@ -128,24 +128,25 @@ class ExecTool(Tool):
 
 def format_exec_result(result: ExecResult) -> str:
     """Render an exec result as the observation text the model sees."""
-    parts: list[str] = []
-    if result.stdout:
-        parts.append(result.stdout.decode("utf-8", "replace"))
-        if result.stdout_truncated:
-            parts.append("\n[stdout truncated]")
-    if result.stderr:
-        parts.append("\n[stderr]\n" + result.stderr.decode("utf-8", "replace"))
+    # Concatenation, not a list of parts: this runs on every tool call.
+    stdout = result.stdout
+    text = stdout.decode("utf-8", "replace") if stdout else ""
+    if stdout and result.stdout_truncated:
+        text += "\n[stdout truncated]"
+    stderr = result.stderr
+    if stderr:
+        text += "\n[stderr]\n" + stderr.decode("utf-8", "replace")
         if result.stderr_truncated:
-            parts.append("\n[stderr truncated]")
+            text += "\n[stderr truncated]"
     if result.error is not None:
-        parts.append(f"\n[sandbox error: {result.error}]")
+        text += f"\n[sandbox error: {result.error}]"
     elif result.timed_out:
-        parts.append(f"\n[timed out after {result.duration:.1f}s; the command was killed]")
+        text += f"\n[timed out after {result.duration:.1f}s; the command was killed]"
     elif result.exit_code is None:
-        parts.append(f"\n[killed by signal {result.signal}]")
+        text += f"\n[killed by signal {result.signal}]"
     else:
-        parts.append(f"\n[exit code: {result.exit_code}]")
-    return "".join(parts).lstrip("\n")
+        text += f"\n[exit code: {result.exit_code}]"
+    return text.lstrip("\n")
 
 
 def exec_tool_result(call: ToolCall, result: ExecResult) -> ToolResult:
