@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from structenv import ExecRequest, ExecResult, ExecutorConfig, ToolCall, ToolExecutor, ToolResult
 from structenv._types import DEFAULT_MAX_OUTPUT, _fast_init
 from structenv.testing import FakeBackend, FakeSlot, assert_no_leaks
-from structenv.tools import ExecTool, Tool, ToolContext, ToolRegistry, default_registry
+from structenv.tools import CommandTool, Tool, ToolContext, ToolRegistry, default_registry
 
 pytestmark = pytest.mark.anyio
 
@@ -146,10 +146,10 @@ def test_compiled_validator_agrees_with_jsonschema(tool: Tool, data: st.DataObje
     assert "does not match" in ours
 
 
-# -- the inline ExecTool route and the hand-written __init__s ----------------------------
+# -- the inline CommandTool route and the hand-written __init__s ----------------------------
 
 
-class _Echo(ExecTool):
+class _Echo(CommandTool):
     name = "echo"
     description = "echo the text"
     parameters: Mapping[str, Any] = {

@@ -24,7 +24,7 @@ from ._pool import PoolStatistics, SlotPool
 from ._spec import SandboxSpec
 from ._types import ExecRequest, ExecResult, ToolCall, ToolResult
 from .abc import SandboxBackend, Slot
-from .tools import ExecTool, ToolRegistry, ToolServerClient, default_registry
+from .tools import CommandTool, ToolRegistry, ToolServerClient, default_registry
 
 __all__ = [
     "ExecutorStatistics",
@@ -36,7 +36,7 @@ __all__ = [
 
 
 #: A tool whose class keeps this ``run`` is run inline by :meth:`Trajectory.call`.
-_EXEC_RUN = ExecTool.run
+_COMMAND_RUN = CommandTool.run
 
 
 def unknown_tool_result(call: ToolCall, available: Iterable[str]) -> ToolResult:
@@ -243,11 +243,11 @@ class Trajectory:
         executor.tool_calls += 1
         now = self._now
         start = now()
-        if type(tool).run is _EXEC_RUN:
-            # ExecTool.run's three steps in this frame: one coroutine fewer per call (the
+        if type(tool).run is _COMMAND_RUN:
+            # CommandTool.run's three steps in this frame: one coroutine fewer per call (the
             # check above is the type check; no cast() call on the hot path).
-            exec_tool: ExecTool = tool  # type: ignore[assignment]
-            result = exec_tool.result(call, await self.exec(exec_tool.request(self, call)))
+            command_tool: CommandTool = tool  # type: ignore[assignment]
+            result = command_tool.result(call, await self.exec(command_tool.request(self, call)))
         else:
             result = await tool.run(self, call)
         executor.call_latency.record(now() - start)

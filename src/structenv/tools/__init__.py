@@ -1,6 +1,6 @@
 """Tools the model can call: the registry, built-in sandbox tools, external tool servers."""
 
-from ._base import ExecTool as ExecTool
+from ._base import CommandTool as CommandTool
 from ._base import Tool as Tool
 from ._base import ToolContext as ToolContext
 from ._base import ToolRegistry as ToolRegistry
@@ -21,7 +21,7 @@ from ._stateful import TerminalSlot as TerminalSlot
 from ._stateful import TmuxTool as TmuxTool
 
 __all__ = [
-    "ExecTool",
+    "CommandTool",
     "ExternalTool",
     "ListFilesTool",
     "ReadFileTool",

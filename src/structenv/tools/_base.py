@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ._client import ToolServerClient
 
 __all__ = [
-    "ExecTool",
+    "CommandTool",
     "Tool",
     "ToolContext",
     "ToolRegistry",
@@ -103,7 +103,7 @@ class Tool(ABC):
         }
 
 
-class ExecTool(Tool):
+class CommandTool(Tool):
     """A tool that is one command in the trajectory's slot.
 
     Subclasses implement :meth:`request` (the command for a call) and may override

@@ -7,7 +7,7 @@ from typing import Any
 
 from .._exceptions import StructEnvError
 from .._types import ExecRequest, ToolCall, ToolResult
-from ._base import ExecTool, Tool, ToolContext, ToolRegistry
+from ._base import CommandTool, Tool, ToolContext, ToolRegistry
 from ._stateful import StatefulTerminalTool, TmuxTool
 
 __all__ = [
@@ -22,7 +22,7 @@ __all__ = [
 MAX_READ_BYTES = 256 * 1024
 
 
-class TerminalTool(ExecTool):
+class TerminalTool(CommandTool):
     """Run a shell command in the sandbox workspace (stateless: a fresh shell each call)."""
 
     name = "terminal"
