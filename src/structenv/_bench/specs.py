@@ -57,7 +57,7 @@ async def _measure(backend: SandboxBackend, spec: SandboxSpec, rounds: int) -> d
     # Uncached: drop the image's export, then the first item of the spec.
     entry = _cache_entry(spec)
     if entry is not None:
-        await anyio.to_thread.run_sync(shutil.rmtree, entry, True)
+        await anyio.to_thread.run_sync(shutil.rmtree, entry, True, limiter=anyio.CapacityLimiter(1))
     t0 = time.perf_counter()
     await backend.prepare_spec(spec)
     prepare = time.perf_counter() - t0

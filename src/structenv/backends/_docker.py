@@ -383,7 +383,7 @@ class DockerBackend(HostedBackend):
             else functools.partial(docker.from_env, timeout=int(api_timeout))
         )
         try:
-            client = await anyio.to_thread.run_sync(make)
+            client = await anyio.to_thread.run_sync(make, limiter=self._fs_limiter)
         except docker.errors.DockerException as exc:
             raise BackendError(f"cannot reach the Docker Engine: {exc}") from exc
         self._engine = engine = _Engine(client, concurrency=concurrency, attempts=attempts)
@@ -392,7 +392,8 @@ class DockerBackend(HostedBackend):
 
             cache = os.path.join(cache_dir(), "rootfs")
             await anyio.to_thread.run_sync(
-                functools.partial(os.makedirs, cache, mode=0o755, exist_ok=True)
+                functools.partial(os.makedirs, cache, mode=0o755, exist_ok=True),
+                limiter=self._fs_limiter,
             )
             self._rootfs_cache = cache
         if self._bind_roots_opt:
@@ -408,7 +409,8 @@ class DockerBackend(HostedBackend):
                     self._bind_roots_opt,
                     **self._bind_policy(),
                     reserved=_CONTAINER_OWN,
-                )
+                ),
+                limiter=self._fs_limiter,
             )
         try:
             await engine.call(client.images.get, self.image)
@@ -430,13 +432,15 @@ class DockerBackend(HostedBackend):
                 )
         if self._slot_cgroups_opt != "off":
             info = await engine.call(client.info)
-            why = await anyio.to_thread.run_sync(self._cgroups_unusable, info)
+            why = await anyio.to_thread.run_sync(
+                self._cgroups_unusable, info, limiter=self._fs_limiter
+            )
             if why and self._slot_cgroups_opt == "required":
                 raise BackendError(f"per-slot cgroups are unavailable: {why}")
             if why:
                 logger.info("slots of a container share its cgroup: %s", why)
             self._slot_cgroups = not why
-        self._root = await anyio.to_thread.run_sync(self._make_root)
+        self._root = await anyio.to_thread.run_sync(self._make_root, limiter=self._fs_limiter)
         self._emergency = _emergency.register(self._force_cleanup)
 
     def _force_cleanup(self) -> None:
@@ -583,7 +587,7 @@ class DockerBackend(HostedBackend):
                 plain, rootfs=rootfs, binds=binds, env=tuple(sorted(env.items())), path=path
             )
 
-        return await anyio.to_thread.run_sync(resolve)
+        return await anyio.to_thread.run_sync(resolve, limiter=self._spec_limiter)
 
     async def _launch_host(self) -> Host:
         """Create one container and wait until its server serves.
@@ -600,9 +604,11 @@ class DockerBackend(HostedBackend):
         stdin: Any = None
         cgroups = self.slot_cgroups
         try:
-            await anyio.to_thread.run_sync(functools.partial(os.makedirs, hostdir, mode=0o700))
+            await anyio.to_thread.run_sync(
+                functools.partial(os.makedirs, hostdir, mode=0o700), limiter=self._fs_limiter
+            )
             if cgroups:
-                await anyio.to_thread.run_sync(self._make_cgroups, name)
+                await anyio.to_thread.run_sync(self._make_cgroups, name, limiter=self._fs_limiter)
             create, host_config = self._create_spec(name, hostdir, cgroups=cgroups)
             created, stdin = await engine.call(
                 _create_and_start, engine.client.api, self.image, create, host_config
@@ -615,7 +621,9 @@ class DockerBackend(HostedBackend):
             with anyio.move_on_after(self.close_grace, shield=True):
                 if docker_id is not None:
                     await self._remove(docker_id)
-                await anyio.to_thread.run_sync(shutil.rmtree, hostdir, True)
+                await anyio.to_thread.run_sync(
+                    shutil.rmtree, hostdir, True, limiter=self._fs_limiter
+                )
                 if cgroups:
                     await self._remove_cgroups(name)
             if isinstance(exc, Exception) and not isinstance(
@@ -657,7 +665,8 @@ class DockerBackend(HostedBackend):
 
     async def _remove_cgroups(self, name: str) -> None:
         if not await anyio.to_thread.run_sync(
-            functools.partial(remove_docker_cgroups, name, patience=_CGROUP_PATIENCE)
+            functools.partial(remove_docker_cgroups, name, patience=_CGROUP_PATIENCE),
+            limiter=self._fs_limiter,
         ):
             logger.error("cgroups of container %s still busy: left for the reaper", name)
 
@@ -815,24 +824,26 @@ class DockerBackend(HostedBackend):
         assert isinstance(host, _Container)
         _close_stdin(host.stdin)
         await self._remove(host.docker_id)
-        await anyio.to_thread.run_sync(shutil.rmtree, host.hostdir, True)
+        await anyio.to_thread.run_sync(shutil.rmtree, host.hostdir, True, limiter=self._fs_limiter)
         if self._slot_cgroups:
             await self._remove_cgroups(host.id)
 
     async def _finish(self) -> None:
         if self._engine is not None:
             await self._sweep()
-            await anyio.to_thread.run_sync(self._engine.client.close)
+            await anyio.to_thread.run_sync(self._engine.client.close, limiter=self._engine.limiter)
         if self._slot_cgroups:
             # Every container of the run is gone: so must be their cgroups, even those of
             # one whose launch was interrupted.
             mine = re.compile(re.escape(f"structenv-{self.run_id}-") + r"\d+")
-            names = await anyio.to_thread.run_sync(docker_cgroup_names)
+            names = await anyio.to_thread.run_sync(docker_cgroup_names, limiter=self._fs_limiter)
             async with anyio.create_task_group() as tg:
                 for name in sorted(filter(mine.fullmatch, names)):
                     tg.start_soon(self._remove_cgroups, name)
         if self._root:
-            await anyio.to_thread.run_sync(shutil.rmtree, self._root, True)
+            await anyio.to_thread.run_sync(
+                shutil.rmtree, self._root, True, limiter=self._fs_limiter
+            )
         if self._emergency is not None:
             _emergency.unregister(self._emergency)
             self._emergency = None

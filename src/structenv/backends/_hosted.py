@@ -83,6 +83,12 @@ class HostedBackend(SandboxBackend):
         self._max = options.host_bound
         self._require_sandbox = options.require_sandbox
         self._create_limiter = anyio.CapacityLimiter(options.creation_concurrency)
+        #: Blocking host-side file and cgroup work (work dirs, rmtree, cgroup setup): its own
+        #: threads, so a slow teardown never starves the SDK calls or a spec export.
+        self._fs_limiter = anyio.CapacityLimiter(4)
+        #: Rootfs exports and spec resolution (image builds, ``docker export``): heavy on
+        #: disk and CPU, two at a time (a cached one is quick).
+        self._spec_limiter = anyio.CapacityLimiter(2)
         self._create_interval = 1.0 / options.creation_rate
         self._next_create = 0.0
         self.idle_timeout = options.idle_timeout

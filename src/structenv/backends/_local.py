@@ -119,13 +119,13 @@ class LocalBackend(HostedBackend):
     async def _prepare(self) -> None:
         if self._reap_on_start:
             report = await anyio.to_thread.run_sync(
-                functools.partial(reap_workdirs, base=self._workdir_opt)
+                functools.partial(reap_workdirs, base=self._workdir_opt), limiter=self._fs_limiter
             )
             if report.removed:
                 logger.warning("removed %d work dir(s) of dead runs", len(report.removed))
             for path, error in report.failed:
                 logger.warning("cannot remove the work dir of a dead run %s: %s", path, error)
-        self._root = await anyio.to_thread.run_sync(self._make_root)
+        self._root = await anyio.to_thread.run_sync(self._make_root, limiter=self._fs_limiter)
         self._emergency = _emergency.register(self._force_cleanup)
         if self._bind_roots_opt is not None:
             from .._spec import check_bind_roots
@@ -246,12 +246,15 @@ class LocalBackend(HostedBackend):
         assert isinstance(host, _ProcHost)
         await _terminate(host.proc)
         self._procs.discard(host.proc)
-        await anyio.to_thread.run_sync(_cleanup_host_files, host.id, host.workdir)
+        await anyio.to_thread.run_sync(
+            _cleanup_host_files, host.id, host.workdir, limiter=self._fs_limiter
+        )
 
     async def _finish(self) -> None:
         if self._root:
             await anyio.to_thread.run_sync(
-                functools.partial(remove_tree, self._root, keep_root=False)
+                functools.partial(remove_tree, self._root, keep_root=False),
+                limiter=self._fs_limiter,
             )
         if self._emergency is not None:
             _emergency.unregister(self._emergency)
@@ -259,7 +262,9 @@ class LocalBackend(HostedBackend):
 
     async def _resolve_spec(self, spec: SandboxSpec) -> SlotSpec:
         """Check binds against the policy, find or export the rootfs, check its shell."""
-        return await anyio.to_thread.run_sync(self._resolve_blocking, spec)
+        return await anyio.to_thread.run_sync(
+            self._resolve_blocking, spec, limiter=self._spec_limiter
+        )
 
     def _resolve_blocking(self, spec: SandboxSpec) -> SlotSpec:
         from .._spec import Bind, check_bind

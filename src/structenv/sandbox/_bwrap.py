@@ -477,7 +477,11 @@ async def probe_report(
     Cancellation: the probe process is killed; nothing is left.
     """
 
-    fd, argv = await anyio.to_thread.run_sync(_probe_setup, iso, scratch, uid, seccomp_path)
+    # A limiter of its own: one probe's setup thread at a time per call site, never
+    # waiting behind another subsystem's threads.
+    fd, argv = await anyio.to_thread.run_sync(
+        _probe_setup, iso, scratch, uid, seccomp_path, limiter=anyio.CapacityLimiter(1)
+    )
     try:
         with anyio.fail_after(30):
             proc = await anyio.run_process(argv, check=False, pass_fds=(fd,))

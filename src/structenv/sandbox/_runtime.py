@@ -397,8 +397,12 @@ class SlotRuntime:
         seccomp_path: str = "",
         accounts: str | None = None,
         spec: SlotSpec = DEFAULT_SPEC,
+        limiter: anyio.CapacityLimiter | None = None,
     ) -> None:
         self.index = index
+        #: Threads for this slot's blocking lifecycle work (mounts, wipes, kills): the
+        #: server passes one limiter shared by its slots; a lone slot gets its own.
+        self.limiter = limiter if limiter is not None else anyio.CapacityLimiter(1)
         #: What the slot's sandbox is built from; changed only by :meth:`hard_reset`.
         self.spec = spec
         self.name = name
@@ -445,15 +449,19 @@ class SlotRuntime:
         Cancellation: whatever was spawned is killed before the cancellation propagates.
         """
         spec = self.spec
-        await anyio.to_thread.run_sync(self._mount, spec.workdir)
+        await anyio.to_thread.run_sync(self._mount, spec.workdir, limiter=self.limiter)
         shell, accounts = "/bin/bash", self.accounts
         if spec.rootfs is not None:
-            shell, accounts, binds = await anyio.to_thread.run_sync(self._rootfs_setup, spec)
+            shell, accounts, binds = await anyio.to_thread.run_sync(
+                self._rootfs_setup, spec, limiter=self.limiter
+            )
             spec = dataclasses.replace(spec, binds=binds)
         limits = within_file_budget(spec.apply(self.limits), self.limits)
         seccomp_fd = -1
         if self.iso.sandboxed:
-            seccomp_fd = await anyio.to_thread.run_sync(_seccomp.open_program, self.seccomp_path)
+            seccomp_fd = await anyio.to_thread.run_sync(
+                _seccomp.open_program, self.seccomp_path, limiter=self.limiter
+            )
         # A networked slot: bwrap reports the sandbox's pid on info_w and holds it on
         # block_r until its NAT is attached (see _attach_nat).
         nat = self.iso.sandboxed and self.iso.allow_network
@@ -541,7 +549,7 @@ class SlotRuntime:
         pid = await read_child_pid(info_r)
         nat_path, ip = check_nat()
         mode = privilege() if self.uid is not None else "user"
-        script = route_script(await anyio.to_thread.run_sync(local_ipv4))
+        script = route_script(await anyio.to_thread.run_sync(local_ipv4, limiter=self.limiter))
         routes = await anyio.run_process(
             route_argv(ip, pid, mode=mode, uid=self.uid), input=script.encode(), check=False
         )
@@ -687,7 +695,7 @@ class SlotRuntime:
                 await nat.aclose()
         if proc is not None:
             if not self.iso.sandboxed:
-                await anyio.to_thread.run_sync(kill_tree, proc.pid)
+                await anyio.to_thread.run_sync(kill_tree, proc.pid, limiter=self.limiter)
             # SIGKILL of the outer bwrap makes the sandbox's PID 1 die (--die-with-parent),
             # and the kernel then kills every process of the PID namespace.
             kill_child(proc)
@@ -713,9 +721,9 @@ class SlotRuntime:
         """
         await self._kill_sandbox()
         if self.quota:
-            await anyio.to_thread.run_sync(unmount, self.workspace)
+            await anyio.to_thread.run_sync(unmount, self.workspace, limiter=self.limiter)
         if self.scratch == "mount":
-            await anyio.to_thread.run_sync(self._drop_scratch)
+            await anyio.to_thread.run_sync(self._drop_scratch, limiter=self.limiter)
         if self._cgroup:
             delay = 0.005
             while not self._cgroup.remove():
@@ -824,12 +832,14 @@ class SlotRuntime:
         value = reply.value
         if value is None or value.get("ok") is not True:
             return False
-        if not await anyio.to_thread.run_sync(_wipe, self.workspace):
+        if not await anyio.to_thread.run_sync(_wipe, self.workspace, limiter=self.limiter):
             return False
         if self._cgroup is not None:
             return len(self._cgroup.procs()) == self._baseline
         if not self.iso.sandboxed:
-            return not await anyio.to_thread.run_sync(descendants, self._worker_pid)
+            return not await anyio.to_thread.run_sync(
+                descendants, self._worker_pid, limiter=self.limiter
+            )
         return True
 
     async def hard_reset(self, spec: SlotSpec | None = None) -> None:
@@ -845,10 +855,11 @@ class SlotRuntime:
         if self.quota:
             # Every process of the slot is dead: drop the whole tmpfs (whatever its depth,
             # size or permissions) and let start() mount an empty one.
-            await anyio.to_thread.run_sync(unmount, self.workspace)
-        if not await anyio.to_thread.run_sync(functools.partial(_wipe, self.workspace, fresh=True)):
+            await anyio.to_thread.run_sync(unmount, self.workspace, limiter=self.limiter)
+        wipe = functools.partial(_wipe, self.workspace, fresh=True)
+        if not await anyio.to_thread.run_sync(wipe, limiter=self.limiter):
             raise SlotBroken("cannot empty the workspace")
-        if not await anyio.to_thread.run_sync(self._drop_scratch):
+        if not await anyio.to_thread.run_sync(self._drop_scratch, limiter=self.limiter):
             raise SlotBroken("cannot empty the slot's /tmp or /dev/shm")
         await self.start()
 

@@ -136,6 +136,9 @@ class SandboxServer:
         self.slots: list[SlotRuntime] = []
         self.port = config.port
         self._fs_limiter = anyio.CapacityLimiter(4)
+        #: The slots' blocking lifecycle work (mounts, wipes, kills, cgroups), apart from
+        #: the clients' file requests so a file-heavy client cannot hold up a reset.
+        self._slot_limiter = anyio.CapacityLimiter(8)
         self._routes: dict[tuple[str, str], Callable[[Request, Responder], Awaitable[None]]] = {
             ("GET", "/v1/health"): self._health,
             ("POST", "/v1/exec"): self._exec,
@@ -181,7 +184,10 @@ class SandboxServer:
         if uid_of(0) is not None and switch_uid(uid_of(0)) is not None:
             uids = [u for u in map(uid_of, range(cfg.slots)) if u is not None]
             accounts = await anyio.to_thread.run_sync(
-                write_accounts, os.path.join(cfg.workdir, ".accounts"), uids
+                write_accounts,
+                os.path.join(cfg.workdir, ".accounts"),
+                uids,
+                limiter=self._slot_limiter,
             )
         features = await probe(
             iso,
@@ -215,6 +221,7 @@ class SandboxServer:
                             uid=uid_of(i),
                             seccomp_path=seccomp_path,
                             accounts=accounts,
+                            limiter=self._slot_limiter,
                         )
                     )
                 async with anyio.create_task_group() as starters:
@@ -242,7 +249,8 @@ class SandboxServer:
                 await anyio.to_thread.run_sync(
                     functools.partial(
                         remove_cgroup_tree, cfg.name, patience=4, root=cfg.cgroup_root
-                    )
+                    ),
+                    limiter=self._slot_limiter,
                 )
             if cfg.socket_path:
                 try:

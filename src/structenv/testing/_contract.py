@@ -201,7 +201,7 @@ async def _batch_streams(backend: SandboxBackend) -> None:
 class _StubbornSlot(Slot):
     """Wraps a slot; its exec blocks in a worker thread that cancellation cannot interrupt."""
 
-    __slots__ = ("_gate", "inner")
+    __slots__ = ("_gate", "_limiter", "inner")
 
     def __init__(self, inner: Slot, gate: threading.Event) -> None:
         super().__init__(
@@ -209,11 +209,12 @@ class _StubbornSlot(Slot):
         )
         self.inner = inner
         self._gate = gate
+        self._limiter = anyio.CapacityLimiter(4)
 
     async def exec(self, request: ExecRequest) -> ExecResult:
         # What docs/adding-a-backend.md recommends for a blocking SDK: a worker thread. The
         # thread is not cancellable; it ends when the check opens the gate.
-        await anyio.to_thread.run_sync(self._gate.wait, 60)
+        await anyio.to_thread.run_sync(self._gate.wait, 60, limiter=self._limiter)
         return ExecResult(exit_code=0, stdout=b"late\n", sandboxed=self.sandboxed)
 
     async def reset(self) -> None:

@@ -58,6 +58,7 @@ class FakeSandbox:
 
     def __init__(self, fake: FakeModal, app: _App, kwargs: dict[str, Any], port: int) -> None:
         self.object_id = f"sb-{uuid.uuid4().hex[:12]}"
+        self._limiter = fake.limiter
         self.app = app
         self.options = kwargs
         self.port = port
@@ -118,7 +119,7 @@ class FakeSandbox:
             if self.returncode is None:
                 self.returncode = -9
             with anyio.move_on_after(5, shield=True):
-                await anyio.to_thread.run_sync(shutil.rmtree, workdir, True)
+                await anyio.to_thread.run_sync(shutil.rmtree, workdir, True, limiter=self._limiter)
             self.done.set()
 
 
@@ -131,6 +132,7 @@ class FakeModal:
 
     def __init__(self, tg: anyio.abc.TaskGroup) -> None:
         self._tg = tg
+        self.limiter = anyio.CapacityLimiter(4)  # the sandboxes' work-dir removals
         self.sandboxes: list[FakeSandbox] = []
         self._apps: dict[str, _App] = {}
         fake = self

@@ -149,6 +149,7 @@ class NomadFake:
 
     def __init__(self, tg: anyio.abc.TaskGroup, *, token: str | None) -> None:
         self._tg = tg
+        self._limiter = anyio.CapacityLimiter(4)  # allocations' work dirs
         self.address = ""
         self.token = token
         self.jobs: dict[str, _Job] = {}
@@ -261,7 +262,7 @@ class NomadFake:
         workdir = f"/var/tmp/nomad-fake/{alloc.id}"
         try:
             argv = self._argv(alloc, task)
-            await anyio.to_thread.run_sync(os.makedirs, workdir, 0o700, True)
+            await anyio.to_thread.run_sync(os.makedirs, workdir, 0o700, True, limiter=self._limiter)
             if alloc.desired == "stop":
                 return
             async with await anyio.open_process(argv, env=env, stderr=None) as proc:
@@ -300,7 +301,7 @@ class NomadFake:
             alloc.exit_code = alloc.exit_code if alloc.exit_code is not None else -1
         finally:
             with anyio.move_on_after(5, shield=True):
-                await anyio.to_thread.run_sync(_rmtree, workdir)
+                await anyio.to_thread.run_sync(_rmtree, workdir, limiter=self._limiter)
             self._ports.discard(alloc.port)
             if not alloc.crashed and (
                 alloc.stopping or (alloc.pid is None and alloc.desired == "stop")

@@ -317,7 +317,9 @@ async def collect_run(
     started = time.monotonic()
     if args.tokenizer is None and args.base_url is not None:
         args.tokenizer = await _server_tokenizer(args)
-    tokenizer = args.tokenizer or str(await anyio.to_thread.run_sync(build_tiny_tokenizer))
+    tokenizer = args.tokenizer or str(
+        await anyio.to_thread.run_sync(build_tiny_tokenizer, limiter=anyio.CapacityLimiter(1))
+    )
     out = Path(args.out)
     await anyio.Path(out).mkdir(parents=True, exist_ok=True)
     config = _config(options, tokenizer, out)  # a bad --env flag fails before anything starts
