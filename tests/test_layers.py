@@ -263,15 +263,9 @@ def test_edge_libraries_have_one_importer() -> None:
     assert not bad, bad
 
 
-#: Modules whose blocking calls all go through a limiter of their own (design invariant 3).
-#: (Other modules still use anyio's default limiter in places: not yet held to this.)
-OWN_LIMITERS = ("structenv.backends._ray", "structenv.backends._ray_node")
-
-
 def test_no_task_or_thread_outside_a_scope() -> None:
     """Design invariant 3: no ``asyncio.create_task``/``ensure_future``/``run_in_executor``
-    and no bare thread anywhere in ``src``; in :data:`OWN_LIMITERS`, every
-    ``anyio.to_thread.run_sync`` names a ``limiter=``."""
+    and no bare thread anywhere in ``src``."""
     bad = []
     for name in modules():
         for node in ast.walk(parsed(name)):
@@ -281,10 +275,29 @@ def test_no_task_or_thread_outside_a_scope() -> None:
             last = func.rsplit(".", 1)[-1]
             if last in ("create_task", "ensure_future", "run_in_executor", "Thread"):
                 bad.append(f"{name}:{node.lineno}: {func}(...)")
-            if (
-                name in OWN_LIMITERS
-                and func.endswith("to_thread.run_sync")
-                and not any(k.arg == "limiter" for k in node.keywords)
-            ):
-                bad.append(f"{name}:{node.lineno}: {func}(...) without limiter=")
     assert not bad, bad
+
+
+def test_blocking_calls_have_a_limiter() -> None:
+    """Invariant 3 (docs/design.md): every ``anyio.to_thread.run_sync`` in ``src`` passes a
+    dedicated ``limiter=``; anyio's default limiter is one pool of 40 threads shared by
+    everything in the process, so one subsystem's slow calls would starve another's. A bare
+    reference (an alias such as ``run = anyio.to_thread.run_sync``) counts as a call without
+    one, and so does ``from anyio.to_thread import run_sync``."""
+    bad = []
+    for name in sorted(modules()):
+        tree = parsed(name)
+        calls = {id(n.func): n for n in ast.walk(tree) if isinstance(n, ast.Call)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "anyio.to_thread":
+                bad.append(f"{name}:{node.lineno}: import the module, not run_sync")
+            if not (
+                isinstance(node, ast.Attribute)
+                and node.attr == "run_sync"
+                and ast.unparse(node.value).endswith("to_thread")
+            ):
+                continue
+            call = calls.get(id(node))
+            if call is None or not any(k.arg == "limiter" for k in call.keywords):
+                bad.append(f"{name}:{node.lineno}: {ast.unparse(node)} without limiter=")
+    assert not bad, "blocking calls without a dedicated CapacityLimiter:\n" + "\n".join(bad)

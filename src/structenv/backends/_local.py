@@ -131,7 +131,8 @@ class LocalBackend(HostedBackend):
             from .._spec import check_bind_roots
 
             self._bind_roots = await anyio.to_thread.run_sync(
-                functools.partial(check_bind_roots, self._bind_roots_opt, **self._bind_policy())
+                functools.partial(check_bind_roots, self._bind_roots_opt, **self._bind_policy()),
+                limiter=self._fs_limiter,
             )
 
     def _bind_policy(self) -> dict[str, Any]:
