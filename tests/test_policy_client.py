@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -266,3 +267,50 @@ async def test_agent_end_to_end_over_http(server: PolicyServer) -> None:
     roles = [m["role"] for m in result.messages]
     assert roles == ["system", "user", "assistant", "tool", "assistant"]
     assert json.loads(json.dumps(result.messages)) == result.messages
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "where"),
+    [
+        ("finish_reason", 3, "choices.0.finish_reason"),
+        ("prompt_token_ids", [1, True], "choices.0.prompt_token_ids.1"),
+        ("token_ids", "12", "choices.0.token_ids"),
+    ],
+)
+def test_both_routes_read_bodies_with_one_model_set(field: str, value: Any, where: str) -> None:
+    """The chat and the token-id completion routes share the response models (agent/_wire):
+    a field they have in common is refused alike, naming where it is."""
+    from structenv.agent._tokens import parse_token_completion
+
+    chat: dict[str, Any] = {"message": {"content": "x"}, "token_ids": [5], "prompt_token_ids": [1]}
+    text: dict[str, Any] = {
+        "text": "x",
+        "logprobs": {"tokens": ["token_id:5"], "token_logprobs": [-0.5]},
+        "token_ids": [5],
+        "prompt_token_ids": [1],
+    }
+    parse_chat_completion({"choices": [chat]}, token_ids=True)
+    parse_token_completion({"choices": [text]})
+    with pytest.raises(ProtocolError, match=f"^chat completion: {re.escape(where)}: "):
+        parse_chat_completion({"choices": [{**chat, field: value}]}, token_ids=True)
+    with pytest.raises(ProtocolError, match=f"^completion: {re.escape(where)}: "):
+        parse_token_completion({"choices": [{**text, field: value}]})
+
+
+def test_only_the_wire_models_read_completion_bodies() -> None:
+    """No second hand-written parser of ``choices`` grows back in the agent layer."""
+    import ast
+    import pathlib
+
+    import structenv.agent
+
+    root = pathlib.Path(structenv.agent.__file__).parent
+    readers = sorted(
+        path.name
+        for path in root.glob("*.py")
+        if any(
+            isinstance(node, ast.Constant) and node.value in ("choices", "token_logprobs")
+            for node in ast.walk(ast.parse(path.read_text()))
+        )
+    )
+    assert readers == [], readers

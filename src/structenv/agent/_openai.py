@@ -44,9 +44,10 @@ from tenacity import (
 )
 
 from .._exceptions import ContextExhaustedError, PolicyError, ProtocolError
-from ._parsing import parse_openai_tool_calls
 from ._policy import Completion
-from ._tokens import PromptRenderer, TrackedPolicy, parse_token_completion, with_chat_token_ids
+from ._tokens import PromptRenderer, TrackedPolicy
+from ._wire import parse_chat_completion as parse_chat_completion
+from ._wire import parse_token_completion
 
 __all__ = [
     "OpenAIPolicy",
@@ -447,65 +448,4 @@ class OpenAIPolicy:
             ) from exc
         if completions:
             return parse_token_completion(data)
-        completion = parse_chat_completion(data)
-        if self.config.token_ids == "chat":
-            completion = with_chat_token_ids(completion, data)
-        return completion
-
-
-def parse_chat_completion(data: Any) -> Completion:
-    """Turn a chat-completion JSON body into a :class:`Completion`; ``ProtocolError`` if invalid."""
-    if not isinstance(data, dict):
-        raise ProtocolError("chat completion must be a JSON object")
-    choices = data.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise ProtocolError(f"chat completion without choices: {str(data)[:200]}")
-    choice = choices[0]
-    message = choice.get("message")
-    if not isinstance(message, dict):
-        raise ProtocolError("chat completion choice without a message object")
-    content = message.get("content")
-    if content is not None and not isinstance(content, str):
-        raise ProtocolError("message.content must be a string or null")
-    text = content or ""
-    finish_reason = choice.get("finish_reason")
-    if finish_reason is not None and not isinstance(finish_reason, str):
-        raise ProtocolError("finish_reason must be a string or null")
-    raw_calls = message.get("tool_calls")
-    if raw_calls is not None and not isinstance(raw_calls, list):
-        raise ProtocolError("message.tool_calls must be a list or null")
-    calls, errors = parse_openai_tool_calls(raw_calls or [])
-    logprobs = _logprobs(choice.get("logprobs"))
-    if logprobs is not None and not logprobs and text:
-        logprobs = None  # an empty list for a non-empty answer is no information
-    return Completion(
-        text=text,
-        tool_calls=calls,
-        tool_call_errors=errors,
-        raw_tool_calls=raw_calls or None,
-        finish_reason=finish_reason,
-        completion_logprobs=logprobs,
-        logprobs_available=logprobs is not None,
-    )
-
-
-def _logprobs(block: Any) -> list[float] | None:
-    if block is None:
-        return None
-    if not isinstance(block, dict):
-        raise ProtocolError("choice.logprobs must be an object or null")
-    content = block.get("content")
-    if content is None:
-        return None
-    if not isinstance(content, list):
-        raise ProtocolError("choice.logprobs.content must be a list or null")
-    values: list[float] = []
-    for entry in content:
-        value = entry.get("logprob") if isinstance(entry, dict) else None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ProtocolError(f"logprob entry without a numeric logprob: {str(entry)[:100]}")
-        value = float(value)
-        if not math.isfinite(value) or value > 1e-6:
-            raise ProtocolError(f"invalid logprob {value}")
-        values.append(min(value, 0.0))
-    return values
+        return parse_chat_completion(data, token_ids=self.config.token_ids == "chat")

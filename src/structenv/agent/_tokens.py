@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .._exceptions import ProtocolError
 from ._policy import Completion
+from ._wire import parse_token_completion as parse_token_completion
 
 if TYPE_CHECKING:
     from ._openai import OpenAIPolicy
@@ -45,7 +44,6 @@ __all__ = [
     "TrackedPolicy",
     "TrackedTurn",
     "parse_token_completion",
-    "with_chat_token_ids",
 ]
 
 log = logging.getLogger("structenv.agent")
@@ -331,107 +329,3 @@ class TrackedPolicy:
     def sequence(self) -> tuple[list[int], list[int], list[float] | None] | None:
         """``(tokens, masks, logprobs)`` so far (see :meth:`TokenTracker.sequence`)."""
         return self.tracker.sequence() if self.tracker is not None else None
-
-
-# --------------------------------------------------------------------------- parsing
-
-
-def _finite_logprob(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ProtocolError(f"{what}: logprob {value!r} is not a number")
-    number = float(value)
-    if not math.isfinite(number) or number > 1e-6:
-        raise ProtocolError(f"{what}: invalid logprob {number}")
-    return min(number, 0.0)
-
-
-def _token_id(token: Any) -> int:
-    # return_tokens_as_token_ids: each token is "token_id:<id>".
-    if isinstance(token, str) and token.startswith("token_id:"):
-        try:
-            return int(token[len("token_id:") :])
-        except ValueError:
-            pass
-    raise ProtocolError(f"token {str(token)[:50]!r} is not 'token_id:<id>' (is this vLLM?)")
-
-
-def _int_list(value: Any, what: str) -> list[int]:
-    if not isinstance(value, list) or not all(
-        isinstance(i, int) and not isinstance(i, bool) for i in value
-    ):
-        raise ProtocolError(f"{what} must be a list of token ids")
-    return list(value)
-
-
-def parse_token_completion(data: Any) -> Completion:
-    """A ``/v1/completions`` body (token-id prompt, ``logprobs: 0``,
-    ``return_tokens_as_token_ids``) as a :class:`Completion` with token ids and logprobs.
-
-    The completion's token ids come from ``logprobs.tokens``; if the server also returned
-    ``token_ids`` (``return_token_ids``) they must agree. ``prompt_token_ids``, when given,
-    becomes ``prompt_tokens``.
-
-    Raises:
-        ProtocolError: Not such a body.
-    """
-    if not isinstance(data, dict):
-        raise ProtocolError("completion must be a JSON object")
-    choices = data.get("choices")
-    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
-        raise ProtocolError(f"completion without choices: {str(data)[:200]}")
-    choice = choices[0]
-    text = choice.get("text")
-    if not isinstance(text, str):
-        raise ProtocolError("completion choice without text")
-    finish = choice.get("finish_reason")
-    if finish is not None and not isinstance(finish, str):
-        raise ProtocolError("finish_reason must be a string or null")
-    block = choice.get("logprobs")
-    if not isinstance(block, dict):
-        raise ProtocolError("completion without logprobs (the server ignored logprobs: 0)")
-    tokens, values = block.get("tokens"), block.get("token_logprobs")
-    if not isinstance(tokens, list) or not isinstance(values, list) or len(tokens) != len(values):
-        raise ProtocolError("logprobs.tokens and logprobs.token_logprobs must be equal lists")
-    ids = [_token_id(t) for t in tokens]
-    logprobs = [_finite_logprob(v, "completion") for v in values]
-    if choice.get("token_ids") is not None:
-        returned = _int_list(choice["token_ids"], "choice.token_ids")
-        if returned != ids:
-            raise ProtocolError("choice.token_ids disagree with logprobs.tokens")
-    prompt = choice.get("prompt_token_ids", data.get("prompt_token_ids"))
-    if not ids and text:
-        raise ProtocolError("a non-empty completion without tokens")
-    return Completion(
-        text=text,
-        finish_reason=finish,
-        prompt_tokens=_int_list(prompt, "prompt_token_ids") if prompt is not None else None,
-        completion_tokens=ids,
-        completion_logprobs=logprobs,
-        logprobs_available=True,
-    )
-
-
-def with_chat_token_ids(completion: Completion, data: Mapping[str, Any]) -> Completion:
-    """Add vLLM's ``return_token_ids`` fields of a chat completion body to ``completion``.
-
-    Raises:
-        ProtocolError: The body has no token ids (the server does not support
-            ``return_token_ids``) or they do not match the logprobs.
-    """
-    choice = data["choices"][0]
-    prompt = choice.get("prompt_token_ids", data.get("prompt_token_ids"))
-    ids = choice.get("token_ids")
-    if prompt is None or ids is None:
-        raise ProtocolError(
-            "the chat completion has no prompt_token_ids/token_ids: the server does not "
-            "support return_token_ids (vLLM >= 0.10.2 does); use token_ids='completions'"
-        )
-    ids = _int_list(ids, "choice.token_ids")
-    logprobs = completion.completion_logprobs
-    if logprobs is not None and len(logprobs) != len(ids):
-        raise ProtocolError(f"{len(ids)} token ids but {len(logprobs)} logprobs")
-    return dataclasses.replace(
-        completion,
-        prompt_tokens=_int_list(prompt, "prompt_token_ids"),
-        completion_tokens=ids,
-    )
