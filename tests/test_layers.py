@@ -33,6 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "structenv._emergency",
             "structenv._runner",
             "structenv._main",
+            "structenv._logging",
             "structenv._process",
             "structenv._viewer",
             "structenv._abc",

@@ -185,3 +185,70 @@ def test_programmatic_process_manager_from_a_fresh_process(tmp_path: Path, cache
     assert f"PATH {jsonl}" in lines
     assert len(jsonl.read_text().splitlines()) == 1
     assert not child_processes()
+
+
+#: An env module that configures logging itself, at DEBUG, when imported (as a user's might,
+#: or as atroposlib's own module-level ``logging.warning`` does at WARNING).
+NOISY_ENV = HELLO_ENV.replace(
+    "from structenv.adapters import ExecTool",
+    "import logging\nlogging.basicConfig(level=logging.DEBUG)\n"
+    "from structenv.adapters import ExecTool",
+).replace(
+    "    async def get_next_item(self):\n",
+    "    async def get_next_item(self):\n"
+    "        logging.getLogger('hello_env').debug('my own debug line')\n",
+)
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_cli_keeps_library_noise_at_warning_unless_debug(
+    debug: bool, tmp_path: Path, cache_dir: Path
+) -> None:
+    assert "my own debug line" in NOISY_ENV and "basicConfig" in NOISY_ENV
+    (tmp_path / "noisy_env.py").write_text(NOISY_ENV)
+    proc = subprocess.run(
+        [_structenv(), "run", "noisy_env:HelloFileEnv", "--offline", "--groups", "1",
+         "--group-size", "2", "--mistake-rate", "0", "--out", str(tmp_path / "out"), "--quiet",
+         "--env.agent_max_steps", "4", *(["--debug"] if debug else [])],
+        capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,
+        env=_user_env(cache_dir),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The user's own DEBUG configuration still works for the user's loggers.
+    assert "my own debug line" in proc.stderr
+    # atroposlib's per-item DEBUG lines and httpx's per-request INFO lines only with --debug.
+    noise = [
+        line
+        for line in proc.stderr.splitlines()
+        if "atroposlib" in line or "httpx" in line or "HTTP Request:" in line
+    ]
+    if debug:
+        assert any("atroposlib" in line for line in noise), proc.stderr[-3000:]
+    else:
+        assert noise == [], noise[:5]
+
+
+LIBRARY_LOGGING = """
+import logging
+import structenv
+import structenv.adapters.atropos
+import atroposlib.envs.base
+
+root = logging.getLogger()
+assert root.handlers == [], ("importing structenv configured logging", root.handlers)
+logging.basicConfig(level=logging.INFO)  # the application's choice
+pinned = logging.getLogger("atroposlib.envs.base")
+assert not pinned.isEnabledFor(logging.DEBUG), "atroposlib's DEBUG ignores the app's INFO"
+assert logging.getLogger("httpx").isEnabledFor(logging.INFO), "a library must not quiet httpx"
+root.setLevel(logging.DEBUG)
+assert pinned.isEnabledFor(logging.DEBUG), "atroposlib no longer follows the app's level"
+print("OK")
+"""
+
+
+def test_importing_structenv_leaves_the_applications_logging_alone(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", LIBRARY_LOGGING], capture_output=True, text=True, timeout=120,
+        check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip() == "OK", proc.stderr[-2000:]

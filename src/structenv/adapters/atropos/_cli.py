@@ -39,6 +39,7 @@ from typing import Any
 from pydantic import BaseModel, model_validator
 
 from ..._exceptions import ConfigError
+from ..._logging import configure_cli_logging
 from ..._main import report_error, run_until_signal
 
 __all__ = [
@@ -283,6 +284,7 @@ def run_cli(env_cls: Any, base_cli: Callable[[], None]) -> None:
         for field in OBJECT_FIELDS:
             argv = fold_model_flags(argv, f"env.{field}")
         sys.argv = [sys.argv[0], *normalize_argv(argv, fields)]
+        configure_cli_logging(debug=debug)
         token = _cli_prog.set(prog)
         try:
             base_cli()

@@ -261,9 +261,11 @@ def run_env(options: RunOptions, body: Callable[[RunOptions], Awaitable[int]] | 
     ``body`` replaces what runs inside (default: :func:`collect_run` and the summary table);
     ``structenv bench env`` gives its own, with the same environment, signals and errors.
     """
+    from ..._logging import configure_cli_logging
     from ..._main import report_error, run_until_signal
 
     args = options.args
+    configure_cli_logging(debug=args.debug)
     if args.groups < 1 or args.group_size < 1:
         print(f"{options.prog}: error: --groups and --group-size must be >= 1", file=sys.stderr)
         return 2
