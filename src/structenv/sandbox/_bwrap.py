@@ -96,12 +96,16 @@ _NOT_SOURCES = ("/", "/proc", "/sys", "/dev", "/run", "/var/run", "/etc", "/root
 
 
 def editable_sources() -> list[str]:
-    """Source directories of packages installed in editable mode into this interpreter.
+    """What editable installs into this interpreter make importable: the paths to bind.
 
-    Read from its site-packages: absolute directories listed in ``*.pth`` files and the
-    ``MAPPING`` of setuptools' ``__editable___*_finder.py`` modules. Bound read-only into
-    default slots, so ``python3 -c "import mypkg"`` works there as on the host. Whole homes,
-    ``/etc``, ``/tmp`` and kernel directories are never bound this way.
+    Read from its site-packages: for a directory listed in a ``*.pth`` file, its top-level
+    packages (directories with an ``__init__.py``), modules (``*.py`` and extension modules
+    with an importable name) and ``*.egg-info`` metadata, never the directory itself; for
+    setuptools' ``__editable___*_finder.py`` modules, each package or module path of their
+    ``MAPPING``. Bound read-only into default slots, so ``python3 -c "import mypkg"`` works
+    there as on the host, while the rest of a checkout (``.git``, ``.env``, ``README``,
+    ``pyproject.toml``, credentials next to the code) stays out (docs/design.md, threat
+    model). Hidden entries, homes, ``/etc``, ``/tmp`` and kernel directories are never bound.
     """
     global _EDITABLE
     if _EDITABLE is not None:
@@ -110,7 +114,6 @@ def editable_sources() -> list[str]:
     import re
     import sysconfig
 
-    found: list[str] = []
     site = sysconfig.get_paths().get("purelib", "")
     candidates: list[str] = []
     for pth in sorted(glob.glob(os.path.join(site, "*.pth"))):
@@ -119,7 +122,9 @@ def editable_sources() -> list[str]:
                 lines = f.read(1 << 16).splitlines()
         except OSError:
             continue
-        candidates += [ln.strip() for ln in lines if ln.startswith("/")]
+        for line in lines:
+            if line.startswith("/") and os.path.isdir(line.strip()):
+                candidates += _importable_entries(line.strip())
     for finder in sorted(glob.glob(os.path.join(site, "__editable___*_finder.py"))):
         try:
             with open(finder) as f:
@@ -128,17 +133,41 @@ def editable_sources() -> list[str]:
             mapping = ast.literal_eval(match.group(1)) if match else {}
         except (OSError, ValueError, SyntaxError):
             continue
-        candidates += [os.path.dirname(str(v)) for v in dict(mapping).values()]
+        candidates += [str(v) for v in dict(mapping).values()]
+    found: list[str] = []
     for path in candidates:
         real = os.path.realpath(path)
-        if not os.path.isdir(real) or real in _NOT_SOURCES:
+        if not os.path.exists(real) or real in _NOT_SOURCES:
             continue
         if any(real.startswith(p + "/") for p in _NOT_SOURCES[1:7]):
+            continue
+        if os.path.basename(real).startswith("."):
             continue
         if real not in found and not any(real.startswith(f + "/") for f in found):
             found.append(real)
     _EDITABLE = found
     return found
+
+
+def _importable_entries(directory: str) -> list[str]:
+    """The top-level packages, modules and egg-info of a ``sys.path`` directory."""
+    out: list[str] = []
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return out
+    for name in names:
+        path = os.path.join(directory, name)
+        if name.startswith("."):
+            continue
+        if os.path.isdir(path):
+            if name.endswith(".egg-info") or (
+                name.isidentifier() and os.path.isfile(os.path.join(path, "__init__.py"))
+            ):
+                out.append(path)
+        elif name.split(".", 1)[0].isidentifier() and name.endswith((".py", ".so", ".pyd")):
+            out.append(path)
+    return out
 
 
 def _effective_caps() -> int:
