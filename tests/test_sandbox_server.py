@@ -309,3 +309,120 @@ async def test_a_connection_the_server_closed_while_idle_is_not_reused(
         with anyio.fail_after(10):
             await anyio.wait_readable(idle.sock)  # type: ignore[attr-defined]
         assert (await slot.exec(ExecRequest("echo two"))).stdout == b"two\n"
+
+
+#: Run in a process of its own: the server must own a mount namespace (as ``python -m
+#: structenv.sandbox`` does) for the per-slot tmpfs (workspace quota, /tmp and /dev/shm with
+#: their inode caps) to be mounted and remounted on every reset.
+_REMOUNT_SCRIPT = r"""
+import json, os, sys
+import anyio, anyio.from_thread
+from structenv import ExecRequest
+from structenv.sandbox import SandboxServer, ServerConfig, _bwrap, _runtime
+from structenv.sandbox._runtime import Limits, SlotBroken
+
+backend, target, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+assert _bwrap.private_mounts(), "no mount namespace of its own"
+INODES = 2048
+calls = []
+
+
+def mounts_under(path):
+    with open("/proc/self/mountinfo") as f:
+        return sorted(ln.split()[4] for ln in f if ln.split()[4].startswith(path))
+
+
+def sleepers():
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read() == b"sleep\0" + b"4321\0":
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+async def main():
+    config = ServerConfig(slots=1, workdir=workdir, socket_path=os.path.join(workdir, "s.sock"),
+                          limits=Limits(inodes=INODES, disk=64 << 20, tmp_size=64 << 20))
+    server = SandboxServer(config)
+    out = {}
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.serve)
+        (rt,) = server.slots
+        out["scratch"], out["quota"] = rt.scratch, rt.quota
+        dirty = "echo d > /tmp/m; echo d > /dev/shm/m; echo d > /workspace/m; sleep 4321 &"
+        assert (await rt.exec(ExecRequest(dirty))).exit_code == 0
+        scope = anyio.CancelScope()
+
+        def hook(real, name):
+            def wrapped(path, *args, **kwargs):
+                calls.append(f"{name} {os.path.basename(path)}")
+                if len(calls) == target:
+                    anyio.from_thread.run_sync(scope.cancel)
+                return real(path, *args, **kwargs)
+            return wrapped
+
+        for name in ("unmount", "mount_tmpfs", "mount_quota"):
+            setattr(_runtime, name, hook(getattr(_runtime, name), name))
+        with scope:
+            await rt.hard_reset()
+        out["calls"], out["cancelled"], out["state"] = calls, scope.cancelled_caught, rt.state
+        try:
+            await rt.exec(ExecRequest("cat /tmp/m"))
+            out["handed_out"] = True
+        except SlotBroken:
+            out["handed_out"] = False
+        out["sleepers_after_cancel"] = sleepers()
+        await rt.hard_reset()  # the next lease's reset
+        probe = "cat /tmp/m /dev/shm/m /workspace/m 2>/dev/null; "
+        probe += "df --output=itotal /tmp | tail -1"
+        result = await rt.exec(ExecRequest(probe))
+        out["after"] = result.stdout.decode().split()
+        tg.cancel_scope.cancel()
+    out["mounts_after_stop"] = mounts_under(workdir)
+    out["sleepers_after_stop"] = sleepers()
+    print(json.dumps(out))
+
+
+anyio.run(main, backend=backend)
+"""
+
+
+#: The calls of a hard reset that touch the per-slot tmpfs, in order: the workspace quota and
+#: the slot's /tmp and /dev/shm unmounted, then mounted afresh with their inode caps.
+_REMOUNT_STEPS = [
+    "unmount slot-0",
+    "unmount slot-0.tmp",
+    "unmount slot-0.shm",
+    "mount_quota slot-0",
+    "mount_tmpfs slot-0.tmp",
+    "mount_tmpfs slot-0.shm",
+]
+
+
+@pytest.mark.parametrize("step", range(1, len(_REMOUNT_STEPS) + 1))
+def test_reset_cancelled_at_the_tmpfs_remount_leaks_nothing_and_is_not_handed_out(
+    tmp_path: object, step: int, anyio_backend: str
+) -> None:
+    """Cancelled while it unmounts or remounts the slot's capped tmpfs (the cancellation
+    lands while the mount call runs in its thread): the slot stays down, so nothing is handed
+    out dirty; the next reset gives an empty slot with its inode cap; stopping the server
+    leaves no mount and no process of the slot."""
+    import subprocess
+
+    workdir = os.path.join(str(tmp_path), "host")
+    proc = subprocess.run(
+        [sys.executable, "-c", _REMOUNT_SCRIPT, anyio_backend, str(step), workdir],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (out["scratch"], out["quota"]) == ("mount", True)
+    assert out["calls"][:step] == _REMOUNT_STEPS[:step]
+    assert out["cancelled"] and out["state"] != "ready" and not out["handed_out"], out
+    assert out["sleepers_after_cancel"] == [], out
+    assert out["after"] == ["2048"], out  # no file of the last lease; /tmp capped again
+    assert out["mounts_after_stop"] == [] and out["sleepers_after_stop"] == [], out
