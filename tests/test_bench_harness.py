@@ -114,3 +114,42 @@ def test_tables_are_not_cut_and_nan_is_marked(
     path = _report.write_results("x", {"a": math.nan, "b": [math.inf, 1.5]}, tmp_path / "r")
     assert json.loads(path.read_text()) == {"a": None, "b": [None, 1.5]}  # valid JSON
     assert path.is_absolute()
+
+
+@pytest.mark.anyio
+async def test_bench_exec_batches_per_host() -> None:
+    """``structenv bench exec``'s batched path sends one ``exec_batch`` per host (the backend
+    refuses slots of two hosts in one batch; the quick run crashed on it)."""
+    from structenv._bench.exec import _batched
+    from structenv.backends import LocalBackend
+
+    async with LocalBackend(hosts=2, slots_per_host=1) as backend:
+        slots = [await backend.acquire_slot() for _ in range(2)]
+        assert len({slot.host_id for slot in slots}) == 2
+        try:
+            stats = await _batched(backend, slots, 3)
+        finally:
+            for slot in slots:
+                await backend.release_slot(slot, reusable=True)
+    assert stats["n"] == 6
+
+
+def test_quick_modes_are_small() -> None:
+    """What keeps ``--quick`` near its promised time (docs/benchmarks.md): dispatch stops at
+    1,000 trajectories (10,000 alone took 20-90 s here)."""
+    from structenv._bench import dispatch
+
+    assert max(dispatch.QUICK_SIZES) == 1000 and max(dispatch.FULL_SIZES) == 10000
+
+
+@pytest.mark.docker
+def test_bench_specs_without_its_image_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STRUCTENV_TEST_IMAGE", "structenv-sandbox:no-such-tag")
+    assert main(["bench", "specs", "--quick", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (
+        "structenv bench: image 'structenv-sandbox:no-such-tag' does not exist in the local "
+        "Docker Engine: build it with `structenv image build --tag "
+        "structenv-sandbox:no-such-tag`\n"
+    )

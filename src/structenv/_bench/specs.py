@@ -201,6 +201,7 @@ def run(*, quick: bool = False, out: Path, image: str | None = None) -> dict[str
     image = image or os.environ.get("STRUCTENV_TEST_IMAGE") or DEFAULT_TAG
     rounds = 5 if quick else 20
     spec = SandboxSpec(image=image, name="task-image")
+    _cache_entry(spec)  # a missing image is one line (ConfigError) before anything starts
 
     async def local() -> dict[str, Any]:
         async with LocalBackend(hosts=1, slots_per_host=2) as backend:

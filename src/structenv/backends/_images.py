@@ -198,10 +198,20 @@ def _sweep(root: str) -> None:
 
 def rootfs_entry(image: str, cache: str | None = None) -> str | None:
     """The cache entry of ``image``'s exported rootfs, or ``None`` if it was not exported
-    (blocking; for reports such as ``structenv bench specs``)."""
+    (blocking; for reports such as ``structenv bench specs``).
+
+    Raises:
+        ConfigError: The image does not exist in the local Docker Engine.
+    """
+    docker = _sdk()
     client = _client()
     try:
         digest = str(client.images.get(image).id).split(":")[-1]
+    except docker.errors.ImageNotFound:
+        raise ConfigError(
+            f"image {image!r} does not exist in the local Docker Engine: build it with "
+            f"`structenv image build --tag {image}`"
+        ) from None
     finally:
         client.close()
     path = os.path.join(cache or cache_dir(), "rootfs", digest)
