@@ -365,7 +365,7 @@ async def main():
                 return real(path, *args, **kwargs)
             return wrapped
 
-        for name in ("unmount", "mount_tmpfs", "mount_quota"):
+        for name in ("unmount", "mount_tmpfs", "mount_quota", "mount_devpts"):
             setattr(_runtime, name, hook(getattr(_runtime, name), name))
         with scope:
             await rt.hard_reset()
@@ -391,15 +391,17 @@ anyio.run(main, backend=backend)
 """
 
 
-#: The calls of a hard reset that touch the per-slot tmpfs, in order: the workspace quota and
-#: the slot's /tmp and /dev/shm unmounted, then mounted afresh with their inode caps.
+#: The calls of a hard reset that touch the per-slot mounts, in order: the workspace quota,
+#: the slot's /tmp and /dev/shm and its devpts unmounted, then mounted afresh with their caps.
 _REMOUNT_STEPS = [
     "unmount slot-0",
     "unmount slot-0.tmp",
     "unmount slot-0.shm",
+    "unmount slot-0.pts",
     "mount_quota slot-0",
     "mount_tmpfs slot-0.tmp",
     "mount_tmpfs slot-0.shm",
+    "mount_devpts slot-0.pts",
 ]
 
 
