@@ -7,6 +7,11 @@ import os
 import shutil
 import subprocess
 
+import pytest
+
+from structenv import ConfigError, SandboxSpec
+from structenv.abc import SandboxBackend
+
 #: Programs a test rootfs holds (with the libraries they load).
 PROGRAMS = ("bash", "sh", "cat", "ls", "id", "echo", "touch", "ln", "readlink", "stat", "mkdir")
 
@@ -54,3 +59,27 @@ def make_rootfs(dest: str, programs: tuple[str, ...] = PROGRAMS, *, marker: str 
     with open(os.path.join(dest, "etc", "marker"), "w") as f:
         f.write(marker)
     return dest
+
+
+def host_file_specs() -> list[tuple[SandboxSpec, str]]:
+    """Specs that need files from the driver's machine (an image, a Dockerfile, a rootfs
+    directory, binds), each with the name a refusal gives it: what a backend whose hosts run
+    elsewhere (Nomad, Modal, Ray) refuses before anything runs."""
+    return [
+        (SandboxSpec(image="task:1"), "image"),
+        (SandboxSpec(dockerfile="/t/Dockerfile"), "dockerfile"),
+        (SandboxSpec(rootfs="/srv/rootfs"), "rootfs"),
+        (SandboxSpec(binds=["/srv/data:/data"]), "binds"),
+    ]
+
+
+async def assert_host_file_spec_refused(
+    backend: SandboxBackend, spec: SandboxSpec, what: str
+) -> None:
+    """``backend`` refuses ``spec`` with a one-line ConfigError naming ``what``, before
+    anything runs, and still prepares specs that travel (env, workdir)."""
+    name = type(backend).__name__
+    with pytest.raises(ConfigError, match=f"{name} does not support a spec's {what}"):
+        await backend.acquire_slot(spec)
+    assert backend.statistics().acquires == 0
+    await backend.prepare_spec(SandboxSpec(env={"A": "1"}, workdir="repo"))

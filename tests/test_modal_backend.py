@@ -10,7 +10,8 @@ from typing import Any
 import anyio
 import pytest
 
-from structenv import ConfigError, ExecRequest, SandboxSpec
+from spec_support import assert_host_file_spec_refused, host_file_specs
+from structenv import ExecRequest, SandboxSpec
 from structenv.backends._modal import ModalBackend, reap_sandboxes
 from structenv.backends._ownership import LABEL_OWNER_START, LABEL_RUN
 from structenv.testing import check_backend, child_processes, cmdline
@@ -116,15 +117,7 @@ async def test_cancelled_start_and_acquire_leave_nothing() -> None:
         assert b.statistics().leased == 0 and not fake.running() and not servers()
 
 
-@pytest.mark.parametrize(
-    ("spec", "what"),
-    [
-        (SandboxSpec(image="task:1"), "image"),
-        (SandboxSpec(dockerfile="/t/Dockerfile"), "dockerfile"),
-        (SandboxSpec(rootfs="/srv/rootfs"), "rootfs"),
-        (SandboxSpec(binds=["/srv/data:/data"]), "binds"),
-    ],
-)
+@pytest.mark.parametrize(("spec", "what"), host_file_specs())
 async def test_specs_with_host_files_are_refused_before_anything_runs(
     spec: SandboxSpec, what: str
 ) -> None:
@@ -132,7 +125,4 @@ async def test_specs_with_host_files_are_refused_before_anything_runs(
     there (docs/environments.md, backend table)."""
     async with open_modal_fake() as fake:
         async with backend(fake) as b:
-            with pytest.raises(ConfigError, match=f"ModalBackend does not support a spec's {what}"):
-                await b.acquire_slot(spec)
-            assert b.statistics().acquires == 0
-            await b.prepare_spec(SandboxSpec(env={"A": "1"}, workdir="repo"))  # these are fine
+            await assert_host_file_spec_refused(b, spec, what)

@@ -13,7 +13,8 @@ import anyio
 import httpx
 import pytest
 
-from structenv import BackendError, ConfigError, ExecRequest, SandboxSpec, SlotBrokenError
+from spec_support import assert_host_file_spec_refused, host_file_specs
+from structenv import BackendError, ExecRequest, SandboxSpec, SlotBrokenError
 from structenv.backends._nomad import NomadBackend, reap_jobs
 from structenv.backends._ownership import LABEL_OWNER_PID, LABEL_OWNER_START
 from structenv.testing import check_backend, child_processes, cmdline
@@ -221,15 +222,7 @@ async def test_structenv_reap_cli_purges_dead_owners_jobs() -> None:
             assert set(fake.jobs) == {"structenv-live2"}
 
 
-@pytest.mark.parametrize(
-    ("spec", "what"),
-    [
-        (SandboxSpec(image="task:1"), "image"),
-        (SandboxSpec(dockerfile="/t/Dockerfile"), "dockerfile"),
-        (SandboxSpec(rootfs="/srv/rootfs"), "rootfs"),
-        (SandboxSpec(binds=["/srv/data:/data"]), "binds"),
-    ],
-)
+@pytest.mark.parametrize(("spec", "what"), host_file_specs())
 async def test_specs_with_host_files_are_refused_before_anything_runs(
     spec: SandboxSpec, what: str
 ) -> None:
@@ -237,7 +230,4 @@ async def test_specs_with_host_files_are_refused_before_anything_runs(
     there (docs/environments.md, backend table)."""
     async with open_nomad_fake() as fake:
         async with backend(fake) as b:
-            with pytest.raises(ConfigError, match=f"NomadBackend does not support a spec's {what}"):
-                await b.acquire_slot(spec)
-            assert b.statistics().acquires == 0
-            await b.prepare_spec(SandboxSpec(env={"A": "1"}, workdir="repo"))  # these are fine
+            await assert_host_file_spec_refused(b, spec, what)

@@ -35,7 +35,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import anyio
@@ -49,10 +49,9 @@ from ray.cluster_utils import Cluster
 from structenv import ConfigError, ExecRequest, SandboxSpec, SlotBrokenError
 from structenv._bench.ray import measure as measure_ray
 from structenv._reap import main as reap_main
-from structenv.abc import BackendStatistics, ResultCallback, SandboxBackend, Slot
 from structenv.backends import RayBackend
 from structenv.backends._ray_node import HostActor
-from structenv.testing import check_backend
+from structenv.testing import BorrowedBackend, check_backend
 
 pytestmark = pytest.mark.anyio
 
@@ -197,47 +196,6 @@ def _workdirs(run_id: str) -> list[str]:
     return found
 
 
-class _Borrowed(SandboxBackend):
-    """A started backend lent to one contract check: entering and closing it do nothing,
-    everything else goes to the backend (the checks that start and close a backend get a
-    fresh one)."""
-
-    def __init__(self, inner: RayBackend) -> None:
-        self.inner = inner
-
-    async def _start(self) -> None:
-        await anyio.lowlevel.checkpoint()
-
-    async def aclose(self) -> None:
-        await anyio.lowlevel.checkpoint()
-
-    @property
-    def capacity(self) -> int:
-        return self.inner.capacity
-
-    @property
-    def sandboxed(self) -> bool:
-        return self.inner.sandboxed
-
-    @property
-    def allow_network(self) -> bool:
-        return self.inner.allow_network
-
-    async def acquire_slot(self, spec: SandboxSpec | None = None) -> Slot:
-        return await self.inner.acquire_slot(spec)
-
-    async def release_slot(self, slot: Slot, *, reusable: bool) -> None:
-        await self.inner.release_slot(slot, reusable=reusable)
-
-    async def exec_batch(
-        self, calls: Sequence[tuple[Slot, ExecRequest]], on_result: ResultCallback
-    ) -> None:
-        await self.inner.exec_batch(calls, on_result)
-
-    def statistics(self) -> BackendStatistics:
-        return self.inner.statistics()
-
-
 async def test_contract(shared: RayBackend) -> None:
     """The contract suite: the checks of a start and a close on fresh backends, the others
     on the shared one, all at once (the fresh backends start while the others run)."""
@@ -245,7 +203,7 @@ async def test_contract(shared: RayBackend) -> None:
     passed: list[str] = []
 
     async def run(**which: Any) -> None:
-        factory = (lambda: _Borrowed(shared)) if "skip" in which else (lambda: _backend())
+        factory = (lambda: BorrowedBackend(shared)) if "skip" in which else (lambda: _backend())
         passed.extend(await check_backend(factory, deadline=90, **which))
 
     async with anyio.create_task_group() as tg:

@@ -15,6 +15,7 @@ import pytest
 
 from structenv import ExecRequest, SlotPool
 from structenv.testing import (
+    BorrowedBackend,
     FakeBackend,
     LeakChecker,
     LeakError,
@@ -38,6 +39,23 @@ async def test_fake_backend_passes_the_contract_suite() -> None:
     )
     assert "reset_and_stale_lease" in passed
     assert len(passed) == 10
+
+
+async def test_a_borrowed_backend_runs_the_checks_and_leaves_its_owner_open() -> None:
+    # One started backend serves every check that needs no fresh one; closing the borrowed
+    # wrapper (each check does) leaves it open for its owner, with nothing leased.
+    owner = FakeBackend(hosts=2, slots_per_host=2)
+    fresh = {"lifecycle", "idempotent_close", "deadline_beats_a_stubborn_exec"}
+    async with owner:
+        passed = await check_backend(lambda: BorrowedBackend(owner), skip=fresh)
+        assert len(passed) == 8 and "cancelled_acquire" in passed
+        borrowed = BorrowedBackend(owner)
+        async with borrowed:
+            pass
+        slot = await owner.acquire_slot()  # the owner still serves after the wrapper closed
+        assert (await slot.exec(ExecRequest("true"))).exit_code == 0
+        await owner.release_slot(slot, reusable=True)
+        assert owner.statistics().leased == 0 and borrowed.capacity == owner.capacity == 4
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])

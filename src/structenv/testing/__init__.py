@@ -7,6 +7,7 @@ pytest plugin :mod:`structenv.testing.pytest_plugin`; docs/testing.md shows ever
 from ._clock import VirtualTimeEventLoop as VirtualTimeEventLoop
 from ._clock import virtual_time_backend as virtual_time_backend
 from ._contract import BackendFactory as BackendFactory
+from ._contract import BorrowedBackend as BorrowedBackend
 from ._contract import check_backend as check_backend
 from ._fake import ExecHandler as ExecHandler
 from ._fake import FakeBackend as FakeBackend
@@ -33,6 +34,7 @@ from ._policy_server import task_marker as task_marker
 
 __all__ = [
     "BackendFactory",
+    "BorrowedBackend",
     "ExecHandler",
     "FakeAllocation",
     "FakeBackend",
