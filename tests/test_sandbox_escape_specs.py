@@ -105,30 +105,43 @@ async def test_a_slot_cannot_take_the_machines_aio_events() -> None:
 
 
 _PTYS = r"""
-import os
+import os, sys, time
 fds = []
 try:
     while len(fds) < 200:
         fds.append(os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY))
 except OSError as exc:
     print(exc.strerror)
-print(len(fds))
+print(len(fds), flush=True)
+time.sleep(float(sys.argv[1]) if len(sys.argv) > 1 else 0)  # hold them
 """
 
 
-async def test_a_slot_cannot_take_the_machines_terminals() -> None:
+@pytest.mark.parametrize("kind", ["local", pytest.param("docker", marks=pytest.mark.docker)])
+async def test_a_slot_cannot_take_the_machines_terminals(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
     # Every devpts instance but the host's first shares kernel.pty.max - kernel.pty.reserve
     # (3,072): bwrap's /dev/pts has no cap of its own, and three processes of one slot held
-    # them all, so no other slot could start a terminal (tmux).
-    async with local_backend(slots_per_host=1) as backend:
+    # them all, so no other slot could start a terminal (tmux). In a container the server
+    # cannot mount, so the engine mounts each slot's capped devpts (200 of 200 before).
+    if kind == "local":
+        backend: SandboxBackend = local_backend(slots_per_host=2)
+    else:
+        request.getfixturevalue("docker_image")
+        backend = docker_backend(slots_per_host=2)
+    async with backend:
         pool = SlotPool(backend)
         for _ in range(2):  # the next lease gets the whole allowance again
-            async with pool.slot() as slot:
+            async with pool.slot() as a, pool.slot() as b:
+                slot, sibling = sorted((a, b), key=lambda s: s.id)  # the same holder twice
                 await slot.write_file("ptys.py", _PTYS.encode())
-                got = await slot.exec(sh("python3 ptys.py"))
+                got = await slot.exec(
+                    sh("mkfifo f; (python3 ptys.py 60 > f 2>/dev/null &); sed '/^[0-9]/q' f")
+                )
                 assert got.stdout == f"No space left on device\n{SLOT_PTYS}\n".encode(), got
-                # A terminal still works.
-                got = await slot.exec(sh("script -qc tty /dev/null"))
+                # While the slot holds all of its own, its sibling's terminals still work.
+                got = await sibling.exec(sh("script -qc tty /dev/null"))
                 assert got.stdout.startswith(b"/dev/pts/"), got
 
 

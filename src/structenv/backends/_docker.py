@@ -82,7 +82,7 @@ from .._exceptions import BackendError, ConfigError, SandboxUnavailableError
 from .._image import DEFAULT_TAG
 from .._spec import SandboxSpec
 from ..sandbox import _seccomp
-from ..sandbox._bwrap import DEFAULT_PATH
+from ..sandbox._bwrap import DEFAULT_PATH, SLOT_PTYS
 from ..sandbox._bwrap import nofile_limit as nofile_limit_for
 from ..sandbox._client import HostClient
 from ..sandbox._runtime import SlotSpec, shm_inodes
@@ -748,6 +748,7 @@ class DockerBackend(HostedBackend):
                     )
                 },
             },
+            "mounts": self._terminal_mounts(),
             "mem_limit": memory,
             "memswap_limit": memory,
             "pids_limit": pids,
@@ -771,6 +772,43 @@ class DockerBackend(HostedBackend):
         if self._runtime:
             host["runtime"] = self._runtime
         return create, host
+
+    def _terminal_mounts(self) -> list[dict[str, Any]]:
+        """Capped devpts instances for the container: its own ``/dev/pts`` and, with bwrap,
+        one per slot at ``<workspace>.pts``, which the server binds over the slot's
+        ``/dev/pts`` (see ``SlotRuntime.ptys``).
+
+        Every devpts instance but the host's first shares ``kernel.pty.max`` minus
+        ``kernel.pty.reserve`` (3,072 here): bwrap's own has no cap, and one slot opened
+        them all. The server cannot mount (no ``CAP_SYS_ADMIN``) and Docker has no devpts
+        option, but the engine's ``local`` volume driver mounts any filesystem type with
+        the options given: an anonymous volume of type devpts with ``max=`` is a capped
+        instance, mounted by the engine when the container starts and removed with it
+        (``v=True``). gVisor (``runsc``) gets none: its terminals are its own, not the
+        host's.
+        """
+        if self._runtime and "runsc" in self._runtime:
+            return []
+
+        def devpts(target: str, ptys: int) -> dict[str, Any]:
+            options = f"nosuid,noexec,newinstance,ptmxmode=0666,mode=0620,gid=5,max={ptys}"
+            driver = {
+                "Name": "local",
+                "Options": {"type": "devpts", "device": "devpts", "o": options},
+            }
+            return {
+                "Type": "volume",
+                "Target": target,
+                "VolumeOptions": {"NoCopy": True, "DriverConfig": driver},
+            }
+
+        if self._mode != "bwrap":
+            # The slots share the container's terminals: a slot's allowance each.
+            return [devpts("/dev/pts", SLOT_PTYS * self._slots_per)]
+        return [
+            devpts("/dev/pts", SLOT_PTYS),  # the server's and `docker exec -t`'s only
+            *(devpts(f"{_WORKDIR}/w/slot-{i}.pts", SLOT_PTYS) for i in range(self._slots_per)),
+        ]
 
     async def _wait_ready(self, docker_id: str, name: str, hostdir: str) -> _Container:
         engine = self._engine

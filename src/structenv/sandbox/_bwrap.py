@@ -30,6 +30,7 @@ from .._exceptions import SandboxUnavailableError
 from ._rootfs import host_prefixes
 
 __all__ = [
+    "CgroupError",
     "Isolation",
     "SlotCgroup",
     "bwrap_argv",
@@ -61,6 +62,8 @@ _MASKED = ("/etc/shadow", "/etc/shadow-", "/etc/gshadow", "/etc/gshadow-", "/etc
 CGROUP_V1 = "/sys/fs/cgroup"
 #: The v1 hierarchies a slot's cgroups live in.
 _CONTROLLERS = ("pids", "memory", "cpu")
+#: Controllers a slot uses when their hierarchy is mounted (pids is always required).
+OPTIONAL_CONTROLLERS = ("memory", "cpu")
 _CFS_PERIOD = 100_000
 #: Bytes of TCP socket buffers a slot may hold (see :class:`SlotCgroup`).
 TCP_MEMORY = 64 << 20
@@ -560,7 +563,11 @@ class SlotCgroup:
     the memory limit counts the slot's tmpfs pages too, and the cpu group gives every slot
     an equal weight and at most ``cpus`` cores, so 32 spinning sessions in one slot cannot
     starve its siblings or the host. The process count is how a reset is verified from
-    outside. Memory and cpu are used when their hierarchies are mounted; pids is required.
+    outside. pids is required; memory and cpu are used when their hierarchies are mounted
+    (:meth:`controllers`, decided once per server and reported by it and by ``structenv
+    doctor``). A limit that cannot be *written* is never skipped: the constructor raises
+    :class:`CgroupError` and the slot does not start (a kernel refuses, e.g., ``EBUSY`` for a
+    memory limit below what is still charged, ``EINVAL`` for a cpu quota above a parent's).
     """
 
     def __init__(
@@ -571,36 +578,63 @@ class SlotCgroup:
         memory_max: int,
         cpus: float = 0.0,
         root: str | None = None,
+        controllers: Sequence[str] = OPTIONAL_CONTROLLERS,
     ) -> None:
         self.root = root
-        self.pids = os.path.join(_cgroup_base("pids", self.root), name)
-        os.makedirs(self.pids, exist_ok=True)
-        _write(self.pids, "pids.max", str(pids_max) if pids_max > 0 else "max")
-        self.memory = self._optional("memory", name, {"memory.limit_in_bytes": memory_max})
-        if self.memory is not None:
+        self.pids = self._make("pids", name, {"pids.max": str(pids_max) if pids_max > 0 else "max"})
+        self.memory: str | None = None
+        self.cpu: str | None = None
+        if "memory" in controllers:
+            memory = {"memory.limit_in_bytes": str(memory_max)} if memory_max > 0 else {}
+            self.memory = self._make("memory", name, memory)
             # cgroup v1 charges TCP buffers only to a cgroup with a TCP limit, set before the
             # sockets exist; uncharged, they count only against the host-wide tcp_mem, so one
             # slot's stalled loopback connections (4 MB each) could starve every TCP socket
             # on the machine. (Unix sockets and pipes are charged to memory already.)
             tcp = min(memory_max, TCP_MEMORY) if memory_max > 0 else TCP_MEMORY
-            try:
-                _write(self.memory, "memory.kmem.tcp.limit_in_bytes", str(tcp))
-            except OSError:
-                pass  # a kernel without v1 TCP accounting
-        quota = int(cpus * _CFS_PERIOD) if cpus > 0 else -1
-        settings = {"cpu.shares": 1024, "cpu.cfs_period_us": _CFS_PERIOD, "cpu.cfs_quota_us": quota}
-        self.cpu = self._optional("cpu", name, settings)
+            if os.path.exists(os.path.join(self.memory, "memory.kmem.tcp.limit_in_bytes")):
+                self._set(self.memory, "memory", "memory.kmem.tcp.limit_in_bytes", str(tcp))
+        if "cpu" in controllers:
+            quota = int(cpus * _CFS_PERIOD) if cpus > 0 else -1
+            self.cpu = self._make(
+                "cpu",
+                name,
+                {
+                    "cpu.shares": "1024",
+                    "cpu.cfs_period_us": str(_CFS_PERIOD),
+                    "cpu.cfs_quota_us": str(quota),
+                },
+            )
 
-    def _optional(self, controller: str, name: str, settings: dict[str, int]) -> str | None:
+    @staticmethod
+    def controllers(root: str | None = None) -> tuple[str, ...]:
+        """The optional controllers (memory, cpu) whose v1 hierarchy is mounted here (under
+        ``root``): the ones a server's slots use."""
+        bases = {c: os.path.join(root or CGROUP_V1, c) for c in OPTIONAL_CONTROLLERS}
+        return tuple(c for c, b in bases.items() if os.path.isfile(os.path.join(b, "cgroup.procs")))
+
+    def _make(self, controller: str, name: str, settings: dict[str, str]) -> str:
         path = os.path.join(_cgroup_base(controller, self.root), name)
         try:
             os.makedirs(path, exist_ok=True)
-            for key, value in settings.items():
-                if value > 0 or key == "cpu.cfs_quota_us":
-                    _write(path, key, str(value))
-        except OSError:
-            return None
+        except OSError as exc:
+            raise CgroupError(
+                f"cannot make the slot's {controller} cgroup {path}: {os.strerror(exc.errno or 0)}"
+            ) from None
+        for key, value in settings.items():
+            self._set(path, controller, key, value)
         return path
+
+    @staticmethod
+    def _set(path: str, controller: str, key: str, value: str) -> None:
+        try:
+            _write(path, key, value)
+        except OSError as exc:
+            hint = _HINTS.get((key, exc.errno or 0), "")
+            raise CgroupError(
+                f"cannot set {key}={value} in the slot's {controller} cgroup {path}: "
+                f"{os.strerror(exc.errno or 0)}{hint}; the slot does not start without it"
+            ) from None
 
     @property
     def paths(self) -> list[str]:
@@ -647,6 +681,16 @@ class SlotCgroup:
         reaped by the host's init after its bwrap parent dies, a moment later: callers retry.
         """
         return rmdir_all(self.paths)
+
+
+class CgroupError(OSError):
+    """A slot's cgroup limit could not be applied (the slot must not run without it)."""
+
+
+_HINTS = {
+    ("memory.limit_in_bytes", errno.EBUSY): " (below the memory still charged to it)",
+    ("cpu.cfs_quota_us", errno.EINVAL): " (above a parent cgroup's quota: the container's cpus?)",
+}
 
 
 def rmdir_all(paths: Sequence[str]) -> bool:

@@ -18,6 +18,7 @@ import os
 import struct
 import subprocess
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
@@ -28,7 +29,9 @@ from .._types import ExecRequest, ExecResult
 from . import _seccomp, _worker
 from ._bwrap import (
     DEFAULT_PATH,
+    OPTIONAL_CONTROLLERS,
     WORKSPACE,
+    CgroupError,
     Isolation,
     SlotCgroup,
     bwrap_argv,
@@ -393,6 +396,7 @@ class SlotRuntime:
         lease: int,
         cgroup_name: str = "",
         cgroup_root: str | None = None,
+        cgroup_controllers: Sequence[str] = OPTIONAL_CONTROLLERS,
         uid: int | None = None,
         seccomp_path: str = "",
         accounts: str | None = None,
@@ -414,6 +418,9 @@ class SlotRuntime:
         self._tg = task_group
         self.lease = lease
         self.cgroup_root = cgroup_root
+        #: The optional controllers (memory, cpu) this server's slots use: decided once, at
+        #: start (``SlotCgroup.controllers``); a write to one of them that fails is fatal.
+        self.cgroup_controllers = tuple(cgroup_controllers)
         self.uid = uid
         self.seccomp_path = seccomp_path
         self.accounts = accounts
@@ -425,6 +432,11 @@ class SlotRuntime:
         #: and ``.shm``: mounted here and remounted on every reset (``"mount"``), or mounted
         #: by the container runtime and wiped on every reset (``"wipe"``); ``""``: bwrap's.
         self.scratch = "mount" if isolation.sandboxed and has_private_mounts() else ""
+        #: The slot's /dev/pts is a devpts capped at ``SLOT_PTYS`` at ``<workspace>.pts``:
+        #: mounted here and remounted on every reset (``"mount"``) or mounted by the
+        #: container runtime (``"provided"``: a terminal dies with its processes, so the
+        #: instance is empty again once the slot's processes are); ``""``: bwrap's, uncapped.
+        self.ptys = self.scratch
         self.state = "down"
         self.terminal_state: dict[str, Any] = {}
         self._proc: anyio.abc.Process | None = None
@@ -457,6 +469,21 @@ class SlotRuntime:
             )
             spec = dataclasses.replace(spec, binds=binds)
         limits = within_file_budget(spec.apply(self.limits), self.limits)
+        cgroup = None
+        if self.use_cgroup:
+            # Before any descriptor is opened. Never a slot without a limit it was given:
+            # it stays down (the reset that rebuilt it answers why; at start, no server).
+            try:
+                cgroup = SlotCgroup(
+                    self.cgroup_name,
+                    pids_max=limits.pids,
+                    memory_max=limits.memory,
+                    cpus=limits.cpus,
+                    root=self.cgroup_root,
+                    controllers=self.cgroup_controllers,
+                )
+            except CgroupError as exc:
+                raise SlotBroken(str(exc)) from None
         seccomp_fd = -1
         if self.iso.sandboxed:
             seccomp_fd = await anyio.to_thread.run_sync(
@@ -470,18 +497,12 @@ class SlotRuntime:
         argv = slot_argv(
             self.iso, self.workspace, name=self.name, limits=limits, uid=self.uid,
             seccomp_fd=seccomp_fd if seccomp_fd >= 0 else None, accounts=accounts,
-            spec=spec, shell=shell, scratch=bool(self.scratch), ptys=self.scratch == "mount",
+            spec=spec, shell=shell, scratch=bool(self.scratch), ptys=bool(self.ptys),
             nat_fds=(info_w, block_r) if nat else None,
         )  # fmt: skip
-        if self.use_cgroup:
-            self._cgroup = SlotCgroup(
-                self.cgroup_name,
-                pids_max=limits.pids,
-                memory_max=limits.memory,
-                cpus=limits.cpus,
-                root=self.cgroup_root,
-            )
-            argv = self._cgroup.wrap(argv)
+        if cgroup is not None:
+            self._cgroup = cgroup
+            argv = cgroup.wrap(argv)
         # Raw non-blocking pipes, waited on with anyio.wait_readable/wait_writable: the
         # subprocess stream wrappers cost a few hundred microseconds per round trip here.
         in_r, in_w = os.pipe()
@@ -615,6 +636,9 @@ class SlotRuntime:
         provided = all(os.path.ismount(self.workspace + s) for s in (".tmp", ".shm"))
         if self.iso.sandboxed and not self.scratch and provided:
             self.scratch = "wipe"
+        pts = self.workspace + ".pts"
+        if self.iso.sandboxed and not self.ptys and os.path.ismount(pts):
+            self.ptys = "provided"  # DockerBackend's per-slot devpts volume
         if self.scratch == "mount":
             for suffix, size, inodes in (
                 (".tmp", limits.tmp_size, limits.inodes),
@@ -624,8 +648,8 @@ class SlotRuntime:
                     mount_tmpfs(
                         self.workspace + suffix, size=size, inodes=inodes, uid=None, mode=0o1777
                     )
-            if not os.path.ismount(self.workspace + ".pts"):
-                mount_devpts(self.workspace + ".pts")
+        if self.ptys == "mount" and not os.path.ismount(pts):
+            mount_devpts(pts)
 
     def _drop_scratch(self) -> bool:
         """After every process of the slot is gone: empty its /tmp and /dev/shm (and drop
@@ -635,7 +659,7 @@ class SlotRuntime:
                 unmount(path)
             elif self.scratch == "wipe" and not _wipe(path, mode=0o1777):
                 return False
-        if self.scratch == "mount":
+        if self.ptys == "mount":
             unmount(self.workspace + ".pts")
         return True
 

@@ -56,6 +56,7 @@ from .._types import DEFAULT_MAX_OUTPUT
 from . import _files
 from ._bwrap import (
     CGROUP_V1,
+    OPTIONAL_CONTROLLERS,
     UID_BLOCK,
     Isolation,
     SlotCgroup,
@@ -196,12 +197,26 @@ class SandboxServer:
             seccomp_path=seccomp_path,
         )
         use_cgroup = cfg.cgroup != "off" and SlotCgroup.available(cfg.cgroup_root)
+        controllers = SlotCgroup.controllers(cfg.cgroup_root) if use_cgroup else ()
+        where = cfg.cgroup_root or CGROUP_V1
         if cfg.cgroup == "required" and not use_cgroup:
-            where = cfg.cgroup_root or CGROUP_V1
             raise SandboxUnavailableError(
                 f"a v1 pids cgroup is required but not available ({where})"
             )
+        missing = [c for c in OPTIONAL_CONTROLLERS if c not in controllers]
+        if cfg.cgroup == "required" and missing:
+            raise SandboxUnavailableError(
+                f"per-slot cgroups are required but the v1 {' and '.join(missing)} hierarchy"
+                f" is not mounted ({where}); cgroup='auto' runs slots without those limits"
+            )
+        if use_cgroup and missing:
+            logger.warning(
+                "no v1 %s hierarchy at %s: slots run without those limits",
+                " and ".join(missing),
+                where,
+            )
         features["cgroup"] = use_cgroup
+        features["cgroup_controllers"] = ["pids", *controllers] if use_cgroup else []
         listener = await self._listen()
         try:
             async with anyio.create_task_group() as tg:
@@ -218,6 +233,7 @@ class SandboxServer:
                             lease=secrets.randbelow(1 << 30) + 1,
                             cgroup_name=f"{cfg.name}/{i}",
                             cgroup_root=cfg.cgroup_root,
+                            cgroup_controllers=controllers,
                             uid=uid_of(i),
                             seccomp_path=seccomp_path,
                             accounts=accounts,
