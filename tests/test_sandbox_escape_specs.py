@@ -25,7 +25,7 @@ from spec_support import PROGRAMS, make_rootfs
 from structenv import ConfigError, ExecRequest, SandboxSpec, SlotPool
 from structenv.abc import SandboxBackend
 from structenv.backends._images import export_rootfs
-from structenv.sandbox._bwrap import SLOT_PTYS
+from structenv.sandbox._bwrap import SLOT_PTYS, CgroupError, SlotCgroup, remove_cgroup_tree
 from test_docker_support import docker_backend, docker_image
 from test_sandbox_support import local_backend
 
@@ -349,3 +349,42 @@ async def test_a_docker_image_slot_cannot_change_the_rootfs_cache(
             except docker.errors.APIError:
                 pass
         client.close()
+
+
+@pytest.mark.docker
+async def test_a_cpu_limit_the_kernel_refuses_is_not_dropped(docker_image: str) -> None:
+    # cgroup v1 refuses a cpu quota above a parent's (EINVAL): a spec asking for more cpus
+    # than its container has. Any failed write made SlotCgroup drop the whole controller, so
+    # that slot ran in no cpu cgroup of its own (no equal share, no quota of its own). Now
+    # the slot is not handed out, the caller gets one line, and the slot keeps its old spec.
+    del docker_image
+    async with docker_backend(slots_per_host=1, cpus=1.0) as backend:
+        pool = SlotPool(backend)
+        with pytest.raises(ConfigError, match=r"cpu\.cfs_quota_us=200000 .*Invalid argument"):
+            async with pool.slot(SandboxSpec(limits={"cpus": 2})) as slot:
+                got = await slot.exec(sh("grep :cpu: /proc/self/cgroup"))
+                pytest.fail(f"a slot ran without its cpu cgroup: {got.stdout!r}")
+        # The slot kept its old spec and its cpu cgroup; a spec within the container's quota
+        # is applied (read from the host: the slot's cgroup namespace shows it only "/").
+        for spec, quota in ((None, b"100000"), (SandboxSpec(limits={"cpus": 0.5}), b"50000")):
+            async with pool.slot(spec) as slot:
+                name = slot.host_id
+                cpu = f"/sys/fs/cgroup/cpu/structenv-docker/{name}/slots/{name[-40:]}/0"
+                assert Path(cpu, "cpu.cfs_quota_us").read_bytes().strip() == quota
+                assert Path(cpu, "cgroup.procs").read_bytes().split(), "no process in it"
+
+
+async def test_a_memory_limit_below_what_is_charged_is_not_dropped() -> None:
+    # Lowering memory.limit_in_bytes below what a cgroup still has charged (kernel memory
+    # outlives the slot's processes) fails with EBUSY: SlotCgroup used to drop the memory
+    # controller and the slot ran with no memory cgroup at all. Real cgroup v1 tree.
+    name = f"redteam-memory-{os.getpid()}"
+    try:
+        first = SlotCgroup(name, pids_max=64, memory_max=256 << 20)
+        assert first.memory is not None
+        # What a lease leaves charged after its processes are gone: page cache, slab.
+        await anyio.run_process(first.wrap(["sh", "-c", "cat /usr/bin/* >/dev/null 2>&1; true"]))
+        with pytest.raises(CgroupError, match=r"memory\.limit_in_bytes=4096 .*busy .*charged"):
+            SlotCgroup(name, pids_max=64, memory_max=4096)
+    finally:
+        assert remove_cgroup_tree(name, patience=5)
