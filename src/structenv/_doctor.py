@@ -59,19 +59,40 @@ def _bwrap_checks(bwrap: str, scratch: str) -> list[Check]:
     return checks + [Check(name, ok, detail) for name, (ok, detail) in report.items()]
 
 
-def _cgroup_check() -> Check:
-    base = os.path.join(CGROUP_V1, "pids")
-    if not os.path.isfile(os.path.join(base, "cgroup.procs")):
-        return Check("pids cgroup (v1)", False, f"{base} is not a v1 pids hierarchy")
-    probe = os.path.join(base, f"structenv-doctor-{os.getpid()}")
-    try:
-        os.makedirs(probe, exist_ok=True)
-        with open(os.path.join(probe, "pids.max"), "w") as f:
-            f.write("8")
-        os.rmdir(probe)
-    except OSError as exc:
-        return Check("pids cgroup (v1)", False, str(exc))
-    return Check("pids cgroup (v1)", True, "per-slot pids.max (fork-bomb containment)")
+#: Per controller: a setting to probe it with and what it gives a slot.
+_CGROUP_PROBES = {
+    "pids": ("pids.max", "8", "per-slot pids.max (fork-bomb containment)"),
+    "memory": ("memory.limit_in_bytes", str(64 << 20), "per-slot memory limit (tmpfs included)"),
+    "cpu": ("cpu.shares", "1024", "per-slot equal cpu weight and quota"),
+}
+
+
+def _cgroup_checks() -> list[Check]:
+    """One check per v1 controller a slot uses. pids is required; without memory or cpu,
+    slots run without those limits (``cgroup="required"`` then refuses to start)."""
+    checks = []
+    for controller, (key, value, gives) in _CGROUP_PROBES.items():
+        name = f"{controller} cgroup (v1)"
+        base = os.path.join(CGROUP_V1, controller)
+        if not os.path.isfile(os.path.join(base, "cgroup.procs")):
+            lack = "" if controller == "pids" else ": slots run without this limit"
+            checks.append(Check(name, False, f"{base} is not a v1 {controller} hierarchy{lack}"))
+            continue
+        probe = os.path.join(base, f"structenv-doctor-{os.getpid()}")
+        try:
+            os.makedirs(probe, exist_ok=True)
+            with open(os.path.join(probe, key), "w") as f:
+                f.write(value)
+        except OSError as exc:
+            checks.append(Check(name, False, str(exc)))
+        else:
+            checks.append(Check(name, True, gives))
+        finally:
+            try:
+                os.rmdir(probe)
+            except OSError:
+                pass
+    return checks
 
 
 def _tmux_check(scratch: str) -> Check:
@@ -172,7 +193,14 @@ def _network_check(bwrap: str) -> Check:
 
 
 #: Checks whose failure does not stop LocalBackend from isolating slots.
-_OPTIONAL = ("tmux", "docker engine", "sandbox toolchain", "slot network")
+_OPTIONAL = (
+    "tmux",
+    "docker engine",
+    "sandbox toolchain",
+    "slot network",
+    "memory cgroup (v1)",
+    "cpu cgroup (v1)",
+)
 
 
 def doctor(*, bwrap: str = "bwrap") -> list[Check]:
@@ -180,7 +208,7 @@ def doctor(*, bwrap: str = "bwrap") -> list[Check]:
     two: the toolchain runs in a real slot)."""
     with tempfile.TemporaryDirectory(prefix="structenv-doctor-") as scratch:
         checks = _bwrap_checks(bwrap, scratch)
-        checks.append(_cgroup_check())
+        checks.extend(_cgroup_checks())
         checks.append(_tmux_check(scratch))
     if all(c.ok for c in checks if c.name not in _OPTIONAL):
         checks.append(_toolchain_check(bwrap))
