@@ -4,12 +4,14 @@ the host's own programs, so no image or registry is needed."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import subprocess
 
+import anyio
 import pytest
 
-from structenv import ConfigError, SandboxSpec
+from structenv import ConfigError, ExecRequest, SandboxSpec, SlotPool
 from structenv.abc import SandboxBackend
 
 #: Programs a test rootfs holds (with the libraries they load).
@@ -83,3 +85,23 @@ async def assert_host_file_spec_refused(
         await backend.acquire_slot(spec)
     assert backend.statistics().acquires == 0
     await backend.prepare_spec(SandboxSpec(env={"A": "1"}, workdir="repo"))
+
+
+async def cancel_mixed_specs_at_random(
+    pool: SlotPool, specs: list[SandboxSpec | None], members: int, *, seed: int = 10
+) -> None:
+    """``members`` trajectories of specs drawn from ``specs`` each lease a slot, start
+    processes that would outlive them, and are cancelled after a random delay (before the
+    lease, during the cold start, during the exec); afterwards the pool holds nothing."""
+    rng = random.Random(seed)
+
+    async def member(spec: SandboxSpec | None, delay: float) -> None:
+        with anyio.move_on_after(delay):
+            async with pool.slot(spec) as slot:
+                await slot.exec(ExecRequest("sleep 1000 & sleep 1001", timeout=60))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(members):
+            tg.start_soon(member, rng.choice(specs), rng.choice((0, 0.001, 0.01, 0.05, 0.3)))
+    stats = pool.statistics()
+    assert stats.in_use == 0 and stats.waiting == 0 and stats.acquired == stats.released

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import random
 import secrets
 import shutil
 import stat
@@ -21,7 +20,7 @@ import anyio
 import docker
 import pytest
 
-from spec_support import make_rootfs
+from spec_support import cancel_mixed_specs_at_random, make_rootfs
 from structenv import ConfigError, ExecRequest, SandboxSpec, SlotPool
 from structenv.backends._images import TASK_TAG, cache_dir, context_hash
 from test_docker_support import containers_of, docker_backend, docker_image, wait_until
@@ -287,21 +286,10 @@ async def test_cancelling_docker_trajectories_of_mixed_specs_leaks_nothing(
         SandboxSpec(env={"X": "1"}, name="x"),
         SandboxSpec(binds=[f"{data}:/data"], name="binds"),
     ]
-    rng = random.Random(10)
     async with docker_backend(slots_per_host=2, bind_roots=(str(data),)) as backend:
         run_id = backend.run_id
         pool = SlotPool(backend, acquire_timeout=120)
-
-        async def member(spec: SandboxSpec | None, delay: float) -> None:
-            with anyio.move_on_after(delay):
-                async with pool.slot(spec) as slot:
-                    await slot.exec(ExecRequest("sleep 1000 & sleep 1001", timeout=60))
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(12):
-                tg.start_soon(member, rng.choice(specs), rng.choice((0, 0.001, 0.01, 0.05, 0.3)))
-        stats = pool.statistics()
-        assert stats.in_use == 0 and stats.waiting == 0 and stats.acquired == stats.released
+        await cancel_mixed_specs_at_random(pool, specs, 12)
         with anyio.fail_after(120):
             async with pool.slot(specs[1]) as slot:  # every slot is usable again
                 assert (await slot.exec(ExecRequest("cat /etc/marker"))).stdout == b"image"

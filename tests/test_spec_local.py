@@ -4,14 +4,13 @@ toolchain, attacks from inside a spec'd slot, bad specs, and cancellation across
 from __future__ import annotations
 
 import os
-import random
 import sys
 from pathlib import Path
 
 import anyio
 import pytest
 
-from spec_support import make_rootfs
+from spec_support import cancel_mixed_specs_at_random, make_rootfs
 from structenv import ConfigError, ExecRequest, SandboxSpec, SlotPool
 from structenv.backends import LocalBackend
 from structenv.testing import child_processes
@@ -216,21 +215,10 @@ async def test_cancelling_trajectories_of_mixed_specs_leaks_nothing(roots: dict[
         SandboxSpec(rootfs=roots["b"], name="b"),
         SandboxSpec(env={"X": "1"}, name="x"),
     ]
-    rng = random.Random(10)
     before = set(child_processes())
     async with local_backend(slots_per_host=2) as backend:
         pool = SlotPool(backend, acquire_timeout=120)
-
-        async def member(spec: SandboxSpec | None, delay: float) -> None:
-            with anyio.move_on_after(delay):
-                async with pool.slot(spec) as slot:
-                    await slot.exec(ExecRequest("sleep 1000 & sleep 1001", timeout=60))
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(16):
-                tg.start_soon(member, rng.choice(specs), rng.choice((0, 0.001, 0.01, 0.05, 0.3)))
-        stats = pool.statistics()
-        assert stats.in_use == 0 and stats.waiting == 0 and stats.acquired == stats.released
+        await cancel_mixed_specs_at_random(pool, specs, 16)
         with anyio.fail_after(60):
             async with pool.slot(specs[1]) as slot:  # every slot is usable again
                 assert (await slot.exec(sh("cat /etc/marker"))).stdout == b"rootfs-a"
