@@ -134,15 +134,13 @@ _TOOLCHAIN_SCRIPT = (
 
 
 async def _toolchain(bwrap: str) -> Check:
+    from ._pool import SlotPool
     from ._types import ExecRequest
     from .backends import LocalBackend
 
     async with LocalBackend(hosts=1, slots_per_host=1, bwrap_path=bwrap) as backend:
-        slot = await backend.acquire_slot()
-        try:
+        async with SlotPool(backend).slot() as slot:  # released shielded and bounded
             got = await slot.exec(ExecRequest(_TOOLCHAIN_SCRIPT, timeout=60))
-        finally:
-            await backend.release_slot(slot, reusable=False)
     lines = got.stdout.decode(errors="replace").split("\n")
     missing = [line.split()[1] for line in lines if line.startswith("missing ")]
     found = ", ".join(line.strip() for line in lines if line and not line.startswith("missing "))
@@ -160,17 +158,15 @@ def _toolchain_check(bwrap: str) -> Check:
 
 
 async def _network(bwrap: str) -> Check:
+    from ._pool import SlotPool
     from ._types import ExecRequest
     from .backends import LocalBackend
 
     async with LocalBackend(
         hosts=1, slots_per_host=1, bwrap_path=bwrap, allow_network=True
     ) as backend:
-        slot = await backend.acquire_slot()
-        try:
+        async with SlotPool(backend).slot() as slot:  # released shielded and bounded
             got = await slot.exec(ExecRequest("ip -4 -o addr show dev tap0", timeout=30))
-        finally:
-            await backend.release_slot(slot, reusable=False)
     out = got.stdout.decode(errors="replace").split()
     if got.exit_code != 0 or "inet" not in out:
         return Check("slot network", False, f"no tap0 in a networked slot: {got.stderr!r}"[:300])
