@@ -34,6 +34,39 @@ def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
         faulthandler.cancel_dump_traceback_later()
 
 
+#: What the background prefetches run (``tests/prefetch_support.py``).
+_PREFETCH_VLLM = "import vllm_support as v; v.build_model(v.ensure_venv())"
+_PREFETCH_IMAGE = (
+    "import os; from structenv._image import DEFAULT_TAG, build_image; "
+    "build_image(os.environ.get('STRUCTENV_TEST_IMAGE', DEFAULT_TAG))"
+)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the slow builds the selected tests need, in the background, at once."""
+    import prefetch_support
+
+    if session.config.option.collectonly:
+        return
+    needs = set()
+    for item in session.items:
+        names = getattr(item, "fixturenames", ())
+        if "docker_image" in names:
+            needs.add("image")
+        if item.nodeid.startswith("tests/test_vllm_real.py"):
+            needs.add("vllm")
+    if "image" in needs:
+        prefetch_support.start("image", _PREFETCH_IMAGE)
+    if "vllm" in needs and not os.environ.get("STRUCTENV_TEST_VLLM_URL"):
+        prefetch_support.start("vllm", _PREFETCH_VLLM)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    import prefetch_support
+
+    prefetch_support.stop()
+
+
 #: The testing kit's plugin is opt-in (docs/testing.md); this suite uses its fixtures.
 pytest_plugins = ["pytester", "structenv.testing.pytest_plugin"]
 

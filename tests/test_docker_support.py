@@ -16,6 +16,7 @@ import anyio
 import docker
 import pytest
 
+import prefetch_support
 from structenv._image import DEFAULT_TAG, build_image
 from structenv.backends._docker import DockerBackend
 from structenv.backends._ownership import LABEL_RUN
@@ -34,6 +35,7 @@ DEFAULTS: dict[str, Any] = {
 @pytest.fixture(scope="session")
 def docker_image() -> str:
     """Build (or confirm up to date) the sandbox image once per test session."""
+    prefetch_support.wait("image")  # started at collection (tests/conftest.py)
     return build_image(os.environ.get("STRUCTENV_TEST_IMAGE", DEFAULT_TAG))
 
 

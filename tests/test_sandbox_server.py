@@ -324,6 +324,8 @@ from structenv.sandbox._runtime import Limits, SlotBroken
 backend, target, workdir = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 assert _bwrap.private_mounts(), "no mount namespace of its own"
 INODES = 2048
+#: This run's own sleep (other runs of this test may be live on the machine).
+NAP = str(os.getpid() + 100000)
 calls = []
 
 
@@ -337,7 +339,7 @@ def sleepers():
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f.read() == b"sleep\0" + b"4321\0":
+                if f.read() == f"sleep\0{NAP}\0".encode():
                     found.append(pid)
         except OSError:
             pass
@@ -353,7 +355,7 @@ async def main():
         await tg.start(server.serve)
         (rt,) = server.slots
         out["scratch"], out["quota"] = rt.scratch, rt.quota
-        dirty = "echo d > /tmp/m; echo d > /dev/shm/m; echo d > /workspace/m; sleep 4321 &"
+        dirty = "echo d > /tmp/m; echo d > /dev/shm/m; echo d > /workspace/m; sleep " + NAP + " &"
         assert (await rt.exec(ExecRequest(dirty))).exit_code == 0
         scope = anyio.CancelScope()
 

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import httpx
 
+import prefetch_support
 from structenv.agent._tokens import MASK
 
 VLLM_VERSION = "0.32.0"
@@ -59,8 +60,24 @@ def _uv() -> str:
     raise RuntimeError("uv is not installed: pip install 'uv>=0.8' (it is in structenv[dev])")
 
 
+@contextlib.contextmanager
+def _build_lock() -> Iterator[None]:
+    """One build of the cache at a time on this machine (concurrent test runs share it)."""
+    import fcntl
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".vllm-build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def ensure_venv(venv: Path = VENV) -> Path:
     """The vLLM venv's python, building the venv first unless a complete one is cached."""
+    with _build_lock():
+        return _ensure_venv(venv)
+
+
+def _ensure_venv(venv: Path) -> Path:
     marker = venv / MARKER
     if marker.exists() and marker.read_text() == RECIPE:
         return venv_python(venv)
@@ -131,6 +148,11 @@ MODEL_RECIPE = "tiny-llama h128 l1 seed0 v1"
 def build_model(python: Path, out: Path = CACHE / "tiny-llama-v1") -> Path:
     """The tiny random Llama (with the tiny tokenizer) in ``out``, built unless cached there
     (seconds of work; most of it importing torch)."""
+    with _build_lock():
+        return _build_model(python, out)
+
+
+def _build_model(python: Path, out: Path) -> Path:
     from structenv.agent import TinyCodec, build_tiny_tokenizer
 
     if (out / MARKER).is_file() and (out / MARKER).read_text() == MODEL_RECIPE:
@@ -218,6 +240,7 @@ def run_server(workdir: Path) -> Iterator[VllmServer]:
     if external:
         yield VllmServer(external, MODEL_NAME, build_model(ensure_venv()), None, None, 0.0)
         return
+    prefetch_support.wait("vllm")  # started at collection (tests/conftest.py)
     python = ensure_venv()
     model_dir = build_model(python)
     port = _free_port()
