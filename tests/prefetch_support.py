@@ -37,6 +37,7 @@ def start(name: str, code: str) -> None:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: stop() kills uv or docker too
+            preexec_fn=die_with_parent,
         )
     _JOBS[name] = (process, log)
 
@@ -60,15 +61,30 @@ def stop() -> None:
     """Kill every prefetch still running (the session ends) and remove the logs."""
     for process, log in _JOBS.values():
         if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)  # whatever the group left behind
+            kill_group(process)
         log.unlink(missing_ok=True)
     _JOBS.clear()
+
+
+def kill_group(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM ``process``'s group (it leads one), SIGKILL after 20 s, and reap it; nothing
+    of the group outlives it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)  # whatever the group left behind
+
+
+def die_with_parent() -> None:
+    """``preexec_fn``: the child is SIGKILLed when the test run dies without teardown (the
+    hang guard's ``os._exit``, SIGKILL), instead of eating the machine's CPU for hours."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)

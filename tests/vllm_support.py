@@ -205,29 +205,6 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:
-    # A test run that is killed (the hang guard's os._exit, SIGKILL) runs no teardown: the
-    # kernel then kills the server, which would otherwise eat the machine's CPU for hours.
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
-def _kill_group(process: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-    # Nothing of the group may outlive the server (vLLM's engine processes, if any).
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-
-
 @contextlib.contextmanager
 def run_server(workdir: Path) -> Iterator[VllmServer]:
     """Build the venv and the model if needed, start the server, wait until it answers.
@@ -261,7 +238,7 @@ def run_server(workdir: Path) -> Iterator[VllmServer]:
             stderr=subprocess.STDOUT,
             env={**os.environ, **SERVER_ENV},
             start_new_session=True,  # its own process group, killed as one
-            preexec_fn=_die_with_parent,
+            preexec_fn=prefetch_support.die_with_parent,
         )
     try:
         base = f"http://127.0.0.1:{port}"
@@ -282,7 +259,7 @@ def run_server(workdir: Path) -> Iterator[VllmServer]:
             f"{base}/v1", MODEL_NAME, model_dir, process, log, time.monotonic() - started
         )
     finally:
-        _kill_group(process)
+        prefetch_support.kill_group(process)
 
 
 if __name__ == "__main__":
