@@ -218,9 +218,14 @@ class ShellTasksEnv(AgentEnv):
     ) -> float:
         """Restore the tests, run them in the slot, return the fraction that pass.
 
+        The processes the model left in the slot are ended first.
+
         Cancellation: the slot is released and not reused.
         """
         task = self.tasks[str(item)]
+        # First: nothing the model started may run alongside (it would rewrite what is
+        # restored next, or the report).
+        await exec_tool.end_processes()
         for path, text in task.test_files.items():
             await exec_tool.write_file(path, text)
         if self.check_mode == "runner":
