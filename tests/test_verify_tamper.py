@@ -139,3 +139,39 @@ async def test_a_cancelled_end_processes_leaks_nothing(steps: int) -> None:
         async with executor.trajectory("after") as traj:
             left = await ExecTool(traj).run(_OTHERS)
         assert left.stdout == b"", left
+
+
+#: Python code the model leaves for the verifier's interpreter: at its exit, after pytest
+#: wrote the report, it writes a perfect one.
+_FORGER = f"""import atexit, os
+def _forge():
+    if os.path.isdir(".structenv"):
+        with open(".structenv/report.xml", "w") as f:
+            f.write({_FORGED_REPORT!r})
+atexit.register(_forge)
+"""
+
+
+@pytest.mark.parametrize("kind", _BACKENDS)
+async def test_a_user_site_pth_does_not_run_in_the_verification(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    # HOME is the workspace, so ~/.local/lib/pythonX.Y/site-packages is the model's, and a
+    # .pth file there runs in every later python3 of the slot, the verifier's included.
+    plant = (
+        "d=$(python3 -c 'import site; print(site.getusersitepackages())') && mkdir -p \"$d\" "
+        '&& mv forger.py "$d/" && echo \'import forger\' > "$d/zz.pth" '
+        "&& python3 -c 'import forger'"
+    )
+    score, _, _ = await _play(kind, [plant], request, {"forger.py": _FORGER})
+    assert score == pytest.approx(HONEST), score
+
+
+@pytest.mark.parametrize("kind", _BACKENDS)
+async def test_a_workspace_pytest_module_does_not_replace_pytest(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    # ``python3 -m pytest`` puts the working directory (the workspace) first on sys.path.
+    fake = f"import os\nos.makedirs('.structenv', exist_ok=True)\n{_FORGER}"
+    score, _, _ = await _play(kind, [], request, {"pytest.py": fake})
+    assert score == pytest.approx(HONEST), score

@@ -12,8 +12,11 @@ bound read-only into every sandbox, so ``sys.executable -m pytest`` works when p
 installed (it is with ``structenv[dev]``). If no sandbox Python has pytest, the env falls back
 to a ~20-line built-in runner executed with the sandbox's ``python3`` that calls every
 ``test_*`` function (plain-assert tests only) and says so in the log (``check="runner"``).
-Verification ignores ``conftest.py`` and ini files, so the model cannot reconfigure pytest;
-it is a training signal, not a defence against an adversarial model.
+Verification first ends every process the model left in the slot, restores the tests, and
+runs them with no ``conftest.py``, ini file, plugin autoload, user site (``HOME`` is the
+workspace) or workspace module ahead of pytest; the tests still import the model's code into
+pytest's process, where it can write the report: a training signal, not a defence against an
+adversarial model (docs/design.md, known gaps; ``tests/test_verify_tamper.py``).
 
 Run it (any OpenAI-compatible / vLLM endpoint)::
 
@@ -89,7 +92,18 @@ for path in sorted(pathlib.Path("tests").glob("test_*.py")):
 print(json.dumps({"passed": passed, "total": total}))
 sys.exit(0 if total and passed == total else 1)
 """
-_PYTEST_ENV = {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+#: The tests' interpreter loads nothing the model left outside the tests' own imports:
+#: no plugin, no user site (``HOME`` is the workspace, so ``~/.local/.../site-packages``
+#: and its ``.pth`` files are the model's), and ``-m``/a script path does not put the
+#: workspace first on ``sys.path`` (a ``pytest.py`` there would replace pytest; Python
+#: 3.11+); ``-o "pythonpath=$PWD"`` adds it back once pytest is loaded (absolute: with
+#: ``-c /dev/null`` a relative one is relative to ``/dev``).
+_PYTEST_ENV = {
+    "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "PYTHONNOUSERSITE": "1",
+    "PYTHONSAFEPATH": "1",
+}
 
 
 class ShellTasksEnvConfig(AgentEnvConfig):
@@ -193,7 +207,7 @@ class ShellTasksEnv(AgentEnv):
         extra = f" --junitxml={_REPORT}" if report else ""
         return (
             f"{python} -m pytest -q -p no:cacheprovider --noconftest -c /dev/null "
-            f"--rootdir=. tests{extra}"
+            f'-o "pythonpath=$PWD" --rootdir=. tests{extra}'
         )
 
     async def setup_trajectory_workspace(
@@ -231,7 +245,9 @@ class ShellTasksEnv(AgentEnv):
         if self.check_mode == "runner":
             await exec_tool.write_file(_RUNNER_PATH, _RUNNER)
             run = await exec_tool.run(
-                self._test_command(report=False), time_limit=self.config.check_timeout_s
+                self._test_command(report=False),
+                env=_PYTEST_ENV,
+                time_limit=self.config.check_timeout_s,
             )
             return _runner_score(run.stdout.decode(errors="replace"))
         await exec_tool.run("rm -f " + _REPORT)
