@@ -480,3 +480,86 @@ async def test_a_networked_container_slot_has_its_own_nat() -> None:
             await b.release_slot(slot, reusable=True)
     assert "OK" not in answers.values() and answers[server] == "EACCES", answers
     assert got.stdout == b"remote\n" and got.sandboxed, got
+
+
+@pytest.mark.docker
+@pytest.mark.usefixtures("docker_image")
+async def test_a_networked_container_slot_reaches_neither_the_docker_host_nor_its_bridge() -> None:
+    # From a container the Docker host's addresses are not local, and the bridge holds the
+    # host's gateway address and the other containers (other slots' servers): measured
+    # reachable before (a host listener on 0.0.0.0 accepted, and a sibling's server port).
+    local = _netns.local_ipv4()  # the Docker host's: eth0, docker0 (the bridge's gateway)
+    with listener(socket.AF_INET, ("0.0.0.0", 0)) as anywhere:
+        port = anywhere.getsockname()[1]
+        async with (
+            remote_machine() as (address, remote_port),
+            docker_backend(allow_network=True, slots_per_host=1, min_hosts=2, max_hosts=2) as b,
+        ):
+            servers = [f"{box.client._host}:{box.client._port}" for box in b._hosts.values()]
+            slot = await b.acquire_slot()
+            try:
+                answers = await attempt(slot, [*(f"{a}:{port}" for a in local), *servers])
+                got = await slot.exec(
+                    ExecRequest(
+                        f"exec 3<>/dev/tcp/{address}/{remote_port} && head -1 <&3", timeout=30
+                    )
+                )
+            finally:
+                await b.release_slot(slot, reusable=True)
+    assert set(answers.values()) == {"EACCES"}, answers
+    assert got.stdout == b"remote\n", got  # another machine: still reachable
+
+
+async def test_prohibited_networks_and_links_are_unreachable(tmp_path: object) -> None:
+    # What a container's server is told (--prohibit, --prohibit-links), on a host's server:
+    # "another machine" sits on a directly connected /30, and in a prohibited range.
+    async with remote_machine() as (address, port):
+        for iso in (
+            Isolation(allow_network=True, prohibit_links=True),
+            Isolation(allow_network=True, prohibit=("100.64.0.0/10",)),
+        ):
+            config = ServerConfig(
+                slots=1,
+                workdir=os.path.join(str(tmp_path), "host"),
+                socket_path=os.path.join(str(tmp_path), "s.sock"),
+                isolation=iso,
+            )
+            server = SandboxServer(config)
+            async with anyio.create_task_group() as tg:
+                await tg.start(server.serve)
+                (rt,) = server.slots
+                await anyio.Path(rt.workspace, "try.py").write_text(_TRY)
+                got = await rt.exec(ExecRequest(f"python3 try.py {address}:{port}", timeout=60))
+                tg.cancel_scope.cancel()
+            assert got.stdout == f"{address}:{port} EACCES\n".encode(), (iso, got)
+
+
+def test_connected_networks_are_read_from_the_route_table() -> None:
+    route = (
+        "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
+        "eth0\t00000000\t010011AC\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"
+        "eth0\t000011AC\t00000000\t0001\t0\t0\t0\t0000FFFF\t0\t0\t0\n"
+        "eth1\t0002000A\t00000000\t0000\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
+        "lo\t0000007F\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0\n"
+    )
+    # The default route and routes via a gateway, down or on loopback are not links.
+    assert _netns.connected_ipv4(route) == ["172.17.0.0/16"]
+    script = _netns.route_script(["172.17.0.2"], ["192.0.2.2"], ["172.17.0.0/16"])
+    assert script.splitlines() == [
+        "route add prohibit 172.17.0.2/32",
+        "route add prohibit 192.0.2.2/32",
+        "route add prohibit 172.17.0.0/16",
+        "route add prohibit 169.254.0.0/16",
+    ]
+
+
+def test_the_servers_prohibit_flags_are_normalised_or_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from structenv.sandbox.__main__ import _parse
+
+    args = _parse(["--prohibit", "192.0.2.2,10.1.2.3/8", "--prohibit-links"])
+    assert args.prohibit == ("192.0.2.2/32", "10.0.0.0/8") and args.prohibit_links
+    with pytest.raises(SystemExit):
+        _parse(["--prohibit", "192.0.2.2,example.com"])
+    assert "not an IPv4 address or network" in capsys.readouterr().err

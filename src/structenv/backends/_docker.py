@@ -70,7 +70,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
 import anyio
@@ -81,7 +81,7 @@ from .. import _emergency
 from .._exceptions import BackendError, ConfigError, SandboxUnavailableError
 from .._image import DEFAULT_TAG
 from .._spec import SandboxSpec
-from ..sandbox import _seccomp
+from ..sandbox import _netns, _seccomp
 from ..sandbox._bwrap import DEFAULT_PATH, SLOT_PTYS
 from ..sandbox._bwrap import nofile_limit as nofile_limit_for
 from ..sandbox._client import HostClient
@@ -609,7 +609,10 @@ class DockerBackend(HostedBackend):
             )
             if cgroups:
                 await anyio.to_thread.run_sync(self._make_cgroups, name, limiter=self._fs_limiter)
-            create, host_config = self._create_spec(name, hostdir, cgroups=cgroups)
+            here: list[str] = []
+            if self._allow_network and self._mode == "bwrap":
+                here = await anyio.to_thread.run_sync(_netns.local_ipv4, limiter=self._fs_limiter)
+            create, host_config = self._create_spec(name, hostdir, cgroups=cgroups, prohibit=here)
             created, stdin = await engine.call(
                 _create_and_start, engine.client.api, self.image, create, host_config
             )
@@ -671,9 +674,10 @@ class DockerBackend(HostedBackend):
             logger.error("cgroups of container %s still busy: left for the reaper", name)
 
     def _create_spec(
-        self, name: str, hostdir: str, *, cgroups: bool = False
+        self, name: str, hostdir: str, *, cgroups: bool = False, prohibit: Sequence[str] = ()
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Arguments of ``create_container`` and of ``create_host_config``."""
+        """Arguments of ``create_container`` and of ``create_host_config``; ``prohibit``: the
+        addresses of the Docker host (this process's, with a local engine)."""
         memory, pids, cpus, workspace, max_output = self._limits
         slot_space = max(workspace // self._slots_per, 1 << 20)
         # Each slot's share of the container's limits; one share stays with the server. With
@@ -707,6 +711,13 @@ class DockerBackend(HostedBackend):
             command.append("--allow-network")
         if self._allow_network:
             command += ["--host", "0.0.0.0", "--port", str(_PORT)]
+            if self._mode == "bwrap":
+                # The Docker host's addresses are not local to the container, and its
+                # bridge holds the host's gateway address and the other containers: a
+                # networked slot reaches none of them.
+                command += ["--prohibit-links"]
+                if prohibit:
+                    command += ["--prohibit", ",".join(prohibit)]
         else:
             command += ["--socket", f"{_MOUNT}/{_SOCKET}"]
         if self._exit_with_owner:

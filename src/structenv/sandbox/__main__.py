@@ -10,6 +10,7 @@ parent's end of the pipe.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import resource
@@ -26,6 +27,14 @@ from ._server import SandboxServer, ServerConfig
 _DEFAULTS = Limits()
 
 
+def _networks(text: str) -> tuple[str, ...]:
+    """``--prohibit``: comma-separated IPv4 addresses or networks, normalised."""
+    try:
+        return tuple(str(ipaddress.IPv4Network(a, strict=False)) for a in text.split(",") if a)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an IPv4 address or network: {exc}") from None
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m structenv.sandbox", description=__doc__)
     p.add_argument("--socket", help="listen on this unix socket path")
@@ -40,6 +49,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--isolation", choices=["bwrap", "none"], default="bwrap")
     p.add_argument("--bwrap", default="bwrap", help="bubblewrap binary")
     p.add_argument("--allow-network", action="store_true")
+    p.add_argument(
+        "--prohibit",
+        type=_networks,
+        default=(),
+        help="comma-separated IPv4 addresses/networks networked slots never reach",
+    )
+    p.add_argument(
+        "--prohibit-links", action="store_true", help="slots never reach directly connected nets"
+    )
     p.add_argument("--cgroup", choices=["auto", "required", "off"], default="auto")
     p.add_argument(
         "--cgroup-root",
@@ -108,7 +126,13 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         token=token or None,
-        isolation=Isolation(args.isolation, args.bwrap, args.allow_network),
+        isolation=Isolation(
+            args.isolation,
+            args.bwrap,
+            args.allow_network,
+            args.prohibit,
+            args.prohibit_links,
+        ),
         limits=Limits(
             memory=args.memory,
             pids=args.pids,

@@ -82,11 +82,18 @@ class Isolation:
         bwrap: Path of the bubblewrap binary.
         allow_network: Give each slot outbound network access: its own network namespace
             with user-mode NAT (``_netns``), never the server's namespace.
+        prohibit: IPv4 addresses or networks a networked slot must not reach besides the
+            server's own (a container's server is told the Docker host's addresses).
+        prohibit_links: Also prohibit every network the server's namespace is directly
+            connected to (a container's bridge: the Docker host's gateway address and the
+            other containers on it).
     """
 
     mode: str = "bwrap"
     bwrap: str = "bwrap"
     allow_network: bool = False
+    prohibit: tuple[str, ...] = ()
+    prohibit_links: bool = False
 
     @property
     def sandboxed(self) -> bool:

@@ -20,9 +20,11 @@ for that slot alone, gives it a ``tap0`` interface (10.0.2.100/24, gateway 10.0.
   a server that dies, even by SIGKILL, takes every slot's slirp4netns with it).
 
 IPv6 is not configured (slirp4netns without ``--enable-ipv6``): the slot has no IPv6 route.
-What stays reachable: any address that is not the server's own, i.e. other machines, other
-containers on a Docker bridge, and the Docker host from a container (a host address is not
-local to the container); see ``docs/design.md``.
+A container's server is also told the Docker host's addresses (``Isolation.prohibit``: not
+local to the container) and prohibits the networks its container is directly attached to
+(``Isolation.prohibit_links``: the bridge, holding the host's gateway address and the other
+containers). What stays reachable: any other address, i.e. other machines; see
+``docs/design.md``.
 
 Why slirp4netns and not pasta: measured in ``docs/design.md`` ("Decisions").
 """
@@ -44,6 +46,7 @@ __all__ = [
     "NAT_PACKAGE",
     "PROHIBITED",
     "check_nat",
+    "connected_ipv4",
     "local_ipv4",
     "nat_argv",
     "read_child_pid",
@@ -105,11 +108,46 @@ def local_ipv4(fib_trie: str | None = None) -> list[str]:
     return found
 
 
-def route_script(addresses: Sequence[str]) -> str:
-    """``ip -batch`` input: a ``prohibit`` route for each address and :data:`PROHIBITED`."""
-    lines = [f"route add prohibit {a}/32" for a in addresses]
-    lines += [f"route add prohibit {net}" for net in PROHIBITED]
-    return "".join(line + "\n" for line in lines)
+def connected_ipv4(route: str | None = None) -> list[str]:
+    """The IPv4 networks this namespace reaches directly (no gateway), loopback excepted.
+
+    Read from ``/proc/net/route``: in a container on a Docker bridge, the bridge's subnet
+    (the Docker host's gateway address and every other container on it).
+    """
+    if route is None:
+        with open("/proc/net/route") as f:
+            route = f.read()
+    found: list[str] = []
+    for line in route.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 8 or fields[0] == "lo":
+            continue
+        try:
+            dest, gateway, flags, mask = (int(fields[i], 16) for i in (1, 2, 3, 7))
+        except ValueError:
+            continue
+        if gateway or not flags & 1 or not mask:  # via a gateway, down, or the default
+            continue
+        net = ipaddress.IPv4Network(
+            (ipaddress.IPv4Address(dest.to_bytes(4, "little")), bin(mask).count("1")),
+            strict=False,
+        )
+        if not net.is_loopback and str(net) not in found:
+            found.append(str(net))
+    return found
+
+
+def route_script(
+    addresses: Sequence[str], prohibit: Sequence[str] = (), networks: Sequence[str] = ()
+) -> str:
+    """``ip -batch`` input: a ``prohibit`` route for each local address, each of
+    ``prohibit`` and ``networks`` (addresses or CIDR networks) and :data:`PROHIBITED`."""
+    targets: list[str] = []
+    for item in [*addresses, *prohibit, *networks, *PROHIBITED]:
+        net = str(ipaddress.IPv4Network(item, strict=False))
+        if net not in targets:
+            targets.append(net)
+    return "".join(f"route add prohibit {net}\n" for net in targets)
 
 
 #: Runs ``argv[2:]`` with ``{userns}`` replaced by a path to the user namespace that owns the

@@ -46,7 +46,15 @@ from ._bwrap import (
     unmount,
 )
 from ._files import remove_tree
-from ._netns import check_nat, local_ipv4, nat_argv, read_child_pid, route_argv, route_script
+from ._netns import (
+    check_nat,
+    connected_ipv4,
+    local_ipv4,
+    nat_argv,
+    read_child_pid,
+    route_argv,
+    route_script,
+)
 from ._rootfs import confine_target, rootfs_accounts, rootfs_shell
 
 __all__ = ["Limits", "SlotBroken", "SlotRuntime", "SlotSpec", "slot_argv"]
@@ -570,7 +578,14 @@ class SlotRuntime:
         pid = await read_child_pid(info_r)
         nat_path, ip = check_nat()
         mode = privilege() if self.uid is not None else "user"
-        script = route_script(await anyio.to_thread.run_sync(local_ipv4, limiter=self.limiter))
+        iso = self.iso
+        script = route_script(
+            await anyio.to_thread.run_sync(local_ipv4, limiter=self.limiter),
+            iso.prohibit,
+            await anyio.to_thread.run_sync(connected_ipv4, limiter=self.limiter)
+            if iso.prohibit_links
+            else (),
+        )
         routes = await anyio.run_process(
             route_argv(ip, pid, mode=mode, uid=self.uid), input=script.encode(), check=False
         )
