@@ -175,3 +175,16 @@ async def test_a_workspace_pytest_module_does_not_replace_pytest(
     fake = f"import os\nos.makedirs('.structenv', exist_ok=True)\n{_FORGER}"
     score, _, _ = await _play(kind, [], request, {"pytest.py": fake})
     assert score == pytest.approx(HONEST), score
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the tests import the model's code into pytest's own process, which can then "
+    "write the report (or patch pytest): known gap, docs/design.md",
+)
+async def test_the_models_own_module_cannot_forge_the_report(
+    request: pytest.FixtureRequest,
+) -> None:
+    calc = TASK.files["calc.py"] + _FORGER
+    score, _, _ = await _play("local", [], request, {"calc.py": calc})
+    assert score == pytest.approx(HONEST), score
