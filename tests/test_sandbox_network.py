@@ -330,6 +330,41 @@ async def test_the_nat_helper_lives_and_dies_with_its_slot() -> None:
     assert set(nat_pids()) <= set(before)
 
 
+_UDP_FLOWS = r"""
+import socket, sys, time
+for i in range(int(sys.argv[1])):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.sendto(b"x", ("198.51.100.7", 9))  # TEST-NET-2: a flow slirp keeps for minutes
+    s.close()
+    if i % 50 == 49:
+        time.sleep(0.02)  # let slirp4netns drain its tap queue (else it drops datagrams)
+"""
+
+
+def _open_files(pid: int) -> tuple[int, str]:
+    with open(f"/proc/{pid}/limits") as f:
+        limit = next(line for line in f if line.startswith("Max open files"))
+    return len(os.listdir(f"/proc/{pid}/fd")), limit
+
+
+async def test_the_nat_helper_holds_no_more_descriptors_than_its_slot() -> None:
+    # Each datagram from a fresh port is a flow slirp4netns opens a host socket for and keeps
+    # for minutes: with the server's limit (20,000) one slot made it hold 6,000+ descriptors
+    # (30,000 datagrams) beyond the file-table budget of its nofile x pids.
+    async with networked(slots_per_host=1, nofile_limit=64) as b:
+        slot = await b.acquire_slot()
+        try:
+            (nat,) = nat_pids()
+            await slot.write_file("udp.py", _UDP_FLOWS.encode())
+            got = await slot.exec(ExecRequest("python3 udp.py 600", timeout=120))
+            held, limit = _open_files(nat)
+        finally:
+            await b.release_slot(slot, reusable=True)
+    assert got.exit_code == 0, got
+    assert held <= 64, held
+    assert limit.split()[3:5] == ["64", "64"], limit
+
+
 async def test_the_nat_helper_dies_with_a_killed_server() -> None:
     async with networked(slots_per_host=2) as b:
         (host_pid,) = b.host_pids().values()

@@ -194,17 +194,32 @@ def route_argv(ip: str, pid: int, *, mode: str, uid: int | None) -> list[str]:
 
 
 def nat_argv(
-    nat: str, pid: int, *, ready_fd: int, exit_fd: int, mode: str, uid: int | None
+    nat: str,
+    pid: int,
+    *,
+    ready_fd: int,
+    exit_fd: int,
+    mode: str,
+    uid: int | None,
+    nofile: int = 0,
 ) -> list[str]:
-    """The slirp4netns command line giving ``pid``'s network namespace outbound NAT."""
+    """The slirp4netns command line giving ``pid``'s network namespace outbound NAT.
+
+    ``nofile`` (> 0): its descriptor limit, hard and soft, the slot's own. slirp4netns opens a
+    host socket for every flow of the slot and keeps a UDP one for minutes after its last
+    datagram: with the server's limit (20,000 here) one slot's datagrams from fresh ports
+    made it hold thousands of descriptors the slot's ``nofile x pids`` budget of the
+    machine's file table does not count (it is one of the slot's pids).
+    """
     argv = [
         nat, "--configure", f"--mtu={MTU}", "--disable-host-loopback", "--enable-sandbox",
         "--enable-seccomp", f"--ready-fd={ready_fd}", f"--exit-fd={exit_fd}",
     ]  # fmt: skip
+    limit = ["prlimit", f"--nofile={nofile}:{nofile}", "--"] if nofile > 0 else []
     if mode != "root":
         argv.append("--userns-path={userns}")
-        return _as_owner(pid, mode, uid, [*argv, str(pid), TAP])
-    return _masked([*argv, str(pid), TAP])
+        return [*limit, *_as_owner(pid, mode, uid, [*argv, str(pid), TAP])]
+    return [*limit, *_masked([*argv, str(pid), TAP])]
 
 
 #: Host files a root slirp4netns must not read (its sandbox keeps the host's /etc and /run).

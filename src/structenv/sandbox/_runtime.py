@@ -541,7 +541,7 @@ class SlotRuntime:
             with anyio.fail_after(30):
                 try:
                     if nat:
-                        await self._attach_nat(info_r, block_w)
+                        await self._attach_nat(info_r, block_w, nofile=limits.nofile)
                     hello = await self._pipe.read_frame()
                 except EOFError:
                     with anyio.move_on_after(KILL_GRACE):
@@ -562,12 +562,13 @@ class SlotRuntime:
                 if fd >= 0:
                     os.close(fd)
 
-    async def _attach_nat(self, info_r: int, block_w: int) -> None:
+    async def _attach_nat(self, info_r: int, block_w: int, *, nofile: int) -> None:
         """Give the (blocked) sandbox its own outbound-only network, then let it run.
 
         Reads the sandbox's pid from bwrap, adds the ``prohibit`` routes to its namespace,
         starts slirp4netns (in the slot's cgroups, ending when :attr:`_nat_exit` closes) and
-        waits for its ready signal. The caller owns (and closes) both descriptors.
+        waits for its ready signal. The caller owns (and closes) both descriptors; ``nofile``
+        is the slot's descriptor limit, slirp4netns's too.
 
         Raises:
             EOFError: bwrap exited before reporting the sandbox's pid.
@@ -596,8 +597,9 @@ class SlotRuntime:
         exit_r, self._nat_exit = os.pipe()
         try:
             argv = nat_argv(
-                nat_path, pid, ready_fd=ready_w, exit_fd=exit_r, mode=mode, uid=self.uid
-            )
+                nat_path, pid, ready_fd=ready_w, exit_fd=exit_r, mode=mode, uid=self.uid,
+                nofile=nofile,
+            )  # fmt: skip
             if self._cgroup is not None:
                 argv = self._cgroup.wrap(argv)
             with anyio.CancelScope(shield=True):  # as the sandbox's spawn in start()
