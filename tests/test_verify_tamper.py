@@ -40,12 +40,13 @@ _FORGED_REPORT = '<testsuite name="pytest" tests="3" failures="0" errors="0" ski
 _FORGED_TESTS = "".join(f"def test_{n}():\n    pass\n\n\n" for n in "abc")
 
 
-def _env(python: str) -> ShellTasksEnv:
-    """The env's verification with its pytest check, without a trainer or a tokenizer."""
+def _env(python: str, mode: str = "pytest") -> ShellTasksEnv:
+    """The env's verification (pytest or its built-in runner), without a trainer or a
+    tokenizer."""
     env = object.__new__(ShellTasksEnv)
     env.config = ShellTasksEnvConfig()
     env.tasks = {TASK.id: TASK}
-    env.check_mode, env.check_python = "pytest", python
+    env.check_mode, env.check_python = mode, python
     return env
 
 
@@ -64,6 +65,7 @@ async def _play(
     commands: list[str],
     request: pytest.FixtureRequest,
     files: dict[str, str] | None = None,
+    mode: str = "pytest",
 ) -> tuple[float, bytes, str]:
     """Write the task, the model's ``files``, run its ``commands``, verify: (score, processes
     left, tests)."""
@@ -78,7 +80,7 @@ async def _play(
             for command in commands:
                 done = await tool.run(command, time_limit=30)
                 assert done.ok, done
-            score = await _env(python).verify_and_score_trajectory(
+            score = await _env(python, mode).verify_and_score_trajectory(
                 TASK.id, cast(AgentResult, None), trajectory_id="tamper", exec_tool=tool
             )
             left = await tool.run(_OTHERS)
@@ -187,4 +189,16 @@ async def test_the_models_own_module_cannot_forge_the_report(
 ) -> None:
     calc = TASK.files["calc.py"] + _FORGER
     score, _, _ = await _play("local", [], request, {"calc.py": calc})
+    assert score == pytest.approx(HONEST), score
+
+
+@pytest.mark.parametrize("mode", ["pytest", "runner"])
+@pytest.mark.parametrize("kind", _BACKENDS)
+async def test_a_test_file_the_model_adds_does_not_count(
+    kind: str, mode: str, request: pytest.FixtureRequest
+) -> None:
+    # Restoring the task's tests undoes edits to them; a file of 50 passing tests next to
+    # them was collected with them (51 of 53: 0.96).
+    more = "".join(f"def test_{n}():\n    pass\n\n\n" for n in range(50))
+    score, _, _ = await _play(kind, [], request, {"tests/test_more.py": more}, mode)
     assert score == pytest.approx(HONEST), score

@@ -4,7 +4,8 @@ Each task (see ``_shell_data.py``) is a tiny workspace written into the trajecto
 :meth:`ShellTasksEnv.setup_trajectory_workspace`: source files, ``tests/test_*.py`` and a
 ``run_tests.sh`` helper the agent may call. After the agent finishes,
 :meth:`ShellTasksEnv.verify_and_score_trajectory` runs in the same slot: it restores the test
-files (edits to them do not count), runs them and scores the fraction that pass (0.0-1.0).
+files (edits to them do not count), runs them and only them (a test file the model adds does
+not count) and scores the fraction that pass (0.0-1.0).
 
 Running the tests inside the sandbox: the env probes the slot at startup for a Python with
 pytest. With :class:`~structenv.backends.LocalBackend` the interpreter running structenv is
@@ -41,6 +42,7 @@ import logging
 import shlex
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from pydantic import Field
@@ -68,7 +70,8 @@ _RUNNER = """\
 import importlib.util, json, pathlib, sys, traceback
 sys.path.insert(0, ".")
 passed = total = 0
-for path in sorted(pathlib.Path("tests").glob("test_*.py")):
+paths = [pathlib.Path(p) for p in sys.argv[1:]] or sorted(pathlib.Path("tests").glob("test_*.py"))
+for path in paths:
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -200,14 +203,17 @@ class ShellTasksEnv(AgentEnv):
         prompt = f"{task.instruction}\n\n{task_marker(task.id)}"
         return AgentTask(prompt=prompt, system=SYSTEM_PROMPT, id=task.id)
 
-    def _test_command(self, *, report: bool) -> str:
+    def _test_command(self, *, report: bool, files: Iterable[str] = ()) -> str:
+        """The test run: ``files`` (the task's own: a test file the model added is not
+        run), or every test under ``tests`` (``run_tests.sh``)."""
         python = shlex.quote(self.check_python)
+        targets = " ".join(map(shlex.quote, files))
         if self.check_mode == "runner":
-            return f"{python} {_RUNNER_PATH}"
+            return f"{python} {_RUNNER_PATH} {targets}".rstrip()
         extra = f" --junitxml={_REPORT}" if report else ""
         return (
             f"{python} -m pytest -q -p no:cacheprovider --noconftest -c /dev/null "
-            f'-o "pythonpath=$PWD" --rootdir=. tests{extra}'
+            f'-o "pythonpath=$PWD" --rootdir=. {targets or "tests"}{extra}'
         )
 
     async def setup_trajectory_workspace(
@@ -245,14 +251,16 @@ class ShellTasksEnv(AgentEnv):
         if self.check_mode == "runner":
             await exec_tool.write_file(_RUNNER_PATH, _RUNNER)
             run = await exec_tool.run(
-                self._test_command(report=False),
+                self._test_command(report=False, files=task.test_files),
                 env=_PYTEST_ENV,
                 time_limit=self.config.check_timeout_s,
             )
             return _runner_score(run.stdout.decode(errors="replace"))
         await exec_tool.run("rm -f " + _REPORT)
         await exec_tool.run(
-            self._test_command(report=True), env=_PYTEST_ENV, time_limit=self.config.check_timeout_s
+            self._test_command(report=True, files=task.test_files),
+            env=_PYTEST_ENV,
+            time_limit=self.config.check_timeout_s,
         )
         try:
             report = await exec_tool.read_file(_REPORT)
