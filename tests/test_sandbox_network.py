@@ -284,7 +284,15 @@ async def test_link_local_metadata_is_prohibited_and_the_routes_are_fixed() -> N
     async with networked(slots_per_host=1) as b:
         slot = await b.acquire_slot()
         try:
-            answers = await attempt(slot, ["169.254.169.254:80", "169.254.0.1:53"])
+            answers = await attempt(
+                slot,
+                [
+                    "169.254.169.254:80",
+                    "169.254.0.1:53",
+                    "100.100.100.200:80",  # Alibaba Cloud's metadata service
+                    "192.0.0.192:80",  # Oracle Cloud's legacy one
+                ],
+            )
             # The slot cannot lift the prohibition: no CAP_NET_ADMIN in its namespace.
             removed = await slot.exec(
                 ExecRequest("ip route del prohibit 169.254.0.0/16; ip route", timeout=30)
@@ -486,7 +494,12 @@ Local:
 """
     assert _netns.local_ipv4(trie) == ["192.0.2.2"]
     script = _netns.route_script(["192.0.2.2"])
-    assert script == "route add prohibit 192.0.2.2/32\nroute add prohibit 169.254.0.0/16\n"
+    assert script.splitlines() == [
+        "route add prohibit 192.0.2.2/32",
+        "route add prohibit 169.254.0.0/16",
+        "route add prohibit 100.100.100.200/32",
+        "route add prohibit 192.0.0.192/32",
+    ]
 
 
 # -- DockerBackend ---------------------------------------------------------------------------
@@ -584,7 +597,7 @@ def test_connected_networks_are_read_from_the_route_table() -> None:
         "route add prohibit 172.17.0.2/32",
         "route add prohibit 192.0.2.2/32",
         "route add prohibit 172.17.0.0/16",
-        "route add prohibit 169.254.0.0/16",
+        *(f"route add prohibit {net}" for net in _netns.PROHIBITED),
     ]
 
 

@@ -13,7 +13,7 @@ for that slot alone, gives it a ``tap0`` interface (10.0.2.100/24, gateway 10.0.
   server; the slot has no ``CAP_NET_ADMIN`` to remove them) for every IPv4 address local to
   the server's namespace (``/proc/net/fib_trie``: the host's ``eth0``, ``docker0``, ... or the
   container's own address, where the sandbox server listens) and for link-local
-  ``169.254.0.0/16`` (cloud metadata services);
+  ``169.254.0.0/16`` (cloud metadata services; :data:`PROHIBITED` adds those outside it);
 - slirp4netns runs with ``--enable-sandbox`` (its own mount namespace, capabilities
   dropped) and ``--enable-seccomp``, in the slot's cgroups (its CPU and memory are the
   slot's), and exits when the server closes its ``--exit-fd`` (a pipe only the server holds:
@@ -56,8 +56,11 @@ __all__ = [
 
 #: The Debian package that provides the NAT helper.
 NAT_PACKAGE = "slirp4netns"
-#: Ranges no networked slot may reach besides the server's own addresses.
-PROHIBITED = ("169.254.0.0/16",)
+#: Ranges no networked slot may reach besides the server's own addresses: link-local (the
+#: metadata services of AWS, GCP, Azure, Tencent: instance credentials) and the metadata
+#: addresses clouds put elsewhere (Alibaba Cloud 100.100.100.200, Oracle Cloud's legacy
+#: 192.0.0.192).
+PROHIBITED = ("169.254.0.0/16", "100.100.100.200/32", "192.0.0.192/32")
 #: Interface, MTU of the slot's tap device.
 TAP = "tap0"
 MTU = 65520
