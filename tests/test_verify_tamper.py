@@ -84,7 +84,10 @@ async def _play(
                 TASK.id, cast(AgentResult, None), trajectory_id="tamper", exec_tool=tool
             )
             left = await tool.run(_OTHERS)
-            tests = (await tool.read_file("tests/test_calc.py")).decode()
+            try:
+                tests = (await tool.read_file("tests/test_calc.py")).decode()
+            except IsADirectoryError:
+                tests = "(a directory)"
     return score, left.stdout, tests
 
 
@@ -202,3 +205,17 @@ async def test_a_test_file_the_model_adds_does_not_count(
     more = "".join(f"def test_{n}():\n    pass\n\n\n" for n in range(50))
     score, _, _ = await _play(kind, [], request, {"tests/test_more.py": more}, mode)
     assert score == pytest.approx(HONEST), score
+
+
+@pytest.mark.parametrize("mode", ["pytest", "runner"])
+@pytest.mark.parametrize("kind", _BACKENDS)
+async def test_a_workspace_in_the_way_of_the_verifier_scores_zero(
+    kind: str, mode: str, request: pytest.FixtureRequest
+) -> None:
+    # A directory where a test file is restored, a file where .structenv/ goes: the
+    # verification raised IsADirectoryError, which failed the whole group (a harness
+    # failure: not trained on, and in process mode the end of the run) instead of
+    # scoring the model's outcome.
+    block = ["rm tests/test_calc.py && mkdir -p tests/test_calc.py/x && touch .structenv"]
+    score, _, _ = await _play(kind, block, request, mode=mode)
+    assert score == 0.0

@@ -246,10 +246,18 @@ class ShellTasksEnv(AgentEnv):
         # First: nothing the model started may run alongside (it would rewrite what is
         # restored next, or the report).
         await exec_tool.end_processes()
-        for path, text in task.test_files.items():
-            await exec_tool.write_file(path, text)
+        try:
+            for path, text in task.test_files.items():
+                await exec_tool.write_file(path, text)
+            if self.check_mode == "runner":
+                await exec_tool.write_file(_RUNNER_PATH, _RUNNER)
+        except OSError as exc:
+            # The model's workspace is in the way (a directory where a test file goes, a
+            # file where .structenv/ goes): its outcome, scored, not a harness failure (an
+            # exception here failed the whole group, which was then not trained on).
+            log.info("%s: cannot restore the tests (%s): score 0", trajectory_id, exc)
+            return 0.0
         if self.check_mode == "runner":
-            await exec_tool.write_file(_RUNNER_PATH, _RUNNER)
             run = await exec_tool.run(
                 self._test_command(report=False, files=task.test_files),
                 env=_PYTEST_ENV,
