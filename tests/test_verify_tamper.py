@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import AsyncIterator
-from typing import cast
+from typing import Literal, cast
 
 import anyio
 import anyio.lowlevel
@@ -32,6 +32,7 @@ from test_sandbox_support import local_backend
 _ = docker_image
 pytestmark = pytest.mark.anyio
 
+Mode = Literal["pytest", "runner"]
 TASK = next(t for t in SHELL_TASKS if t.id == "fix-add")
 HONEST = 1 / 3
 
@@ -40,7 +41,7 @@ _FORGED_REPORT = '<testsuite name="pytest" tests="3" failures="0" errors="0" ski
 _FORGED_TESTS = "".join(f"def test_{n}():\n    pass\n\n\n" for n in "abc")
 
 
-def _env(python: str, mode: str = "pytest") -> ShellTasksEnv:
+def _env(python: str, mode: Mode = "pytest") -> ShellTasksEnv:
     """The env's verification (pytest or its built-in runner), without a trainer or a
     tokenizer."""
     env = object.__new__(ShellTasksEnv)
@@ -65,7 +66,7 @@ async def _play(
     commands: list[str],
     request: pytest.FixtureRequest,
     files: dict[str, str] | None = None,
-    mode: str = "pytest",
+    mode: Mode = "pytest",
 ) -> tuple[float, bytes, str]:
     """Write the task, the model's ``files``, run its ``commands``, verify: (score, processes
     left, tests)."""
@@ -198,7 +199,7 @@ async def test_the_models_own_module_cannot_forge_the_report(
 @pytest.mark.parametrize("mode", ["pytest", "runner"])
 @pytest.mark.parametrize("kind", _BACKENDS)
 async def test_a_test_file_the_model_adds_does_not_count(
-    kind: str, mode: str, request: pytest.FixtureRequest
+    kind: str, mode: Mode, request: pytest.FixtureRequest
 ) -> None:
     # Restoring the task's tests undoes edits to them; a file of 50 passing tests next to
     # them was collected with them (51 of 53: 0.96).
@@ -210,7 +211,7 @@ async def test_a_test_file_the_model_adds_does_not_count(
 @pytest.mark.parametrize("mode", ["pytest", "runner"])
 @pytest.mark.parametrize("kind", _BACKENDS)
 async def test_a_workspace_in_the_way_of_the_verifier_scores_zero(
-    kind: str, mode: str, request: pytest.FixtureRequest
+    kind: str, mode: Mode, request: pytest.FixtureRequest
 ) -> None:
     # A directory where a test file is restored, a file where .structenv/ goes: the
     # verification raised IsADirectoryError, which failed the whole group (a harness
