@@ -611,3 +611,70 @@ def test_the_servers_prohibit_flags_are_normalised_or_refused(
     with pytest.raises(SystemExit):
         _parse(["--prohibit", "192.0.2.2,example.com"])
     assert "not an IPv4 address or network" in capsys.readouterr().err
+
+
+_DNS_ALIAS = r"""
+import os, sys, anyio
+from structenv import ExecRequest
+from structenv.sandbox import Isolation, SandboxServer, ServerConfig
+
+ASK = '''
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3)
+s.sendto(b"ping", ("10.0.2.3", 53))
+try:
+    print("answered", s.recvfrom(100)[0])
+except OSError as exc:
+    print("silent", type(exc).__name__)
+'''
+
+async def main():
+    config = ServerConfig(
+        slots=1, workdir=os.path.join(sys.argv[1], "host"),
+        socket_path=os.path.join(sys.argv[1], "s.sock"), isolation=Isolation(allow_network=True),
+    )
+    server = SandboxServer(config)
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.serve)
+        (rt,) = server.slots
+        await anyio.Path(rt.workspace, "ask.py").write_text(ASK)
+        got = await rt.exec(ExecRequest("python3 ask.py", timeout=30))
+        print(got.stdout.decode(), end="", flush=True)
+        tg.cancel_scope.cancel()
+
+anyio.run(main)
+"""
+
+
+async def test_the_dns_alias_does_not_reach_a_resolver_on_the_hosts_loopback(
+    tmp_path: object,
+) -> None:
+    # slirp4netns forwarded UDP to 10.0.2.3:53 to the first resolver of the server's
+    # resolv.conf, also one on the host's loopback (systemd-resolved's 127.0.0.53, here
+    # 127.0.0.1): --disable-host-loopback does not cover it. The server runs in a mount
+    # namespace of its own whose resolv.conf names 127.0.0.1, where a UDP listener waits.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind(("127.0.0.1", 53))
+    except OSError as exc:
+        sock.close()
+        pytest.skip(f"port 53 on the host's loopback is taken: {exc}")
+    sock.setblocking(False)
+    conf = os.path.join(str(tmp_path), "resolv.conf")
+    await anyio.Path(conf).write_text("nameserver 127.0.0.1\n")
+    script = os.path.join(str(tmp_path), "serve.py")
+    await anyio.Path(script).write_text(_DNS_ALIAS)
+    try:
+        got = await anyio.run_process(
+            ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+             'mount --bind "$1" /etc/resolv.conf && shift && exec "$@"', "sh", conf,
+             sys.executable, script, str(tmp_path)],
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )  # fmt: skip
+        with pytest.raises(BlockingIOError):
+            data, peer = sock.recvfrom(100)
+            pytest.fail(f"a slot reached the host's loopback resolver ({data!r} from {peer})")
+    finally:
+        sock.close()
+    assert got.stdout.startswith(b"silent"), got

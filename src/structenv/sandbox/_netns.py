@@ -5,8 +5,9 @@
 inference servers, the trainer's APIs), the host's abstract unix sockets, the other slots'
 listening ports, and in a container the sandbox server's own TCP port. Now a networked slot
 keeps bwrap's private network namespace, and a ``slirp4netns`` process, started by the server
-for that slot alone, gives it a ``tap0`` interface (10.0.2.100/24, gateway 10.0.2.2, DNS
-10.0.2.3) whose connections slirp4netns makes as ordinary sockets of the server's namespace:
+for that slot alone, gives it a ``tap0`` interface (10.0.2.100/24, gateway 10.0.2.2, no DNS
+alias: the slot asks the host's ``resolv.conf`` servers itself) whose connections
+slirp4netns makes as ordinary sockets of the server's namespace:
 
 - ``--disable-host-loopback``: the gateway address is not mapped to the host's loopback;
 - the slot's namespace gets ``prohibit`` routes (set before any slot code runs, by the
@@ -214,9 +215,12 @@ def nat_argv(
     made it hold thousands of descriptors the slot's ``nofile x pids`` budget of the
     machine's file table does not count (it is one of the slot's pids).
     """
+    # --disable-dns: 10.0.2.3 forwarded UDP to the first resolver of the server's resolv.conf,
+    # also one on the host's loopback or at a prohibited address (--disable-host-loopback
+    # does not cover it). The slot never uses it: it reads the host's resolv.conf itself.
     argv = [
-        nat, "--configure", f"--mtu={MTU}", "--disable-host-loopback", "--enable-sandbox",
-        "--enable-seccomp", f"--ready-fd={ready_fd}", f"--exit-fd={exit_fd}",
+        nat, "--configure", f"--mtu={MTU}", "--disable-host-loopback", "--disable-dns",
+        "--enable-sandbox", "--enable-seccomp", f"--ready-fd={ready_fd}", f"--exit-fd={exit_fd}",
     ]  # fmt: skip
     limit = ["prlimit", f"--nofile={nofile}:{nofile}", "--"] if nofile > 0 else []
     if mode != "root":
