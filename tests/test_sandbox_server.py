@@ -377,6 +377,8 @@ async def main():
             out["handed_out"] = True
         except SlotBroken:
             out["handed_out"] = False
+        with anyio.fail_after(20):
+            await rt.reaped()  # a retired sandbox is reaped in the slot's background
         out["sleepers_after_cancel"] = sleepers()
         await rt.hard_reset()  # the next lease's reset
         probe = "cat /tmp/m /dev/shm/m /workspace/m 2>/dev/null; "

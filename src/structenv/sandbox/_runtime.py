@@ -55,7 +55,7 @@ from ._netns import (
     route_argv,
     route_script,
 )
-from ._rootfs import confine_target, rootfs_accounts, rootfs_shell
+from ._rootfs import confine_target, resolve_in, rootfs_accounts, rootfs_shell
 
 __all__ = ["Limits", "SlotBroken", "SlotRuntime", "SlotSpec", "slot_argv"]
 
@@ -388,6 +388,17 @@ class _Pipe:
             os.close(fd)
 
 
+@dataclasses.dataclass(eq=False, slots=True)
+class _Old:
+    """A killed sandbox still being reaped in the slot's background (see ``hard_reset``)."""
+
+    proc: anyio.abc.Process | None
+    nat: anyio.abc.Process | None
+    cgroup: SlotCgroup | None
+    name: str
+    done: anyio.Event
+
+
 class SlotRuntime:
     """A slot's sandbox: start, exec, reset (soft then verified, or hard), stop."""
 
@@ -453,6 +464,15 @@ class SlotRuntime:
         self._nat_exit = -1
         self._pipe: _Pipe | None = None
         self._cgroup: SlotCgroup | None = None
+        #: The cgroup name the next sandbox joins. A reset that overlaps the old sandbox's
+        #: teardown with the new one's start alternates between two names, so the new
+        #: sandbox never shares a cgroup (or its pids count) with the old one's processes.
+        self._cgroup_now = self.cgroup_name
+        #: Killed sandboxes not reaped yet (their processes, NAT and cgroup).
+        self._old: list[_Old] = []
+        #: The rootfs accounts files written for this slot: (rootfs, what they were made
+        #: from), so a rebuild for the same rootfs does not write them again.
+        self._accounts_made: tuple[str, tuple[tuple[int, ...], ...]] | None = None
         self._baseline = 0
         self._worker_pid = 0
         self._errors = bytearray()
@@ -468,14 +488,24 @@ class SlotRuntime:
 
         Cancellation: whatever was spawned is killed before the cancellation propagates.
         """
-        spec = self.spec
-        await anyio.to_thread.run_sync(self._mount, spec.workdir, limiter=self.limiter)
-        shell, accounts = "/bin/bash", self.accounts
-        if spec.rootfs is not None:
-            shell, accounts, binds = await anyio.to_thread.run_sync(
-                self._rootfs_setup, spec, limiter=self.limiter
-            )
-            spec = dataclasses.replace(spec, binds=binds)
+        await self._start(fresh=False)
+
+    async def _start(self, *, fresh: bool) -> None:
+        """:meth:`start`; with ``fresh``, the slot's mounts are first detached (the old
+        sandbox keeps its own, unreachable from here, until it is reaped) and mounted anew.
+
+        Cancellation: as :meth:`start`; mounts made are the slot's (the next reset detaches
+        them, :meth:`stop` too).
+        """
+        prepare = functools.partial(self._prepare, self.spec, fresh=fresh)
+        # One thread hop for all the blocking setup: each hop costs milliseconds of
+        # scheduling on a loaded machine.
+        shell, accounts, spec = await anyio.to_thread.run_sync(prepare, limiter=self.limiter)
+        for old in list(self._old):
+            if old.cgroup is not None and old.name == self._cgroup_now:
+                # Two resets within one teardown: the cgroup this sandbox joins must hold
+                # nothing of an old one (its pids count, its processes).
+                await old.done.wait()
         limits = within_file_budget(spec.apply(self.limits), self.limits)
         cgroup = None
         if self.use_cgroup:
@@ -483,7 +513,7 @@ class SlotRuntime:
             # it stays down (the reset that rebuilt it answers why; at start, no server).
             try:
                 cgroup = SlotCgroup(
-                    self.cgroup_name,
+                    self._cgroup_now,
                     pids_max=limits.pids,
                     memory_max=limits.memory,
                     cpus=limits.cpus,
@@ -492,11 +522,9 @@ class SlotRuntime:
                 )
             except CgroupError as exc:
                 raise SlotBroken(str(exc)) from None
-        seccomp_fd = -1
-        if self.iso.sandboxed:
-            seccomp_fd = await anyio.to_thread.run_sync(
-                _seccomp.open_program, self.seccomp_path, limiter=self.limiter
-            )
+        # Opened here, not in a thread: tens of microseconds, and a descriptor returned by
+        # a thread whose caller was cancelled meanwhile would be lost.
+        seccomp_fd = _seccomp.open_program(self.seccomp_path) if self.iso.sandboxed else -1
         # A networked slot: bwrap reports the sandbox's pid on info_w and holds it on
         # block_r until its NAT is attached (see _attach_nat).
         nat = self.iso.sandboxed and self.iso.allow_network
@@ -537,7 +565,7 @@ class SlotRuntime:
                         os.close(fd)
             self._errors = bytearray()
             drained = anyio.Event()
-            self._tg.start_soon(self._drain, proc, drained)
+            self._tg.start_soon(self._drain, proc, self._errors, drained)
             with anyio.fail_after(30):
                 try:
                     if nat:
@@ -612,7 +640,7 @@ class SlotRuntime:
             os.close(exit_r)
         try:
             done = anyio.Event()
-            self._tg.start_soon(self._drain, nat, done)
+            self._tg.start_soon(self._drain, nat, self._errors, done)
             os.set_blocking(ready_r, False)
             while True:
                 try:
@@ -640,8 +668,44 @@ class SlotRuntime:
         accounts = None
         if self.accounts is not None and self.uid is not None:
             directory = os.path.join(os.path.dirname(self.accounts), f".accounts-{self.index}")
-            accounts = rootfs_accounts(spec.rootfs, directory, [self.uid])
+            made = (spec.rootfs, _accounts_source(spec.rootfs))
+            if made != self._accounts_made or not os.path.isfile(os.path.join(directory, "group")):
+                # Written atomically (a sandbox still dying keeps the files it bound).
+                self._accounts_made = None
+                rootfs_accounts(spec.rootfs, directory, [self.uid])
+                self._accounts_made = made
+            accounts = directory
         return shell, accounts, binds
+
+    def _prepare(self, spec: SlotSpec, *, fresh: bool) -> tuple[str, str | None, SlotSpec]:
+        """Everything blocking before a sandbox's spawn (one thread hop): with ``fresh``,
+        detach the slot's mounts; mount what is not mounted; the rootfs's shell, accounts
+        and binds. Returns the shell, the accounts directory and the spec to build."""
+        if fresh:
+            self._detach_mounts()
+        self._mount(spec.workdir)
+        if spec.rootfs is None:
+            return "/bin/bash", self.accounts, spec
+        shell, accounts, binds = self._rootfs_setup(spec)
+        return shell, accounts, dataclasses.replace(spec, binds=binds)
+
+    def _detach_mounts(self) -> None:
+        """Detach (``MNT_DETACH``) the workspace quota, ``/tmp``, ``/dev/shm`` and devpts
+        from the server's namespace, so :meth:`_mount` mounts new, empty ones. A retired
+        sandbox keeps the old instances in its own namespace until it dies; nothing here
+        reaches them, and the kernel frees them with it."""
+        paths = [self.workspace] if self.quota else []
+        if self.scratch == "mount":
+            paths += [self.workspace + ".tmp", self.workspace + ".shm"]
+        if self.ptys == "mount":
+            paths.append(self.workspace + ".pts")
+        for path in paths:
+            for _ in range(8):  # stacked mounts come off one at a time
+                if not os.path.ismount(path):
+                    break
+                unmount(path)
+            else:
+                raise SlotBroken(f"cannot detach the slot's mount at {path}")
 
     def _mount(self, workdir: str | None) -> None:
         """Mount what is not mounted yet: the workspace quota and the scratch tmpfs."""
@@ -684,13 +748,15 @@ class SlotRuntime:
         """The last bytes the sandbox (bwrap or the worker) wrote to its stderr."""
         return self._errors.decode(errors="replace").strip() or "(no message)"
 
-    async def _drain(self, proc: anyio.abc.Process, done: anyio.Event) -> None:
-        """Keep the last 2 KiB of the sandbox's stderr (bounded: it is slot-writable)."""
+    async def _drain(self, proc: anyio.abc.Process, errors: bytearray, done: anyio.Event) -> None:
+        """Keep the last 2 KiB of the sandbox's stderr in ``errors`` (bounded: it is
+        slot-writable). The buffer is the sandbox's own: a sandbox retired by a reset and
+        still dying never writes into its successor's."""
         assert proc.stderr is not None
         try:
             async for chunk in proc.stderr:
-                self._errors += chunk
-                del self._errors[:-2048]
+                errors += chunk
+                del errors[:-2048]
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
         finally:
@@ -754,6 +820,75 @@ class SlotRuntime:
                 await anyio.sleep(delay)  # bounded by the caller's deadline
                 delay = min(delay * 2, 0.05)
 
+    def _retire(self) -> None:
+        """Kill the sandbox (signals only, no wait) and reap it in the slot's background:
+        the next sandbox joins the slot's other cgroup, so it never holds the old
+        processes (see :meth:`_start`)."""
+        proc, self._proc = self._proc, None
+        nat, self._nat = self._nat, None
+        cgroup, self._cgroup = self._cgroup, None
+        self.state = "down"
+        self._fail_pending()
+        if self._pipe is not None:
+            self._pipe.close_write()
+        if self._nat_exit >= 0:
+            fd, self._nat_exit = self._nat_exit, -1
+            os.close(fd)
+        if nat is not None:
+            kill_child(nat)
+        if proc is not None:
+            kill_child(proc)  # the PID namespace dies with its PID 1 (--die-with-parent)
+        if cgroup is not None:
+            cgroup.kill_all()
+        if proc is None and nat is None and cgroup is None:
+            return
+        old = _Old(proc, nat, cgroup, self._cgroup_now, anyio.Event())
+        if cgroup is not None:
+            first, second = self.cgroup_name, self.cgroup_name + "-b"
+            self._cgroup_now = second if self._cgroup_now == first else first
+        self._old.append(old)
+        self._tg.start_soon(self._reap, old)
+
+    async def reaped(self) -> None:
+        """Wait until every sandbox retired by a reset is gone (processes, cgroup).
+
+        Cancellation: nothing changes; the reaping goes on.
+        """
+        while self._old:
+            await self._old[0].done.wait()
+
+    async def _reap(self, old: _Old) -> None:
+        """Wait for a retired sandbox to die, then remove its cgroup (in the slot's
+        background; :meth:`stop` finishes what a cancelled one left).
+
+        Cancellation: what is left stays in ``_old`` for :meth:`stop`.
+        """
+        if old.nat is not None:
+            with anyio.move_on_after(KILL_GRACE, shield=True):
+                await old.nat.wait()
+                await old.nat.aclose()
+            old.nat = None
+        if old.proc is not None:
+            # SIGKILL was sent: bounded by the kernel's teardown of the sandbox.
+            with anyio.move_on_after(KILL_GRACE, shield=True):
+                await old.proc.wait()
+                await old.proc.aclose()
+            old.proc = None
+        if old.cgroup is not None:
+            delay = 0.001
+            while old.cgroup.procs():
+                old.cgroup.kill_all()
+                await anyio.sleep(delay)  # the kernel is tearing the sandbox down
+                delay = min(delay * 2, 0.05)
+            delay = 0.005
+            while not old.cgroup.remove():
+                await anyio.sleep(delay)  # until the host's init reaps the sandbox's PID 1
+                delay = min(delay * 2, 0.1)
+            old.cgroup = None
+        if old in self._old:
+            self._old.remove(old)
+        old.done.set()
+
     async def stop(self) -> None:
         """Kill the sandbox and remove its cgroup.
 
@@ -761,6 +896,8 @@ class SlotRuntime:
         cgroup cleanup.
         """
         await self._kill_sandbox()
+        for old in list(self._old):
+            await self._reap(old)
         if self.quota:
             await anyio.to_thread.run_sync(unmount, self.workspace, limiter=self.limiter)
         if self.scratch == "mount":
@@ -892,6 +1029,12 @@ class SlotRuntime:
         self.terminal_state.clear()
         if spec is not None:
             self.spec = spec
+        if self.quota and self.scratch == "mount" and self.ptys == "mount":
+            # Everything the next sandbox gets is new (its mounts, namespaces and cgroup),
+            # so the old one is killed and reaped in the slot's background while it starts.
+            self._retire()
+            await self._start(fresh=True)
+            return
         await self._kill_sandbox()
         if self.quota:
             # Every process of the slot is dead: drop the whole tmpfs (whatever its depth,
@@ -939,6 +1082,20 @@ def _check_result(frame: dict[str, Any] | None, cap: int, sandboxed: bool) -> di
         "sandboxed": sandboxed,
         "error": str(failure)[:500] if failure is not None else None,
     }
+
+
+def _accounts_source(root: str) -> tuple[tuple[int, ...], ...]:
+    """What a rootfs's accounts files are made from: the identity and version of its
+    ``/etc/passwd`` and ``/etc/group`` (``()`` for a missing one)."""
+    out = []
+    for name in ("passwd", "group"):
+        inside = resolve_in(root, f"/etc/{name}")
+        try:
+            st = os.stat(inside) if inside is not None else None
+        except OSError:
+            st = None
+        out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) if st else ())
+    return tuple(out)
 
 
 def _own_workspace(path: str, uid: int | None, workdir: str | None = None) -> None:

@@ -1,0 +1,217 @@
+"""A hard reset that starts the new sandbox while the old one is torn down (the cold-slot
+path of a server with its own mount namespace): the next lease sees nothing of the old
+sandbox, limits always apply, and a reset cancelled at any await point leaks nothing.
+
+Each case runs in a process of its own: the server must own a mount namespace (as ``python
+-m structenv.sandbox`` does) for the overlapping reset to be used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+_SCRIPT = r"""
+import json, os, sys
+import anyio, anyio.lowlevel
+from structenv import ExecRequest
+from structenv.sandbox import SandboxServer, ServerConfig, _bwrap, _runtime
+from structenv.sandbox._runtime import SlotBroken
+
+backend, mode, step, workdir = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+assert _bwrap.private_mounts(), "no mount namespace of its own"
+PIDS = "/sys/fs/cgroup/pids/structenv"
+
+
+def mounts_under(path):
+    with open("/proc/self/mountinfo") as f:
+        return sorted(ln.split()[4] for ln in f if ln.split()[4].startswith(path))
+
+
+def sleepers():
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read() == b"sleep\0" + b"4321\0":
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+
+def cgroups(name):
+    base = os.path.join(PIDS, name)
+    if not os.path.isdir(base):
+        return None
+    return sorted(e for e in os.listdir(base) if os.path.isdir(os.path.join(base, e)))
+
+
+async def run(rt, command):
+    return (await rt.exec(ExecRequest(command, timeout=20))).stdout.decode()
+
+
+DIRTY = (
+    "echo d > /tmp/m; echo d > /dev/shm/m; echo d > /workspace/m; sleep 4321 & "
+    "mkfifo /tmp/up; python3 -c 'import os,time; os.openpty(); open(\"/tmp/up\", \"w\").close(); "
+    "time.sleep(999)' & read x < /tmp/up"
+)
+PROBE = (
+    "cat /tmp/m /dev/shm/m /workspace/m 2>/dev/null; ls /dev/pts | grep -v ptmx | wc -l; "
+    "ps -e -o comm= | grep -c sleep; cat /proc/self/cgroup | grep pids"
+)
+
+
+async def main():
+    name = "ovl" + str(os.getpid())
+    server = SandboxServer(ServerConfig(slots=1, workdir=workdir, name=name,
+                                        socket_path=os.path.join(workdir, "s.sock")))
+    out = {}
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.serve)
+        (rt,) = server.slots
+        out["overlap"] = rt.quota and rt.scratch == rt.ptys == "mount"
+        await run(rt, DIRTY)
+        if mode == "cancel":
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as inner:
+                    inner.start_soon(rt.hard_reset)
+                    for _ in range(step):
+                        await anyio.lowlevel.checkpoint()
+                    scope.cancel()
+            out["state_after_cancel"] = rt.state
+            try:
+                await run(rt, "cat /tmp/m")
+                out["handed_out"] = True
+            except SlotBroken:
+                out["handed_out"] = False
+            with anyio.fail_after(20):
+                await rt.reaped()
+            out["sleepers_after_reap"] = sleepers()
+            await rt.hard_reset()  # the next lease's reset
+            out["probe"] = (await run(rt, PROBE)).split()
+            out["pids_max"] = open(os.path.join(PIDS, rt._cgroup_now, "pids.max")).read()
+            out["cgroups"] = cgroups(name)
+        elif mode == "cancel_wait":
+            # The next reset must wait for a cgroup still held by a dying sandbox: cancel
+            # it right there.
+            hold = [True]
+            real_remove = _runtime.SlotCgroup.remove
+            _runtime.SlotCgroup.remove = lambda self: False if hold[0] else real_remove(self)
+            await rt.hard_reset()  # the first sandbox is killed, its cgroup kept busy
+            await run(rt, DIRTY)
+            (old,) = rt._old
+            entered = anyio.Event()
+
+            class Spy:
+                async def wait(self, done=old.done):
+                    entered.set()
+                    await done.wait()
+
+                def set(self, done=old.done):
+                    done.set()
+
+            old.done = Spy()
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as inner:
+                    inner.start_soon(rt.hard_reset)
+                    await entered.wait()
+                    scope.cancel()
+            out["state_after_cancel"] = rt.state
+            hold[0] = False
+            with anyio.fail_after(20):
+                await rt.reaped()
+            out["sleepers_after_reap"] = sleepers()
+            await rt.hard_reset()
+            out["probe"] = (await run(rt, PROBE)).split()
+            with anyio.fail_after(20):
+                await rt.reaped()
+            out["cgroups"] = cgroups(name)
+        elif mode == "twice":
+            # Two resets back to back: the second may have to wait for the first one's old
+            # sandbox (its cgroup) before it reuses that cgroup.
+            await rt.hard_reset()
+            await run(rt, DIRTY)
+            await rt.hard_reset()
+            out["probe"] = (await run(rt, PROBE)).split()
+            with anyio.fail_after(20):
+                await rt.reaped()
+            out["cgroups"] = cgroups(name)
+        elif mode == "shutdown":
+            # The server stops while the old sandbox is still being reaped.
+            await rt.hard_reset()
+            out["pending"] = len(rt._old)
+        tg.cancel_scope.cancel()
+    out["mounts_after_stop"] = mounts_under(workdir)
+    out["sleepers_after_stop"] = sleepers()
+    out["cgroups_after_stop"] = cgroups(name)
+    print(json.dumps(out))
+
+
+anyio.run(main, backend=backend)
+"""
+
+
+def _run(tmp_path: object, anyio_backend: str, mode: str, step: int = 0) -> dict[str, object]:
+    workdir = os.path.join(str(tmp_path), "host")
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, anyio_backend, mode, str(step), workdir],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["overlap"] is True, out
+    assert out["mounts_after_stop"] == [] and out["sleepers_after_stop"] == [], out
+    assert out["cgroups_after_stop"] is None, out
+    return out
+
+
+def _clean(probe: object) -> None:
+    # No file of the old lease in /workspace, /tmp, /dev/shm; no pty of its devpts; no
+    # process of its PID namespace; a cgroup of the slot's own.
+    assert isinstance(probe, list) and probe[:2] == ["0", "0"], probe
+    assert ":pids:/" in probe[2], probe
+
+
+@pytest.mark.parametrize("step", range(12))
+def test_overlapped_reset_cancelled_at_each_await_point_leaks_nothing(
+    tmp_path: object, step: int, anyio_backend: str
+) -> None:
+    out = _run(tmp_path, anyio_backend, "cancel", step)
+    if out["state_after_cancel"] != "ready":
+        assert out["handed_out"] is False, out
+    assert out["sleepers_after_reap"] == [], out
+    _clean(out["probe"])
+    assert out["pids_max"] == "256\n", out  # the new cgroup's limit is applied
+    # The old sandbox's cgroup is gone once reaped; only the live one is left.
+    cgroups = out["cgroups"]
+    assert isinstance(cgroups, list) and len(cgroups) == 1, out
+
+
+def test_reset_cancelled_while_waiting_for_a_dying_sandboxs_cgroup_leaks_nothing(
+    tmp_path: object, anyio_backend: str
+) -> None:
+    out = _run(tmp_path, anyio_backend, "cancel_wait")
+    assert out["state_after_cancel"] != "ready", out
+    assert out["sleepers_after_reap"] == [], out
+    _clean(out["probe"])
+    cgroups = out["cgroups"]
+    assert isinstance(cgroups, list) and len(cgroups) == 1, out
+
+
+def test_back_to_back_resets_never_share_a_cgroup(tmp_path: object, anyio_backend: str) -> None:
+    out = _run(tmp_path, anyio_backend, "twice")
+    _clean(out["probe"])
+    cgroups = out["cgroups"]
+    assert isinstance(cgroups, list) and len(cgroups) == 1, out
+
+
+def test_server_stopping_while_a_retired_sandbox_dies_leaks_nothing(
+    tmp_path: object, anyio_backend: str
+) -> None:
+    out = _run(tmp_path, anyio_backend, "shutdown")
+    assert out["pending"] in (0, 1), out
