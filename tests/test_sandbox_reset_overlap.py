@@ -131,6 +131,49 @@ async def main():
             with anyio.fail_after(20):
                 await rt.reaped()
             out["cgroups"] = cgroups(name)
+        elif mode == "cancel_dead":
+            # The new sandbox is up and waits for the old one's processes to be gone before
+            # it is handed out: cancel it right there.
+            gate, entered = anyio.Event(), anyio.Event()
+            real_reap, real_old = _runtime.SlotRuntime._reap, _runtime._Old
+
+            async def gated(self, old):
+                await gate.wait()
+                await real_reap(self, old)
+
+            class Spy:
+                def __init__(self):
+                    self.event = anyio.Event()
+
+                async def wait(self):
+                    entered.set()
+                    await self.event.wait()
+
+                def set(self):
+                    self.event.set()
+
+            def make_old(*args):
+                old = real_old(*args)
+                old.dead = Spy()
+                return old
+
+            _runtime.SlotRuntime._reap = gated
+            _runtime._Old = make_old
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as inner:
+                    inner.start_soon(rt.hard_reset)
+                    await entered.wait()
+                    scope.cancel()
+            out["state_after_cancel"] = rt.state
+            gate.set()
+            with anyio.fail_after(20):
+                await rt.reaped()
+            out["sleepers_after_reap"] = sleepers()
+            await rt.hard_reset()
+            out["probe"] = (await run(rt, PROBE)).split()
+            with anyio.fail_after(20):
+                await rt.reaped()
+            out["cgroups"] = cgroups(name)
         elif mode == "twice":
             # Two resets back to back: the second may have to wait for the first one's old
             # sandbox (its cgroup) before it reuses that cgroup.
@@ -196,6 +239,17 @@ def test_reset_cancelled_while_waiting_for_a_dying_sandboxs_cgroup_leaks_nothing
     tmp_path: object, anyio_backend: str
 ) -> None:
     out = _run(tmp_path, anyio_backend, "cancel_wait")
+    assert out["state_after_cancel"] != "ready", out
+    assert out["sleepers_after_reap"] == [], out
+    _clean(out["probe"])
+    cgroups = out["cgroups"]
+    assert isinstance(cgroups, list) and len(cgroups) == 1, out
+
+
+def test_reset_cancelled_while_the_old_sandbox_dies_leaks_nothing(
+    tmp_path: object, anyio_backend: str
+) -> None:
+    out = _run(tmp_path, anyio_backend, "cancel_dead")
     assert out["state_after_cancel"] != "ready", out
     assert out["sleepers_after_reap"] == [], out
     _clean(out["probe"])

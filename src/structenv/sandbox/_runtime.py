@@ -396,7 +396,9 @@ class _Old:
     nat: anyio.abc.Process | None
     cgroup: SlotCgroup | None
     name: str
-    done: anyio.Event
+    #: Set when every process of it is gone, then when its cgroup is removed too.
+    dead: anyio.Event = dataclasses.field(default_factory=anyio.Event)
+    done: anyio.Event = dataclasses.field(default_factory=anyio.Event)
 
 
 class SlotRuntime:
@@ -577,6 +579,11 @@ class SlotRuntime:
                     raise SlotBroken(f"the slot's sandbox did not start: {self.stderr()}") from None
             if not hello.get("hello"):
                 raise SlotBroken(f"unexpected worker greeting: {hello!r}")
+            for old in list(self._old):
+                # Started side by side, handed out only once every process of the old
+                # sandbox is gone: it counts against the slot uid's process limit
+                # (RLIMIT_NPROC) and holds memory until then. Usually long done by now.
+                await old.dead.wait()
             self._worker_pid = proc.pid
             self._baseline = len(self._cgroup.procs()) if self._cgroup else 0
             self.state = "ready"
@@ -842,7 +849,7 @@ class SlotRuntime:
             cgroup.kill_all()
         if proc is None and nat is None and cgroup is None:
             return
-        old = _Old(proc, nat, cgroup, self._cgroup_now, anyio.Event())
+        old = _Old(proc, nat, cgroup, self._cgroup_now)
         if cgroup is not None:
             first, second = self.cgroup_name, self.cgroup_name + "-b"
             self._cgroup_now = second if self._cgroup_now == first else first
@@ -850,7 +857,8 @@ class SlotRuntime:
         self._tg.start_soon(self._reap, old)
 
     async def reaped(self) -> None:
-        """Wait until every sandbox retired by a reset is gone (processes, cgroup).
+        """Wait until every sandbox retired by a reset is gone (processes, cgroup): a reset
+        returns once their processes are; their cgroups are removed a moment later.
 
         Cancellation: nothing changes; the reaping goes on.
         """
@@ -880,11 +888,13 @@ class SlotRuntime:
                 old.cgroup.kill_all()
                 await anyio.sleep(delay)  # the kernel is tearing the sandbox down
                 delay = min(delay * 2, 0.05)
+            old.dead.set()
             delay = 0.005
             while not old.cgroup.remove():
                 await anyio.sleep(delay)  # until the host's init reaps the sandbox's PID 1
                 delay = min(delay * 2, 0.1)
             old.cgroup = None
+        old.dead.set()
         if old in self._old:
             self._old.remove(old)
         old.done.set()
@@ -1023,6 +1033,10 @@ class SlotRuntime:
     async def hard_reset(self, spec: SlotSpec | None = None) -> None:
         """Destroy the sandbox, wipe the workspace from outside and start a fresh one (built
         from ``spec`` when given: how a slot changes spec).
+
+        In a server with a mount namespace of its own, the new sandbox starts while the old
+        one dies (fresh mounts, the slot's other cgroup; see :meth:`_retire`), and this
+        returns once the old one's processes are gone.
 
         Cancellation: the slot is left down (``state != "ready"``); a later reset retries.
         """
