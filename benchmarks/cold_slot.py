@@ -204,6 +204,13 @@ def main() -> None:
             table[label] = {"p50_wall_ms": wall, "p90_wall_ms": p90, "p50_cpu_ms": cpu}
             print(f"  {label:30s} {wall:8.2f} / {cpu:6.2f}   (p90 wall {p90:.2f})")
         report["trees"][tree] = table
+    # What is left, outside the server, on the same command lines: bwrap running a bare
+    # interpreter (with the uid switch) vs. the worker up to its hello.
+    from structenv._bench.specs import _breakdown
+
+    report["spawn_breakdown_ms"] = _breakdown(args.rootfs, args.rounds)
+    print(f"\nspawn breakdown (ms p50, outside the server): {report['spawn_breakdown_ms']}")
+    report["load_end"] = os.getloadavg()[0]
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 
