@@ -25,6 +25,8 @@ from structenv.sandbox._runtime import SlotBroken
 backend, mode, step, workdir = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 assert _bwrap.private_mounts(), "no mount namespace of its own"
 PIDS = "/sys/fs/cgroup/pids/structenv"
+# Unique to this process: other sessions on the machine may run the same tests meanwhile.
+SLEEP = f"4321.{os.getpid()}"
 
 
 def mounts_under(path):
@@ -37,7 +39,7 @@ def sleepers():
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if f.read() == b"sleep\0" + b"4321\0":
+                if f.read() == f"sleep\0{SLEEP}\0".encode():
                     found.append(pid)
         except OSError:
             pass
@@ -56,7 +58,7 @@ async def run(rt, command):
 
 
 DIRTY = (
-    "echo d > /tmp/m; echo d > /dev/shm/m; echo d > /workspace/m; sleep 4321 & "
+    "echo d > /tmp/m; echo d > /dev/shm/m; echo d > /workspace/m; sleep " + SLEEP + " & "
     "mkfifo /tmp/up; python3 -c 'import os,time; os.openpty(); open(\"/tmp/up\", \"w\").close(); "
     "time.sleep(999)' & read x < /tmp/up"
 )

@@ -1105,7 +1105,7 @@ def _accounts_source(root: str) -> tuple[tuple[int, ...], ...]:
     for name in ("passwd", "group"):
         inside = resolve_in(root, f"/etc/{name}")
         try:
-            st = os.stat(inside) if inside is not None else None
+            st = os.lstat(inside) if inside is not None else None
         except OSError:
             st = None
         out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) if st else ())
