@@ -46,7 +46,7 @@ STEPS = [
 ]
 
 
-def _child(rootfs: str, rounds: int) -> None:
+def _child(rootfs: str, rounds: int, release_first: bool) -> None:
     import functools
     import inspect
 
@@ -138,6 +138,13 @@ def _child(rootfs: str, rounds: int) -> None:
                 rt = server.slots[0]
                 true = ExecRequest("/bin/true", timeout=30)
                 for i in range(rounds + 1):
+                    if release_first:
+                        # As the pool does: the slot was rebuilt for its last spec when its
+                        # last lease was released, a moment before the cold acquire.
+                        async with rt.reset_lock:
+                            rt.lease += 1
+                            await rt.hard_reset(specs[(i + 1) % 2])
+                        await rt.exec(true)
                     current.clear()
                     t, c = time.perf_counter(), time.process_time()
                     async with rt.reset_lock:
@@ -158,10 +165,13 @@ def _child(rootfs: str, rounds: int) -> None:
     print(json.dumps(anyio.run(main)))
 
 
-def _run_tree(tree: str, rootfs: str, rounds: int) -> list[dict[str, list[float]]]:
+def _run_tree(
+    tree: str, rootfs: str, rounds: int, release_first: bool
+) -> list[dict[str, list[float]]]:
     env = dict(os.environ, PYTHONPATH=tree)
+    argv = [sys.executable, __file__, "--child", "--rootfs", rootfs, "--rounds", str(rounds)]
     out = subprocess.run(
-        [sys.executable, __file__, "--child", "--rootfs", rootfs, "--rounds", str(rounds)],
+        [*argv, *(["--release-first"] if release_first else [])],
         env=env,
         capture_output=True,
         text=True,
@@ -179,17 +189,23 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--chunks", type=int, default=3)
     p.add_argument("--child", action="store_true")
+    p.add_argument(
+        "--release-first",
+        action="store_true",
+        help="rebuild the slot for the other spec just before each timed one (the pool's "
+        "release, then a cold acquire)",
+    )
     p.add_argument("--json")
     args = p.parse_args()
     if args.child:
-        _child(args.rootfs, args.rounds)
+        _child(args.rootfs, args.rounds, args.release_first)
         return
     trees = args.tree or [str(ROOT / "src")]
     load0 = os.getloadavg()
     samples: dict[str, list[dict[str, list[float]]]] = {t: [] for t in trees}
     for _ in range(args.chunks):
         for tree in trees:
-            samples[tree] += _run_tree(tree, args.rootfs, args.rounds)
+            samples[tree] += _run_tree(tree, args.rootfs, args.rounds, args.release_first)
     load1 = os.getloadavg()
     print(f"load average before {load0[0]:.2f} / after {load1[0]:.2f} (1 min), 2 cores")
     report: dict[str, Any] = {"load_before": load0[0], "load_after": load1[0], "trees": {}}

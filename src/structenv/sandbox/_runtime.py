@@ -92,6 +92,10 @@ def compiled_worker(directory: str) -> str:
     return path
 
 
+#: A slot's cgroups are ``<name><suffix>``: a rebuild puts the new sandbox in one that no
+#: dying sandbox holds (see ``SlotRuntime._retire``).
+_CGROUP_SUFFIXES = ("", "-b", "-c")
+
 #: Bound on waiting for a worker to acknowledge a kill after a cancelled request.
 KILL_GRACE = 2.0
 
@@ -467,8 +471,8 @@ class SlotRuntime:
         self._pipe: _Pipe | None = None
         self._cgroup: SlotCgroup | None = None
         #: The cgroup name the next sandbox joins. A reset that overlaps the old sandbox's
-        #: teardown with the new one's start alternates between two names, so the new
-        #: sandbox never shares a cgroup (or its pids count) with the old one's processes.
+        #: teardown with the new one's start moves on to another of the slot's names, so
+        #: the new sandbox never shares a cgroup (or its pids count) with the old one's.
         self._cgroup_now = self.cgroup_name
         #: Killed sandboxes not reaped yet (their processes, NAT and cgroup).
         self._old: list[_Old] = []
@@ -829,7 +833,7 @@ class SlotRuntime:
 
     def _retire(self) -> None:
         """Kill the sandbox (signals only, no wait) and reap it in the slot's background:
-        the next sandbox joins the slot's other cgroup, so it never holds the old
+        the next sandbox joins another of the slot's cgroups, so it never holds the old
         processes (see :meth:`_start`)."""
         proc, self._proc = self._proc, None
         nat, self._nat = self._nat, None
@@ -850,10 +854,17 @@ class SlotRuntime:
         if proc is None and nat is None and cgroup is None:
             return
         old = _Old(proc, nat, cgroup, self._cgroup_now)
-        if cgroup is not None:
-            first, second = self.cgroup_name, self.cgroup_name + "-b"
-            self._cgroup_now = second if self._cgroup_now == first else first
         self._old.append(old)
+        if cgroup is not None:
+            # The next name whose cgroup no dying sandbox holds. A cgroup is removable only
+            # once its last process is reaped (the sandbox's PID 1, by the host's init, a
+            # moment after bwrap): a release's rebuild followed at once by a cold one for
+            # another spec would otherwise wait for that.
+            names = [self.cgroup_name + suffix for suffix in _CGROUP_SUFFIXES]
+            busy = {o.name for o in self._old if o.cgroup is not None}
+            at = names.index(self._cgroup_now) if self._cgroup_now in names else 0
+            ring = names[at + 1 :] + names[: at + 1]
+            self._cgroup_now = next((n for n in ring if n not in busy), ring[0])
         self._tg.start_soon(self._reap, old)
 
     async def reaped(self) -> None:
@@ -1035,7 +1046,7 @@ class SlotRuntime:
         from ``spec`` when given: how a slot changes spec).
 
         In a server with a mount namespace of its own, the new sandbox starts while the old
-        one dies (fresh mounts, the slot's other cgroup; see :meth:`_retire`), and this
+        one dies (fresh mounts, another of the slot's cgroups; see :meth:`_retire`), and this
         returns once the old one's processes are gone.
 
         Cancellation: the slot is left down (``state != "ready"``); a later reset retries.
