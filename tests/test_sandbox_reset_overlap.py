@@ -104,9 +104,13 @@ async def main():
             hold = [True]
             real_remove = _runtime.SlotCgroup.remove
             _runtime.SlotCgroup.remove = lambda self: False if hold[0] else real_remove(self)
-            await rt.hard_reset()  # the first sandbox is killed, its cgroup kept busy
+            # Each reset retires a sandbox whose cgroup stays busy: after two, all three of
+            # the slot's cgroups are held, and the third reset must wait for the oldest.
+            await rt.hard_reset()
+            await rt.hard_reset()
             await run(rt, DIRTY)
-            (old,) = rt._old
+            out["held"] = len(rt._old)
+            old = rt._old[0]
             entered = anyio.Event()
 
             class Spy:
@@ -177,8 +181,7 @@ async def main():
                 await rt.reaped()
             out["cgroups"] = cgroups(name)
         elif mode == "twice":
-            # Two resets back to back: the second may have to wait for the first one's old
-            # sandbox (its cgroup) before it reuses that cgroup.
+            # Two resets back to back: the second takes a cgroup no dying sandbox holds.
             await rt.hard_reset()
             await run(rt, DIRTY)
             await rt.hard_reset()
@@ -241,6 +244,7 @@ def test_reset_cancelled_while_waiting_for_a_dying_sandboxs_cgroup_leaks_nothing
     tmp_path: object, anyio_backend: str
 ) -> None:
     out = _run(tmp_path, anyio_backend, "cancel_wait")
+    assert out["held"] == 2, out
     assert out["state_after_cancel"] != "ready", out
     assert out["sleepers_after_reap"] == [], out
     _clean(out["probe"])
