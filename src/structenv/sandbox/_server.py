@@ -95,7 +95,9 @@ class ServerConfig:
         cgroup: ``"auto"`` (use v1 pids/memory cgroups if present), ``"required"`` or ``"off"``.
         cgroup_root: Make the slots' cgroups in ``<cgroup_root>/<controller>/<name>/<i>`` (a
             subtree delegated to this server, e.g. bind-mounted into its container) instead
-            of ``/sys/fs/cgroup/<controller>/structenv/<name>/<i>``.
+            of ``/sys/fs/cgroup/<controller>/structenv/<name>/<i>`` (a rebuild that
+            overlaps the old sandbox's teardown moves slot ``i`` between ``<i>``, ``<i>-b``
+            and ``<i>-c``).
         name: Host name used for cgroup names and exec tags.
         max_body: Largest accepted request body (bounds file writes).
         uid_base: First of the host uids the slots run as (slot ``i`` gets ``uid_base + i``;
