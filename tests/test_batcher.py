@@ -7,7 +7,17 @@ import asyncio
 import anyio
 import pytest
 
-from structenv import Batcher, ConfigError, ExecRequest, ExecResult, SlotPool
+from structenv import (
+    Batcher,
+    ConfigError,
+    ExecRequest,
+    ExecResult,
+    ExecutorConfig,
+    SlotPool,
+    ToolCall,
+    ToolExecutor,
+)
+from structenv.abc import Slot
 from structenv._wakeup import OneShot, current_loop
 from structenv.testing import FakeBackend, assert_no_leaks, virtual_time_backend
 
@@ -336,3 +346,65 @@ async def test_the_kit_reads_the_loops_own_clock(
     assert abs(kit.now() - asyncio.get_running_loop().time()) < 1.0
     monkeypatch.setattr(type(asyncio.get_running_loop()), "time", lambda self: 42.0)
     assert current_loop().now() == 42.0
+
+
+async def test_deadlines_hold_per_timeout_value_and_out_of_order() -> None:
+    # One deadline queue per timeout value; a call tracked after a later deadline of its own
+    # timeout (its caller waited for room in the channel) still expires at its own deadline.
+    async with FakeBackend(slots_per_host=3) as backend:
+        pool = SlotPool(backend)
+        batcher = Batcher(backend, window=10.0, deadline_grace=0.5)
+        now = batcher.clock()
+        answered: dict[str, float] = {}
+        async with anyio.create_task_group() as tg:
+            await tg.start(batcher.serve)
+            async with pool.slot() as s1, pool.slot() as s2, pool.slot() as s3:
+                t0 = now()
+
+                async def one(name: str, slot: Slot, timeout: float, start: float) -> None:
+                    call = batcher.submit(slot, ExecRequest("true", timeout=timeout), start)
+                    assert call is not None, "window > 0: the batched lane"
+                    try:
+                        await batcher.park(call)
+                    except BaseException:
+                        batcher.abandon(call)
+                        raise
+                    result = batcher.collect(call)
+                    assert result.timed_out and result.error is not None, result
+                    answered[name] = now() - t0
+
+                async with anyio.create_task_group() as callers:
+                    callers.start_soon(one, "three", s1, 3.0, t0)
+                    callers.start_soon(one, "one", s2, 1.0, t0)
+                    callers.start_soon(one, "three_tracked_late", s3, 3.0, t0 - 1.0)
+            batcher.close()
+        assert answered == pytest.approx({"one": 1.5, "three_tracked_late": 2.5, "three": 3.5})
+        stats = batcher.statistics()
+        assert (stats.expired, stats.waiting, stats.dispatched) == (3, 0, 0)
+        assert_no_leaks(pools=[pool], backends=[backend])
+
+
+@pytest.mark.parametrize(("window_ms", "dispatched"), [(1000.0, False), (1.0, True)])
+async def test_tool_call_cancelled_on_the_batched_lane_leaks_nothing(
+    window_ms: float, dispatched: bool
+) -> None:
+    # Trajectory.call parks on the batched lane in its own frame (no exec coroutine under
+    # it): cancelled before dispatch the command never runs and the slot is kept; after
+    # dispatch the slot is retired.
+    config = ExecutorConfig(batch_window_ms=window_ms)
+    async with (
+        FakeBackend(slots_per_host=1) as backend,
+        ToolExecutor(backend, config=config) as executor,
+    ):
+        async with executor.trajectory() as traj:
+            with anyio.move_on_after(0.5) as scope:
+                await traj.call(ToolCall("terminal", {"command": "sleep 5"}))
+            assert scope.cancelled_caught
+            assert traj.slot.reusable is not dispatched
+            # The trajectory goes on after the cancelled call.
+            assert (await traj.call(ToolCall("terminal", {"command": "echo ok"}))).ok
+        stats = executor.statistics().batcher
+        assert (stats.waiting, stats.in_flight) == (0, 0)
+        assert stats.dropped == (0 if dispatched else 1)
+    assert backend.destroyed == (1 if dispatched else 0)
+    assert_no_leaks(executors=[executor], backends=[backend])

@@ -9,8 +9,8 @@ The reply is a one-shot on the caller's own task (:mod:`structenv._wakeup`, the 
 knows asyncio from trio; this one imports neither).
 
 The client-side deadline of every call (its ``timeout`` plus a grace, in case the host itself
-stops answering) is kept by one watchdog task over a heap of deadlines rather than by a cancel
-scope per call: a scope costs a timer-heap entry in the event loop plus enter/exit bookkeeping,
+stops answering) is kept by one watchdog task over queues of deadlines (one per timeout value, in which
+deadlines only grow, so tracking a call is an append) rather than by a cancel scope per call: a scope costs a timer-heap entry in the event loop plus enter/exit bookkeeping,
 which was a third of the per-call cost.
 
 When the batcher is idle (no other call queued or in flight) and the window is 0, a call takes
@@ -25,11 +25,10 @@ lane, where the watchdog answers the caller at the deadline whatever the backend
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import heapq
-import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import anyio
@@ -41,7 +40,7 @@ from ._types import ExecRequest, ExecResult
 from ._wakeup import LoopKit, OneShot, current_loop
 from .abc import SandboxBackend, Slot
 
-__all__ = ["Batcher", "BatcherStatistics"]
+__all__ = ["Batcher", "BatcherStatistics", "PendingCall"]
 
 _PENDING: Final = 0
 _DISPATCHED: Final = 1
@@ -85,17 +84,22 @@ class _Batch:
 
 
 class _Call(OneShot):
-    __slots__ = ("batch", "request", "result", "slot", "start", "state", "tracked")
+    __slots__ = ("batch", "deadline", "request", "result", "slot", "start", "state", "tracked")
 
-    def __init__(self, slot: Slot, request: ExecRequest, start: float) -> None:
+    def __init__(self, slot: Slot, request: ExecRequest, start: float, waiter: object) -> None:
         self.slot = slot
         self.request = request
         self.state = _PENDING
         self.result: ExecResult | Exception | None = None
         self.batch: _Batch | None = None
         self.start = start
+        self.deadline = math.inf
         self.tracked = False
-        self.waiter = None
+        self.waiter = waiter  # armed: LoopKit.new_waiter()
+
+
+#: A call queued by :meth:`Batcher.submit`, for its caller to park on and collect.
+PendingCall = _Call
 
 
 class Batcher:
@@ -146,8 +150,9 @@ class Batcher:
         self._kit: LoopKit | None = None
         #: The express lane keeps the deadline by cancelling exec: only if exec reacts to it.
         self._express_ok = window == 0 and backend.cancellable_exec
-        self._deadlines: list[tuple[float, int, _Call]] = []
-        self._seq = itertools.count()
+        #: Tracked calls in deadline order, one queue per request timeout (a call's deadline
+        #: is its start plus its timeout plus the grace, so each queue only grows at its end).
+        self._deadlines: dict[float, collections.deque[_Call]] = {}
         self._waiting = 0
         self._watch_target = math.inf
         self._watch_wakeup: anyio.Event | None = None
@@ -206,8 +211,7 @@ class Batcher:
         if not self._waiting and self._express_ok and not self._closed:
             return await self._exec_express(slot, request, kit)
         start = kit.now()
-        call = _Call(slot, request, start)
-        kit.arm(call)
+        call = _Call(slot, request, start, kit.new_waiter())
         try:
             try:
                 self._send.send_nowait(call)
@@ -216,8 +220,38 @@ class Batcher:
             self._track(call, start + request.timeout + self._grace)
             await kit.park(call)
         except BaseException:
-            self._abandon(call)
+            self.abandon(call)
             raise
+        return self.collect(call)
+
+    def submit(self, slot: Slot, request: ExecRequest, start: float) -> _Call | None:
+        """The batched lane's first half, without a coroutine of its own.
+
+        Queues the call and returns it armed: the caller awaits ``park(call)`` (the loop
+        kit's), calls :meth:`abandon` if that raises and :meth:`collect` once it returns.
+        ``None`` when the call must go through :meth:`exec` instead (the express lane, or a
+        full channel: back-pressure). ``start`` is the caller's clock reading (``clock()``).
+        This is :meth:`exec` in its caller's frame: one coroutine frame fewer per call, which
+        every wake-up would resume and the collector would walk while the call is in flight.
+
+        Raises:
+            anyio.ClosedResourceError: The batcher was closed.
+        """
+        if not self._waiting and self._express_ok and not self._closed:
+            return None
+        kit = self._kit
+        assert kit is not None  # bound by clock(), which the caller read start from
+        call = _Call(slot, request, start, kit.new_waiter())
+        try:
+            self._send.send_nowait(call)
+        except anyio.WouldBlock:
+            return None
+        self._track(call, start + request.timeout + self._grace)
+        return call
+
+    def collect(self, call: _Call) -> ExecResult:
+        """The answer to a submitted call whose ``park`` returned (raises what the call
+        raised: ``ClosedResourceError``, ``StaleLeaseError``, ``SlotBrokenError``)."""
         self._waiting -= 1
         if call.batch is not None:
             self._in_flight -= 1
@@ -226,6 +260,11 @@ class Batcher:
             raise result
         assert result is not None
         return result
+
+    @property
+    def park(self) -> Callable[[_Call], Awaitable[object]]:
+        """The loop kit's ``park``: await ``park(call)`` for a :meth:`submit` ted call."""
+        return self._loop().park
 
     async def _exec_express(self, slot: Slot, request: ExecRequest, kit: LoopKit) -> ExecResult:
         """Run one call in the caller's task (see the module docstring); same contract."""
@@ -271,17 +310,34 @@ class Batcher:
 
     def _track(self, call: _Call, deadline: float) -> None:
         call.tracked = True
+        call.deadline = deadline
         self._waiting += 1
-        deadlines = self._deadlines
-        heapq.heappush(deadlines, (deadline, next(self._seq), call))
-        if len(deadlines) > 2 * self._waiting + 64:
-            # Answered calls stay in the heap until popped: drop them in one O(n) pass.
-            self._deadlines = [e for e in deadlines if e[2].state <= _DISPATCHED]
-            heapq.heapify(self._deadlines)
+        timeout = call.request.timeout
+        queue = self._deadlines.get(timeout)
+        if queue is None:
+            queue = self._deadlines[timeout] = collections.deque()
+        if not queue or queue[-1].deadline <= deadline:
+            queue.append(call)
+        else:
+            # Tracked late (the caller waited for room in the channel): keep the order.
+            i = len(queue)
+            while i and queue[i - 1].deadline > deadline:
+                i -= 1
+            queue.insert(i, call)
+        if len(queue) > 2 * self._waiting + 64:
+            # Answered calls stay queued until they reach the head: drop them, the answered
+            # head first (calls mostly finish in order), then in one O(n) pass if need be.
+            while queue and queue[0].state > _DISPATCHED:
+                queue.popleft()
+            if len(queue) > 2 * self._waiting + 64:
+                self._deadlines[timeout] = collections.deque(
+                    c for c in queue if c.state <= _DISPATCHED
+                )
         if deadline < self._watch_target and self._watch_wakeup is not None:
             self._watch_wakeup.set()
 
-    def _abandon(self, call: _Call) -> None:
+    def abandon(self, call: _Call) -> None:
+        """The caller of a submitted call is gone (its ``park`` raised): drop or release it."""
         state = call.state
         if state == _ABANDONED:
             return
@@ -319,16 +375,22 @@ class Batcher:
 
     async def _watch_deadlines(self) -> None:
         kit = self._loop()
+        queues = self._deadlines
         while True:
             now = kit.now()
-            deadlines = self._deadlines
-            while deadlines and (deadlines[0][2].state > _DISPATCHED or deadlines[0][0] <= now):
-                _, _, call = heapq.heappop(deadlines)
-                if call.state <= _DISPATCHED:
-                    self._expire(call, now)
-            self._watch_target = deadlines[0][0] if deadlines else math.inf
+            target = math.inf
+            for timeout, queue in list(queues.items()):
+                while queue and (queue[0].state > _DISPATCHED or queue[0].deadline <= now):
+                    call = queue.popleft()
+                    if call.state <= _DISPATCHED:
+                        self._expire(call, now)
+                if queue:
+                    target = min(target, queue[0].deadline)
+                else:
+                    del queues[timeout]
+            self._watch_target = target
             self._watch_wakeup = wakeup = kit.event_cls()
-            with anyio.move_on_at(self._watch_target):
+            with anyio.move_on_at(target):
                 await wakeup.wait()
 
     async def serve(

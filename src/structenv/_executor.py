@@ -25,6 +25,7 @@ from ._spec import SandboxSpec
 from ._types import ExecRequest, ExecResult, ToolCall, ToolResult
 from .abc import SandboxBackend, Slot
 from .tools import CommandTool, ToolRegistry, ToolServerClient, default_registry
+from .tools._base import exec_tool_result
 
 __all__ = [
     "ExecutorStatistics",
@@ -37,6 +38,8 @@ __all__ = [
 
 #: A tool whose class keeps this ``run`` is run inline by :meth:`Trajectory.call`.
 _COMMAND_RUN = CommandTool.run
+#: ... and a tool that keeps this ``result`` gets :func:`~structenv.tools.exec_tool_result`.
+_COMMAND_RESULT = CommandTool.result
 
 
 def unknown_tool_result(call: ToolCall, available: Iterable[str]) -> ToolResult:
@@ -169,6 +172,7 @@ class Trajectory:
         "_executor",
         "_lease",
         "_now",
+        "_park",
         "_registry",
         "exec",
         "id",
@@ -188,6 +192,7 @@ class Trajectory:
         self._lease = lease
         self._registry = executor.registry
         self._now = lease._now
+        self._park = lease.park
         self.id = lease.id
         self.tool_calls = 0
         # ToolContext: plain attributes read on every tool call, copied once from the
@@ -225,17 +230,23 @@ class Trajectory:
         Cancellation: as :meth:`exec` for sandbox tools; external calls may have run.
         """
         registry = self._registry
-        tool = registry.get(call.name)
-        if tool is None:
+        route = registry.route(call.name)
+        if route is None:
             return unknown_tool_result(call, registry.names())
-        problem = registry.validate(call)
-        if problem is not None:
-            return ToolResult(
-                call.id,
-                call.name,
-                f"error: invalid arguments for {call.name}: {problem}",
-                error="invalid_arguments",
-            )
+        tool, is_valid = route
+        try:
+            valid = is_valid(call.arguments)
+        except ValueError:
+            valid = False
+        if not valid:
+            problem = registry.validate(call)  # the judge, and why (not JSON data, ...)
+            if problem is not None:
+                return ToolResult(
+                    call.id,
+                    call.name,
+                    f"error: invalid arguments for {call.name}: {problem}",
+                    error="invalid_arguments",
+                )
         if self._lease.closed:
             raise anyio.ClosedResourceError("the trajectory has ended")
         self.tool_calls += 1
@@ -247,10 +258,30 @@ class Trajectory:
             # CommandTool.run's three steps in this frame: one coroutine fewer per call (the
             # check above is the type check; no cast() call on the hot path).
             command_tool: CommandTool = tool  # type: ignore[assignment]
-            result = command_tool.result(call, await self.exec(command_tool.request(self, call)))
+            request = command_tool.request(self, call)
+            # The lease's exec in this frame too (SlotLease.submit/park/collect): one
+            # coroutine frame fewer per tool call.
+            lease = self._lease
+            exec_start = now()
+            pending = lease.submit(request, exec_start)
+            if pending is None:
+                exec_result = await self.exec(request)
+            else:
+                try:
+                    await self._park(pending)
+                except BaseException:
+                    lease.abandon(pending)
+                    raise
+                exec_result = lease.collect(pending, exec_start)
+            if type(tool).result is _COMMAND_RESULT:
+                result = exec_tool_result(call, exec_result)  # one frame fewer
+            else:
+                result = command_tool.result(call, exec_result)
         else:
             result = await tool.run(self, call)
-        executor.call_latency.record(now() - start)
+        latency = executor.call_latency  # Latencies.record, inline
+        latency.count += 1
+        latency.recent.append(now() - start)
         return result
 
     async def call_many(self, calls: Sequence[ToolCall]) -> list[ToolResult]:

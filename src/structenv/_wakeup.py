@@ -14,6 +14,7 @@ is the running loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any
@@ -65,16 +66,20 @@ class LoopKit:
         now: The loop's clock (cheaper than ``anyio.current_time``).
         event_cls: The concrete ``anyio.Event`` class of the loop (skips a factory call).
         name: ``"asyncio"`` or ``"trio"``.
+        new_waiter: What :meth:`arm` sets ``shot.waiter`` to (a C callable: an owner that
+            makes its shot can arm it in its constructor, without a Python call of its own).
     """
 
-    __slots__ = ("event_cls", "name", "now")
+    __slots__ = ("event_cls", "name", "new_waiter", "now")
 
     name: str
     now: Callable[[], float]
     event_cls: Callable[[], anyio.Event]
+    new_waiter: Callable[[], Any]
 
     def arm(self, shot: OneShot) -> None:
         """Prepare ``shot`` before it can be woken (called by its owner, before parking)."""
+        shot.waiter = self.new_waiter()
 
     def park(self, shot: OneShot) -> Awaitable[Any]:
         """An awaitable that waits until :meth:`wake`; done at once if it already happened.
@@ -103,9 +108,13 @@ class _AsyncioKit(LoopKit):
         base_time = asyncio.BaseEventLoop.time
         self.now = time.monotonic if type(loop).time is base_time else loop.time
         self.event_cls = type(anyio.Event())
-
-    def arm(self, shot: OneShot) -> None:
-        shot.waiter = self._loop.create_future()
+        # BaseEventLoop.create_future() is Future(loop=self): bound once, no Python frame.
+        base_future = asyncio.BaseEventLoop.create_future
+        self.new_waiter = (
+            functools.partial(asyncio.Future, loop=loop)
+            if type(loop).create_future is base_future
+            else loop.create_future
+        )
 
     def park(self, shot: OneShot) -> Awaitable[Any]:
         waiter: asyncio.Future[None] = shot.waiter
@@ -129,9 +138,7 @@ class _TrioKit(LoopKit):
         self._current_task = trio.lowlevel.current_task
         self._wait = trio.lowlevel.wait_task_rescheduled
         self._reschedule = trio.lowlevel.reschedule
-
-    def arm(self, shot: OneShot) -> None:
-        shot.waiter = None
+        self.new_waiter = type(None)  # NoneType() is None: not parked yet
 
     def park(self, shot: OneShot) -> Awaitable[Any]:
         if shot.waiter is _WOKEN:

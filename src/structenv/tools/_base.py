@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import jsonschema
@@ -176,6 +176,7 @@ class ToolRegistry:
         self._tools: dict[str, Tool] = {}
         self._validators: dict[str, jsonschema_rs.Validator] = {}
         self._explainers: dict[str, jsonschema.protocols.Validator] = {}
+        self._routes: dict[str, tuple[Tool, Callable[[Any], bool]]] = {}
         self.toolsets: dict[str, list[str]] = {k: list(v) for k, v in (toolsets or {}).items()}
         for tool in tools:
             self.register(tool)
@@ -199,6 +200,7 @@ class ToolRegistry:
         self._validators[tool.name] = fast
         self._explainers[tool.name] = cls(tool.parameters)
         self._tools[tool.name] = tool
+        self._routes[tool.name] = (tool, fast.is_valid)
 
     def __contains__(self, name: object) -> bool:
         return name in self._tools
@@ -213,6 +215,16 @@ class ToolRegistry:
     def get(self, name: str) -> Tool | None:
         """The tool called ``name``, or ``None``."""
         return self._tools.get(name)
+
+    def route(self, name: str) -> tuple[Tool, Callable[[Any], bool]] | None:
+        """The tool called ``name`` and its compiled validator's ``is_valid``, or ``None``
+        (one lookup for the executor's hot path).
+
+        ``is_valid(arguments)`` is ``True`` only for arguments that match; it raises
+        ``ValueError`` for data that is not JSON. When it is not ``True``, :meth:`validate`
+        is the judge (and says why).
+        """
+        return self._routes.get(name)
 
     def specs(self) -> list[dict[str, Any]]:
         """OpenAI function specs of every tool."""
