@@ -17,8 +17,8 @@ from structenv import (
     ToolCall,
     ToolExecutor,
 )
-from structenv.abc import Slot
 from structenv._wakeup import OneShot, current_loop
+from structenv.abc import Slot
 from structenv.testing import FakeBackend, assert_no_leaks, virtual_time_backend
 
 pytestmark = pytest.mark.anyio
@@ -361,8 +361,8 @@ async def test_deadlines_hold_per_timeout_value_and_out_of_order() -> None:
             async with pool.slot() as s1, pool.slot() as s2, pool.slot() as s3:
                 t0 = now()
 
-                async def one(name: str, slot: Slot, timeout: float, start: float) -> None:
-                    call = batcher.submit(slot, ExecRequest("true", timeout=timeout), start)
+                async def one(name: str, slot: Slot, seconds: float, start: float) -> None:
+                    call = batcher.submit(slot, ExecRequest("true", timeout=seconds), start)
                     assert call is not None, "window > 0: the batched lane"
                     try:
                         await batcher.park(call)

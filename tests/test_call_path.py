@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from structenv import ExecRequest, ExecResult, ExecutorConfig, ToolCall, ToolExecutor, ToolResult
-from structenv._types import DEFAULT_MAX_OUTPUT, _fast_init
+from structenv._types import DEFAULT_MAX_OUTPUT, _fast_init, new_exec_request, new_tool_result
 from structenv.testing import FakeBackend, FakeSlot, assert_no_leaks
 from structenv.tools import CommandTool, Tool, ToolContext, ToolRegistry, default_registry
 
@@ -173,18 +173,36 @@ class _LoudEcho(_Echo):
         return dataclasses.replace(result, content=result.content.upper())
 
 
-async def test_exec_tool_runs_inline_and_an_overridden_run_is_kept() -> None:
-    registry = ToolRegistry([_Echo(), _LoudEcho()])
-    async with FakeBackend() as backend, ToolExecutor(backend, registry=registry) as executor:
+class _TerseEcho(_Echo):
+    """Overrides ``result`` only: the inline route must use it."""
+
+    name = "terse"
+
+    def result(self, call: ToolCall, result: ExecResult) -> ToolResult:
+        return ToolResult(call.id, call.name, result.stdout.decode().strip())
+
+
+@pytest.mark.parametrize("window_ms", [0.0, 1.0])
+async def test_exec_tool_runs_inline_and_an_overridden_run_is_kept(window_ms: float) -> None:
+    # Both lanes: the express lane (an idle batcher, window 0) and the batched lane, which
+    # Trajectory.call runs in its own frame.
+    registry = ToolRegistry([_Echo(), _LoudEcho(), _TerseEcho()])
+    config = ExecutorConfig(batch_window_ms=window_ms)
+    async with (
+        FakeBackend() as backend,
+        ToolExecutor(backend, registry=registry, config=config) as executor,
+    ):
         async with executor.trajectory() as traj:
             quiet = await traj.call(ToolCall("echo", {"text": "hi"}, id="1"))
             shout = await traj.call(ToolCall("loud", {"text": "hi"}, id="2"))
+            terse = await traj.call(ToolCall("terse", {"text": "hi"}, id="3"))
         stats = executor.statistics()
     assert quiet == ToolResult("1", "echo", "hi\n\n[exit code: 0]", None, quiet.exec)
     assert quiet.exec is not None and quiet.exec.ok
     assert shout.content == "HI\n\n[EXIT CODE: 0]" and shout.call_id == "2"
-    assert stats.tool_calls == 2 and stats.call_latency.count == 2
-    assert stats.exec_latency.count == 2
+    assert terse == ToolResult("3", "terse", "hi")
+    assert stats.tool_calls == 3 and stats.call_latency.count == 3
+    assert stats.exec_latency.count == 3
 
 
 def test_fast_inits_keep_the_dataclass_contract() -> None:
@@ -203,6 +221,39 @@ def test_fast_inits_keep_the_dataclass_contract() -> None:
         request.cwd = "x"  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         result.content = "x"  # type: ignore[misc]
+
+
+_text = st.text(max_size=5)
+
+
+@given(
+    request=st.tuples(
+        _text,
+        st.none() | _text,
+        st.dictionaries(_text, _text, max_size=2),
+        st.none() | st.binary(max_size=4),
+        st.floats(min_value=0.1, max_value=1e6),
+        st.integers(min_value=0, max_value=1 << 30),
+    ),
+    result=st.tuples(_text, _text, _text, st.none() | _text, st.none() | st.just(ExecResult(0))),
+)
+def test_fast_builders_make_what_the_constructors_make(
+    request: tuple[Any, ...], result: tuple[Any, ...]
+) -> None:
+    # new_exec_request/new_tool_result fill a same-slots object and assign __class__: the
+    # object must be indistinguishable from the constructor's (type, equality, hash, repr,
+    # frozenness, replace).
+    for built, made in (
+        (new_exec_request(*request), ExecRequest(*request)),
+        (new_tool_result(*result), ToolResult(*result)),
+    ):
+        assert type(built) is type(made) and built == made and repr(built) == repr(made)
+        assert dataclasses.astuple(built) == dataclasses.astuple(made)
+        assert dataclasses.replace(built) == made
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(built, dataclasses.fields(built)[0].name, "x")
+    if all(isinstance(v, str | None) for v in result[:4]) and result[4] is None:
+        assert hash(new_tool_result(*result)) == hash(ToolResult(*result))
 
 
 def test_fast_init_refuses_a_signature_that_drifts_from_the_fields() -> None:

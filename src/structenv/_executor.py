@@ -273,7 +273,7 @@ class Trajectory:
                     lease.abandon(pending)
                     raise
                 exec_result = lease.collect(pending, exec_start)
-            if type(tool).result is _COMMAND_RESULT:
+            if type(command_tool).result is _COMMAND_RESULT:
                 result = exec_tool_result(call, exec_result)  # one frame fewer
             else:
                 result = command_tool.result(call, exec_result)

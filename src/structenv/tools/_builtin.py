@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._exceptions import StructEnvError
-from .._types import ExecRequest, ToolCall, ToolResult
+from .._types import ExecRequest, ToolCall, ToolResult, new_exec_request
 from ._base import CommandTool, Tool, ToolContext, ToolRegistry
 from ._stateful import StatefulTerminalTool, TmuxTool
 
@@ -49,7 +49,7 @@ class TerminalTool(CommandTool):
         args = call.arguments
         asked = args.get("timeout")
         timeout = ctx.tool_timeout if asked is None else min(float(asked), ctx.max_tool_timeout)
-        return ExecRequest(str(args["command"]), None, {}, None, timeout, ctx.max_output)
+        return new_exec_request(str(args["command"]), None, {}, None, timeout, ctx.max_output)
 
 
 class ReadFileTool(Tool):
