@@ -795,7 +795,9 @@ class SlotRuntime:
                 reply.value = {"error": "worker gone"}
                 reply.event.set()
 
-    async def _kill_sandbox(self) -> None:
+    def _detach(self) -> tuple[anyio.abc.Process | None, anyio.abc.Process | None]:
+        """Take the sandbox and its NAT off the slot (returned: they are the caller's to
+        kill and reap), fail its pending requests and close its pipe and NAT exit pipe."""
         proc, self._proc = self._proc, None
         nat, self._nat = self._nat, None
         self.state = "down"
@@ -803,9 +805,13 @@ class SlotRuntime:
         if self._pipe is not None:
             self._pipe.close_write()
         if self._nat_exit >= 0:
-            # slirp4netns's --exit-fd: it exits at once (the SIGKILL below makes sure).
+            # slirp4netns's --exit-fd: it exits at once (the caller's SIGKILL makes sure).
             fd, self._nat_exit = self._nat_exit, -1
             os.close(fd)
+        return proc, nat
+
+    async def _kill_sandbox(self) -> None:
+        proc, nat = self._detach()
         if nat is not None:
             kill_child(nat)
             with anyio.move_on_after(KILL_GRACE, shield=True):
@@ -835,16 +841,8 @@ class SlotRuntime:
         """Kill the sandbox (signals only, no wait) and reap it in the slot's background:
         the next sandbox joins another of the slot's cgroups, so it never holds the old
         processes (see :meth:`_start`)."""
-        proc, self._proc = self._proc, None
-        nat, self._nat = self._nat, None
+        proc, nat = self._detach()
         cgroup, self._cgroup = self._cgroup, None
-        self.state = "down"
-        self._fail_pending()
-        if self._pipe is not None:
-            self._pipe.close_write()
-        if self._nat_exit >= 0:
-            fd, self._nat_exit = self._nat_exit, -1
-            os.close(fd)
         if nat is not None:
             kill_child(nat)
         if proc is not None:
