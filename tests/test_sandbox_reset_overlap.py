@@ -57,6 +57,19 @@ async def run(rt, command):
     return (await rt.exec(ExecRequest(command, timeout=20))).stdout.decode()
 
 
+# After a cancelled reset: the old sandboxes are reaped, nothing of theirs is left, and the
+# next lease's reset gives a clean slot; then the slot's cgroups.
+async def reap_then_next_lease(rt, out, name):
+    with anyio.fail_after(20):
+        await rt.reaped()
+    out["sleepers_after_reap"] = sleepers()
+    await rt.hard_reset()
+    out["probe"] = (await run(rt, PROBE)).split()
+    with anyio.fail_after(20):
+        await rt.reaped()
+    out["cgroups"] = cgroups(name)
+
+
 DIRTY = (
     "echo d > /tmp/m; echo d > /dev/shm/m; echo d > /workspace/m; sleep " + SLEEP + " & "
     "mkfifo /tmp/up; python3 -c 'import os,time; os.openpty(); open(\"/tmp/up\", \"w\").close(); "
@@ -129,14 +142,7 @@ async def main():
                     scope.cancel()
             out["state_after_cancel"] = rt.state
             hold[0] = False
-            with anyio.fail_after(20):
-                await rt.reaped()
-            out["sleepers_after_reap"] = sleepers()
-            await rt.hard_reset()
-            out["probe"] = (await run(rt, PROBE)).split()
-            with anyio.fail_after(20):
-                await rt.reaped()
-            out["cgroups"] = cgroups(name)
+            await reap_then_next_lease(rt, out, name)
         elif mode == "cancel_dead":
             # The new sandbox is up and waits for the old one's processes to be gone before
             # it is handed out: cancel it right there.
@@ -172,14 +178,7 @@ async def main():
                     scope.cancel()
             out["state_after_cancel"] = rt.state
             gate.set()
-            with anyio.fail_after(20):
-                await rt.reaped()
-            out["sleepers_after_reap"] = sleepers()
-            await rt.hard_reset()
-            out["probe"] = (await run(rt, PROBE)).split()
-            with anyio.fail_after(20):
-                await rt.reaped()
-            out["cgroups"] = cgroups(name)
+            await reap_then_next_lease(rt, out, name)
         elif mode == "twice":
             # Two resets back to back: the second takes a cgroup no dying sandbox holds.
             await rt.hard_reset()
