@@ -220,3 +220,28 @@ async def test_a_workspace_in_the_way_of_the_verifier_scores_zero(
     block = ["rm tests/test_calc.py && mkdir -p tests/test_calc.py/x && touch .structenv"]
     score, _, _ = await _play(kind, block, request, mode=mode)
     assert score == 0.0
+
+
+class _LostSandbox:
+    """An ExecTool whose sandbox stops answering while the tests are restored."""
+
+    def __init__(self, exc: OSError) -> None:
+        self.exc = exc
+
+    async def end_processes(self) -> None:
+        pass
+
+    async def write_file(self, path: str, data: str | bytes, *, mode: int = 0o644) -> None:
+        raise self.exc
+
+
+@pytest.mark.parametrize("exc", [TimeoutError("timed out"), ConnectionResetError("reset")])
+async def test_a_lost_sandbox_while_restoring_is_a_harness_failure_not_a_zero(
+    exc: OSError,
+) -> None:
+    env = _env(sys.executable)
+    tool = cast(ExecTool, _LostSandbox(exc))
+    with pytest.raises(type(exc)):
+        await env.verify_and_score_trajectory(
+            TASK.id, AgentResult.__new__(AgentResult), trajectory_id="t", exec_tool=tool
+        )

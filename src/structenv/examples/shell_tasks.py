@@ -252,6 +252,8 @@ class ShellTasksEnv(AgentEnv):
             if self.check_mode == "runner":
                 await exec_tool.write_file(_RUNNER_PATH, _RUNNER)
         except OSError as exc:
+            if isinstance(exc, (TimeoutError, ConnectionError)):
+                raise  # the sandbox, not the model: a harness failure, never a score of 0
             # The model's workspace is in the way (a directory where a test file goes, a
             # file where .structenv/ goes): its outcome, scored, not a harness failure (an
             # exception here failed the whole group, which was then not trained on).
