@@ -84,9 +84,10 @@ async def test_fork_bomb_is_contained() -> None:
         assert result.error is None
         # The bomb keeps running in its slot, pinned at the pids limit; the host and the other
         # slot stay usable.
+        # Forks were refused at the limit: by the pids cgroup, or first by RLIMIT_NPROC (the
+        # same count for the slot's own uid, now that bwrap's monitor is outside the cgroup).
+        assert b"fork: retry: Resource temporarily unavailable" in result.stderr, result
         cgroup = f"/sys/fs/cgroup/pids/structenv/{bomb.host_id}/{bomb.index}"
-        events = await anyio.Path(f"{cgroup}/pids.events").read_text()
-        assert int(events.split()[1]) > 0  # forks were refused at the limit
         assert int(await anyio.Path(f"{cgroup}/pids.current").read_text()) <= 48
         for _ in range(3):
             assert (await other.exec(ExecRequest("echo fine"))).stdout == b"fine\n"

@@ -16,7 +16,7 @@ import sys
 import pytest
 
 _SCRIPT = r"""
-import json, os, sys
+import json, os, sys, threading
 import anyio, anyio.lowlevel
 from structenv import ExecRequest
 from structenv.sandbox import SandboxServer, ServerConfig, _bwrap, _runtime
@@ -179,6 +179,42 @@ async def main():
             out["state_after_cancel"] = rt.state
             gate.set()
             await reap_then_next_lease(rt, out, name)
+        elif mode == "cancel_join":
+            # The new sandbox is spawned and the server moves it into its cgroups from a
+            # thread (SlotCgroup.join): cancel the reset while it waits for that move.
+            gate, entered = threading.Event(), anyio.Event()
+            real_join, real_joined = _bwrap.SlotCgroup.join, _runtime._Joined
+
+            def gated(self, pid, parent):
+                gate.wait(20)
+                real_join(self, pid, parent)
+
+            class Spy:
+                def __init__(self):
+                    self.event = anyio.Event()
+
+                async def wait(self):
+                    entered.set()
+                    await self.event.wait()
+
+                def set(self):
+                    self.event.set()
+
+            def make_joined():
+                joined = real_joined()
+                joined.done = Spy()
+                return joined
+
+            _bwrap.SlotCgroup.join, _runtime._Joined = gated, make_joined
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as inner:
+                    inner.start_soon(rt.hard_reset)
+                    await entered.wait()
+                    scope.cancel()
+                    gate.set()
+            out["state_after_cancel"] = rt.state
+            _bwrap.SlotCgroup.join, _runtime._Joined = real_join, real_joined
+            await reap_then_next_lease(rt, out, name)
         elif mode == "twice":
             # Two resets back to back: the second takes a cgroup no dying sandbox holds.
             await rt.hard_reset()
@@ -255,6 +291,17 @@ def test_reset_cancelled_while_the_old_sandbox_dies_leaks_nothing(
     tmp_path: object, anyio_backend: str
 ) -> None:
     out = _run(tmp_path, anyio_backend, "cancel_dead")
+    assert out["state_after_cancel"] != "ready", out
+    assert out["sleepers_after_reap"] == [], out
+    _clean(out["probe"])
+    cgroups = out["cgroups"]
+    assert isinstance(cgroups, list) and len(cgroups) == 1, out
+
+
+def test_reset_cancelled_while_the_sandbox_joins_its_cgroups_leaks_nothing(
+    tmp_path: object, anyio_backend: str
+) -> None:
+    out = _run(tmp_path, anyio_backend, "cancel_join")
     assert out["state_after_cancel"] != "ready", out
     assert out["sleepers_after_reap"] == [], out
     _clean(out["probe"])

@@ -18,6 +18,7 @@ import glob
 import hashlib
 import json
 import os
+import select
 import shutil
 import signal
 import sys
@@ -275,7 +276,8 @@ def bwrap_argv(
     """The command line that runs ``command`` as PID 1 of a fresh slot sandbox.
 
     The sandbox always has a network namespace of its own (loopback only); a networked
-    slot's NAT is attached to it through ``info_fd``/``block_fd`` (see ``_netns``).
+    slot's NAT is attached to it through ``info_fd``/``block_fd`` (see ``_netns``), and a
+    root server moves it into its cgroups through ``info_fd`` (see ``SlotCgroup.join``).
 
     Args:
         extra_ro: Read-only ``(host path, sandbox path)`` binds (the worker program).
@@ -332,9 +334,12 @@ def bwrap_argv(
     ]  # fmt: skip
     if seccomp_fd is not None:
         argv += ["--seccomp", str(seccomp_fd)]
-    if info_fd is not None and block_fd is not None:
-        # The server reads the sandbox's pid here, attaches its NAT, then lets it run.
-        argv += ["--info-fd", str(info_fd), "--block-fd", str(block_fd)]
+    if info_fd is not None:
+        # The server reads the sandbox's pid here (it moves it into its cgroups, see
+        # SlotCgroup.join); a networked slot's also blocks until its NAT is attached.
+        argv += ["--info-fd", str(info_fd)]
+    if block_fd is not None:
+        argv += ["--block-fd", str(block_fd)]
     prefixes: list[tuple[str, str]] = []
     if rootfs is not None:
         from ._rootfs import rootfs_argv
@@ -665,6 +670,40 @@ class SlotCgroup:
         script = 'for g in $1; do echo $$ > "$g/cgroup.procs" || exit 125; done; shift; exec "$@"'
         return ["/bin/sh", "-c", script, "sh", " ".join(self.paths), *argv]
 
+    def join(self, pid: int, parent: int) -> None:
+        """Move ``pid``, a sandbox's first process (bwrap ``parent``'s child, from its
+        ``--info-fd``), into the cgroups from outside, while it starts (blocking: on cgroup
+        v1 the first write waits for an RCU grace period, 5-10 ms).
+
+        Only for a sandbox whose first process forks nothing before the server lets it
+        (the worker: not before its first request, which is sent only after this returns)
+        and only by root (a v1 ``cgroup.procs`` write moves another uid's process only for
+        euid 0). Before the writes, the pid must still be ``parent``'s child; after them,
+        still the same process (a pidfd): a pid freed and taken again in between (32768
+        pids allocated in a few microseconds) is what is not checked.
+
+        Raises:
+            CgroupError: The process is gone or not ``parent``'s child, or a write failed.
+        """
+        gone = f"the sandbox (pid {pid}) exited before it joined its cgroups"
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            raise CgroupError(gone) from None
+        try:
+            if _parent_pid(pid) != parent:
+                raise CgroupError(f"{gone} (bwrap {parent} is not its parent)")
+            for path in self.paths:
+                try:
+                    _write(path, "cgroup.procs", str(pid))
+                except OSError as exc:
+                    why = os.strerror(exc.errno or 0)
+                    raise CgroupError(f"cannot move the sandbox into {path}: {why}") from None
+            if select.select([pidfd], [], [], 0)[0]:
+                raise CgroupError(gone)
+        finally:
+            os.close(pidfd)
+
     def procs(self) -> list[int]:
         """PIDs (host namespace) currently in the slot's pids cgroup."""
         try:
@@ -715,6 +754,17 @@ def rmdir_all(paths: Sequence[str]) -> bool:
 def _write(directory: str, name: str, value: str) -> None:
     with open(os.path.join(directory, name), "w") as f:
         f.write(value)
+
+
+def _parent_pid(pid: int) -> int:
+    """``pid``'s parent (``/proc/PID/stat``; 0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return 0
+    # The command name, in parentheses, may hold anything: the fields follow its last ")".
+    return int(stat[stat.rindex(b")") + 2 :].split()[1])
 
 
 def _cgroup_base(controller: str, root: str | None) -> str:

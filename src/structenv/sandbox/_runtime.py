@@ -260,7 +260,8 @@ def slot_argv(
     shell: str = "/bin/bash",
     scratch: bool = False,
     ptys: bool = False,
-    nat_fds: tuple[int, int] | None = None,
+    info_fd: int | None = None,
+    block_fd: int | None = None,
 ) -> list[str]:
     """The command line of a slot: its worker, as PID 1 of a bwrap sandbox if sandboxed.
 
@@ -269,8 +270,9 @@ def slot_argv(
     the seccomp program that the spawned process must inherit. With ``scratch``, the slot's
     ``/tmp`` and ``/dev/shm`` are the tmpfs mounted at ``<workspace>.tmp`` and
     ``<workspace>.shm`` (see :attr:`SlotRuntime.scratch`) instead of bwrap's; with
-    ``ptys``, its ``/dev/pts`` is the capped devpts at ``<workspace>.pts``. ``nat_fds`` are
-    bwrap's ``--info-fd`` and ``--block-fd`` of a networked slot (see ``_netns``).
+    ``ptys``, its ``/dev/pts`` is the capped devpts at ``<workspace>.pts``. ``info_fd`` and
+    ``block_fd`` are bwrap's ``--info-fd`` (the sandbox's pid, for its cgroups and a
+    networked slot's NAT) and ``--block-fd`` (a networked slot's, see ``_netns``).
     """
     path = ":".join([*spec.path_prefix, spec.path or default_path()])
     env = {
@@ -316,7 +318,7 @@ def slot_argv(
         tmp=workspace + ".tmp" if scratch else None,
         shm=workspace + ".shm" if scratch else None,
         pts=workspace + ".pts" if ptys else None,
-        info_fd=nat_fds[0] if nat_fds else None, block_fd=nat_fds[1] if nat_fds else None,
+        info_fd=info_fd, block_fd=block_fd,
     )  # fmt: skip
 
 
@@ -393,6 +395,14 @@ class _Pipe:
 
 
 @dataclasses.dataclass(eq=False, slots=True)
+class _Joined:
+    """A sandbox's move into its cgroups (see ``SlotRuntime._join``): done, and why not."""
+
+    done: anyio.Event = dataclasses.field(default_factory=anyio.Event)
+    error: str = ""
+
+
+@dataclasses.dataclass(eq=False, slots=True)
 class _Old:
     """A killed sandbox still being reaped in the slot's background (see ``hard_reset``)."""
 
@@ -447,6 +457,9 @@ class SlotRuntime:
         #: start (``SlotCgroup.controllers``); a write to one of them that fails is fatal.
         self.cgroup_controllers = tuple(cgroup_controllers)
         self.uid = uid
+        #: Whether this server moves a sandbox into its cgroups itself (SlotCgroup.join):
+        #: root only (elsewhere the sandbox's uid is not the server's).
+        self._join_outside = isolation.sandboxed and uid is not None and privilege() == "root"
         self.seccomp_path = seccomp_path
         self.accounts = accounts
         #: The workspace is a tmpfs of its own (a quota), remounted empty on every reset;
@@ -534,17 +547,23 @@ class SlotRuntime:
         # A networked slot: bwrap reports the sandbox's pid on info_w and holds it on
         # block_r until its NAT is attached (see _attach_nat).
         nat = self.iso.sandboxed and self.iso.allow_network
-        info_r, info_w = os.pipe() if nat else (-1, -1)
+        # A root server moves the sandbox into its cgroups from outside while bwrap and the
+        # worker start (SlotCgroup.join): the join's RCU grace period then overlaps them
+        # instead of preceding bwrap. Elsewhere the sandbox joins before it forks (wrap).
+        join = cgroup is not None and self._join_outside
+        info_r, info_w = os.pipe() if nat or join else (-1, -1)
         block_r, block_w = os.pipe() if nat else (-1, -1)
         argv = slot_argv(
             self.iso, self.workspace, name=self.name, limits=limits, uid=self.uid,
             seccomp_fd=seccomp_fd if seccomp_fd >= 0 else None, accounts=accounts,
             spec=spec, shell=shell, scratch=bool(self.scratch), ptys=bool(self.ptys),
-            nat_fds=(info_w, block_r) if nat else None,
+            info_fd=info_w if info_w >= 0 else None, block_fd=block_r if block_r >= 0 else None,
         )  # fmt: skip
         if cgroup is not None:
             self._cgroup = cgroup
-            argv = cgroup.wrap(argv)
+            if not join:
+                argv = cgroup.wrap(argv)
+        joined: _Joined | None = None
         # Raw non-blocking pipes, waited on with anyio.wait_readable/wait_writable: the
         # subprocess stream wrappers cost a few hundred microseconds per round trip here.
         in_r, in_w = os.pipe()
@@ -574,13 +593,23 @@ class SlotRuntime:
             self._tg.start_soon(self._drain, proc, self._errors, drained)
             with anyio.fail_after(30):
                 try:
+                    pid = await read_child_pid(info_r) if info_r >= 0 else 0
+                    if join:
+                        assert cgroup is not None
+                        joined = _Joined()
+                        self._tg.start_soon(self._join, cgroup, pid, proc.pid, joined)
                     if nat:
-                        await self._attach_nat(info_r, block_w, nofile=limits.nofile)
+                        await self._attach_nat(pid, block_w, nofile=limits.nofile)
                     hello = await self._pipe.read_frame()
                 except EOFError:
                     with anyio.move_on_after(KILL_GRACE):
                         await drained.wait()  # bwrap's or the worker's last words
                     raise SlotBroken(f"the slot's sandbox did not start: {self.stderr()}") from None
+                if joined is not None:
+                    # Nothing is sent to the worker before: it forks nothing until asked.
+                    await joined.done.wait()
+                    if joined.error:
+                        raise SlotBroken(joined.error)
             if not hello.get("hello"):
                 raise SlotBroken(f"unexpected worker greeting: {hello!r}")
             for old in list(self._old):
@@ -594,6 +623,8 @@ class SlotRuntime:
             self._tg.start_soon(self._read_loop, self._pipe, proc)
         except BaseException:
             with anyio.move_on_after(KILL_GRACE, shield=True):
+                if joined is not None:
+                    await joined.done.wait()  # a write still to come would find no one
                 await self._kill_sandbox()
             raise
         finally:
@@ -601,10 +632,24 @@ class SlotRuntime:
                 if fd >= 0:
                     os.close(fd)
 
-    async def _attach_nat(self, info_r: int, block_w: int, *, nofile: int) -> None:
-        """Give the (blocked) sandbox its own outbound-only network, then let it run.
+    async def _join(self, cgroup: SlotCgroup, pid: int, parent: int, joined: _Joined) -> None:
+        """Move the starting sandbox into its cgroups (in the slot's background, so its
+        start goes on meanwhile); :meth:`_start` waits for ``joined`` before the first
+        request.
 
-        Reads the sandbox's pid from bwrap, adds the ``prohibit`` routes to its namespace,
+        Cancellation: none (a thread that is not abandoned): the write is done or failed.
+        """
+        try:
+            await anyio.to_thread.run_sync(cgroup.join, pid, parent, limiter=self.limiter)
+        except CgroupError as exc:
+            joined.error = str(exc)
+        finally:
+            joined.done.set()
+
+    async def _attach_nat(self, pid: int, block_w: int, *, nofile: int) -> None:
+        """Give the (blocked) sandbox ``pid`` its own outbound-only network, then let it run.
+
+        Adds the ``prohibit`` routes to its namespace,
         starts slirp4netns (in the slot's cgroups, ending when :attr:`_nat_exit` closes) and
         waits for its ready signal. The caller owns (and closes) both descriptors; ``nofile``
         is the slot's descriptor limit, slirp4netns's too.
@@ -615,7 +660,6 @@ class SlotRuntime:
 
         Cancellation: the caller kills the sandbox and the NAT (``_kill_sandbox``).
         """
-        pid = await read_child_pid(info_r)
         nat_path, ip = check_nat()
         mode = privilege() if self.uid is not None else "user"
         iso = self.iso
