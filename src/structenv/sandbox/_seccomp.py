@@ -4,8 +4,8 @@ The filter allows by default and refuses a list of system calls with ``EPERM``: 
 default profile refuses (kernel modules, mounts, namespaces, keyrings, ptrace and cross-process
 memory access, clock and swap changes, reboot, BPF, perf, ...), plus io_uring (a large attack
 surface that bypasses per-syscall filtering), kernel AIO (its event budget is machine-wide),
-vsock sockets (not namespaced: they reach a VM's hypervisor from a slot without a network)
-and the whole keyring API (the kernel's keyrings
+vsock sockets (not namespaced: they reach a VM's hypervisor from a slot without a network),
+netlink's kernel device events (broadcast to a host's slots) and the whole keyring API (the kernel's keyrings
 are not namespaced: a key added in a slot lives on after it). Calls of other architectures'
 ABIs (i386, x32) kill the process: a filter for one ABI says nothing about another's numbers.
 
@@ -62,6 +62,9 @@ REFUSED = (
 
 #: The socket family no slot may open (see :func:`filter_program`).
 AF_VSOCK = 40
+#: ``socket(AF_NETLINK, *, NETLINK_KOBJECT_UEVENT)``: the kernel's device event feed.
+AF_NETLINK = 16
+NETLINK_KOBJECT_UEVENT = 15
 
 _CLONE_NEW = {
     "CLONE_NEWNS": 0x00020000,
@@ -101,6 +104,17 @@ def filter_program() -> bytes:
     # vsock ignores network namespaces: a slot without a network could still talk to the
     # hypervisor (CID 2) of a VM host. Docker's default profile refuses the family too.
     filt.add_rule(refuse, "socket", sc.Arg(0, sc.EQ, AF_VSOCK))
+    # The kernel broadcasts its device events (uevents) to every network namespace owned
+    # by the initial user namespace, which a host's slots are (root's bwrap makes no user
+    # namespace), and any uid may listen: a slot saw the host's block, network and bdi
+    # devices come and go, among them each tmpfs another slot's reset mounts and each
+    # container's veth. Nothing in a slot needs them (no udev runs there).
+    filt.add_rule(
+        refuse,
+        "socket",
+        sc.Arg(0, sc.EQ, AF_NETLINK),
+        sc.Arg(2, sc.EQ, NETLINK_KOBJECT_UEVENT),
+    )
     with tempfile.TemporaryFile() as f:
         filt.export_bpf(f)
         f.seek(0)
