@@ -8,11 +8,13 @@ tested elsewhere.
 
 from __future__ import annotations
 
-import anyio
 import pytest
 
 from structenv import ExecRequest, SlotPool
+from test_docker_support import docker_backend, docker_image
 from test_sandbox_support import local_backend
+
+_ = docker_image
 
 pytestmark = pytest.mark.anyio
 
@@ -46,3 +48,49 @@ async def test_a_slot_cannot_listen_to_the_hosts_device_events() -> None:
             await slot.write_file("attack.py", _UEVENTS.encode())
             got = await slot.exec(sh("python3 attack.py"))
             assert got.stdout == b"EPERM\nroute\n", got
+
+
+_SERVER_PATHS = r"""
+import os, socket, stat
+found = []
+for top, dirs, files in os.walk("/"):
+    if top == "/proc":
+        dirs[:] = []
+        continue
+    for name in files + dirs:
+        try:
+            if stat.S_ISSOCK(os.lstat(os.path.join(top, name)).st_mode):
+                found.append(os.path.join(top, name))
+        except OSError:
+            pass
+print("sockets", found)
+for path in ("/run/structenv", "/run/structenv-cgroup", "/.structenv-rootfs", "/sys/fs/cgroup"):
+    print(path, os.path.exists(path))
+client = socket.socket(socket.AF_UNIX)
+try:
+    client.connect("/run/structenv/sandbox.sock")
+    print("connected")
+except OSError as exc:
+    print(exc.strerror)
+"""
+
+
+@pytest.mark.docker
+async def test_a_docker_slot_reaches_neither_its_server_nor_its_cgroups(docker_image: str) -> None:
+    # A sandbox container holds its server's unix socket (/run/structenv, bind-mounted from
+    # the host: whoever connects drives every slot of the container), the slots' cgroup
+    # tree (/run/structenv-cgroup, where a slot could raise its own limits) and the rootfs
+    # cache. A slot's root is built from the container's /usr and /etc only: none of them,
+    # and no socket at all, is in its file system.
+    del docker_image
+    async with docker_backend(slots_per_host=1) as backend, SlotPool(backend).slot() as slot:
+        await slot.write_file("attack.py", _SERVER_PATHS.encode())
+        got = await slot.exec(sh("python3 attack.py"))
+        assert got.stdout.decode().splitlines() == [
+            "sockets []",
+            "/run/structenv False",
+            "/run/structenv-cgroup False",
+            "/.structenv-rootfs False",
+            "/sys/fs/cgroup False",
+            "No such file or directory",
+        ], got

@@ -5,9 +5,10 @@ default profile refuses (kernel modules, mounts, namespaces, keyrings, ptrace an
 memory access, clock and swap changes, reboot, BPF, perf, ...), plus io_uring (a large attack
 surface that bypasses per-syscall filtering), kernel AIO (its event budget is machine-wide),
 vsock sockets (not namespaced: they reach a VM's hypervisor from a slot without a network),
-netlink's kernel device events (broadcast to a host's slots) and the whole keyring API (the kernel's keyrings
-are not namespaced: a key added in a slot lives on after it). Calls of other architectures'
-ABIs (i386, x32) kill the process: a filter for one ABI says nothing about another's numbers.
+netlink's kernel device events (broadcast to a host's slots) and the whole keyring API (the
+kernel's keyrings are not namespaced: a key added in a slot lives on after it). Calls of other
+architectures' ABIs (i386, x32) kill the process: a filter for one ABI says nothing about
+another's numbers.
 
 Namespaces are refused twice: bwrap's ``--disable-userns`` stops nested user namespaces, and
 ``unshare``/``setns`` and ``clone`` with any ``CLONE_NEW*`` flag are refused here. ``clone3``
