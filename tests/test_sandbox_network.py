@@ -122,8 +122,9 @@ async def _ip(*argv: str, stdin: bytes | None = None) -> None:
 
 
 @contextlib.asynccontextmanager
-async def remote_machine() -> AsyncIterator[tuple[str, int]]:
-    """A TCP server on "another machine": ``(address, port)``; it answers ``remote``.
+async def remote_machine(program: str = _REMOTE) -> AsyncIterator[tuple[str, int]]:
+    """A TCP server on "another machine": ``(address, port)``; it answers ``remote``
+    (``program``: another server, which prints its port first).
 
     A process in a network namespace of its own, linked to this one by a veth pair on a
     random /30 of 100.64.0.0/10; the namespace and both veth ends vanish with the process.
@@ -131,7 +132,7 @@ async def remote_machine() -> AsyncIterator[tuple[str, int]]:
     net = 0x64400000 + random.randrange(1 << 20) * 4  # 100.64.0.0/10, one /30
     near, far = (socket.inet_ntoa((net + i).to_bytes(4, "big")) for i in (1, 2))
     async with await anyio.open_process(
-        ["unshare", "--net", "--", sys.executable, "-c", _REMOTE]
+        ["unshare", "--net", "--", sys.executable, "-c", program]
     ) as proc:
         try:
             assert proc.stdout is not None
