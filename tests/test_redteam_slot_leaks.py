@@ -1,9 +1,11 @@
-"""Attacks of a third red-team pass, from inside real slots (LocalBackend's bwrap).
+"""Attacks of a third red-team pass, from inside real slots (LocalBackend's bwrap, and
+DockerBackend's where marked).
 
 Each test performs the attack as a hostile command would and asserts the property the
 threat model in docs/design.md promises. Worked on main at a25b64e and fixed: a host's slot
-listening to the kernel's device events (uevents). The others held already but were not
-tested elsewhere.
+listening to the kernel's device events (uevents). Worked and not fixed (a strict xfail, a
+known gap in docs/design.md): a networked slot's closed connections holding the host's
+ephemeral ports in TIME_WAIT. The Docker test held already but was not tested elsewhere.
 """
 
 from __future__ import annotations
