@@ -57,6 +57,19 @@ async def run(rt, command):
     return (await rt.exec(ExecRequest(command, timeout=20))).stdout.decode()
 
 
+# An event whose waiter sets `entered` first: the test cancels the reset right there.
+class Spy:
+    def __init__(self, entered):
+        self.event, self.entered = anyio.Event(), entered
+
+    async def wait(self):
+        self.entered.set()
+        await self.event.wait()
+
+    def set(self):
+        self.event.set()
+
+
 # After a cancelled reset: the old sandboxes are reaped, nothing of theirs is left, and the
 # next lease's reset gives a clean slot; then the slot's cgroups.
 async def reap_then_next_lease(rt, out, name):
@@ -126,7 +139,7 @@ async def main():
             old = rt._old[0]
             entered = anyio.Event()
 
-            class Spy:
+            class Reached:
                 async def wait(self, done=old.done):
                     entered.set()
                     await done.wait()
@@ -134,7 +147,7 @@ async def main():
                 def set(self, done=old.done):
                     done.set()
 
-            old.done = Spy()
+            old.done = Reached()
             with anyio.CancelScope() as scope:
                 async with anyio.create_task_group() as inner:
                     inner.start_soon(rt.hard_reset)
@@ -153,20 +166,9 @@ async def main():
                 await gate.wait()
                 await real_reap(self, old)
 
-            class Spy:
-                def __init__(self):
-                    self.event = anyio.Event()
-
-                async def wait(self):
-                    entered.set()
-                    await self.event.wait()
-
-                def set(self):
-                    self.event.set()
-
             def make_old(*args):
                 old = real_old(*args)
-                old.dead = Spy()
+                old.dead = Spy(entered)
                 return old
 
             _runtime.SlotRuntime._reap = gated
@@ -189,20 +191,9 @@ async def main():
                 gate.wait(20)
                 real_join(self, pid, parent)
 
-            class Spy:
-                def __init__(self):
-                    self.event = anyio.Event()
-
-                async def wait(self):
-                    entered.set()
-                    await self.event.wait()
-
-                def set(self):
-                    self.event.set()
-
             def make_joined():
                 joined = real_joined()
-                joined.done = Spy()
+                joined.done = Spy(entered)
                 return joined
 
             _bwrap.SlotCgroup.join, _runtime._Joined = gated, make_joined
