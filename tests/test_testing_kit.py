@@ -38,7 +38,7 @@ async def test_fake_backend_passes_the_contract_suite() -> None:
         lambda: FakeBackend(hosts=2, slots_per_host=2), skip={"deadline_beats_a_stubborn_exec"}
     )
     assert "reset_and_stale_lease" in passed
-    assert len(passed) == 10
+    assert len(passed) == 11
 
 
 async def test_a_borrowed_backend_runs_the_checks_and_leaves_its_owner_open() -> None:
@@ -48,7 +48,7 @@ async def test_a_borrowed_backend_runs_the_checks_and_leaves_its_owner_open() ->
     fresh = {"lifecycle", "idempotent_close", "deadline_beats_a_stubborn_exec"}
     async with owner:
         passed = await check_backend(lambda: BorrowedBackend(owner), skip=fresh)
-        assert len(passed) == 8 and "cancelled_acquire" in passed
+        assert len(passed) == 9 and "cancelled_acquire" in passed
         borrowed = BorrowedBackend(owner)
         async with borrowed:
             pass

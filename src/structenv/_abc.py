@@ -147,6 +147,31 @@ class Slot(ABC):
         """
 
     @abstractmethod
+    async def end_processes(self) -> list[int]:
+        """Kill every process of the slot, reap them and report the survivors; the workspace
+        and the lease stay, and the slot stays usable for the next command.
+
+        For a verifier that must run alone in the slot a trajectory used: whatever its
+        commands left running (``&``, ``nohup``, ``setsid``, double forks, a tmux server) is
+        ended. The kill must come from something no process of the slot can stop, signal,
+        ptrace or write into (the sandbox server's worker, PID 1 of the slot): a command run
+        for the purpose could be raced by them. Commands of the slot still running are
+        answered with an error (``exit_code None``, ``error`` set).
+
+        Returns:
+            The pids still alive afterwards (``[]``: none but the slot's own machinery).
+
+        Raises:
+            SandboxUnavailableError: The slot is unsandboxed (its commands are not confined
+                to the slot, so no kill can claim to reach them all): nothing is killed.
+            StaleLeaseError: This handle's lease is no longer current (nothing is killed).
+            SlotBrokenError: The slot's host is gone, or the slot broke doing it.
+
+        Cancellation: the processes may or may not have been ended (the request may have
+        reached the host); the workspace, the lease and the slot's reusability are unchanged.
+        """
+
+    @abstractmethod
     async def read_file(self, path: str, *, max_bytes: int = 1 << 20) -> bytes:
         """Read a file from the workspace (binary-safe, confined to the workspace).
 

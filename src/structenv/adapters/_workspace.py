@@ -5,30 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import anyio
+
 from .._executor import Trajectory
 from .._types import ExecRequest, ExecResult, ToolCall, ToolResult
 
 __all__ = ["ExecTool"]
-
-#: Kills every other process of the slot's PID namespace, then checks that only PID 1 (the
-#: worker) and this shell are left alive (a killed process may still be exiting: retried).
-_END_PROCESSES = r"""
-n=0
-while :; do
-  kill -KILL -1 2>/dev/null
-  left=
-  for d in /proc/[0-9]*; do
-    p=${d#/proc/}
-    if [ "$p" = 1 ] || [ "$p" = "$$" ]; then continue; fi
-    read -r s < "$d/stat" 2>/dev/null || continue
-    case ${s##*) } in Z*|X*) ;; *) left="$left $p" ;; esac
-  done
-  [ -z "$left" ] && exit 0
-  n=$((n + 1))
-  if [ "$n" -ge 200 ]; then echo "still running:$left"; exit 1; fi
-  sleep 0.01
-done
-"""
 
 
 class ExecTool:
@@ -95,21 +77,28 @@ class ExecTool:
         verification step in the same slot must call this first: a process the model left
         behind can otherwise rewrite the files the verifier restores, or its report, between
         the verifier's commands, and write into their memory (``/proc/PID/mem`` needs only
-        the same uid). In a sandboxed slot (its own PID namespace and uid) ``kill -KILL -1``
-        reaches exactly the slot's processes; the worker, PID 1, is immune. An unsandboxed
-        slot shares the server's uid and makes no such claim: nothing is killed there.
+        the same uid). In a sandboxed slot the slot's worker, PID 1 of its PID namespace,
+        kills every other process itself (:meth:`structenv.abc.Slot.end_processes`): no
+        process is spawned for it, so none is there for a left process to stop or rewrite
+        before the kill. The workspace stays; commands of the trajectory still running
+        come back with an error. An unsandboxed slot shares the server's uid and makes no
+        such claim: nothing is killed there.
 
         Raises:
             RuntimeError: A process of the slot survived (one line naming the pids).
+            TimeoutError: The slot did not answer within ``time_limit`` seconds.
 
-        Cancellation: as :meth:`run`.
+        Cancellation: the processes may or may not have been ended; the slot stays usable
+        (its release rebuilds it anyway).
         """
-        if not self._traj.slot.sandboxed:
+        slot = self._traj.slot
+        if not slot.sandboxed:
             return
-        result = await self.run(_END_PROCESSES, time_limit=time_limit)
-        if not result.ok:
-            detail = (result.stdout + result.stderr).decode(errors="replace").strip()
-            raise RuntimeError(f"processes of slot {self._traj.slot.id} survived: {detail}")
+        with anyio.fail_after(time_limit):
+            left = await slot.end_processes()
+        if left:
+            pids = " ".join(map(str, left))
+            raise RuntimeError(f"processes of slot {slot.id} survived: still running: {pids}")
 
     async def write_file(self, path: str, data: str | bytes, *, mode: int = 0o644) -> None:
         """Create or replace a workspace file (atomic).

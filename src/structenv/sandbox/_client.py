@@ -27,7 +27,12 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 
-from .._exceptions import ProtocolError, SlotBrokenError, StaleLeaseError
+from .._exceptions import (
+    ProtocolError,
+    SandboxUnavailableError,
+    SlotBrokenError,
+    StaleLeaseError,
+)
 from .._types import ExecRequest, ExecResult
 from ..abc import FileEntry, Slot
 
@@ -631,6 +636,8 @@ def _error(status: int, kind: str, message: str) -> Exception:
         return StaleLeaseError(message)
     if kind in ("slot_broken", "no_slot"):
         return SlotBrokenError(message)
+    if kind == "unsandboxed":
+        return SandboxUnavailableError(message)
     if kind == "permission_denied":
         return PermissionError(message)
     if kind == "not_found":
@@ -742,6 +749,19 @@ class RemoteSlot(Slot):
         """
         data = await self._call("POST", "/v1/reset", self._json(hard=False))
         self.lease = int(json.loads(data)["lease"])
+
+    async def end_processes(self) -> list[int]:
+        """Have the slot's worker kill every other process of the slot (see
+        :meth:`structenv.abc.Slot.end_processes`); return the pids that survived.
+
+        Cancellation: the processes may or may not have been ended; the slot stays usable.
+        """
+        data = await self._call("POST", "/v1/end_processes", self._json())
+        answer = json.loads(data)
+        left = answer.get("left") if isinstance(answer, dict) else None
+        if not isinstance(left, list) or not all(type(p) is int for p in left):
+            raise ProtocolError(f"bad end_processes answer from sandbox host: {data[:200]!r}")
+        return left
 
     async def read_file(self, path: str, *, max_bytes: int = 1 << 20) -> bytes:
         """Read a workspace file (binary-safe, symlinks refused).

@@ -24,6 +24,7 @@ from typing import Any
 import anyio
 import anyio.abc
 
+from .._exceptions import SandboxUnavailableError
 from .._process import kill_child
 from .._types import ExecRequest, ExecResult
 from . import _seccomp, _worker
@@ -1047,6 +1048,55 @@ class SlotRuntime:
         Cancellation: as :meth:`exec`.
         """
         return await self.exec(ExecRequest(command=command, env=env, timeout=limit))
+
+    async def end_processes(self) -> list[int]:
+        """Sandboxed slots only: have the worker (PID 1 of the slot) kill every other process
+        of the slot and reap them; the workspace and the lease stay. Running commands are
+        answered with an error (``"the slot's processes were ended"``).
+
+        The kill comes from the worker itself, which is not dumpable and cannot be signalled
+        from inside: no process is spawned for it, so none of the slot's processes can stop
+        it, ptrace it or write into its memory before it acts.
+
+        Returns:
+            The pids (in the slot's PID namespace) that survived: ``[]`` when only the
+            worker is left.
+
+        Raises:
+            SandboxUnavailableError: The slot is unsandboxed (nothing is killed).
+            SlotBroken: The slot is not running, or its worker did not answer in time or
+                answered nonsense: the slot is then broken (its next reset rebuilds it).
+
+        Cancellation: the worker may or may not have ended the processes (it finishes what
+        it started); the slot stays usable either way.
+        """
+        if not self.iso.sandboxed:
+            raise SandboxUnavailableError(
+                "an unsandboxed slot cannot end its processes: they share the server's uid "
+                "and are not confined to a PID namespace"
+            )
+        self.terminal_state.clear()  # its tmux server is one of the processes
+        mid, reply = self._new_reply()
+        try:
+            await self._send({"op": "end", "id": mid})
+            with anyio.move_on_after(10):
+                await reply.event.wait()
+        finally:
+            del self._pending[mid]
+        value = reply.value
+        if value is None:
+            # SIGKILL from PID 1 and a reap take milliseconds: the worker is stuck.
+            self.state = "broken"
+            with anyio.move_on_after(KILL_GRACE, shield=True):
+                await self._kill_sandbox()
+            raise SlotBroken("the worker did not end the slot's processes")
+        left = value.get("left")
+        if "error" in value or not isinstance(left, list):
+            raise SlotBroken(str(value.get("error", "malformed answer to end"))[:500])
+        # The worker's word is the kernel's here: kill(-1) from PID 1 reaches every process
+        # of its namespace, and its /proc lists exactly them. (The slot's cgroup cannot say
+        # more: it also holds what commands sent after this one have started meanwhile.)
+        return sorted(p for p in left if type(p) is int)[:64]
 
     async def soft_reset(self) -> bool:
         """Unsandboxed slots only: kill every process, wipe the workspace, verify from outside.

@@ -14,13 +14,17 @@ when the server has a token; TCP servers must have one)::
                          (spec: rebuild the slot from it; 422 bad_spec + lease if it fails)
                                                      (lease null + hard: control-plane
                                                      destroy of an unleased slot)
+    POST /v1/end_processes {slot, lease}          -> {left: [pid, ...]} (sandboxed slots:
+                                                     the worker kills every other process
+                                                     of the slot; workspace and lease stay;
+                                                     400 unsandboxed otherwise)
     POST /v1/files/read?slot&lease&path&max_bytes -> raw bytes
     POST /v1/files/write?slot&lease&path&mode     (raw body) -> {size}
     POST /v1/files/list  {slot, lease, path}      -> {entries: [{path, size, is_dir}]}
     POST /v1/archive?slot&lease                   -> application/x-tar
     POST /v1/terminal    {slot, lease, action, ...} -> {output, [exit_code, timed_out]}
 
-Errors are ``{error: kind, message}`` with 400 bad_request, 401 unauthorized, 403
+Errors are ``{error: kind, message}`` with 400 bad_request/unsandboxed, 401 unauthorized, 403
 permission_denied, 404 not_found/no_slot, 409 stale_lease, 413 too_large, 503 slot_broken.
 A client that disconnects before an exec/batch/terminal answer cancels it: the command's whole
 process tree is killed.
@@ -147,6 +151,7 @@ class SandboxServer:
             ("POST", "/v1/exec"): self._exec,
             ("POST", "/v1/exec_batch"): self._exec_batch,
             ("POST", "/v1/reset"): self._reset,
+            ("POST", "/v1/end_processes"): self._end_processes,
             ("POST", "/v1/files/read"): self._read,
             ("POST", "/v1/files/write"): self._write,
             ("POST", "/v1/files/list"): self._list,
@@ -457,6 +462,20 @@ class SandboxServer:
                     )
                     return
         await respond.send_json(200, {"lease": rt.lease, "mode": mode, "spec": rt.spec.key})
+
+    async def _end_processes(self, request: Request, respond: Responder) -> None:
+        body = request.json()
+        lease = body.get("lease")
+        rt = self._slot(body.get("slot"), lease)
+        # Under the reset lock, the lease checked again inside: a stale handle's request
+        # that waited for a reset must not reach the next owner's processes.
+        async with rt.reset_lock:
+            self._ready(self._slot(rt.index, lease))
+            try:
+                left = await rt.end_processes()
+            except SandboxUnavailableError as exc:
+                raise HTTPError(400, "unsandboxed", str(exc)) from exc
+        await respond.send_json(200, {"left": left})
 
     async def _fs(self, func: Callable[..., Any], *args: Any) -> Any:
         try:

@@ -10,9 +10,11 @@ The worker is *inside* the trust boundary of the sandbox: a command runs with th
 could tamper with it. The server therefore treats every reply as untrusted input (bounded
 frames, validated fields) and verifies resets from outside (pids cgroup, workspace listing).
 
-Operations (``op`` field): ``exec``, ``kill`` (kill one command's process tree), ``reset``
-(kill every other process; only unsandboxed slots use it: a sandboxed slot is rebuilt
-instead), ``ping``.
+Operations (``op`` field): ``exec``, ``kill`` (kill one command's process tree), ``end``
+(kill every other process of the slot, reap them and name what is left; the running commands
+are answered with an error; how ``Slot.end_processes`` ends what a trajectory left running
+without spawning a process a command could race), ``reset`` (the same; only unsandboxed
+slots use it: a sandboxed slot is rebuilt instead), ``ping``.
 """
 
 from __future__ import annotations
@@ -288,8 +290,10 @@ class Worker:
             cmd = self.commands.get(mid)
             if cmd is not None and not cmd.killed:
                 self.kill_tree(cmd)
+        elif op == "end":
+            self.send({"id": mid, **self.end_all("the slot's processes were ended")})
         elif op == "reset":
-            self.send({"id": mid, **self.reset()})
+            self.send({"id": mid, **self.end_all("the slot was reset")})
         elif op == "ping":
             self.send({"id": mid, "ok": True, "pid": self.me})
 
@@ -631,7 +635,13 @@ class Worker:
             # here stays its descendant.
             self._stop_then_kill(set(), f"STRUCTENV_EXEC_TAG={self.tag}.".encode(), True)
 
-    def reset(self) -> dict[str, Any]:
+    def end_all(self, error: str) -> dict[str, Any]:
+        """Kill every other process, reap them, answer the running commands with ``error``;
+        ``{"ok", "left"}``: the pids still there (as PID 1 only: else ``[]``, unverified).
+
+        Runs in the worker, PID 1 of the slot: no process is spawned for it, so there is
+        nothing a command could stop, ptrace or write into between its start and the kill.
+        """
         self.kill_everything()
         deadline = time.monotonic() + 5.0
         while time.monotonic() < deadline:
@@ -644,7 +654,7 @@ class Worker:
                 cmd.status = status
                 cmd.exit_time = time.monotonic()
         for cmd in list(self.commands.values()):
-            self.finish(cmd, error="the slot was reset")
+            self.finish(cmd, error=error)
         left = sorted(self._scan()) if self.pid1 else []
         return {"ok": not left, "left": left}
 

@@ -21,7 +21,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from .._config import ExecutorConfig
-from .._exceptions import SlotBrokenError, StaleLeaseError
+from .._exceptions import SandboxUnavailableError, SlotBrokenError, StaleLeaseError
 from .._spec import SandboxSpec
 from .._types import ExecRequest, ExecResult
 from ..abc import BackendStatistics, FileEntry, ResultCallback, SandboxBackend, Slot
@@ -110,16 +110,57 @@ async def _reset_and_stale_lease(backend: SandboxBackend) -> None:
     # The handle is now stale: it must not reach whoever holds the slot next.
     stale = slot
     _expect(stale.lease == old_lease, "release must not rewrite the old handle's lease")
-    for op in ("exec", "reset"):
+    for op in ("exec", "end_processes", "reset"):
         try:
             if op == "exec":
                 await stale.exec(ExecRequest("echo stale", timeout=5))
+            elif op == "end_processes":
+                await stale.end_processes()
             else:
                 await stale.reset()
         except (StaleLeaseError, SlotBrokenError):
             pass
         else:
             raise AssertionError(f"stale {op} after release was not refused")
+    _balanced(backend)
+
+
+async def _end_processes(backend: SandboxBackend) -> None:
+    # A running command is ended with an error; the workspace, the lease and the slot stay.
+    slot = await backend.acquire_slot()
+    try:
+        if not slot.sandboxed:
+            try:
+                await slot.end_processes()
+            except SandboxUnavailableError:
+                return
+            raise AssertionError("an unsandboxed slot claimed to end its processes")
+        await slot.write_file("kept.txt", b"kept")
+        lease = slot.lease
+        _expect(await slot.end_processes() == [], "an idle slot has survivors")
+        results: list[ExecResult] = []
+
+        async def run() -> None:
+            results.append(await slot.exec(ExecRequest("sleep 30", timeout=60)))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            # Until the command is seen running (an end that came first finds nothing).
+            while not results:
+                left = await slot.end_processes()
+                _expect(left == [], f"processes survived end_processes: {left}")
+        (ended,) = results
+        _expect(
+            ended.exit_code is None and ended.error is not None,
+            f"a running command was not ended with an error: {ended}",
+        )
+        _expect(slot.lease == lease, "end_processes changed the lease")
+        _expect(await slot.read_file("kept.txt") == b"kept", "end_processes touched files")
+        alive = await slot.exec(ExecRequest("echo alive", timeout=10))
+        _expect(alive.exit_code == 0, f"slot unusable after end_processes: {alive}")
+    finally:
+        with anyio.move_on_after(30, shield=True):
+            await backend.release_slot(slot, reusable=True)
     _balanced(backend)
 
 
@@ -219,6 +260,9 @@ class _StubbornSlot(Slot):
 
     async def reset(self) -> None:
         await self.inner.reset()
+
+    async def end_processes(self) -> list[int]:
+        return await self.inner.end_processes()
 
     async def read_file(self, path: str, *, max_bytes: int = 1 << 20) -> bytes:
         return await self.inner.read_file(path, max_bytes=max_bytes)
@@ -337,6 +381,7 @@ _CHECKS: dict[str, _Check] = {
     "exec_is_data": _exec_is_data,
     "files": _files,
     "reset_and_stale_lease": _reset_and_stale_lease,
+    "end_processes": _end_processes,
     "deadline_is_data": _deadline_is_data,
     "cancelled_exec": _cancelled_exec,
     "cancelled_acquire": _cancelled_acquire,

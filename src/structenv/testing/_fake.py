@@ -49,6 +49,8 @@ class _PhysicalSlot:
     generation: int = 0
     files: dict[str, bytes] = dataclasses.field(default_factory=dict)
     running: set[anyio.CancelScope] = dataclasses.field(default_factory=set)
+    #: Commands killed by :meth:`FakeSlot.end_processes` (answered with an error).
+    ended: set[anyio.CancelScope] = dataclasses.field(default_factory=set)
     destroyed: bool = False
 
     def kill_all(self) -> None:
@@ -96,6 +98,19 @@ class FakeSlot(Slot):
         await self._backend._reset(self._phys)
         # The owner's own reset keeps its lease current; everyone else's handle is now stale.
         self.lease = self._phys.generation
+
+    async def end_processes(self) -> list[int]:
+        """Kill the slot's running commands (answered with an error); files and lease stay.
+
+        Cancellation: the commands may or may not have been killed; nothing else changes.
+        """
+        self._check()
+        self._backend.ends += 1
+        await anyio.lowlevel.checkpoint()
+        self._check()
+        self._phys.ended |= self._phys.running
+        self._phys.kill_all()
+        return []
 
     async def read_file(self, path: str, *, max_bytes: int = 1 << 20) -> bytes:
         """Read a fake workspace file. Cancellation: no state changes."""
@@ -176,6 +191,7 @@ class FakeBackend(SandboxBackend):
         self.releases = 0
         self.execs = 0
         self.resets = 0
+        self.ends = 0
         self.resets_failed = 0
         self.destroyed = 0
         self.started = False
@@ -336,6 +352,8 @@ class FakeBackend(SandboxBackend):
                     code = await self._interpret(phys, request.command, out)
         finally:
             phys.running.discard(scope)
+        ended = scope in phys.ended
+        phys.ended.discard(scope)
         duration = anyio.current_time() - start
         if deadline.cancelled_caught:
             return ExecResult(
@@ -348,7 +366,12 @@ class FakeBackend(SandboxBackend):
             )
         if scope.cancelled_caught:
             return ExecResult(
-                exit_code=None, signal=9, duration=duration, stdout=b"".join(out), sandboxed=True
+                exit_code=None,
+                signal=9,
+                duration=duration,
+                stdout=b"".join(out),
+                sandboxed=True,
+                error="the slot's processes were ended" if ended else None,
             )
         if result is not None:
             return result
