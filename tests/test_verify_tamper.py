@@ -129,23 +129,29 @@ async def test_a_process_left_running_cannot_rewrite_the_verification(
     assert tests == TASK.files["tests/test_calc.py"]
 
 
-#: Left running by the model (python, one process that spawns nothing): keeps forging the
-#: tests and the report, and takes over every process of the slot started after it that it
-#: can open (same uid, dumpable): SIGSTOP, then ``exit_group(0)`` written at its resume
+#: Left running by the model (python, three processes that spawn nothing): keep forging the
+#: tests and the report, and take over every process of the slot started after them that
+#: they can open (same uid, dumpable): SIGSTOP, then ``exit_group(0)`` written at its resume
 #: address through ``/proc/PID/mem``, then SIGCONT. A kill run as a command of the slot
 #: (``kill -KILL -1`` in a shell, as ``end_processes`` did) exits 0 having killed nothing.
-_HIJACKER = f"""import os, signal
+#: (Three, spinning: they share the slot's CPU quota with that shell, which then starts
+#: slower, and one of them sees it sooner.)
+_HIJACKER = f"""import os, signal, time
 # nop; nop; xor edi, edi; mov eax, 231 (exit_group); syscall: from pc - 2 (a restarted
 # system call goes back to its syscall instruction) or from pc.
 CODE = bytes.fromhex("9090" "31ff" "b8e7000000" "0f05")
 tests, report = {_FORGED_TESTS!r}, {_FORGED_REPORT!r}
-me = os.getpid()
 seen = {{int(p) for p in os.listdir("/proc") if p.isdigit()}}
 os.makedirs(".structenv", exist_ok=True)
-open(".hijacker-ready", "w").close()
+forger = os.fork() and os.fork()  # three processes; the first one also forges
+session = os.getsid(0)  # the hijackers' own (they spare each other)
+if forger:
+    open(".hijacker-ready", "w").close()
 
 def take(pid):
     try:
+        if os.getsid(pid) == session:
+            return True
         mem = os.open(f"/proc/{{pid}}/mem", os.O_RDWR)  # refused before its exec
     except OSError:
         return False
@@ -160,21 +166,24 @@ def take(pid):
             pc = int(f.read().split()[-1], 16)
         os.pwrite(mem, CODE, pc - 2)
         os.kill(pid, signal.SIGCONT)
-    except OSError:
+    except (OSError, ValueError):
         pass
     finally:
         os.close(mem)
     return True
 
+due = 0.0
 while True:
-    for name, text in (("tests/test_calc.py", tests), (".structenv/report.xml", report)):
-        try:
-            with open(name, "w") as f:
-                f.write(text)
-        except OSError:
-            pass
+    if forger and time.monotonic() >= due:
+        due = time.monotonic() + 0.005
+        for name, text in (("tests/test_calc.py", tests), (".structenv/report.xml", report)):
+            try:
+                with open(name, "w") as f:
+                    f.write(text)
+            except OSError:
+                pass
     for p in os.listdir("/proc"):
-        if p.isdigit() and int(p) not in seen and int(p) != me and take(int(p)):
+        if p.isdigit() and int(p) not in seen and take(int(p)):
             seen.add(int(p))
 """
 
@@ -191,7 +200,9 @@ async def test_a_process_left_running_cannot_hijack_end_processes(
     kind: str, request: pytest.FixtureRequest
 ) -> None:
     # With the kill run as a command of the slot, the hijacker made it exit 0 and stayed:
-    # the verification then read its forged tests and report (scored 1.0).
+    # the verification then read its forged tests and report (scored 1.0). A race the
+    # hijackers won in 18 of 20 cases (5 runs of the 4 variants) against that shell; the
+    # worker's kill spawns nothing to race.
     score, left, tests = await _play(kind, _HIJACK, request, {"hijacker.py": _HIJACKER})
     assert left == b"", left.decode()
     assert score == pytest.approx(HONEST), score
