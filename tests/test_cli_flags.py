@@ -57,6 +57,31 @@ def test_config_accepts_text_for_list_fields() -> None:
     assert AgentEnvConfig(enabled_toolsets='["terminal"]').enabled_toolsets == ["terminal"]
 
 
+def test_an_unknown_field_is_refused_with_a_suggestion() -> None:
+    """BaseEnvConfig ignores unknown keys: a typo'd ``--env.`` flag or YAML key ran with the
+    default value, silently. It is one line naming the field and the closest one."""
+
+    class MyConfig(AgentEnvConfig):
+        task_ids: list[str] = []
+
+    with pytest.raises(ValidationError) as typo:
+        MyConfig(agent_max_stpes=6, task_ids="a")
+    assert describe_error(typo.value) == (
+        "invalid configuration: MyConfig has no field 'agent_max_stpes' "
+        "(did you mean 'agent_max_steps'?)"
+    )
+    with pytest.raises(ValidationError, match=r"no field 'frobnicate', 'task_idz' \(did you"):
+        MyConfig(frobnicate=1, task_idz="a")
+    assert MyConfig(task_ids="a,b").task_ids == ["a", "b"]  # a subclass's own fields are known
+    # Every field of the default config goes back in (atroposlib's CLI rebuilds it this way).
+    assert MyConfig.model_validate(MyConfig().model_dump()) == MyConfig()
+    with pytest.raises(ValidationError) as moved:  # a moved field keeps its own message
+        AgentEnvConfig(slots_per_host=2)
+    assert describe_error(moved.value).startswith(
+        "invalid configuration: slots_per_host: moved to backend_options"
+    )
+
+
 def test_errors_are_one_line_through_exception_groups() -> None:
     error = SandboxUnavailableError("bwrap not found (apt-get install -y bubblewrap)")
     group = BaseExceptionGroup("outer", [ExceptionGroup("inner", [error])])

@@ -129,6 +129,11 @@ def test_run_refuses_bad_input_in_one_line(
     assert code == 1 and "cannot import 'no_such_module'" in line
     code, line = run("hello_env.py:HelloFileEnv", "--offline", "--env.failure_policy", "drop")
     assert code == 1 and "failure_policy" in line
+    code, line = run("hello_env.py:HelloFileEnv", "--offline", "--env.agent_max_stpes", "6")
+    assert code == 1 and line == (
+        "structenv run: error: invalid configuration: AgentEnvConfig has no field "
+        "'agent_max_stpes' (did you mean 'agent_max_steps'?)"
+    )
     assert run("hello_env.py:HelloFileEnv")[0] == 2  # neither --offline nor an endpoint
     assert not list(tmp_path.glob("structenv-out/*.jsonl"))
     assert not child_processes()

@@ -181,10 +181,14 @@ def _describe_validation(exc: Any, prefixes: Mapping[str, str]) -> str:
     prefix = prefixes.get(str(getattr(exc, "title", "")), "")
     parts = []
     for error in exc.errors()[:3]:
-        field = prefix + ".".join(str(p) for p in error.get("loc", ())) or "value"
+        loc = ".".join(str(p) for p in error.get("loc", ()))
+        msg = str(error.get("msg"))
+        if not loc:  # a model-level check: its message names the fields itself
+            parts.append(msg.removeprefix("Value error, "))
+            continue
         got = error.get("input")
         shown = f" (got {got!r})" if isinstance(got, str | int | float | bool) else ""
-        parts.append(f"{field}: {error.get('msg')}{shown}")
+        parts.append(f"{prefix}{loc}: {msg}{shown}")
     more = exc.error_count() - len(parts)
     tail = f" (and {more} more)" if more > 0 else ""
     return "invalid configuration: " + "; ".join(parts) + tail

@@ -6,6 +6,7 @@ Imports atroposlib (``BaseEnvConfig``); part of the :mod:`structenv.adapters.atr
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any, Literal
 
 from atroposlib.envs.base import BaseEnvConfig
@@ -21,6 +22,11 @@ __all__ = ["AgentEnvConfig", "AgentEnvStatistics", "GroupReport"]
 
 #: Former top-level fields, now backend options.
 _MOVED = frozenset({"slots_per_host", "min_hosts", "max_hosts"})
+
+
+def _with_suggestion(name: str, known: set[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
 class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]  # atroposlib is untyped
@@ -166,6 +172,24 @@ class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]  # atroposlib is unty
                 f"{', '.join(moved)}: moved to backend_options "
                 f"(YAML backend_options: {{{moved[0]}: ...}}; flag "
                 f"--env.backend_options.{moved[0]})"
+            )
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown_fields(cls, data: Any) -> Any:
+        # BaseEnvConfig ignores unknown keys, so a typo'd flag or YAML key
+        # (--env.agent_max_stpes 6) would run with the default, silently.
+        if not isinstance(data, dict):
+            return data
+        known = set(cls.model_fields) | {
+            f.alias for f in cls.model_fields.values() if f.alias is not None
+        }
+        unknown = sorted(str(k) for k in data.keys() - known - _MOVED)
+        if unknown:
+            raise ValueError(
+                f"{cls.__name__} has no field "
+                + ", ".join(_with_suggestion(name, known) for name in unknown)
             )
         return data
 
