@@ -238,6 +238,24 @@ async def test_openai_endpoint_says_it_has_no_logprobs(tokenizer_dir: Path) -> N
         assert trained == f"{WRITE}<|im_end|>\nDone.<|im_end|>\n"
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["trio"])  # what is tested is the refusal on trio
+async def test_the_managers_refuse_trio_before_anything_starts(tokenizer_dir: Path) -> None:
+    """atroposlib is asyncio code: on Trio, process_manager() started the sandboxes and failed
+    half-way through the first group with "no running event loop"; it is refused at once
+    (the asyncio path is what every other test here runs)."""
+    backend = FakeBackend(slots_per_host=4)
+
+    class NoServer:
+        base_url = "http://127.0.0.1:9/v1"  # never contacted
+
+    env = make_env(tokenizer_dir, NoServer(), backend, group_size=2)  # type: ignore[arg-type]
+    for manager in (env.process_manager, env.env_manager):
+        with pytest.raises(RuntimeError, match=r"runs on asyncio only .* not on trio"):
+            await manager()
+    assert not backend.started and backend.acquires == 0
+
+
 def test_config_validation() -> None:
     with pytest.raises(ValidationError, match=r"max_hosts \(2\) < min_hosts \(3\)"):
         AgentEnvConfig(backend_options={"min_hosts": 3, "max_hosts": 2})

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import sniffio
 from atroposlib.envs.base import APIServerConfig, BaseEnv
 
 from ..._config import ExecutorConfig
@@ -147,6 +148,22 @@ class _LazyJsonl:
         """Close the file if one was opened (a run that failed leaves no empty file)."""
         if self._writer is not None:
             self._writer.close()
+
+
+def _require_asyncio(method: str) -> None:
+    """Refuse to run a BaseEnv manager on another loop, before any sandbox starts (on Trio,
+    atroposlib failed half-way through the first group with "no running event loop").
+
+    Raises:
+        RuntimeError: The current async library is not asyncio.
+    """
+    library = sniffio.current_async_library()
+    if library != "asyncio":
+        raise RuntimeError(
+            f"AgentEnv.{method}() runs on asyncio only (atroposlib's BaseEnv is asyncio code), "
+            f"not on {library}: run it with asyncio.run() or anyio's asyncio backend; the "
+            "layers below it (ToolExecutor, SlotPool, the backends) run on both"
+        )
 
 
 class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
@@ -372,7 +389,11 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
 
         Cancellation: the loop's workers are cancelled by the loop; the session is torn down
         (shielded, bounded) before the cancellation propagates.
+
+        Raises:
+            RuntimeError: Not on asyncio (atroposlib is asyncio code), before anything starts.
         """
+        _require_asyncio("env_manager")
         await with_cli_signals(self._env_manager)
 
     async def _env_manager(self) -> None:
@@ -382,7 +403,11 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
         """BaseEnv's ``process`` mode inside a sandbox session.
 
         Cancellation: as :meth:`env_manager`.
+
+        Raises:
+            RuntimeError: Not on asyncio (atroposlib is asyncio code), before anything starts.
         """
+        _require_asyncio("process_manager")
         await with_cli_signals(self._process_manager)
 
     async def _process_manager(self) -> None:
