@@ -292,6 +292,8 @@ def test_signal_to_the_process_group_while_trajectories_run(
     expected = [f"{name} received; shutting down (send it again to stop at once)"]
     if len(signals) > 1:  # the forced exit says so (and proves the second signal was seen)
         expected.append(f"{name} received again; stopping at once")
+    if command == "demo":  # says what the run kept (here: nothing, every member sleeps)
+        expected.append("structenv demo: interrupted: no group of 3 was written")
     assert len(after) == len(expected), "\n".join(after)
     for line, end in zip(after, expected, strict=True):
         assert line.endswith(end), after
@@ -303,6 +305,76 @@ def test_signal_to_the_process_group_while_trajectories_run(
         what="the run's processes to be gone",
     )
     assert not os.path.exists(workdirs[0])
+
+
+INTERRUPTED_ENV = """
+from structenv.adapters.atropos import AgentEnv, AgentEnvConfig
+from structenv.agent import AgentTask
+from structenv.examples._shell_data import tool_call
+from structenv.testing import task_marker
+
+
+class FirstThenHang(AgentEnv):
+    name = "first_then_hang"
+    env_config_cls = AgentEnvConfig
+    items = 0
+
+    async def get_next_item(self):
+        type(self).items += 1
+        return "hello" if type(self).items == 1 else "hang"
+
+    def build_task(self, item):
+        return AgentTask(prompt=f"do it {task_marker(item)}", id=item)
+
+    @classmethod
+    def offline_solutions(cls, config):
+        sleep = tool_call("terminal", command="sleep MARKER", timeout=600)
+        return {"hello": ["Done."], "hang": [sleep]}
+
+    async def score_trajectory(self, item, result):
+        return 1.0
+"""
+
+
+def test_an_interrupted_run_says_which_groups_it_kept(tmp_path: Path, tokenizer: str) -> None:
+    """Ctrl-C after the first group was written: the JSONL keeps that complete group and the
+    last line says so (before, the run ended with the shutdown line only: no summary, no HTML,
+    nothing said where the partial results were)."""
+    assert STRUCTENV is not None
+    marker = f"4322.{secrets.randbelow(10**6):06d}"  # sleep's argument: seconds
+    (tmp_path / "hang_env.py").write_text(INTERRUPTED_ENV.replace("MARKER", marker))
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [STRUCTENV, "run", "hang_env:FirstThenHang", "--offline", "--groups", "3",
+         "--group-size", "1", "--mistake-rate", "0", "--tokenizer", tokenizer, "--quiet",
+         "--out", str(out), "--env.tool_timeout_s", "600", "--env.trajectory_timeout_s", "600"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=fresh_env(), cwd=tmp_path,
+        start_new_session=True,
+    )  # fmt: skip
+    output = Output(proc)
+    jsonl = out / "FirstThenHang.jsonl"
+    try:
+        wait_for(
+            lambda: processes_matching(f"sleep\0{marker}\0".encode()) or proc.poll() is not None,
+            deadline=START_DEADLINE,
+            what="the second group's command to run",
+        )
+        assert proc.poll() is None, output.text()[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        status = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output.join()
+    assert status == 130, output.text()[-3000:]
+    assert output.lines["err"][-1] == (
+        f"structenv run: interrupted: 1 of 3 groups kept in {jsonl} (complete groups only; "
+        f"view them with: structenv view {jsonl})"
+    ), output.text()[-3000:]
+    assert [json.loads(line)["structenv"]["task_id"] for line in jsonl.read_text().splitlines()] == [
+        "hello"
+    ]
 
 
 # -- 11.8: serve mode (against atroposlib's run-api) under SIGINT / SIGTERM ------------------

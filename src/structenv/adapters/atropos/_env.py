@@ -126,6 +126,7 @@ class _LazyJsonl:
     def __init__(self, env: AgentEnv) -> None:
         self._env = env
         self._writer: Any | None = None
+        self.written = 0  # groups written (each a complete, flushed line) to this run's file
 
     def _open(self) -> Any:
         if self._writer is None:
@@ -138,6 +139,7 @@ class _LazyJsonl:
 
     def write(self, obj: Any) -> None:
         self._open().write(obj)
+        self.written += 1
 
     def close(self) -> None:
         """BaseEnv's ``process_manager`` closes the writer when it completed, then renders

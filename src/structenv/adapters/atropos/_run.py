@@ -444,6 +444,10 @@ async def _collect(
     try:
         with progress:
             await env.process_manager()
+    except anyio.get_cancelled_exc_class():  # Ctrl-C / SIGTERM: say what was kept
+        written = getattr(env.jsonl_writer, "written", 0)  # this run's groups, not the file's
+        _print_kept(options, Path(env.config.data_path_to_save_groups), written)
+        raise
     finally:
         if reasons:  # the reasons are what a user needs, also when the run stopped
             _print_failures(console, reasons)
@@ -471,6 +475,20 @@ async def _collect(
         "jsonl": str(jsonl),
         "html": str(jsonl.with_suffix(".html")),
     }
+
+
+def _print_kept(options: RunOptions, jsonl: Path, written: int) -> None:
+    """After a signal: one line saying which groups the run kept (each line of the JSONL is
+    one complete group, written and flushed before the next; no HTML view is written)."""
+    total = options.args.groups
+    if written and jsonl.is_file():
+        kept = (
+            f"{written} of {total} groups kept in {jsonl} "
+            f"(complete groups only; view them with: structenv view {jsonl})"
+        )
+    else:
+        kept = f"no group of {total} was written"
+    print(f"{options.prog}: interrupted: {kept}", file=sys.stderr, flush=True)
 
 
 def _short(reason: str, limit: int = 300) -> str:
