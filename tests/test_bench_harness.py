@@ -80,6 +80,20 @@ def test_bench_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
         load_factory("structenv._bench._report:NOISE_NOTE")
 
 
+def test_a_factory_module_in_the_current_directory_is_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``structenv bench exec --backend mybench:make`` in the directory holding mybench.py, as
+    docs/benchmarks.md shows it: the console script has no current directory on sys.path, so
+    the module was not found (``structenv run MODULE:Env`` looks there too)."""
+    (tmp_path / "mybench_in_cwd.py").write_text(USER_BACKEND)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
+    factory = load_factory("mybench_in_cwd:make")
+    assert factory.__name__ == "make"
+    sys.modules.pop("mybench_in_cwd", None)
+
+
 def test_factory_must_return_a_backend(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "structenv._cli", "bench", "exec", "--quick",

@@ -17,6 +17,8 @@ a command that fails stops the run with its result.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +46,8 @@ def load_factory(spec: str) -> Callable[[], SandboxBackend]:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"--backend {spec!r}: expected module:factory (e.g. mypkg.bench:make)")
+    if os.getcwd() not in sys.path:  # as `python -m` and `structenv run` would: the console
+        sys.path.insert(0, os.getcwd())  # script alone does not look in the current directory
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
