@@ -256,6 +256,28 @@ async def test_the_managers_refuse_trio_before_anything_starts(tokenizer_dir: Pa
     assert not backend.started and backend.acquires == 0
 
 
+def test_a_hook_defined_the_wrong_way_fails_when_the_class_is_defined() -> None:
+    """A plain ``def score_trajectory`` used to fail in the first trajectory, as ``TypeError:
+    object float can't be used in 'await' expression`` raised inside structenv."""
+    with pytest.raises(TypeError, match=r"^E\.score_trajectory must be 'async def'"):
+
+        class E(AgentEnv):
+            def score_trajectory(self, item: Any, result: AgentResult) -> float:  # type: ignore[override]
+                return 1.0
+
+    with pytest.raises(TypeError, match=r"^F\.build_task must be a plain 'def'"):
+
+        class F(AgentEnv):
+            async def build_task(self, item: Any) -> AgentTask:  # type: ignore[override]
+                return AgentTask(prompt="x")
+
+    class Fine(RecordingEnv):  # every hook as documented, inherited ones too
+        async def score_trajectory(self, item: Any, result: AgentResult) -> float:
+            return 1.0
+
+    assert Fine.score_trajectory is not AgentEnv.score_trajectory
+
+
 def test_config_validation() -> None:
     with pytest.raises(ValidationError, match=r"max_hosts \(2\) < min_hosts \(3\)"):
         AgentEnvConfig(backend_options={"min_hosts": 3, "max_hosts": 2})

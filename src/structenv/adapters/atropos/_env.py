@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import itertools
 import logging
 import os
@@ -168,6 +169,18 @@ def _require_asyncio(method: str) -> None:
         )
 
 
+#: The hooks a subclass defines: True for those the env awaits (``async def``).
+_HOOKS = {
+    "get_next_item": True,
+    "setup_agent_env": True,
+    "setup_trajectory_workspace": True,
+    "score_trajectory": True,
+    "verify_and_score_trajectory": True,
+    "build_task": False,
+    "build_agent_config": False,
+}
+
+
 class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
     """An Atropos environment whose trajectories run agents with sandboxed tools.
 
@@ -194,6 +207,22 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
     name: str | None = "structenv_agent"
     env_config_cls = AgentEnvConfig
     config: AgentEnvConfig
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Check, when the class is defined, that each hook is ``async def`` or plain ``def``
+        as the env calls it: a plain ``def score_trajectory`` failed only in the first
+        trajectory, with ``TypeError: object float can't be used in 'await' expression``.
+
+        Raises:
+            TypeError: A hook is defined the other way.
+        """
+        super().__init_subclass__(**kwargs)
+        for name, awaited in _HOOKS.items():
+            hook = cls.__dict__.get(name)
+            if not inspect.isfunction(hook) or inspect.iscoroutinefunction(hook) == awaited:
+                continue
+            how = "'async def' (the env awaits it)" if awaited else "a plain 'def' (not awaited)"
+            raise TypeError(f"{cls.__name__}.{name} must be {how}")
 
     def __init__(
         self,
