@@ -80,3 +80,13 @@ def test_registry_maps_names_to_class_and_model(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(ConfigError, match="already registered"):
         register_backend(entry)
     assert isinstance(create_backend("mine", {"hosts": 1}), LocalBackend)
+
+
+def test_path_lists_take_comma_separated_text_as_the_specs_binds_do() -> None:
+    """``--env.backend_options.bind_roots /data,/tasks`` (a flag's text) was refused with
+    "bind_roots: Input should be a valid tuple" while ``--env.sandbox.binds /a,/b`` worked."""
+    assert DockerOptions(bind_roots="/data, /tasks,").bind_roots == ("/data", "/tasks")
+    assert LocalOptions(bind_roots="/data").bind_roots == ("/data",)
+    assert LocalOptions(bind_roots=["/data"]).bind_roots == ("/data",)
+    assert LocalOptions().bind_roots is None and DockerOptions().bind_roots == ()
+    assert NomadOptions(datacenters="dc1,dc2").datacenters == ("dc1", "dc2")

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .._exceptions import ConfigError
 from .._image import DEFAULT_TAG
@@ -35,6 +35,14 @@ __all__ = [
 ]
 
 _MAX_OUTPUT = max(DEFAULT_MAX_OUTPUT, 16 << 20)
+
+
+def _paths_from_text(value: Any) -> Any:
+    """A list field given as text (a ``--env.backend_options.bind_roots /a,/b`` flag or a YAML
+    string) is comma-separated, as the spec's ``binds``; a JSON list is parsed by the flag."""
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    return value
 
 
 class HostedOptions(BaseModel):
@@ -139,6 +147,8 @@ class LocalOptions(HostedOptions):
     reap_on_start: bool = True
     bind_roots: tuple[str, ...] | None = None
 
+    _bind_roots_from_text = field_validator("bind_roots", mode="before")(_paths_from_text)
+
     @model_validator(mode="before")
     @classmethod
     def _hosts_shorthand(cls, data: Any) -> Any:
@@ -183,6 +193,8 @@ class DockerOptions(HostedOptions):
     #: ``binds`` and ``rootfs`` must lie in one of them (checked before anything runs).
     bind_roots: tuple[str, ...] = ()
 
+    _bind_roots_from_text = field_validator("bind_roots", mode="before")(_paths_from_text)
+
     @model_validator(mode="after")
     def _check_cgroups(self) -> Self:
         if self.slot_cgroups == "required" and self.isolation == "none":
@@ -203,6 +215,7 @@ class NomadOptions(HostedOptions):
     driver: Literal["docker", "raw_exec"] = "docker"
     apptainer_image: str | None = None
     datacenters: tuple[str, ...] = ("*",)
+    _datacenters_from_text = field_validator("datacenters", mode="before")(_paths_from_text)
     isolation: Literal["bwrap", "none"] = "bwrap"
     cpu: int = Field(default=1000, ge=1)
     memory_mb: int = Field(default=2048, ge=1)
