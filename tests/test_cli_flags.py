@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import tenacity
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from structenv._exceptions import ConfigError, SandboxUnavailableError
 from structenv._main import describe_error
@@ -62,7 +62,7 @@ def test_an_unknown_field_is_refused_with_a_suggestion() -> None:
     default value, silently. It is one line naming the field and the closest one."""
 
     class MyConfig(AgentEnvConfig):
-        task_ids: list[str] = []
+        task_ids: list[str] = Field(default_factory=list)
 
     with pytest.raises(ValidationError) as typo:
         MyConfig(agent_max_stpes=6, task_ids="a")

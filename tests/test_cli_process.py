@@ -372,9 +372,8 @@ def test_an_interrupted_run_says_which_groups_it_kept(tmp_path: Path, tokenizer:
         f"structenv run: interrupted: 1 of 3 groups kept in {jsonl} (complete groups only; "
         f"view them with: structenv view {jsonl})"
     ), output.text()[-3000:]
-    assert [json.loads(line)["structenv"]["task_id"] for line in jsonl.read_text().splitlines()] == [
-        "hello"
-    ]
+    kept = [json.loads(line)["structenv"]["task_id"] for line in jsonl.read_text().splitlines()]
+    assert kept == ["hello"]
 
 
 # -- 11.8: serve mode (against atroposlib's run-api) under SIGINT / SIGTERM ------------------
