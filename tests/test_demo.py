@@ -67,3 +67,19 @@ def test_readme_command_runs_as_a_console_script(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "mean score" in proc.stdout
     assert len((tmp_path / "o" / "shell-tasks.jsonl").read_text().splitlines()) == 1
+
+
+def test_swe_images_with_a_relative_out_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``structenv demo --example swe-images`` with the default ``--out structenv-out`` (or
+    any relative one) stopped at once: "paths in a spec must be absolute"."""
+    from structenv import SandboxSpec
+    from structenv._demo import _two_images
+
+    monkeypatch.chdir(tmp_path)
+    fields = _two_images("task:1", Path("structenv-out"))
+    (dockerfile,) = fields["dockerfiles"]
+    assert dockerfile == str(tmp_path / "structenv-out" / "swe-image-b" / "Dockerfile")
+    assert SandboxSpec(dockerfile=dockerfile).dockerfile == dockerfile
+    assert fields["images"] == ["task:1"]

@@ -142,7 +142,7 @@ def _two_images(image: str | None, out: Path) -> dict[str, Any]:
     from ._image import DEFAULT_TAG
 
     first = image or os.environ.get("STRUCTENV_TEST_IMAGE") or DEFAULT_TAG
-    context = out / "swe-image-b"
+    context = out.resolve() / "swe-image-b"  # a spec's paths are absolute; --out may not be
     context.mkdir(parents=True, exist_ok=True)
     dockerfile = context / "Dockerfile"
     dockerfile.write_text(f"FROM {first}\nENV SWE_IMAGE=b\nRUN echo b > /etc/swe-image\n")
