@@ -123,8 +123,10 @@ async def test_cancelled_acquire_during_scale_up_leaves_nothing() -> None:
 
 
 async def test_missing_image_is_a_clear_error() -> None:
-    with pytest.raises(BackendError, match="structenv image build"):
-        async with docker_backend(image="structenv-sandbox:does-not-exist"):
+    # The advice names the tag to build (a bare `structenv image build` makes the default one).
+    tag = "structenv-sandbox:does-not-exist"
+    with pytest.raises(BackendError, match=f"build it with `structenv image build --tag {tag}`"):
+        async with docker_backend(image=tag):
             pass
 
 

@@ -415,8 +415,9 @@ class DockerBackend(HostedBackend):
         try:
             await engine.call(client.images.get, self.image)
         except docker.errors.ImageNotFound as exc:
+            tag = "" if self.image == DEFAULT_TAG else f" --tag {self.image}"
             raise BackendError(
-                f"image {self.image!r} not found: build it with `structenv image build`"
+                f"image {self.image!r} not found: build it with `structenv image build{tag}`"
             ) from exc
         except docker.errors.DockerException as exc:
             raise BackendError(f"cannot reach the Docker Engine: {exc}") from exc
