@@ -257,3 +257,31 @@ def test_importing_structenv_leaves_the_applications_logging_alone(tmp_path: Pat
         check=False, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0 and proc.stdout.strip() == "OK", proc.stderr[-2000:]
+
+
+def test_env_flags_for_the_run_sizes_size_the_run(tmp_path: Path) -> None:
+    """``--env.group_size 6 --env.total_steps 1`` (the env CLI's names) are ``--group-size 6
+    --groups 1``: the slots are sized for 6 and 1 group is what the run expects. Before, the
+    slots were sized for the default 4 (a ConfigError advising backend options) and a run
+    that wrote its 1 group exited 1 with "1 of 6 groups written"."""
+    from structenv.adapters.atropos._run import (
+        RunOptions,
+        _config,
+        _parser,
+        _take_run_sizes,
+        load_env_class,
+    )
+
+    (tmp_path / "hello_env.py").write_text(HELLO_ENV)
+    env_cls = load_env_class(str(tmp_path / "hello_env.py") + ":HelloFileEnv")
+    args = _parser().parse_args(["hello_env:HelloFileEnv", "--offline"])
+    fields = {"group_size": "6", "total_steps": "1", "agent_max_steps": "3"}
+    options = RunOptions(args, env_cls, offline=True, fields=fields, name="h", prog="p")
+    _take_run_sizes(options)
+    assert (args.group_size, args.groups) == (6, 1)
+    config = _config(options, "tok", tmp_path)
+    assert (config.group_size, config.total_steps, config.agent_max_steps) == (6, 1, 3)
+    assert config.backend_options_model().slots_per_host == 6
+    bad = RunOptions(args, env_cls, offline=True, fields={"total_steps": "x"}, name="h", prog="p")
+    _take_run_sizes(bad)  # left for the config's validation: one line naming the field
+    assert bad.fields == {"total_steps": "x"} and args.groups == 1

@@ -266,6 +266,7 @@ def run_env(options: RunOptions, body: Callable[[RunOptions], Awaitable[int]] | 
 
     args = options.args
     configure_cli_logging(debug=args.debug)
+    _take_run_sizes(options)
     if args.groups < 1 or args.group_size < 1:
         print(f"{options.prog}: error: --groups and --group-size must be >= 1", file=sys.stderr)
         return 2
@@ -284,6 +285,23 @@ def run_env(options: RunOptions, body: Callable[[RunOptions], Awaitable[int]] | 
             )
         except Exception as exc:
             return report_error(exc, prog=options.prog, debug=args.debug)
+
+
+def _take_run_sizes(options: RunOptions) -> None:
+    """``--env.group_size`` / ``--env.total_steps`` (as the env's own CLI spells them) are
+    ``--group-size`` / ``--groups``: the run sizes its slots, progress and exit status by
+    these (before, the slots were sized for the default 4 and the status expected 6 groups).
+    A value that is not an integer is left to the config's validation to report."""
+    for field, attr in (("group_size", "group_size"), ("total_steps", "groups")):
+        value = options.fields.get(field)
+        if value is None or isinstance(value, bool):
+            continue
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            continue
+        setattr(options.args, attr, number)
+        del options.fields[field]
 
 
 async def _run(options: RunOptions) -> int:
