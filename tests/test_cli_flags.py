@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import tenacity
-from pydantic import Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from structenv._exceptions import ConfigError, SandboxUnavailableError
 from structenv._main import describe_error
@@ -73,6 +73,11 @@ def test_an_unknown_field_is_refused_with_a_suggestion() -> None:
     with pytest.raises(ValidationError, match=r"no field 'frobnicate', 'task_idz' \(did you"):
         MyConfig(frobnicate=1, task_idz="a")
     assert MyConfig(task_ids="a,b").task_ids == ["a", "b"]  # a subclass's own fields are known
+
+    class Open(AgentEnvConfig):  # a subclass that asks for extra keys keeps them
+        model_config = ConfigDict(extra="allow")
+
+    assert Open(my_key=1).my_key == 1
     # Every field of the default config goes back in (atroposlib's CLI rebuilds it this way).
     assert MyConfig.model_validate(MyConfig().model_dump()) == MyConfig()
     with pytest.raises(ValidationError) as moved:  # a moved field keeps its own message

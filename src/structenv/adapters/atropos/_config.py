@@ -180,8 +180,8 @@ class AgentEnvConfig(BaseEnvConfig):  # type: ignore[misc]  # atroposlib is unty
     def _unknown_fields(cls, data: Any) -> Any:
         # BaseEnvConfig ignores unknown keys, so a typo'd flag or YAML key
         # (--env.agent_max_stpes 6) would run with the default, silently.
-        if not isinstance(data, dict):
-            return data
+        if not isinstance(data, dict) or cls.model_config.get("extra") == "allow":
+            return data  # a subclass that asks for extra keys gets them
         known = set(cls.model_fields) | {
             f.alias for f in cls.model_fields.values() if f.alias is not None
         }
