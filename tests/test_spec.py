@@ -190,3 +190,45 @@ def test_bind_roots_confine_binds_through_symlinks(tmp_path: Path) -> None:
 def test_bad_bind_roots_are_refused(root: str, reserved: tuple[str, ...], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         check_bind_roots([root], reserved=reserved)
+
+
+@pytest.mark.anyio
+async def test_callers_waiting_for_a_failed_preparation_get_its_error() -> None:
+    """A group's members ask for one spec at once: when its preparation fails (a Dockerfile
+    that does not build), those waiting get that error instead of each building it again in
+    turn; a later caller tries again (failures are not cached)."""
+    import anyio
+
+    from structenv.backends import LocalBackend
+
+    backend = LocalBackend(hosts=1, slots_per_host=1)  # never started: only prepare_spec runs
+    attempts = 0
+    release = anyio.Event()
+
+    async def failing_resolve(spec: SandboxSpec) -> object:
+        nonlocal attempts
+        attempts += 1
+        await release.wait()
+        raise ConfigError(f"building {spec.dockerfile} failed: attempt {attempts}")
+
+    backend._resolve_spec = failing_resolve  # type: ignore[method-assign,assignment]
+    spec = SandboxSpec(dockerfile="/tasks/broken/Dockerfile")
+    errors: list[str] = []
+
+    async def member() -> None:
+        with pytest.raises(ConfigError) as failed:
+            await backend.prepare_spec(spec)
+        errors.append(str(failed.value))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(8):
+            tg.start_soon(member)
+        lock = None
+        while lock is None or lock.statistics().tasks_waiting < 7:  # the first attempt runs;
+            await anyio.lowlevel.checkpoint()  # the other seven wait on the spec's lock
+            lock = backend._spec_locks.get(spec.key)
+        release.set()
+    assert attempts == 1
+    assert errors == ["building /tasks/broken/Dockerfile failed: attempt 1"] * 8
+    with pytest.raises(ConfigError, match="attempt 2"):  # the next caller tries again
+        await backend.prepare_spec(spec)

@@ -113,6 +113,8 @@ class HostedBackend(SandboxBackend):
         self._specs: dict[str, SlotSpec] = {"": DEFAULT_SPEC}
         self._spec_labels: dict[str, str] = {"": "default"}
         self._spec_locks: dict[str, anyio.Lock] = {}
+        #: spec key -> (attempts made, the last attempt's error if it failed)
+        self._spec_attempts: dict[str, tuple[int, ConfigError | None]] = {}
         self._spec_stats: dict[str, dict[str, float]] = {}
 
     # -- subclass hooks -------------------------------------------------------------------
@@ -506,7 +508,8 @@ class HostedBackend(SandboxBackend):
         """Resolve ``spec`` once (build or export its image, check its binds and rootfs).
 
         Concurrent callers of one spec wait for the first; a failure is not cached (the
-        next caller tries again) and leaves nothing half-made.
+        next caller tries again) and leaves nothing half-made. Callers that were waiting for
+        an attempt that failed with ``ConfigError`` get its error rather than trying again.
 
         Raises:
             ConfigError: The spec is unusable here.
@@ -522,10 +525,21 @@ class HostedBackend(SandboxBackend):
         if key in self._specs:
             return key
         lock = self._spec_locks.setdefault(key, anyio.Lock())
+        seen, _ = self._spec_attempts.get(key, (0, None))
         async with lock:
+            attempts, failed = self._spec_attempts.get(key, (0, None))
+            if failed is not None and attempts > seen:
+                # An attempt that failed while this caller waited for it: its error, not one
+                # more attempt (a group of 16 built a failing Dockerfile 16 times in a row).
+                raise ConfigError(str(failed))
             if key not in self._specs:
                 start = anyio.current_time()
-                resolved = await self._resolve_spec(spec)
+                try:
+                    resolved = await self._resolve_spec(spec)
+                except ConfigError as exc:
+                    self._spec_attempts[key] = (attempts + 1, exc)
+                    raise
+                self._spec_attempts.pop(key, None)
                 self._specs[key] = dataclasses.replace(resolved, key=key)
                 self._spec_labels[key] = spec.label
                 self._spec_count(key, "prepare_seconds", anyio.current_time() - start)
