@@ -285,3 +285,41 @@ def test_env_flags_for_the_run_sizes_size_the_run(tmp_path: Path) -> None:
     bad = RunOptions(args, env_cls, offline=True, fields={"total_steps": "x"}, name="h", prog="p")
     _take_run_sizes(bad)  # left for the config's validation: one line naming the field
     assert bad.fields == {"total_steps": "x"} and args.groups == 1
+
+
+def test_a_run_whose_items_all_fail_exits_1_with_the_reason(
+    tmp_path: Path, cache_dir: Path
+) -> None:
+    # Every member of every group fails the same way (the item's spec names an image that
+    # does not exist): no group of masked zeros is written as training data; the groups are
+    # dropped (process mode tries the next), the reason is printed, and after
+    # max_consecutive_dropped_groups in a row the run stops with exit status 1.
+    (tmp_path / "bad_image_env.py").write_text(
+        HELLO_ENV.replace(
+            "from structenv.agent import AgentResult, AgentTask",
+            "from structenv import SandboxSpec\nfrom structenv.agent import AgentResult, AgentTask",
+        ).replace(
+            'prompt=f"Create hello.txt',
+            "sandbox=SandboxSpec(image='structenv-no-such-image:1'),\n"
+            '                prompt=f"Create hello.txt',
+        )
+    )
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [_structenv(), "run", "bad_image_env:HelloFileEnv", "--offline", "--groups", "2",
+         "--group-size", "2", "--out", str(out), "--quiet",
+         "--env.max_consecutive_dropped_groups", "3"],
+        capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,
+        env=_user_env(cache_dir),
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (
+        "structenv run: error: StructEnvError: 3 groups in a row were dropped; giving up "
+        "(raise max_consecutive_dropped_groups or fix the failures above)"
+    ), proc.stderr
+    assert "ConfigError: image 'structenv-no-such-image:1' does not exist" in proc.stdout
+    jsonl = out / "HelloFileEnv.jsonl"
+    assert not jsonl.exists() or jsonl.read_text() == ""
+    assert not child_processes()

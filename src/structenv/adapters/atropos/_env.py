@@ -23,7 +23,10 @@ What the environment guarantees:
   deadline, slot or sandbox failure, inference endpoint failure) becomes a fully masked item
   with ``failure_score`` and its real tokens, or drops the group (``failure_policy``). A group
   whose members *all* failed on inference is never a training group: it is dropped
-  (``drop_reason="inference"``). Exactly ``group_size`` sequences or ``None``; never an empty
+  (``drop_reason="inference"``); nor is one whose members all failed before the agent's run
+  ended (a bad per-item spec, its workspace setup, the sandbox, the trajectory deadline:
+  ``drop_reason="failed"``), and ``max_consecutive_dropped_groups`` dropped groups in a row
+  stop the manager. Exactly ``group_size`` sequences or ``None``; never an empty
   sequence; ``inference_logprobs`` only when real; ``messages`` plain JSON dicts; each group
   carries ``structenv: {"task_id", "failures"}`` (every member's failure reason or ``None``).
 * Inference failures are loud (:mod:`._errors`): only transient failures are retried, the
@@ -814,6 +817,11 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
         """The scored group and, when it is dropped, why."""
         if all(m.inference_failed for m in members):
             return None, "inference"  # nothing the model did: not a training group
+        if all(m.failure is not None and m.result is None for m in members):
+            # Every member failed without an ending of the agent's (the item's spec, its
+            # workspace setup, the sandbox, the deadline): all masked, no training signal,
+            # usually one cause for all. A loud drop, not a group of masked zeros.
+            return None, "failed"
         outcomes: list[MemberOutcome] = []
         for m in members:
             messages = m.result.messages if m.result is not None else self._initial_messages(task)
@@ -889,6 +897,8 @@ class AgentEnv(BaseEnv):  # type: ignore[misc]  # atroposlib is untyped
         if drop_reason == "inference":
             log.warning("group %d dropped: every member failed on inference (%s)", number,
                         last_inference_failure)  # fmt: skip
+        elif drop_reason == "failed":
+            log.warning("group %d dropped: every member failed (%s)", number, members[0].failure)
         for listener in self._group_listeners:
             listener(report)
         limit = self.config.max_consecutive_inference_failures
