@@ -161,6 +161,7 @@ async def _network(bwrap: str) -> Check:
     from ._pool import SlotPool
     from ._types import ExecRequest
     from .backends import LocalBackend
+    from .sandbox._netns import DEFAULT_CONNECTION_BURST, DEFAULT_CONNECTION_RATE
 
     async with LocalBackend(
         hosts=1, slots_per_host=1, bwrap_path=bwrap, allow_network=True
@@ -170,13 +171,18 @@ async def _network(bwrap: str) -> Check:
     out = got.stdout.decode(errors="replace").split()
     if got.exit_code != 0 or "inet" not in out:
         return Check("slot network", False, f"no tap0 in a networked slot: {got.stderr!r}"[:300])
+    rate, burst = DEFAULT_CONNECTION_RATE, DEFAULT_CONNECTION_BURST
     return Check(
-        "slot network", True, f"own namespace, slirp4netns NAT ({out[out.index('inet') + 1]})"
+        "slot network",
+        True,
+        f"own namespace, slirp4netns NAT ({out[out.index('inet') + 1]}), budget of "
+        f"{rate} new connections/s, burst {burst} (nftables)",
     )
 
 
 def _network_check(bwrap: str) -> Check:
-    """``allow_network=True``: a real networked slot gets its own namespace with NAT."""
+    """``allow_network=True``: a real networked slot gets its own namespace with NAT and its
+    budget of new connections (``slirp4netns``, ``iproute2`` and ``nftables``)."""
     from .sandbox._netns import check_nat
 
     try:

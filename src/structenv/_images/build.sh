@@ -22,7 +22,7 @@ tag=""
 cache="${STRUCTENV_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/structenv}/images"
 mirror="${STRUCTENV_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 suite=bookworm
-packages="python3,bubblewrap,tmux,git,python3-pytest,slirp4netns,iproute2"
+packages="python3,bubblewrap,tmux,git,python3-pytest,slirp4netns,iproute2,nftables"
 force=0
 
 while [ $# -gt 0 ]; do

@@ -711,7 +711,7 @@ class DockerBackend(HostedBackend):
             # With isolation "none" the container's own (absent) network is the isolation.
             command.append("--allow-network")
         if self._allow_network:
-            command += ["--host", "0.0.0.0", "--port", str(_PORT)]
+            command += ["--host", "0.0.0.0", "--port", str(_PORT), *self.options.budget_argv]
             if self._mode == "bwrap":
                 # The Docker host's addresses are not local to the container, and its
                 # bridge holds the host's gateway address and the other containers: a

@@ -195,7 +195,7 @@ class LocalBackend(HostedBackend):
             "--nofile", str(self._slot_limits[4]),
         ]  # fmt: skip
         if self._allow_network:
-            argv.append("--allow-network")
+            argv += ["--allow-network", *self.options.budget_argv]
         env = dict(os.environ, STRUCTENV_SANDBOX_TOKEN=self._token)
         # A session of its own: a signal to our process group (Ctrl-C) does not reach it.
         proc = await anyio.open_process(argv, env=env, stderr=None, start_new_session=True)

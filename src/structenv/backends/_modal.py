@@ -162,7 +162,8 @@ class ModalBackend(HostedBackend):
             "--max-output", str(max_output),
         ]  # fmt: skip
         if self._allow_network or self._mode == "none":
-            argv.append("--allow-network")  # block_network is then the network boundary
+            # block_network is then the network boundary
+            argv += ["--allow-network", *self.options.budget_argv]
         return argv
 
     async def _prepare(self) -> None:

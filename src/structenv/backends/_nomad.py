@@ -223,7 +223,7 @@ class NomadBackend(HostedBackend):
             "--max-output", str(max_output),
         ]  # fmt: skip
         if self._allow_network:
-            server.append("--allow-network")
+            server += ["--allow-network", *self.options.budget_argv]
         config: dict[str, Any]
         if self._driver == "docker":
             config = {

@@ -23,6 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .._exceptions import ConfigError
 from .._image import DEFAULT_TAG
 from .._types import DEFAULT_MAX_OUTPUT
+from ..sandbox._netns import (
+    DEFAULT_CONNECTION_BURST,
+    DEFAULT_CONNECTION_RATE,
+    MAX_CONNECTION_BURST,
+    MAX_CONNECTION_RATE,
+)
 
 __all__ = [
     "DockerOptions",
@@ -53,6 +59,16 @@ class HostedOptions(BaseModel):
         min_hosts: Hosts kept running (started before ``__aenter__`` returns).
         max_hosts: Upper bound when scaling up on demand (``None``: ``min_hosts``).
         allow_network: Slots may reach the network.
+        connection_rate: New outbound connections a networked slot may start per second
+            (TCP connection attempts and non-TCP packets, one budget; 1..1000). Enforced by
+            nftables in the slot's own network namespace; the excess is dropped (a connect
+            waits for its SYN's retransmission, a datagram fails with ``EPERM``). Each one
+            holds a host port in ``TIME_WAIT`` for 60 s and a conntrack entry for up to
+            120 s: the default, 20, lets one slot hold at most ~1,300 ports and ~2,500
+            entries (docs/design.md, "A networked slot's flow budget"). Lower it when many
+            networked slots share a host with a trainer reaching the same servers.
+        connection_burst: Connections a networked slot may start at once beyond the rate
+            (1..10000; default 100).
         require_sandbox: Fail closed if the first host runs without isolation.
         creation_concurrency: Hosts being started at once.
         creation_rate: Host starts per second at most.
@@ -70,6 +86,8 @@ class HostedOptions(BaseModel):
     min_hosts: int = Field(default=1, ge=1)
     max_hosts: int | None = Field(default=None, ge=1)
     allow_network: bool = False
+    connection_rate: int = Field(default=DEFAULT_CONNECTION_RATE, ge=1, le=MAX_CONNECTION_RATE)
+    connection_burst: int = Field(default=DEFAULT_CONNECTION_BURST, ge=1, le=MAX_CONNECTION_BURST)
     require_sandbox: bool = True
     creation_concurrency: int = Field(default=4, ge=1)
     creation_rate: float = Field(default=10.0, gt=0)
@@ -79,6 +97,14 @@ class HostedOptions(BaseModel):
     start_timeout: float = Field(default=60.0, gt=0)
     reset_timeout: float = Field(default=20.0, gt=0)
     max_output: int = Field(default=_MAX_OUTPUT, ge=1)
+
+    @property
+    def budget_argv(self) -> list[str]:
+        """The sandbox server's flags for a networked slot's budget of new connections."""
+        return [
+            "--connection-rate", str(self.connection_rate),
+            "--connection-burst", str(self.connection_burst),
+        ]  # fmt: skip
 
     @property
     def host_bound(self) -> int:

@@ -152,7 +152,7 @@ class RayBackend(HostedBackend):
             "--max-output", str(o.max_output),
         ]  # fmt: skip
         if o.allow_network:
-            argv.append("--allow-network")
+            argv += ["--allow-network", *o.budget_argv]
         return argv
 
     async def _launch_host(self) -> Host:

@@ -16,11 +16,18 @@ import os
 import resource
 import signal
 import sys
+from collections.abc import Callable
 
 import anyio
 
 from .._exceptions import SandboxUnavailableError
 from ._bwrap import Isolation, private_mounts
+from ._netns import (
+    DEFAULT_CONNECTION_BURST,
+    DEFAULT_CONNECTION_RATE,
+    MAX_CONNECTION_BURST,
+    MAX_CONNECTION_RATE,
+)
 from ._runtime import Limits
 from ._server import SandboxServer, ServerConfig
 
@@ -33,6 +40,19 @@ def _networks(text: str) -> tuple[str, ...]:
         return tuple(str(ipaddress.IPv4Network(a, strict=False)) for a in text.split(",") if a)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"not an IPv4 address or network: {exc}") from None
+
+
+def _bounded(high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if not 1 <= value <= high:
+            raise argparse.ArgumentTypeError(f"not an integer in 1..{high}: {text!r}")
+        return value
+
+    return parse
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -57,6 +77,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--prohibit-links", action="store_true", help="slots never reach directly connected nets"
+    )
+    p.add_argument(
+        "--connection-rate",
+        type=_bounded(MAX_CONNECTION_RATE),
+        default=DEFAULT_CONNECTION_RATE,
+        help="new outbound flows per second a networked slot may start (nftables, its netns)",
+    )
+    p.add_argument(
+        "--connection-burst",
+        type=_bounded(MAX_CONNECTION_BURST),
+        default=DEFAULT_CONNECTION_BURST,
+        help="flows a networked slot may start at once beyond the rate",
     )
     p.add_argument("--cgroup", choices=["auto", "required", "off"], default="auto")
     p.add_argument(
@@ -132,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
             args.allow_network,
             args.prohibit,
             args.prohibit_links,
+            args.connection_rate,
+            args.connection_burst,
         ),
         limits=Limits(
             memory=args.memory,

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import anyio
 
 from .._exceptions import SandboxUnavailableError
+from ._netns import DEFAULT_CONNECTION_BURST, DEFAULT_CONNECTION_RATE
 from ._rootfs import host_prefixes
 
 __all__ = [
@@ -88,6 +89,10 @@ class Isolation:
         prohibit_links: Also prohibit every network the server's namespace is directly
             connected to (a container's bridge: the Docker host's gateway address and the
             other containers on it).
+        connection_rate: New outbound flows (TCP connection attempts, non-TCP packets) a
+            networked slot may start per second; the excess is dropped in the slot's own
+            namespace (``_netns.budget_script``).
+        connection_burst: Flows a networked slot may start at once beyond the rate.
     """
 
     mode: str = "bwrap"
@@ -95,6 +100,8 @@ class Isolation:
     allow_network: bool = False
     prohibit: tuple[str, ...] = ()
     prohibit_links: bool = False
+    connection_rate: int = DEFAULT_CONNECTION_RATE
+    connection_burst: int = DEFAULT_CONNECTION_BURST
 
     @property
     def sandboxed(self) -> bool:
@@ -477,9 +484,13 @@ async def probe(
         if shutil.which(tool) is None:
             raise SandboxUnavailableError(f"{tool} not found (apt-get install -y {package})")
     if iso.allow_network:
-        from ._netns import check_nat
+        from ._netns import budget_script, check_nat
 
         check_nat()
+        try:
+            budget_script(iso.connection_rate, iso.connection_burst)
+        except ValueError as exc:
+            raise SandboxUnavailableError(str(exc)) from None
     report = await probe_report(iso, scratch, uid=uid, seccomp_path=seccomp_path)
     failed = [f"{name}: {detail}" for name, (ok, detail) in report.items() if not ok]
     if failed:

@@ -20,6 +20,15 @@ slirp4netns makes as ordinary sockets of the server's namespace:
   slot's), and exits when the server closes its ``--exit-fd`` (a pipe only the server holds:
   a server that dies, even by SIGKILL, takes every slot's slirp4netns with it).
 
+A budget of new outbound flows (:func:`budget_script`, an nftables ruleset the server loads
+into the slot's namespace next to the routes, before any slot code runs): every connection
+the slot opens is a host socket of slirp4netns, left in ``TIME_WAIT`` (60 s, one of the
+host's ephemeral ports towards that address) when closed, and an entry of the machine's
+conntrack table (120 s) where the host tracks connections. Uncapped, one slot made 3,000 in
+3.2 s: two could use up the host's ports towards one address, three the conntrack table.
+The rules are stateless (no conntrack in the slot's namespace, whose entries would go to
+the same table) and leave loopback alone.
+
 IPv6 is not configured (slirp4netns without ``--enable-ipv6``): the slot has no IPv6 route.
 A container's server is also told the Docker host's addresses (``Isolation.prohibit``: not
 local to the container) and prohibits the networks its container is directly attached to
@@ -44,8 +53,15 @@ import anyio
 from .._exceptions import SandboxUnavailableError
 
 __all__ = [
+    "BUDGET_PACKAGE",
+    "DEFAULT_CONNECTION_BURST",
+    "DEFAULT_CONNECTION_RATE",
+    "MAX_CONNECTION_BURST",
+    "MAX_CONNECTION_RATE",
     "NAT_PACKAGE",
     "PROHIBITED",
+    "budget_argv",
+    "budget_script",
     "check_nat",
     "connected_ipv4",
     "local_ipv4",
@@ -57,6 +73,8 @@ __all__ = [
 
 #: The Debian package that provides the NAT helper.
 NAT_PACKAGE = "slirp4netns"
+#: The Debian package that provides ``nft``, which loads a slot's flow budget.
+BUDGET_PACKAGE = "nftables"
 #: Ranges no networked slot may reach besides the server's own addresses: link-local (the
 #: metadata services of AWS, GCP, Azure, Tencent: instance credentials) and the metadata
 #: addresses clouds put elsewhere (Alibaba Cloud 100.100.100.200, Oracle Cloud's legacy
@@ -69,20 +87,23 @@ MTU = 65520
 _INFO_MAX = 1 << 16
 
 
-def check_nat() -> tuple[str, str]:
-    """Paths of ``slirp4netns`` and ``ip``, or a one-line refusal naming the packages.
+def check_nat() -> tuple[str, str, str]:
+    """Paths of ``slirp4netns``, ``ip`` and ``nft``, or a one-line refusal naming the packages.
 
     Raises:
         SandboxUnavailableError: a tool is missing.
     """
-    nat, ip = shutil.which("slirp4netns"), shutil.which("ip", path=_SBIN_PATH)
-    missing = [pkg for tool, pkg in ((nat, NAT_PACKAGE), (ip, "iproute2")) if tool is None]
-    if nat is None or ip is None:
+    nat = shutil.which("slirp4netns")
+    ip, nft = shutil.which("ip", path=_SBIN_PATH), shutil.which("nft", path=_SBIN_PATH)
+    tools = ((nat, NAT_PACKAGE), (ip, "iproute2"), (nft, BUDGET_PACKAGE))
+    missing = [pkg for tool, pkg in tools if tool is None]
+    if nat is None or ip is None or nft is None:
         raise SandboxUnavailableError(
             "allow_network=True gives each slot its own network namespace through slirp4netns"
-            f", which needs: apt-get install -y {' '.join(missing)}"
+            f" and a budget of new connections (nftables), which needs: apt-get install -y "
+            f"{' '.join(missing)}"
         )
-    return nat, ip
+    return nat, ip, nft
 
 
 _SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -189,12 +210,74 @@ def route_argv(ip: str, pid: int, *, mode: str, uid: int | None) -> list[str]:
     otherwise the user namespace owning it (created by the slot's uid) is joined first, which
     grants ``CAP_NET_ADMIN`` over that network namespace and nothing outside it.
     """
+    return _in_netns([ip, "-batch", "-"], pid, mode=mode, uid=uid)
+
+
+def budget_argv(nft: str, pid: int, *, mode: str, uid: int | None) -> list[str]:
+    """Run ``nft -f -`` (reading :func:`budget_script`) in the network namespace of ``pid``,
+    as :func:`route_argv` does ``ip``."""
+    return _in_netns([nft, "-f", "-"], pid, mode=mode, uid=uid)
+
+
+def _in_netns(argv: list[str], pid: int, *, mode: str, uid: int | None) -> list[str]:
     net = f"--net=/proc/{pid}/ns/net"
     if mode == "root":
-        return ["nsenter", net, "--", ip, "-batch", "-"]
+        return ["nsenter", net, "--", *argv]
     # --preserve-credentials: bwrap denied setgroups in its user namespace.
     enter = ["nsenter", "--preserve-credentials", "--user={userns}", net]
-    return _as_owner(pid, mode, uid, [*enter, "--", ip, "-batch", "-"])
+    return _as_owner(pid, mode, uid, [*enter, "--", *argv])
+
+
+#: New outbound flows a networked slot may start per second, and at once beyond that, by
+#: default (docs/design.md, "A networked slot's flow budget", for the arithmetic): at most
+#: ``20 x 60 + 100 = 1,300`` of the host's ports in ``TIME_WAIT`` per slot (of 28,232 in the
+#: usual ephemeral range) and ``20 x 120 + 100 = 2,500`` conntrack entries (of 262,144).
+DEFAULT_CONNECTION_RATE = 20
+DEFAULT_CONNECTION_BURST = 100
+#: Upper bounds of the options: a slot at 1,000 a second alone holds 60,000 ports in
+#: ``TIME_WAIT``, more than any host has; above that a budget would bound nothing.
+MAX_CONNECTION_RATE = 1000
+MAX_CONNECTION_BURST = 10_000
+
+#: nftables' table holding a slot's flow budget (in the slot's own network namespace).
+BUDGET_TABLE = "structenv"
+
+
+def budget_script(rate: int, burst: int) -> str:
+    """``nft -f`` input: at most ``rate`` new outbound flows a second (``burst`` more at
+    once) leave the slot's namespace other than through loopback; the rest are dropped.
+
+    A flow is a TCP SYN without ACK (a connection attempt: each one slirp4netns accepts is
+    a host socket, ``TIME_WAIT`` after its close, and a conntrack entry), or any packet that
+    is not TCP (UDP, ICMP): without connection tracking, which would add the slot's flows
+    to the machine's table, a datagram cannot be told to start a flow, and each one to a
+    new address or port is a new conntrack entry on the host. One shared budget (a named
+    limit): a slot that spends it on datagrams opens fewer connections. A dropped SYN is
+    retransmitted by the slot's kernel (``connect`` waits, then times out); a dropped
+    datagram fails ``sendto`` with ``EPERM``. Packets of established connections are not
+    counted. Loopback inside the slot is not limited.
+    """
+    if not (
+        type(rate) is int
+        and type(burst) is int
+        and 1 <= rate <= MAX_CONNECTION_RATE
+        and 1 <= burst <= MAX_CONNECTION_BURST
+    ):
+        raise ValueError(
+            f"connection_rate must be an integer in 1..{MAX_CONNECTION_RATE} and "
+            f"connection_burst one in 1..{MAX_CONNECTION_BURST}: got {rate!r}, {burst!r}"
+        )
+    return (
+        f"table inet {BUDGET_TABLE} {{\n"
+        f"  limit flows {{ rate over {rate}/second burst {burst} packets; }}\n"
+        "  chain output {\n"
+        "    type filter hook output priority filter; policy accept;\n"
+        '    oifname "lo" accept\n'
+        '    tcp flags & (syn | ack) == syn limit name "flows" drop\n'
+        '    meta l4proto != tcp limit name "flows" drop\n'
+        "  }\n"
+        "}\n"
+    )
 
 
 def nat_argv(

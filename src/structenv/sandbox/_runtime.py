@@ -48,6 +48,8 @@ from ._bwrap import (
 )
 from ._files import remove_tree
 from ._netns import (
+    budget_argv,
+    budget_script,
     check_nat,
     connected_ipv4,
     local_ipv4,
@@ -650,7 +652,7 @@ class SlotRuntime:
     async def _attach_nat(self, pid: int, block_w: int, *, nofile: int) -> None:
         """Give the (blocked) sandbox ``pid`` its own outbound-only network, then let it run.
 
-        Adds the ``prohibit`` routes to its namespace,
+        Adds the ``prohibit`` routes and the budget of new flows (nftables) to its namespace,
         starts slirp4netns (in the slot's cgroups, ending when :attr:`_nat_exit` closes) and
         waits for its ready signal. The caller owns (and closes) both descriptors; ``nofile``
         is the slot's descriptor limit, slirp4netns's too.
@@ -661,7 +663,7 @@ class SlotRuntime:
 
         Cancellation: the caller kills the sandbox and the NAT (``_kill_sandbox``).
         """
-        nat_path, ip = check_nat()
+        nat_path, ip, nft = check_nat()
         mode = privilege() if self.uid is not None else "user"
         iso = self.iso
         script = route_script(
@@ -677,6 +679,15 @@ class SlotRuntime:
         if routes.returncode != 0:
             err = routes.stderr.decode(errors="replace").strip()[-300:]
             raise SlotBroken(f"cannot set the networked slot's routes (ip -batch): {err}")
+        # Before slirp4netns: the slot's first packet already meets its budget.
+        budget = await anyio.run_process(
+            budget_argv(nft, pid, mode=mode, uid=self.uid),
+            input=budget_script(iso.connection_rate, iso.connection_burst).encode(),
+            check=False,
+        )
+        if budget.returncode != 0:
+            err = budget.stderr.decode(errors="replace").strip()[-300:]
+            raise SlotBroken(f"cannot load the networked slot's connection budget (nft): {err}")
         ready_r, ready_w = os.pipe()
         exit_r, self._nat_exit = os.pipe()
         try:
