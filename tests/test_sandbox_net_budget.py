@@ -275,6 +275,14 @@ def test_a_missing_nft_is_one_line_naming_the_package(
     assert "\n" not in message and message.endswith("apt-get install -y nftables"), message
 
 
+def test_doctor_reports_a_missing_nft(tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    from structenv._doctor import _network_check
+
+    with _without_nft(tmp_path, monkeypatch):
+        check = _network_check("bwrap")
+    assert not check.ok and check.detail.endswith("apt-get install -y nftables"), check
+
+
 async def test_a_server_without_nft_refuses_networked_slots(
     tmp_path: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:

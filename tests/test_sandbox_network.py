@@ -359,8 +359,11 @@ def _open_files(pid: int) -> tuple[int, str]:
 async def test_the_nat_helper_holds_no_more_descriptors_than_its_slot() -> None:
     # Each datagram from a fresh port is a flow slirp4netns opens a host socket for and keeps
     # for minutes: with the server's limit (20,000) one slot made it hold 6,000+ descriptors
-    # (30,000 datagrams) beyond the file-table budget of its nofile x pids.
-    async with networked(slots_per_host=1, nofile_limit=64) as b:
+    # (30,000 datagrams) beyond the file-table budget of its nofile x pids. The flow budget
+    # (tests/test_sandbox_net_budget.py) would stop them well before nofile: raised here.
+    async with networked(
+        slots_per_host=1, nofile_limit=64, connection_rate=1000, connection_burst=10_000
+    ) as b:
         slot = await b.acquire_slot()
         try:
             (nat,) = nat_pids()

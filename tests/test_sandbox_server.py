@@ -266,6 +266,7 @@ def test_doctor_reports_every_property() -> None:
     assert toolchain.ok and "pytest" in toolchain.detail and "git version" in toolchain.detail
     network = checks["slot network"]  # allow_network=True: a real slot with its own NAT
     assert network.ok and "slirp4netns" in network.detail, network
+    assert "budget of 20 new connections/s, burst 100 (nftables)" in network.detail, network
     assert "LocalBackend isolation: available" in format_report(list(checks.values()))
     missing = doctor(bwrap="/nonexistent/bwrap")
     assert not missing[0].ok and "not installed" in missing[0].detail
