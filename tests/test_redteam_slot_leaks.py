@@ -16,7 +16,14 @@ import pytest
 
 from structenv import ExecRequest, SlotPool
 from test_docker_support import docker_backend, docker_image
-from test_sandbox_net_budget import BURST, PATIENT_REMOTE, RATE, attack, time_wait_to
+from test_sandbox_net_budget import (
+    BURST,
+    PATIENT_REMOTE,
+    RATE,
+    attack,
+    conntrack_to,
+    time_wait_to,
+)
 from test_sandbox_network import networked, remote_machine
 from test_sandbox_support import local_backend
 
@@ -118,7 +125,7 @@ async def test_a_networked_slot_cannot_use_up_the_hosts_ports_to_an_address(slot
         networked(slots_per_host=slots) as backend,
     ):
         pool = SlotPool(backend)
-        before = await time_wait_to(address)
+        before, tracked = await time_wait_to(address), conntrack_to(address)
         start = anyio.current_time()
 
         async def cycle() -> None:
@@ -129,5 +136,8 @@ async def test_a_networked_slot_cannot_use_up_the_hosts_ports_to_an_address(slot
             for _ in range(slots):
                 tg.start_soon(cycle)
         grown = await time_wait_to(address) - before
+        tracked = conntrack_to(address) - tracked
         elapsed = anyio.current_time() - start
-    assert 0 < grown <= slots * (BURST + RATE * (elapsed + 1)), (grown, elapsed)
+    budget = slots * (BURST + RATE * (elapsed + 1))
+    assert 0 < grown <= budget, (grown, elapsed)
+    assert tracked <= budget, (tracked, elapsed)  # where the host tracks connections

@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import pytest
@@ -101,6 +102,16 @@ async def time_wait_to(address: str, netns_pid: int | None = None) -> int:
     return len(ss.stdout.splitlines())
 
 
+def conntrack_to(address: str) -> int:
+    """The conntrack entries towards ``address`` in this namespace's table, or 0 where the
+    host tracks no connections (no ``/proc/net/nf_conntrack``)."""
+    try:
+        with open("/proc/net/nf_conntrack") as f:
+            return sum(f" dst={address} " in line for line in f)
+    except FileNotFoundError:
+        return 0
+
+
 async def attack(slot: Slot, kind: str, address: str, port: int, seconds: float) -> int:
     """Run :data:`ATTACK` in ``slot``: how many flows got out."""
     await slot.write_file("attack.py", ATTACK.encode())
@@ -116,12 +127,14 @@ async def attack(slot: Slot, kind: str, address: str, port: int, seconds: float)
 async def bounded_tcp_attack(slot: Slot, address: str, port: int, seconds: float = 2.0) -> int:
     """:func:`attack` over TCP, checked from the host: its ``TIME_WAIT`` sockets towards
     ``address`` grew by no more than the budget allows for the time it took."""
-    before = await time_wait_to(address)
+    before, tracked = await time_wait_to(address), conntrack_to(address)
     start = time.monotonic()
     out = await attack(slot, "tcp", address, port, seconds)
     grown = await time_wait_to(address) - before
+    tracked = conntrack_to(address) - tracked
     elapsed = time.monotonic() - start
     assert grown > 0 and within_budget(grown, elapsed), (grown, out, elapsed)
+    assert within_budget(tracked, elapsed), (tracked, elapsed)  # the host's conntrack table
     return grown
 
 
@@ -298,6 +311,19 @@ async def test_a_server_without_nft_refuses_networked_slots(
             await SandboxServer(config).serve()
 
 
+def test_nft_is_installed_by_the_readme_ci_and_the_image() -> None:
+    # The one install command (.ci/run runs the README's verbatim) and the sandbox image's
+    # packages: a networked slot refuses to run without nft.
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    (install,) = [line.strip() for line in readme.splitlines() if "apt-get install" in line]
+    assert " nftables " in install
+    assert install in (root / ".ci" / "run").read_text()
+    recipe = (root / "src" / "structenv" / "_images" / "build.sh").read_text()
+    (packages,) = [line for line in recipe.splitlines() if line.startswith("packages=")]
+    assert "slirp4netns,iproute2,nftables" in packages
+
+
 # -- DockerBackend -----------------------------------------------------------------------------
 
 
@@ -316,12 +342,14 @@ async def test_a_networked_container_slot_has_the_budget_too() -> None:
         pool = SlotPool(backend, acquire_timeout=60)
         for _ in range(2):  # a fresh slot, then the same one after its reset
             async with pool.slot() as slot:
-                before = await time_wait_to(address, pid)
+                before, tracked = await time_wait_to(address, pid), conntrack_to(address)
                 start = time.monotonic()
                 out = await attack(slot, "tcp", address, port, 2.0)
                 grown = await time_wait_to(address, pid) - before
+                tracked = conntrack_to(address) - tracked  # the Docker host's table
                 elapsed = time.monotonic() - start
                 assert grown > 0 and within_budget(grown, elapsed), (grown, out, elapsed)
+                assert within_budget(tracked, elapsed), (tracked, elapsed)
         async with pool.slot() as slot:
             got = await slot.exec(
                 ExecRequest(
