@@ -38,6 +38,18 @@ ENV_MODULE = "structenv.examples.shell_tasks"
 START_DEADLINE = 240.0  # imports and a sandbox host start on 2 loaded cores
 
 
+@contextlib.contextmanager
+def _killed_at_exit(proc: subprocess.Popen[bytes]) -> Iterator[None]:
+    """Kill ``proc``'s process group on the way out if it is still running (a test that
+    failed half-way leaves no run behind)."""
+    try:
+        yield
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def wait_for(condition: Callable[[], object], *, deadline: float, what: str) -> object:
     """Poll ``condition`` until it is truthy (a condition with a deadline, not a guess)."""
     end = time.monotonic() + deadline
@@ -261,7 +273,7 @@ def test_signal_to_the_process_group_while_trajectories_run(
         cwd=tmp_path,
     )
     output = Output(proc)
-    try:
+    with _killed_at_exit(proc):
         needle = f"sleep\0{marker}\0".encode()
         wait_for(
             lambda: len(processes_matching(needle)) >= group_size or proc.poll() is not None,
@@ -281,10 +293,6 @@ def test_signal_to_the_process_group_while_trajectories_run(
             )
             os.killpg(proc.pid, signals[1])
         status = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     output.join()
     assert status == 128 + signals[0], output.text()[-3000:]
     after = output.lines["err"][marks["err"] :] + output.lines["out"][marks["out"] :]
@@ -353,7 +361,7 @@ def test_an_interrupted_run_says_which_groups_it_kept(tmp_path: Path, tokenizer:
     )  # fmt: skip
     output = Output(proc)
     jsonl = out / "FirstThenHang.jsonl"
-    try:
+    with _killed_at_exit(proc):
         wait_for(
             lambda: processes_matching(f"sleep\0{marker}\0".encode()) or proc.poll() is not None,
             deadline=START_DEADLINE,
@@ -362,10 +370,6 @@ def test_an_interrupted_run_says_which_groups_it_kept(tmp_path: Path, tokenizer:
         assert proc.poll() is None, output.text()[-3000:]
         os.killpg(proc.pid, signal.SIGINT)
         status = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     output.join()
     assert status == 130, output.text()[-3000:]
     assert output.lines["err"][-1] == (
@@ -472,7 +476,7 @@ def test_serve_under_a_signal_shuts_down_in_order_and_leaves_nothing(
     )
     output = Output(proc)
     needle = f"sleep\0{marker}\0".encode()
-    try:
+    with _killed_at_exit(proc):
         wait_for(
             lambda: len(processes_matching(needle)) >= 2 or proc.poll() is not None,
             deadline=START_DEADLINE,
@@ -486,10 +490,6 @@ def test_serve_under_a_signal_shuts_down_in_order_and_leaves_nothing(
         else:
             os.kill(proc.pid, signum)
         status = proc.wait(timeout=START_DEADLINE)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
     output.join()
     assert status == 128 + signum, output.text()[-3000:]
     after = output.lines["err"][marks["err"] :] + output.lines["out"][marks["out"] :]
