@@ -68,7 +68,7 @@ _REPORT = ".structenv/report.xml"
 _RUNNER_PATH = ".structenv/runner.py"
 _RUNNER = """\
 import importlib.util, json, pathlib, sys, traceback
-sys.path.insert(0, ".")
+sys.path.append(".")
 passed = total = 0
 paths = [pathlib.Path(p) for p in sys.argv[1:]] or sorted(pathlib.Path("tests").glob("test_*.py"))
 for path in paths:
@@ -97,16 +97,27 @@ sys.exit(0 if total and passed == total else 1)
 """
 #: The tests' interpreter loads nothing the model left outside the tests' own imports:
 #: no plugin, no user site (``HOME`` is the workspace, so ``~/.local/.../site-packages``
-#: and its ``.pth`` files are the model's), and ``-m``/a script path does not put the
+#: and its ``.pth`` files are the model's), and ``-c``/a script path does not put the
 #: workspace first on ``sys.path`` (a ``pytest.py`` there would replace pytest; Python
-#: 3.11+); ``-o "pythonpath=$PWD"`` adds it back once pytest is loaded (absolute: with
-#: ``-c /dev/null`` a relative one is relative to ``/dev``).
+#: 3.11+). The workspace is *appended* to ``sys.path`` (the tests import the model's
+#: modules from it), never put first: pytest's ``-o pythonpath=$PWD`` put it ahead of the
+#: standard library, and a workspace ``readline.py`` (or ``pdb.py``, ``code.py``, ...,
+#: which pytest imports after that) ran in pytest's process and forged the report of tests
+#: that import nothing of the model's; ``--import-mode=append`` keeps ``tests/`` behind it
+#: too. No cached bytecode is read (``PYTHONPYCACHEPREFIX`` is a path under ``/dev/null``,
+#: which no one can create): Python and pytest accept a ``__pycache__/*.pyc`` whose header
+#: holds the *source's hash*, and the model knows the restored tests' text, so a
+#: ``tests/__pycache__`` pyc of passing tests it wrote stood in for them (2 of 2 passed
+#: for a failing task, pytest and the built-in runner alike).
 _PYTEST_ENV = {
     "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",
     "PYTHONDONTWRITEBYTECODE": "1",
     "PYTHONNOUSERSITE": "1",
+    "PYTHONPYCACHEPREFIX": "/dev/null/structenv",
     "PYTHONSAFEPATH": "1",
 }
+#: pytest, with the workspace appended to ``sys.path`` (see ``_PYTEST_ENV``).
+_PYTEST_MAIN = "import os, sys, pytest; sys.path.append(os.getcwd()); sys.exit(pytest.main())"
 
 
 class ShellTasksEnvConfig(AgentEnvConfig):
@@ -212,8 +223,8 @@ class ShellTasksEnv(AgentEnv):
             return f"{python} {_RUNNER_PATH} {targets}".rstrip()
         extra = f" --junitxml={_REPORT}" if report else ""
         return (
-            f"{python} -m pytest -q -p no:cacheprovider --noconftest -c /dev/null "
-            f'-o "pythonpath=$PWD" --rootdir=. {targets or "tests"}{extra}'
+            f"{python} -c {shlex.quote(_PYTEST_MAIN)} -q -p no:cacheprovider --noconftest "
+            f"-c /dev/null --import-mode=append --rootdir=. {targets or 'tests'}{extra}"
         )
 
     async def setup_trajectory_workspace(
