@@ -277,7 +277,11 @@ class ShellTasksEnv(AgentEnv):
                 time_limit=self.config.check_timeout_s,
             )
             return _runner_score(run.stdout.decode(errors="replace"))
-        await exec_tool.run("rm -f " + _REPORT)
+        # pytest imports the package a test file is in (each directory up from it that has
+        # an __init__.py) into its own process: a tests/__init__.py the model left forged
+        # the report of tests that import nothing of the model's (red team, round 4).
+        markers = _package_markers(task.test_files).difference(task.files)
+        await exec_tool.run("rm -f -- " + " ".join(map(shlex.quote, [_REPORT, *markers])))
         await exec_tool.run(
             self._test_command(report=True, files=task.test_files),
             env=_PYTEST_ENV,
@@ -289,6 +293,15 @@ class ShellTasksEnv(AgentEnv):
             log.info("%s: no test report (%s): score 0", trajectory_id, exc)
             return 0.0
         return _junit_score(report)
+
+
+def _package_markers(files: Iterable[str]) -> set[str]:
+    """The ``__init__.py`` of every directory from each file's up to the workspace's."""
+    markers = set()
+    for path in files:
+        parts = path.split("/")[:-1]
+        markers.update("/".join([*parts[:i], "__init__.py"]) for i in range(len(parts) + 1))
+    return markers
 
 
 def _junit_score(report: bytes) -> float:
