@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import secrets
 import shlex
 import sys
 import xml.etree.ElementTree as ET
@@ -64,7 +65,12 @@ SYSTEM_PROMPT = (
     "When you are done, reply with a short summary and no tool call."
 )
 
-_REPORT = ".structenv/report.xml"
+#: Where pytest's report goes: a name made for each verification, never known to the
+#: model. A fixed one could be the model's file: a forged report in a ``.structenv/`` it
+#: made read-only (0555, the report 0444) could be neither removed nor overwritten by the
+#: verifier's commands (the slot's uid), pytest failed to write and the forgery scored
+#: 1.0 (red team, round 4).
+_REPORT = ".structenv/report-{}.xml"
 _RUNNER_PATH = ".structenv/runner.py"
 _RUNNER = """\
 import importlib.util, json, pathlib, sys, traceback
@@ -214,14 +220,15 @@ class ShellTasksEnv(AgentEnv):
         prompt = f"{task.instruction}\n\n{task_marker(task.id)}"
         return AgentTask(prompt=prompt, system=SYSTEM_PROMPT, id=task.id)
 
-    def _test_command(self, *, report: bool, files: Iterable[str] = ()) -> str:
+    def _test_command(self, *, report: str = "", files: Iterable[str] = ()) -> str:
         """The test run: ``files`` (the task's own: a test file the model added is not
-        run), or every test under ``tests`` (``run_tests.sh``)."""
+        run), or every test under ``tests`` (``run_tests.sh``); pytest writes a JUnit
+        report to ``report`` if given."""
         python = shlex.quote(self.check_python)
         targets = " ".join(map(shlex.quote, files))
         if self.check_mode == "runner":
             return f"{python} {_RUNNER_PATH} {targets}".rstrip()
-        extra = f" --junitxml={_REPORT}" if report else ""
+        extra = f" --junitxml={shlex.quote(report)}" if report else ""
         return (
             f"{python} -c {shlex.quote(_PYTEST_MAIN)} -q -p no:cacheprovider --noconftest "
             f"-c /dev/null --import-mode=append --rootdir=. {targets or 'tests'}{extra}"
@@ -239,7 +246,7 @@ class ShellTasksEnv(AgentEnv):
             await exec_tool.write_file(path, text)
         env = "".join(f"{k}={v} " for k, v in _PYTEST_ENV.items())
         await exec_tool.write_file(
-            "run_tests.sh", f"#!/bin/sh\n{env}exec {self._test_command(report=False)}\n", mode=0o755
+            "run_tests.sh", f"#!/bin/sh\n{env}exec {self._test_command()}\n", mode=0o755
         )
         if self.check_mode == "runner":
             await exec_tool.write_file(_RUNNER_PATH, _RUNNER)
@@ -272,7 +279,7 @@ class ShellTasksEnv(AgentEnv):
             return 0.0
         if self.check_mode == "runner":
             run = await exec_tool.run(
-                self._test_command(report=False, files=task.test_files),
+                self._test_command(files=task.test_files),
                 env=_PYTEST_ENV,
                 time_limit=self.config.check_timeout_s,
             )
@@ -281,14 +288,16 @@ class ShellTasksEnv(AgentEnv):
         # an __init__.py) into its own process: a tests/__init__.py the model left forged
         # the report of tests that import nothing of the model's (red team, round 4).
         markers = _package_markers(task.test_files).difference(task.files)
-        await exec_tool.run("rm -f -- " + " ".join(map(shlex.quote, [_REPORT, *markers])))
+        if markers:
+            await exec_tool.run("rm -f -- " + " ".join(map(shlex.quote, sorted(markers))))
+        path = _REPORT.format(secrets.token_hex(8))
         await exec_tool.run(
-            self._test_command(report=True, files=task.test_files),
+            self._test_command(report=path, files=task.test_files),
             env=_PYTEST_ENV,
             time_limit=self.config.check_timeout_s,
         )
         try:
-            report = await exec_tool.read_file(_REPORT)
+            report = await exec_tool.read_file(path)
         except (OSError, ValueError) as exc:
             log.info("%s: no test report (%s): score 0", trajectory_id, exc)
             return 0.0
@@ -297,7 +306,7 @@ class ShellTasksEnv(AgentEnv):
 
 def _package_markers(files: Iterable[str]) -> set[str]:
     """The ``__init__.py`` of every directory from each file's up to the workspace's."""
-    markers = set()
+    markers: set[str] = set()
     for path in files:
         parts = path.split("/")[:-1]
         markers.update("/".join([*parts[:i], "__init__.py"]) for i in range(len(parts) + 1))
