@@ -15,7 +15,9 @@ to a ~20-line built-in runner executed with the sandbox's ``python3`` that calls
 ``test_*`` function (plain-assert tests only) and says so in the log (``check="runner"``).
 Verification first ends every process the model left in the slot, restores the tests, and
 runs them with no ``conftest.py``, ini file, plugin autoload, user site (``HOME`` is the
-workspace) or workspace module ahead of pytest; the tests still import the model's code into
+workspace), cached bytecode, package ``__init__.py`` above the tests, workspace module ahead
+of pytest or the standard library, and a report name the model cannot know; the tests still
+import the model's code into
 pytest's process, where it can write the report: a training signal, not a defence against an
 adversarial model (docs/design.md, known gaps; ``tests/test_verify_tamper.py``).
 
