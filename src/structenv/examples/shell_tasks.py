@@ -111,9 +111,13 @@ sys.exit(0 if total and passed == total else 1)
 #: modules from it), never put first: pytest's ``-o pythonpath=$PWD`` put it ahead of the
 #: standard library, and a workspace ``readline.py`` (or ``pdb.py``, ``code.py``, ...,
 #: which pytest imports after that) ran in pytest's process and forged the report of tests
-#: that import nothing of the model's; ``--import-mode=append`` keeps ``tests/`` behind it
-#: too. No cached bytecode is read (``PYTHONPYCACHEPREFIX`` is a path under ``/dev/null``,
-#: which no one can create): Python and pytest accept a ``__pycache__/*.pyc`` whose header
+#: that import nothing of the model's. ``--import-mode=importlib`` puts no ``tests/`` on
+#: ``sys.path`` either (the default put it first: a ``tests/shutil.py`` would replace the
+#: ``shutil`` a test imports) and, unlike ``append``, a ``test_calc.py`` of the model's own
+#: next to ``calc.py`` does not take the task's test's module name (a collection error,
+#: scored 0). Tests cannot import a sibling module of ``tests/``. No cached bytecode is
+#: read (``PYTHONPYCACHEPREFIX`` is a path under ``/dev/null``, which no one can create):
+#: Python and pytest accept a ``__pycache__/*.pyc`` whose header
 #: holds the *source's hash*, and the model knows the restored tests' text, so a
 #: ``tests/__pycache__`` pyc of passing tests it wrote stood in for them (2 of 2 passed
 #: for a failing task, pytest and the built-in runner alike).
@@ -233,7 +237,7 @@ class ShellTasksEnv(AgentEnv):
         extra = f" --junitxml={shlex.quote(report)}" if report else ""
         return (
             f"{python} -c {shlex.quote(_PYTEST_MAIN)} -q -p no:cacheprovider --noconftest "
-            f"-c /dev/null --import-mode=append --rootdir=. {targets or 'tests'}{extra}"
+            f"-c /dev/null --import-mode=importlib --rootdir=. {targets or 'tests'}{extra}"
         )
 
     async def setup_trajectory_workspace(
