@@ -323,3 +323,53 @@ def test_a_run_whose_items_all_fail_exits_1_with_the_reason(
     jsonl = out / "HelloFileEnv.jsonl"
     assert not jsonl.exists() or jsonl.read_text() == ""
     assert not child_processes()
+
+
+def test_python_dash_m_structenv_is_the_structenv_command(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "structenv", "--help"], capture_output=True, text=True,
+        timeout=120, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage: structenv ")
+    assert "run" in proc.stdout and "demo" in proc.stdout
+    proc = subprocess.run(
+        [sys.executable, "-m", "structenv", "run", "no_such_module:Env", "--offline"],
+        capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "structenv run: error: ConfigError: cannot import 'no_such_module'"
+    )
+
+
+TORCH_ADVICE = "PyTorch was not found"
+
+
+def test_commands_do_not_print_transformers_torch_advice(tmp_path: Path, cache_dir: Path) -> None:
+    """structenv needs tokenizers only: transformers' ``PyTorch was not found. Models won't
+    be available ...`` is noise on every command (on a machine without torch, like this one;
+    with torch installed transformers prints nothing anyway)."""
+    env = _user_env(cache_dir)
+    env.pop("TRANSFORMERS_NO_ADVISORY_WARNINGS", None)
+    env.pop("TRANSFORMERS_VERBOSITY", None)
+    (tmp_path / "hello_env.py").write_text(HELLO_ENV)
+    for argv in (
+        [_structenv(), "run", "hello_env:HelloFileEnv", "--offline", "--groups", "1",
+         "--group-size", "1", "--mistake-rate", "0", "--out", str(tmp_path / "out"), "--quiet"],
+        [sys.executable, "-m", "structenv", "run", "no_such_module:Env", "--offline"],
+    ):  # fmt: skip
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path, env=env
+        )
+        assert TORCH_ADVICE not in proc.stdout + proc.stderr, argv
+    # Importing the library changes nothing (the advisory is the application's business).
+    probe = (
+        "import os, structenv.adapters.atropos; "
+        "print(os.environ.get('TRANSFORMERS_NO_ADVISORY_WARNINGS'))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False,
+        cwd=tmp_path, env=env,
+    )  # fmt: skip
+    assert proc.stdout.strip() == "None", proc.stderr[-2000:]

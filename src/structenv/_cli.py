@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -80,8 +81,17 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_transformers() -> None:
+    """Silence transformers' import-time advisories (``PyTorch was not found. Models won't be
+    available ...``: structenv needs tokenizers only) for structenv's commands. Set here, in
+    the entry point, before atroposlib imports transformers; importing the library changes
+    nothing. An explicit ``TRANSFORMERS_NO_ADVISORY_WARNINGS`` in the environment is kept."""
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``structenv`` console script."""
+    """Entry point of the ``structenv`` console script and of ``python -m structenv``."""
+    _quiet_transformers()
     argv = list(sys.argv[1:] if argv is None else argv)
     # Commands that own their whole argument list (they parse atroposlib-style flags).
     forwarded = {

@@ -1,0 +1,10 @@
+"""``python -m structenv``: the ``structenv`` command (same CLI as the console script)."""
+
+from __future__ import annotations
+
+import sys
+
+from ._cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
