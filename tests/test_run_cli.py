@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import atroposlib  # noqa: F401  (the atropos extra is part of the dev install)
 import pytest
@@ -338,8 +339,10 @@ def test_python_dash_m_structenv_is_the_structenv_command(tmp_path: Path) -> Non
         capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        "structenv run: error: ConfigError: cannot import 'no_such_module'"
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith("structenv run: error: ConfigError: cannot import 'no_such_module'")
     )
 
 
@@ -373,3 +376,106 @@ def test_commands_do_not_print_transformers_torch_advice(tmp_path: Path, cache_d
         cwd=tmp_path, env=env,
     )  # fmt: skip
     assert proc.stdout.strip() == "None", proc.stderr[-2000:]
+
+
+def test_run_reads_the_env_clis_config_file_flags_first(tmp_path: Path, cache_dir: Path) -> None:
+    """``structenv run/demo --config FILE`` read the env CLI's YAML (``env:``, ``openai:``):
+    explicit flags > the file > the defaults; ``env.total_steps`` / ``env.group_size`` size
+    the run unless ``--groups`` / ``--group-size`` are given."""
+    from structenv.adapters.atropos._run import (
+        RunOptions,
+        _config,
+        _fill_run_defaults,
+        _parser,
+        _take_run_sizes,
+        parse_run_argv,
+    )
+
+    (tmp_path / "hello_env.py").write_text(HELLO_ENV)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        "env:\n  total_steps: 1\n  group_size: 2\n  agent_max_steps: 4\n"
+        "  enabled_toolsets: [default]\n"
+        "openai:\n  - base_url: http://127.0.0.1:9/v1\n    model_name: m\n    timeout: 17\n"
+        "slurm: false\n"
+    )
+    spec = str(tmp_path / "hello_env.py") + ":HelloFileEnv"
+
+    def resolved(*flags: str) -> tuple[Any, Any]:
+        parsed = parse_run_argv([spec, "--config", str(cfg), *flags], _parser(), "p")
+        assert not isinstance(parsed, int)
+        args, env_cls, fields = parsed
+        options = RunOptions(args, env_cls, offline=False, fields=fields, name="h", prog="p")
+        _take_run_sizes(options)
+        _fill_run_defaults(args)
+        return args, _config(options, "tok", tmp_path)
+
+    args, config = resolved()
+    assert (args.groups, args.group_size, args.base_url, args.model_name) == (
+        1, 2, "http://127.0.0.1:9/v1", "m"
+    )  # fmt: skip
+    assert (args.api_key, args.server_type, args.config_openai) == ("x", "vllm", {"timeout": 17})
+    assert (config.total_steps, config.group_size, config.agent_max_steps) == (1, 2, 4)
+    assert config.enabled_toolsets == ["default"]
+    args, config = resolved("--groups", "3", "--group-size", "1", "--env.agent_max_steps", "5",
+                            "--openai.model_name", "n")  # fmt: skip
+    assert (args.groups, args.group_size, args.model_name) == (3, 1, "n")
+    assert (config.total_steps, config.group_size, config.agent_max_steps) == (3, 1, 5)
+    args = _parser().parse_args(["x:Y"])  # no file: the defaults
+    _fill_run_defaults(args)
+    assert (args.groups, args.group_size, args.api_key, args.server_type) == (6, 4, "x", "vllm")
+
+    # As a user runs it: the file sizes the run (1 group of 2), --offline ignores openai:.
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [_structenv(), "run", "hello_env:HelloFileEnv", "--offline", "--config", str(cfg),
+         "--mistake-rate", "0", "--out", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,
+        env=_user_env(cache_dir),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    groups = [json.loads(line) for line in (out / "HelloFileEnv.jsonl").read_text().splitlines()]
+    assert [g["scores"] for g in groups] == [[1.0, 1.0]]
+
+
+@pytest.mark.parametrize("command", ["run", "demo"])
+def test_a_bad_config_file_is_one_line(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from structenv._cli import main
+
+    (tmp_path / "hello_env.py").write_text(HELLO_ENV)
+    monkeypatch.chdir(tmp_path)
+    lead = ["run", "hello_env.py:HelloFileEnv", "--offline"] if command == "run" else ["demo"]
+    files = {
+        "missing.yaml": None,
+        "syntax.yaml": "env: [\n",
+        "section.yaml": "envv:\n  group_size: 2\n",
+        "field.yaml": "env:\n  agent_max_stpes: 4\n",
+        "server.yaml": "openai:\n  base_urll: http://x\n",
+        "list.yaml": "- 1\n",
+    }
+    expected = {
+        "missing.yaml": "No such file or directory",
+        "syntax.yaml": "not valid YAML (line 2",
+        "section.yaml": "the file has no key 'envv' (did you mean 'env'?)",
+        "field.yaml": "env has no key 'agent_max_stpes' (did you mean 'agent_max_steps'?)",
+        "server.yaml": "openai has no key 'base_urll' (did you mean 'base_url'?)",
+        "list.yaml": "expected a mapping",
+    }
+    for name, text in files.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        code = main([*lead, "--config", name, "--quiet", "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 1, (name, err)
+        assert "Traceback" not in err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, lines
+        assert lines[0].startswith(f"structenv {command}: error: ConfigError: --config {name}: ")
+        assert expected[name] in lines[0], lines[0]
+    with pytest.raises(SystemExit) as exit_info:  # --config without a file: usage, status 2
+        main([*lead, "--config"])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "out").exists()

@@ -60,7 +60,13 @@ __all__ = ["main"]
 _EXAMPLES = ("shell-tasks", "data-wrangling", "swe", "swe-images")
 
 #: The demo's limits (the examples' tasks are short).
-_DEMO_FIELDS: dict[str, Any] = dict(max_token_length=16384, trajectory_timeout_s=120.0)
+_DEMO_FIELDS: dict[str, Any] = dict(
+    max_token_length=16384,
+    trajectory_timeout_s=120.0,
+    agent_max_steps=8,
+    agent_max_tokens=2048,
+    backend="local",
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,11 +78,14 @@ def _parser() -> argparse.ArgumentParser:
         "atroposlib process mode) and write the scored groups.",
     )
     parser.add_argument("--example", choices=_EXAMPLES, default="shell-tasks")
-    parser.add_argument("--max-steps", type=int, default=8, help="policy calls per trajectory")
-    parser.add_argument("--max-tokens", type=int, default=2048, help="tokens per assistant turn")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="policy calls per trajectory (default 8)")  # fmt: skip
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="tokens per assistant turn (default 2048)")  # fmt: skip
     parser.add_argument(
-        "--backend", choices=["local", "docker"], default="local", help="sandbox backend"
-    )
+        "--backend", choices=["local", "docker"], default=None,
+        help="sandbox backend (default local)",
+    )  # fmt: skip
     parser.add_argument(
         "--image",
         default=None,
@@ -92,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if importlib.util.find_spec("atroposlib") is None:
         print("structenv demo needs the atropos extra: pip install 'structenv[atropos]'")
         return 2
-    from .adapters.atropos._run import RunOptions, run_env, split_env_flags
+    from ._main import report_error
+    from .adapters.atropos._run import RunOptions, apply_config_file, run_env, split_env_flags
 
     try:
         rest, fields = split_env_flags(list(sys.argv[1:] if argv is None else argv))
@@ -100,11 +110,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"structenv demo: error: {exc}", file=sys.stderr)
         return 2
     args = _parser().parse_args(rest)
-    if min(args.max_steps, args.max_tokens) < 1:
+    if any(v is not None and v < 1 for v in (args.max_steps, args.max_tokens)):
         print("structenv demo: --max-steps and --max-tokens must be >= 1", file=sys.stderr)
         return 2
     env_cls: type[Any]
-    extra: dict[str, Any] = {"backend": args.backend}
+    # Flags given explicitly win over the --config file, which wins over the demo's defaults.
+    explicit = {
+        name: value
+        for name, value in (
+            ("agent_max_steps", args.max_steps),
+            ("agent_max_tokens", args.max_tokens),
+            ("backend", args.backend),
+        )
+        if value is not None
+    }
+    extra: dict[str, Any] = {}
     if args.example == "data-wrangling":
         from .examples.data_wrangling import DataWranglingEnv
 
@@ -119,17 +139,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .examples.shell_tasks import ShellTasksEnv
 
         env_cls = ShellTasksEnv
+    try:
+        apply_config_file(args, env_cls)
+    except Exception as exc:
+        return report_error(exc, prog="structenv demo", debug=args.debug)
     options = RunOptions(
         args,
         env_cls,
         offline=args.base_url is None,
-        fields={
-            **_DEMO_FIELDS,
-            "agent_max_steps": args.max_steps,
-            "agent_max_tokens": args.max_tokens,
-            **extra,
-            **fields,
-        },
+        fields={**explicit, **extra, **fields},
+        defaults=_DEMO_FIELDS,
         name=args.example,
         prog="structenv demo",
     )

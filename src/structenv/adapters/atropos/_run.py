@@ -13,7 +13,9 @@ scores of a group vary), the tokenizer is structenv's tiny byte-level one (built
         --openai.server_type openai --tokenizer M
 
 Every ``--env.<field> VALUE`` sets a field of the env's config (lists: comma-separated or a
-JSON list). ``structenv demo`` is this command for the shipped examples.
+JSON list). ``--config FILE`` reads the env CLI's YAML file (``env:`` and ``openai:``
+sections; :func:`apply_config_file`): flags given explicitly win over the file, the file over
+the defaults. ``structenv demo`` is this command for the shipped examples.
 
 Exit status: 0 when every requested group was written; 1 when fewer were, or the run stopped
 on an error (one line on stderr, e.g. ``InferenceFailedError: inference failed for 16
@@ -54,10 +56,43 @@ __all__ = [
 ]
 
 
+#: The run's settings when neither a flag nor the ``--config`` file gives them.
+RUN_DEFAULTS: dict[str, Any] = {
+    "groups": 6,
+    "group_size": 4,
+    "api_key": "x",
+    "server_type": "vllm",
+}
+
+#: ``openai:`` keys of a ``--config`` file that are run flags (``tokenizer_name`` is
+#: ``--tokenizer``); any other APIServerConfig field goes to the server config as is.
+_OPENAI_FLAGS = {
+    "base_url": "base_url",
+    "model_name": "model_name",
+    "api_key": "api_key",
+    "server_type": "server_type",
+    "tokenizer_name": "tokenizer",
+}
+_SERVER_TYPES = ("vllm", "sglang", "openai")
+#: Sections of the env CLI's YAML that a run does not use (atroposlib's server manager).
+_IGNORED_SECTIONS = ("slurm", "testing")
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags shared by ``structenv run`` and ``structenv demo``."""
-    parser.add_argument("--groups", type=int, default=6, help="groups to collect (default 6)")
-    parser.add_argument("--group-size", type=int, default=4, help="trajectories per group")
+    """The flags shared by ``structenv run`` and ``structenv demo``.
+
+    Flags whose value a ``--config`` file may also give default to ``None`` (so a flag given
+    explicitly can be told from its default); :func:`apply_config_file` fills them in.
+    """
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="YAML file as the env's own CLI reads it (env: and openai: "
+                        "sections); flags override it, it overrides the defaults")  # fmt: skip
+    parser.add_argument("--groups", type=int, default=None,
+                        help="groups to collect (default: env.total_steps of --config, "
+                        "else 6)")  # fmt: skip
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="trajectories per group (default: env.group_size of --config, "
+                        "else 4)")  # fmt: skip
     parser.add_argument("--out", default="structenv-out", help="output directory")
     parser.add_argument("--mistake-rate", type=float, default=0.35,
                         help="offline: share of scripted steps that go wrong")  # fmt: skip
@@ -67,17 +102,125 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokenizer dir or hub id (default: the tiny one)")  # fmt: skip
     parser.add_argument("--openai.base_url", dest="base_url", default=None)
     parser.add_argument("--openai.model_name", dest="model_name", default=None)
-    parser.add_argument("--openai.api_key", dest="api_key", default="x")
+    parser.add_argument("--openai.api_key", dest="api_key", default=None)
     parser.add_argument(
-        "--openai.server_type", dest="server_type", choices=("vllm", "sglang", "openai"),
-        default="vllm",
+        "--openai.server_type", dest="server_type", choices=_SERVER_TYPES, default=None,
+        help="default vllm",
     )  # fmt: skip
     parser.add_argument(
         "--vllm-api", dest="vllm_api", choices=("auto", "generate", "completions", "chat"),
-        default="auto", help="how a vllm server gives exact tokens (default: probe it)",
+        default=None, help="how a vllm server gives exact tokens (default: probe it)",
     )  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--debug", action="store_true", help="tracebacks for errors")
+
+
+def _load_yaml(path: str) -> dict[str, Any]:
+    """The mapping of the YAML file ``path``.
+
+    Raises:
+        ConfigError: The file is missing or unreadable, not YAML, or not a mapping.
+    """
+    import yaml  # type: ignore[import-untyped]
+
+    from ..._exceptions import ConfigError
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"--config {path}: not valid YAML{at}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping with env: and openai: sections")
+    return data
+
+
+def _unknown(path: str, where: str, name: str, known: Sequence[str]) -> Exception:
+    import difflib
+
+    from ..._exceptions import ConfigError
+
+    close = difflib.get_close_matches(str(name), sorted(known), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"--config {path}: {where} has no key {name!r}{hint}")
+
+
+def apply_config_file(args: argparse.Namespace, env_cls: type[Any]) -> None:
+    """Read ``args.config`` (the env CLI's YAML format) into ``args``; fill in the defaults.
+
+    Precedence: a flag given on the command line, then the file, then the defaults
+    (:data:`RUN_DEFAULTS`, the env's ``config_init()``). The file's ``env:`` section becomes
+    ``args.config_env`` (env fields, below every ``--env.<field>`` flag); its ``env.total_steps``
+    and ``env.group_size`` are the run's ``--groups`` and ``--group-size`` unless those are
+    given. Its ``openai:`` section (a mapping, or a list of one) gives ``--openai.*`` and
+    ``--tokenizer`` (``tokenizer_name``) unless given; its other server fields become
+    ``args.config_openai``. With ``--offline`` the ``openai:`` section is not used.
+    ``slurm:`` and ``testing:`` (atroposlib's server manager) are accepted and not used.
+
+    Raises:
+        ConfigError: The file is missing, not YAML, or holds an unknown section or key.
+    """
+    from ..._exceptions import ConfigError
+
+    path = getattr(args, "config", None)
+    data = _load_yaml(path) if path else {}
+    for section in data:
+        if section not in ("env", "openai", *_IGNORED_SECTIONS):
+            raise _unknown(path or "", "the file", section, ("env", "openai"))
+    env = data.get("env") or {}
+    if not isinstance(env, dict):
+        raise ConfigError(f"--config {path}: env: must be a mapping of env config fields")
+    known = type(env_cls.config_init()[0]).model_fields
+    for name in env:
+        if name not in known:
+            raise _unknown(path or "", "env", name, list(known))
+    env = dict(env)
+    for field, attr in (("total_steps", "groups"), ("group_size", "group_size")):
+        if field in env:
+            value = env.pop(field)
+            if getattr(args, attr) is None:
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ConfigError(f"--config {path}: env.{field} must be an integer")
+                setattr(args, attr, value)
+    openai: Any = data.get("openai") or {}
+    if isinstance(openai, list) and len(openai) == 1:
+        openai = openai[0]
+    if not isinstance(openai, dict):
+        raise ConfigError(f"--config {path}: openai: must be a mapping (or a list of one)")
+    from . import APIServerConfig
+
+    extra: dict[str, Any] = {}
+    for name, value in openai.items():  # checked also when --offline does not use them
+        if name in _OPENAI_FLAGS:
+            attr = _OPENAI_FLAGS[name]
+            if getattr(args, attr) is None and not getattr(args, "offline", False):
+                setattr(args, attr, None if value is None else str(value))
+        elif name in APIServerConfig.model_fields:
+            extra[name] = value
+        else:
+            raise _unknown(path or "", "openai", name, list(APIServerConfig.model_fields))
+    if getattr(args, "offline", False):
+        extra = {}
+    if args.server_type is not None and args.server_type not in _SERVER_TYPES:
+        raise ConfigError(
+            f"--config {path}: openai.server_type must be one of {', '.join(_SERVER_TYPES)}"
+        )
+    args.config_env = env
+    args.config_openai = extra
+
+
+def _fill_run_defaults(args: argparse.Namespace) -> None:
+    """The :data:`RUN_DEFAULTS` of what neither a flag nor the ``--config`` file gave."""
+    for attr, value in RUN_DEFAULTS.items():
+        if getattr(args, attr, None) is None:
+            setattr(args, attr, value)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -176,6 +319,8 @@ class RunOptions:
         env_cls: The env class.
         offline: Serve the env's offline solutions from a scripted policy server.
         fields: Config field overrides (values as given on the command line, or typed).
+        defaults: Config fields of the command's own (``structenv demo``'s limits): below
+            the ``--config`` file's ``env:`` section and ``fields``.
         name: Output file stem and title of the summary.
         prog: Program name for messages.
     """
@@ -189,11 +334,13 @@ class RunOptions:
         fields: Mapping[str, Any],
         name: str,
         prog: str,
+        defaults: Mapping[str, Any] | None = None,
     ) -> None:
         self.args = args
         self.env_cls = env_cls
         self.offline = offline
         self.fields = dict(fields)
+        self.defaults = dict(defaults or {})
         self.name = name
         self.prog = prog
 
@@ -229,6 +376,7 @@ def parse_run_argv(
     args = parser.parse_args(rest)
     try:
         env_cls = load_env_class(args.env)
+        apply_config_file(args, env_cls)
     except Exception as exc:
         return report_error(exc, prog=prog, debug=args.debug)
     return args, env_cls, fields
@@ -267,6 +415,7 @@ def run_env(options: RunOptions, body: Callable[[RunOptions], Awaitable[int]] | 
     args = options.args
     configure_cli_logging(debug=args.debug)
     _take_run_sizes(options)
+    _fill_run_defaults(args)
     if args.groups < 1 or args.group_size < 1:
         print(f"{options.prog}: error: --groups and --group-size must be >= 1", file=sys.stderr)
         return 2
@@ -395,8 +544,17 @@ def _config(options: RunOptions, tokenizer: str, out: Path) -> Any:
             "min_hosts": args.hosts,
             "max_hosts": args.hosts,
         },
-        vllm_api=args.vllm_api,
     )
+    if args.vllm_api is not None:
+        fields["vllm_api"] = args.vllm_api
+    # Precedence: the run's settings, the command's defaults, the --config file's env:
+    # section, the --env.* flags (backend_options merged key by key).
+    for layer in (options.defaults, getattr(args, "config_env", None) or {}):
+        layer = dict(layer)
+        if isinstance(layer.get("backend_options"), dict):
+            given = layer.pop("backend_options")
+            fields["backend_options"] = {**fields["backend_options"], **given}
+        fields.update(layer)
     overrides = dict(options.fields)
     if "backend_options" in overrides:  # the flags' options over the run's host counts
         given = overrides.pop("backend_options")
@@ -413,14 +571,17 @@ def _make_env(options: RunOptions, config: Any, tokenizer: str, base_url: str) -
     from . import APIServerConfig
 
     args = options.args
+    settings: dict[str, Any] = {"health_check": False, "timeout": 300}
+    settings.update(getattr(args, "config_openai", None) or {})  # the --config file's others
     server = APIServerConfig(
-        server_type="vllm" if options.offline else args.server_type,
-        base_url=base_url,
-        model_name=args.model_name or "scripted",
-        tokenizer_name=tokenizer,
-        api_key=args.api_key,
-        health_check=False,
-        timeout=300,
+        **{
+            **settings,
+            "server_type": "vllm" if options.offline else args.server_type,
+            "base_url": base_url,
+            "model_name": args.model_name or "scripted",
+            "tokenizer_name": tokenizer,
+            "api_key": args.api_key,
+        }
     )
     return options.env_cls(config, [server])
 
