@@ -13,16 +13,21 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import docker
 import pytest
 
-from spec_support import cancel_mixed_specs_at_random, make_rootfs
+from spec_support import PROGRAMS, cancel_mixed_specs_at_random, make_rootfs
 from structenv import ConfigError, ExecRequest, SandboxSpec, SlotPool
 from structenv.backends._images import TASK_TAG, cache_dir, context_hash
+from structenv.testing import child_processes
 from test_docker_support import containers_of, docker_backend, docker_image, wait_until
 from test_sandbox_support import local_backend
 
@@ -308,3 +313,144 @@ async def test_cancelling_docker_trajectories_of_mixed_specs_leaks_nothing(
         await wait_until(no_sleepers, deadline=60)
         api.close()
     assert containers_of(run_id) == []
+
+
+#: Seconds a cancelled build or export may take to return (prompt is well under 2 s; the
+#: margin is for a loaded 2-core machine). Uncancellable, each took the whole build or export.
+_PROMPT = 10.0
+
+
+def _threads_in_images() -> list[str]:
+    """Threads whose stack is inside ``backends/_images.py`` (a build or export running)."""
+    found = []
+    for ident, frame in sys._current_frames().items():
+        files = {f.f_code.co_filename for f, _ in traceback.walk_stack(frame)}
+        if any(name.endswith(os.path.join("backends", "_images.py")) for name in files):
+            found.append(str(ident))
+    return found
+
+
+@pytest.fixture(scope="module")
+def slow_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A task image with ``sleep``, tagged uniquely, removed afterwards."""
+    context = tmp_path_factory.mktemp("slow")
+    token = secrets.token_hex(6)
+    make_rootfs(str(context / "rootfs"), (*PROGRAMS, "sleep", "truncate"), marker=token)
+    (context / "Dockerfile").write_text("FROM scratch\nCOPY rootfs/ /\n")
+    yield from _built_image(str(context), f"structenv-spectest-slow:{token}")
+
+
+@pytest.fixture(scope="module")
+def big_image(slow_image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``slow_image`` with a 16 GiB sparse ``/big`` (free in the image; its export streams
+    and writes 16 GiB); removed with its cache entry."""
+    context = tmp_path_factory.mktemp("big")
+    (context / "Dockerfile").write_text(f"FROM {slow_image}\nRUN truncate -s 16G /big\n")
+    yield from _built_image(str(context), slow_image.replace("-slow:", "-big:"))
+
+
+def _built_image(context: str, tag: str) -> Iterator[str]:
+    client = docker.from_env()
+    try:
+        client.images.build(path=context, tag=tag, rm=True, pull=False, network_mode="none")
+        yield tag
+    finally:
+        with contextlib.suppress(docker.errors.DockerException):
+            shutil.rmtree(rootfs_entry(tag), ignore_errors=True)
+            client.images.remove(tag, force=True)
+        client.close()
+
+
+async def _cancel_when(
+    backend: Any, spec: SandboxSpec, started: Callable[[], Awaitable[bool]]
+) -> float:
+    """Prepare ``spec``, cancel it once ``started()`` holds; seconds from the cancel to the
+    return."""
+    scope = anyio.CancelScope()
+    cancelled_at: list[float] = []
+
+    async def prepare() -> None:
+        with scope:
+            await backend.prepare_spec(spec)
+
+    with anyio.fail_after(300):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(prepare)
+            await wait_until(started, deadline=240)
+            cancelled_at.append(time.monotonic())
+            scope.cancel()
+    assert scope.cancelled_caught, "the build or export finished before it was cancelled"
+    return time.monotonic() - cancelled_at[0]
+
+
+async def test_a_cancelled_build_returns_promptly_and_leaves_nothing(
+    slow_image: str, tmp_path: Path
+) -> None:
+    """Cancelled while a RUN step runs (a ``sleep 600``): prepare_spec returns at once, the
+    engine abandons the build (its container goes, the image is never tagged), no thread is
+    left building, no child process."""
+    token = secrets.token_hex(6)
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "Dockerfile").write_text(f"FROM {slow_image}\nRUN echo {token}; sleep 600\n")
+    spec = SandboxSpec(dockerfile=str(context / "Dockerfile"))
+    tag = f"{TASK_TAG}:{context_hash(str(context / 'Dockerfile'), str(context))}"
+    client = docker.from_env()
+
+    def build_containers() -> list[Any]:
+        return [c for c in client.api.containers(all=True) if token in c.get("Command", "")]
+
+    async def running() -> bool:
+        return bool(await anyio.to_thread.run_sync(build_containers))
+
+    async def gone() -> bool:
+        return not await anyio.to_thread.run_sync(build_containers)
+
+    backend = local_backend(slots_per_host=1)
+    try:
+        elapsed = await _cancel_when(backend, spec, running)
+        assert elapsed < _PROMPT, f"the cancelled build took {elapsed:.1f} s to return"
+        assert not _threads_in_images()
+        assert not child_processes()
+        await wait_until(gone, deadline=60)  # the engine removes the abandoned step's container
+        with pytest.raises(docker.errors.ImageNotFound):
+            client.images.get(tag)
+    finally:
+        with contextlib.suppress(docker.errors.DockerException):
+            for c in build_containers():
+                client.api.remove_container(c["Id"], force=True)
+            client.images.remove(tag, force=True)
+        client.close()
+
+
+async def test_a_cancelled_export_returns_promptly_and_leaves_nothing(big_image: str) -> None:
+    """Cancelled while a 16 GiB file is being extracted: prepare_spec returns at once, and
+    neither a cache entry nor the temporary export nor the export's container is left."""
+    entry = rootfs_entry(big_image)
+    root = os.path.dirname(entry)
+    client = docker.from_env()
+    image_id = client.images.get(big_image).id
+
+    def temporary() -> list[str]:
+        names = os.listdir(root) if os.path.isdir(root) else []
+        return [n for n in names if n.startswith(f".tmp-{os.getpid()}-")]
+
+    def big_started() -> bool:
+        return any(os.path.exists(os.path.join(root, n, "root", "big")) for n in temporary())
+
+    async def extracting() -> bool:
+        return await anyio.to_thread.run_sync(big_started)
+
+    def export_containers() -> list[Any]:
+        return list(client.api.containers(all=True, filters={"ancestor": image_id}))
+
+    backend = local_backend(slots_per_host=1)
+    try:
+        elapsed = await _cancel_when(backend, SandboxSpec(image=big_image), extracting)
+        assert elapsed < _PROMPT, f"the cancelled export took {elapsed:.1f} s to return"
+        assert not await anyio.Path(entry).exists() and not temporary()
+        assert not export_containers()
+        assert not _threads_in_images()
+        assert not child_processes()
+    finally:
+        client.close()

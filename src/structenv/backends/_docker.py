@@ -555,11 +555,11 @@ class DockerBackend(HostedBackend):
             )
         from .._spec import Bind, check_bind
         from ..sandbox._rootfs import confine_target, rootfs_shell
-        from ._images import build_dockerfile, export_rootfs
+        from ._images import Stop, build_dockerfile, export_rootfs, run_stoppable
 
         policy = {**self._bind_policy(), "roots": self._bind_roots}
 
-        def resolve() -> SlotSpec:
+        def resolve(stop: Stop) -> SlotSpec:
             # Host paths inside a bind root are the same paths inside every container.
             binds = tuple((check_bind(b, **policy), b.target) for b in spec.binds)
             env = dict(plain.env)
@@ -571,8 +571,12 @@ class DockerBackend(HostedBackend):
                 )
                 host_root = rootfs
             elif spec.image or spec.dockerfile:
-                image = spec.image or build_dockerfile(str(spec.dockerfile), spec.context)
-                host_root, image_env = export_rootfs(image, os.path.dirname(self._rootfs_cache))
+                image = spec.image or build_dockerfile(
+                    str(spec.dockerfile), spec.context, stop=stop
+                )
+                host_root, image_env = export_rootfs(
+                    image, os.path.dirname(self._rootfs_cache), stop=stop
+                )
                 rootfs = _ROOTFS_MOUNT + host_root[len(self._rootfs_cache) :]
                 env = {**image_env, **env}
             else:
@@ -588,7 +592,7 @@ class DockerBackend(HostedBackend):
                 plain, rootfs=rootfs, binds=binds, env=tuple(sorted(env.items())), path=path
             )
 
-        return await anyio.to_thread.run_sync(resolve, limiter=self._spec_limiter)
+        return await run_stoppable(resolve, limiter=self._spec_limiter)
 
     async def _launch_host(self) -> Host:
         """Create one container and wait until its server serves.

@@ -7,6 +7,13 @@ environment). It is extracted into a temporary directory and renamed into place,
 holds complete entries or none: an export that fails, is cancelled or whose process dies
 leaves at most a ``.tmp-<pid>-*`` directory, removed by the next export once that pid is gone.
 
+A build or an export runs in a worker thread (the docker SDK blocks). :class:`Stop` lets the
+event loop stop it promptly when the awaiting task is cancelled (:func:`run_stoppable`): its
+connection to the engine is shut down (a blocked read returns at once; the engine abandons a
+build whose client went away, and tags an image only when its build completes) and the export
+loop stops between members; the worker then removes what it made (the export's temporary
+directory and container) before it returns, and the cancelled task waits for that.
+
 Extraction is defensive, the image being untrusted: device nodes and FIFOs are dropped,
 setuid/setgid bits and group/other write bits cleared, members that would land outside the
 destination (through ``..``, an absolute name or a symlink extracted earlier) refused, hard
@@ -22,14 +29,108 @@ import json
 import os
 import secrets
 import shutil
+import socket
 import stat
 import tarfile
-from collections.abc import Iterator
-from typing import Any
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import anyio
 
 from .._exceptions import ConfigError
 
-__all__ = ["build_dockerfile", "cache_dir", "export_rootfs"]
+__all__ = ["Stop", "build_dockerfile", "cache_dir", "export_rootfs", "run_stoppable"]
+
+T = TypeVar("T")
+
+#: Seconds a cancelled build or export is given to stop and remove what it made.
+STOP_GRACE = 30.0
+
+
+class Stopped(Exception):
+    """A build or export was stopped by :meth:`Stop.stop` (its caller was cancelled)."""
+
+
+class Stop:
+    """Stops a blocking build or export from another thread.
+
+    The worker registers each streamed engine response with :meth:`track` and calls
+    :meth:`check` between steps; :meth:`stop` (any thread) shuts down the tracked connections
+    so a read blocked on one returns at once, and makes every later :meth:`check` raise.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._responses: list[Any] = []
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def track(self, response: Any) -> None:
+        """Shut ``response``'s connection down on :meth:`stop` (at once if already stopped)."""
+        with self._lock:
+            self._responses.append(response)
+            stopped = self._stopped
+        if stopped:
+            _shutdown(response)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            responses = list(self._responses)
+        for response in responses:
+            _shutdown(response)
+
+    def check(self) -> None:
+        """Raises:
+        Stopped: :meth:`stop` was called."""
+        if self._stopped:
+            raise Stopped("stopped")
+
+
+def _shutdown(response: Any) -> None:
+    """Shut down the socket under a streamed ``requests`` response (``docker`` SDK): a read
+    blocked on it in another thread returns at once (closing it would not wake the reader)."""
+    fp = getattr(getattr(response, "raw", None), "_fp", None)
+    raw = getattr(getattr(fp, "fp", None), "raw", None)
+    sock = getattr(raw, "_sock", None)
+    if not isinstance(sock, socket.socket):
+        sock = getattr(getattr(getattr(response, "raw", None), "_connection", None), "sock", None)
+    if isinstance(sock, socket.socket):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+async def run_stoppable(
+    fn: Callable[[Stop], T], *, limiter: anyio.CapacityLimiter | None = None
+) -> T:
+    """``fn(stop)`` in a worker thread; when the caller is cancelled, ``stop`` is stopped and
+    the worker awaited (shielded, at most :data:`STOP_GRACE` s) before the cancellation goes
+    on, so whatever it was making is complete or removed when this returns.
+
+    Cancellation: prompt (the worker's blocking engine call is interrupted, not awaited)."""
+    stop = Stop()
+    finished = threading.Event()
+
+    def work() -> T:
+        try:
+            return fn(stop)
+        finally:
+            finished.set()
+
+    try:
+        return await anyio.to_thread.run_sync(work, limiter=limiter, abandon_on_cancel=True)
+    except anyio.get_cancelled_exc_class():
+        stop.stop()
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(finished.wait, STOP_GRACE, abandon_on_cancel=True)
+        raise
+
 
 #: Tag prefix of images built from a spec's Dockerfile (``structenv-task:<content hash>``).
 TASK_TAG = "structenv-task"
@@ -92,12 +193,18 @@ def context_hash(dockerfile: str, context: str) -> str:
     return h.hexdigest()[:16]
 
 
-def build_dockerfile(dockerfile: str, context: str | None = None) -> str:
+def build_dockerfile(
+    dockerfile: str, context: str | None = None, *, stop: Stop | None = None
+) -> str:
     """Build ``dockerfile`` once per content hash (blocking); return the image's tag.
+
+    ``stop`` stops the build half-way (its connection to the engine is shut down; the engine
+    abandons the build and never tags its image).
 
     Raises:
         ConfigError: The file or context is missing, or the build fails (with the tail of
             its log).
+        Stopped: ``stop`` was stopped.
     """
     docker = _sdk()
     context = context or os.path.dirname(dockerfile)
@@ -107,6 +214,8 @@ def build_dockerfile(dockerfile: str, context: str | None = None) -> str:
         raise ConfigError(f"build context {context} is not a directory")
     tag = f"{TASK_TAG}:{context_hash(dockerfile, context)}"
     client = _client()
+    if stop is not None:
+        _track_streams(client, stop)
     try:
         try:
             client.images.get(tag)
@@ -114,6 +223,8 @@ def build_dockerfile(dockerfile: str, context: str | None = None) -> str:
         except docker.errors.ImageNotFound:
             pass
         try:
+            if stop is not None:
+                stop.check()
             client.images.build(
                 path=context,
                 dockerfile=os.path.relpath(dockerfile, context),
@@ -125,14 +236,34 @@ def build_dockerfile(dockerfile: str, context: str | None = None) -> str:
                 labels={"org.structenv.image": "task"},
             )
         except docker.errors.BuildError as exc:
+            if stop is not None:
+                stop.check()  # a stopped build ends as a cut stream: it was stopped
             lines = [str(c.get("stream") or c.get("error") or "").strip() for c in exc.build_log]
             tail = " | ".join(x for x in lines if x)[-600:]
             raise ConfigError(f"building {dockerfile} failed: {exc.msg}; log: {tail}") from None
-        except docker.errors.APIError as exc:
-            raise ConfigError(f"building {dockerfile} failed: {exc}") from None
+        except Exception as exc:
+            if stop is not None:
+                stop.check()
+            if isinstance(exc, docker.errors.APIError):
+                raise ConfigError(f"building {dockerfile} failed: {exc}") from None
+            raise
         return tag
     finally:
         client.close()
+
+
+def _track_streams(client: Any, stop: Stop) -> None:
+    """Have ``stop`` track every streamed response of ``client`` (the build's output)."""
+    api = client.api
+    helper = getattr(api, "_stream_helper", None)
+    if helper is None:  # pragma: no cover - another SDK: a stop then waits for the build
+        return
+
+    def tracked(response: Any, *args: Any, **kwargs: Any) -> Any:
+        stop.track(response)
+        return helper(response, *args, **kwargs)
+
+    api._stream_helper = tracked
 
 
 class _ChunkReader(io.RawIOBase):
@@ -232,14 +363,17 @@ def export_rootfs(
     *,
     max_bytes: int = EXPORT_MAX_BYTES,
     max_files: int = EXPORT_MAX_FILES,
+    stop: Stop | None = None,
 ) -> tuple[str, dict[str, str]]:
     """The rootfs directory of local image ``image`` and the image's environment (blocking).
 
     Exported on first use into ``<cache>/rootfs/<image id>``; later calls only look it up.
     An export stops at ``max_bytes`` of file data (less if the cache's filesystem would
-    keep under :data:`EXPORT_DISK_RESERVE` free) or ``max_files`` members.
+    keep under :data:`EXPORT_DISK_RESERVE` free) or ``max_files`` members. ``stop`` stops
+    it half-way (the partial export and its container are removed before this returns).
 
     Raises:
+        Stopped: ``stop`` was stopped.
         ConfigError: The image does not exist in the local engine (no registry is asked),
             or its rootfs is over those limits.
     """
@@ -267,12 +401,16 @@ def export_rootfs(
         os.makedirs(os.path.join(tmp, "root"), mode=0o755)
         container = response = None
         try:
+            if stop is not None:
+                stop.check()
             container = client.containers.create(img.id, entrypoint=["/"], command=[])
             # The export as a plain streamed response (the SDK's APIClient is a requests
             # session), so an export stopped half-way closes its connection at once.
             response = client.api.get(
                 f"{client.api.base_url}/containers/{container.id}/export", stream=True
             )
+            if stop is not None:
+                stop.track(response)
             if not response.ok:
                 raise ConfigError(
                     f"exporting image {image!r} failed: HTTP {response.status_code} "
@@ -281,29 +419,37 @@ def export_rootfs(
             reader = io.BufferedReader(_ChunkReader(response.iter_content(1 << 20)), 1 << 20)
             budget = _export_budget(root, max_bytes)
             written = files = 0
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
-                for member in tar:
-                    written += member.size if member.isreg() else 0
-                    files += 1
-                    if written > budget or files > max_files:
-                        over = (
-                            f"{max_files} files"
-                            if files > max_files
-                            else f"{budget} bytes (max_bytes {max_bytes}, and "
-                            f"{EXPORT_DISK_RESERVE:.0%} of the disk stays free)"
-                        )
-                        raise ConfigError(
-                            f"image {image!r} was not exported: its rootfs holds more than {over}"
-                        )
-                    try:
-                        tar.extract(
-                            member,
-                            os.path.join(tmp, "root"),
-                            numeric_owner=True,
-                            filter=_member_filter,
-                        )
-                    except tarfile.FilterError:
-                        continue  # a member that would escape the rootfs: not extracted
+            try:
+                with tarfile.open(fileobj=reader, mode="r|") as tar:
+                    for member in tar:
+                        if stop is not None:
+                            stop.check()
+                        written += member.size if member.isreg() else 0
+                        files += 1
+                        if written > budget or files > max_files:
+                            over = (
+                                f"{max_files} files"
+                                if files > max_files
+                                else f"{budget} bytes (max_bytes {max_bytes}, and "
+                                f"{EXPORT_DISK_RESERVE:.0%} of the disk stays free)"
+                            )
+                            raise ConfigError(
+                                f"image {image!r} was not exported: "
+                                f"its rootfs holds more than {over}"
+                            )
+                        try:
+                            tar.extract(
+                                member,
+                                os.path.join(tmp, "root"),
+                                numeric_owner=True,
+                                filter=_member_filter,
+                            )
+                        except tarfile.FilterError:
+                            continue  # a member that would escape the rootfs: not extracted
+            except Exception:
+                if stop is not None:
+                    stop.check()  # a stopped export ends as a cut stream: it was stopped
+                raise
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump({"image": image, "id": img.id, "env": env}, f)
             os.chmod(os.path.join(tmp, "root"), 0o755)

@@ -28,7 +28,7 @@ import signal
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -47,6 +47,9 @@ from ..sandbox._runtime import SlotSpec
 from ._hosted import Host, HostedBackend, plain_slot_spec
 from ._options import LocalOptions, resolve_options
 from ._ownership import ReapReport, owner_labels, owner_state
+
+if TYPE_CHECKING:
+    from ._images import Stop
 
 __all__ = ["LocalBackend", "reap_workdirs"]
 
@@ -262,12 +265,17 @@ class LocalBackend(HostedBackend):
             self._emergency = None
 
     async def _resolve_spec(self, spec: SandboxSpec) -> SlotSpec:
-        """Check binds against the policy, find or export the rootfs, check its shell."""
-        return await anyio.to_thread.run_sync(
-            self._resolve_blocking, spec, limiter=self._spec_limiter
+        """Check binds against the policy, find or export the rootfs, check its shell.
+
+        Cancellation: prompt; a build or export under way is stopped and what it made removed
+        (:func:`~structenv.backends._images.run_stoppable`)."""
+        from ._images import run_stoppable
+
+        return await run_stoppable(
+            functools.partial(self._resolve_blocking, spec), limiter=self._spec_limiter
         )
 
-    def _resolve_blocking(self, spec: SandboxSpec) -> SlotSpec:
+    def _resolve_blocking(self, spec: SandboxSpec, stop: Stop | None = None) -> SlotSpec:
         from .._spec import Bind, check_bind
         from ..sandbox._rootfs import confine_target, rootfs_shell
         from ._images import cache_dir
@@ -288,8 +296,8 @@ class LocalBackend(HostedBackend):
         elif spec.image or spec.dockerfile:
             from ._images import build_dockerfile, export_rootfs
 
-            image = spec.image or build_dockerfile(str(spec.dockerfile), spec.context)
-            rootfs, image_env = export_rootfs(image, cache)
+            image = spec.image or build_dockerfile(str(spec.dockerfile), spec.context, stop=stop)
+            rootfs, image_env = export_rootfs(image, cache, stop=stop)
             env = {**image_env, **env}
         if rootfs is None:
             return dataclasses.replace(plain, binds=binds)
