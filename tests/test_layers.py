@@ -52,6 +52,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "apps",
         (
             "structenv",
+            "structenv.__main__",
             "structenv.examples",
             "structenv.examples.*",
             "structenv._bench",

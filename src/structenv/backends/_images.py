@@ -128,7 +128,10 @@ async def run_stoppable(
     except anyio.get_cancelled_exc_class():
         stop.stop()
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(finished.wait, STOP_GRACE, abandon_on_cancel=True)
+            # A thread of its own: never queued behind the work it waits for.
+            await anyio.to_thread.run_sync(
+                finished.wait, STOP_GRACE, abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1)
+            )
         raise
 
 
