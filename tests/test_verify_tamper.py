@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import platform
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Literal, cast
 
 import anyio
@@ -261,6 +261,23 @@ async def test_end_processes_ends_everything_and_keeps_the_slot(
         assert b.statistics().leased == 0
 
 
+async def _cancel_after(
+    steps: int, scope: anyio.CancelScope, operation: Callable[[], Awaitable[object]]
+) -> None:
+    """Run ``operation``; cancel ``scope`` after ``steps`` checkpoints (at one of its await
+    points, or after it)."""
+
+    async def cancel_after() -> None:
+        for _ in range(steps):
+            await anyio.lowlevel.checkpoint()
+        scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cancel_after)
+        await operation()
+        await anyio.sleep_forever()
+
+
 @pytest.mark.parametrize("steps", [0, 1, 2, 5, 10, 20, 40])
 async def test_a_cancelled_end_processes_leaks_nothing(steps: int) -> None:
     # Cancelled after ``steps`` scheduling steps (before, during or after the kill): the
@@ -270,16 +287,7 @@ async def test_a_cancelled_end_processes_leaks_nothing(steps: int) -> None:
             async with executor.trajectory("cancel") as traj:
                 tool = ExecTool(traj)
                 await tool.run("(setsid sleep 1000 &)")
-
-                async def cancel_after() -> None:
-                    for _ in range(steps):
-                        await anyio.lowlevel.checkpoint()
-                    scope.cancel()
-
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(cancel_after)
-                    await tool.end_processes()
-                    await anyio.sleep_forever()
+                await _cancel_after(steps, scope, tool.end_processes)
         assert scope.cancelled_caught
         stats = executor.pool.statistics()
         assert stats.in_use == 0 and stats.acquired == stats.released, stats
@@ -311,16 +319,7 @@ async def test_a_cancelled_slot_end_processes_leaves_the_slot_usable(
             await slot.exec(ExecRequest("echo kept > kept.txt; (setsid sleep 1000 &)"))
             lease = slot.lease
             with anyio.CancelScope() as scope:
-
-                async def cancel_after() -> None:
-                    for _ in range(steps):
-                        await anyio.lowlevel.checkpoint()
-                    scope.cancel()
-
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(cancel_after)
-                    await slot.end_processes()
-                    await anyio.sleep_forever()
+                await _cancel_after(steps, scope, slot.end_processes)
             assert scope.cancelled_caught
             assert slot.reusable and slot.lease == lease
             assert await slot.read_file("kept.txt") == b"kept\n"
