@@ -769,13 +769,20 @@ def _write(directory: str, name: str, value: str) -> None:
 
 def _parent_pid(pid: int) -> int:
     """``pid``'s parent (``/proc/PID/stat``; 0 if it is gone)."""
+    fields = _stat_fields(str(pid))
+    return int(fields[1]) if fields else 0
+
+
+def _stat_fields(pid: str) -> list[bytes] | None:
+    """The fields of ``/proc/PID/stat`` after the command name (state, ppid, ...), or
+    ``None`` if the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
-        return 0
+        return None
     # The command name, in parentheses, may hold anything: the fields follow its last ")".
-    return int(stat[stat.rindex(b")") + 2 :].split()[1])
+    return stat[stat.rindex(b")") + 2 :].split()
 
 
 def _cgroup_base(controller: str, root: str | None) -> str:
@@ -971,13 +978,9 @@ def _children_map() -> dict[int, list[int]]:
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rfind(b")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(int(name))
+        fields = _stat_fields(name)
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(name))
     return children
 
 
